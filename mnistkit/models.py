@@ -1,0 +1,200 @@
+"""The model registry and the registered architectures, one per iteration of the change-log.
+
+Every model takes ``[B, 1, 28, 28]`` images and returns ``[B, 10]`` logits. The parameter
+counts are part of the contract (tests pin them); ``mnistkit summary`` shows where they come
+from, layer by layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mnistkit.errors import UnknownModelError
+
+__all__ = ["ModelEntry", "register_model", "get_model", "list_models", "model_info"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def register_model(name: str | None = None) -> Callable:
+    """Class or function decorator: ``@register_model("I3")`` adds a builder to the registry.
+
+    The description shown by ``mnistkit models`` is the first line of the builder's docstring.
+    """
+
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or builder.__name__
+        if key.lower() in (k.lower() for k in _REGISTRY):
+            raise ValueError(f"a model named {key!r} is already registered")
+        doc = (builder.__doc__ or "").strip().splitlines()
+        _REGISTRY[key] = ModelEntry(key, builder, doc[0].strip() if doc else "")
+        return builder
+
+    return decorator
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern`` (case-insensitive), sorted."""
+    pat = pattern.lower()
+    return sorted((n for n in _REGISTRY if fnmatch.fnmatchcase(n.lower(), pat)), key=_natural_key)
+
+
+def model_info(name: str) -> ModelEntry:
+    """The registry entry for ``name`` (case-insensitive); unknown names list the known ones."""
+    for key, entry in _REGISTRY.items():
+        if key.lower() == str(name).lower():
+            return entry
+    known = ", ".join(list_models())
+    raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
+
+
+def get_model(name: str, **kwargs) -> nn.Module:
+    """Build a fresh, randomly initialised instance of a registered model."""
+    return model_info(name).builder(**kwargs)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def conv_bn_relu(cin: int, cout: int, padding: int = 1, bias: bool = False) -> nn.Sequential:
+    """3x3 convolution, BatchNorm, ReLU. A bias before BN is redundant (BN's shift absorbs it)."""
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(cin, cout, 3, padding=padding, bias=bias),
+            bn=nn.BatchNorm2d(cout),
+            relu=nn.ReLU(inplace=True),
+        )
+    )
+
+
+def conv_relu(cin: int, cout: int, kernel: int = 3, padding: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(conv=nn.Conv2d(cin, cout, kernel, padding=padding), relu=nn.ReLU(inplace=True))
+    )
+
+
+def transition(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
+    """1x1 convolution that mixes and narrows channels cheaply (cin*cout weights)."""
+    return nn.Conv2d(cin, cout, 1, bias=bias)
+
+
+class _Net(nn.Module):
+    """A model is one named ``nn.Sequential``; the names show up in ``mnistkit summary``."""
+
+    def __init__(self, layers: OrderedDict) -> None:
+        super().__init__()
+        self.net = nn.Sequential(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------- the iterations
+
+
+@register_model("I0")
+class I0(_Net):
+    """Baseline: plain conv-ReLU stacks, no BatchNorm or Dropout, fully connected head."""
+
+    def __init__(self, dropout: float = 0.0) -> None:  # dropout accepted for a uniform API; unused
+        super().__init__(
+            OrderedDict(
+                c1=conv_relu(1, 8),
+                c2=conv_relu(8, 28),
+                pool1=nn.MaxPool2d(2),
+                c3=conv_relu(28, 30),
+                pool2=nn.MaxPool2d(2),
+                t1=conv_relu(30, 16, kernel=1, padding=0),
+                flatten=nn.Flatten(),
+                fc=nn.Linear(16 * 7 * 7, 10),
+            )
+        )
+
+
+@register_model("I1")
+class I1(_Net):
+    """Adds BatchNorm after each 3x3 conv and Dropout after each 1x1: faster, steadier training."""
+
+    def __init__(self, dropout: float = 0.05) -> None:
+        super().__init__(
+            OrderedDict(
+                c1=conv_bn_relu(1, 16, bias=True),
+                c2=conv_bn_relu(16, 16, bias=True),
+                pool1=nn.MaxPool2d(2),
+                t1=transition(16, 12, bias=True),
+                drop1=nn.Dropout(dropout),
+                c3=conv_bn_relu(12, 24, bias=True),
+                c4=conv_bn_relu(24, 24, bias=True),
+                pool2=nn.MaxPool2d(2),
+                t2=transition(24, 20, bias=True),
+                drop2=nn.Dropout(dropout),
+                flatten=nn.Flatten(),
+                fc=nn.Linear(20 * 7 * 7, 10),
+            )
+        )
+
+
+@register_model("I2")
+class I2(_Net):
+    """1x1 transitions and retuned widths; drops the biases BN makes redundant, to fit the budget."""
+
+    def __init__(self, dropout: float = 0.05) -> None:
+        super().__init__(
+            OrderedDict(
+                c1=conv_bn_relu(1, 8),
+                c2=conv_bn_relu(8, 16),
+                pool1=nn.MaxPool2d(2),
+                t1=transition(16, 12),
+                drop1=nn.Dropout(dropout),
+                c3=conv_bn_relu(12, 32),
+                c4=conv_bn_relu(32, 32),
+                pool2=nn.MaxPool2d(2),
+                t2=transition(32, 10),
+                drop2=nn.Dropout(dropout),
+                flatten=nn.Flatten(),
+                fc=nn.Linear(10 * 7 * 7, 10),
+            )
+        )
+
+
+@register_model("I3")
+class I3(_Net):
+    """GAP head with a 1x1 classifier replaces the FC head; the savings buy depth."""
+
+    def __init__(self, dropout: float = 0.05) -> None:
+        super().__init__(
+            OrderedDict(
+                c1=conv_bn_relu(1, 10, padding=0),
+                c2=conv_bn_relu(10, 26, padding=0),
+                t1=transition(26, 10),
+                pool1=nn.MaxPool2d(2),
+                drop1=nn.Dropout(dropout),
+                c3=conv_bn_relu(10, 18, padding=0),
+                c4=conv_bn_relu(18, 18, padding=0),
+                c5=conv_bn_relu(18, 20, padding=0),
+                drop2=nn.Dropout(dropout),
+                c6=conv_bn_relu(20, 20, padding=1),
+                gap=nn.AdaptiveAvgPool2d(1),
+                classifier=nn.Conv2d(20, 10, 1),
+                flatten=nn.Flatten(),
+            )
+        )

@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mnistkit.cli import app
+from mnistkit.models import get_model
+
+
+def test_summary_table(runner):
+    result = runner.invoke(app, ["summary", "I3"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "14,500" in out and "PASS" in out
+    assert "c6.conv" in out and "22 (j2)" in out and "global" in out
+    assert "Buffers: 230" in out
+
+
+def test_summary_budget_fail_for_i1(runner):
+    result = runner.invoke(app, ["summary", "I1"])
+    assert result.exit_code == 0
+    assert "FAIL" in result.stdout and "978 over" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["I0", "I1", "I2", "I3"])
+def test_summary_json_totals_match_the_model(runner, name):
+    result = runner.invoke(app, ["summary", name, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    model = get_model(name)
+    assert data["totals"]["params"] == sum(p.numel() for p in model.parameters())
+    assert data["totals"]["buffers"] == sum(b.numel() for b in model.buffers())
+    assert sum(layer["params"] for layer in data["layers"]) == data["totals"]["params"]
+    assert data["budget"]["pass"] == (data["totals"]["trainable_params"] < 20_000)
+    assert data["layers"][0]["input_shape"] == [1, 1, 28, 28]
+    assert data["layers"][-1]["output_shape"] == [1, 10]
+
+
+def test_summary_without_model_lists_all(runner):
+    for args in (["summary"], ["models"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        for name, params in (("I0", "18,060"), ("I1", "20,978"), ("I2", "19,494"), ("I3", "14,500")):
+            assert name in result.stdout and params in result.stdout
+
+
+def test_models_json(runner):
+    data = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert [m["name"] for m in data["models"]] == ["I0", "I1", "I2", "I3"]
+    assert [m["head"] for m in data["models"]] == ["FC", "FC", "FC", "GAP"]
+
+
+def test_custom_budget(runner):
+    result = runner.invoke(app, ["summary", "I3", "--budget", "10000", "--json"])
+    assert json.loads(result.stdout)["budget"] == {"limit": 10000, "params": 14500, "pass": False, "margin": -4500}
+    bad = runner.invoke(app, ["summary", "I3", "--budget", "0"])
+    assert bad.exit_code != 0
+
+
+def test_unknown_model_is_one_clean_line(runner):
+    result = runner.invoke(app, ["summary", "NOPE"])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "NOPE" in lines[0] and "I0, I1, I2, I3" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_version(runner):
+    from mnistkit import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["summary", "--help"]])
+def test_help_and_version_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from mnistkit.cli import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "print('TORCH_LOADED' if 'torch' in sys.modules else 'TORCH_ABSENT')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("TORCH_ABSENT")
+
+
+def test_console_script_runs_as_a_process():
+    out = subprocess.run([sys.executable, "-m", "mnistkit", "summary", "NOPE"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "known models" in out.stderr

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+import mnistkit
+from mnistkit.errors import UnknownModelError
+from mnistkit.models import get_model, list_models, model_info, register_model
+
+# The change-log's exact trainable parameter counts.
+EXPECTED_PARAMS = {"I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500}
+
+
+def test_registry_lists_the_four_iterations_in_order():
+    assert list_models() == ["I0", "I1", "I2", "I3"]
+    assert list_models("I[23]") == ["I2", "I3"]
+    assert list_models("nothing*") == []
+
+
+@pytest.mark.parametrize("name,expected", sorted(EXPECTED_PARAMS.items()))
+def test_exact_parameter_counts(name, expected):
+    model = get_model(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_output_shape_and_backward(name):
+    model = get_model(name)
+    out = model(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    out.sum().backward()  # every parameter must be reachable from the output
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_each_model_has_a_one_line_description(name):
+    assert model_info(name).description
+    assert "\n" not in model_info(name).description
+
+
+def test_bn_statistics_are_buffers_not_parameters():
+    model = get_model("I1")
+    param_names = {n for n, _ in model.named_parameters()}
+    buffer_names = {n for n, _ in model.named_buffers()}
+    assert not any("running" in n for n in param_names)
+    assert any(n.endswith("running_mean") for n in buffer_names)
+
+
+def test_assignment_features():
+    def has(model, kind):
+        return any(isinstance(m, kind) for m in model.modules())
+
+    assert not has(get_model("I0"), nn.BatchNorm2d) and not has(get_model("I0"), nn.Dropout)
+    for name in ("I1", "I2", "I3"):
+        assert has(get_model(name), nn.BatchNorm2d) and has(get_model(name), nn.Dropout)
+    assert has(get_model("I3"), nn.AdaptiveAvgPool2d) and not has(get_model("I3"), nn.Linear)
+
+
+def test_dropout_rate_is_configurable():
+    model = get_model("I3", dropout=0.2)
+    rates = {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    assert rates == {0.2}
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(UnknownModelError) as info:
+        get_model("I9")
+    message = str(info.value)
+    assert "I9" in message
+    for name in EXPECTED_PARAMS:
+        assert name in message
+
+
+def test_lookup_is_case_insensitive():
+    assert type(get_model("i3")).__name__ == "I3"
+
+
+def test_register_model_rejects_duplicates():
+    with pytest.raises(ValueError):
+        register_model("i1")(lambda: nn.Identity())
+
+
+def test_public_api_is_lazy_and_complete():
+    assert mnistkit.get_model is get_model
+    assert callable(mnistkit.summarize)
+    with pytest.raises(AttributeError):
+        mnistkit.no_such_thing
