@@ -136,5 +136,108 @@ def models_cmd(
     _models_overview(as_json, budget)
 
 
+def _check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+    from mnistkit.errors import UsageError
+
+    if value.lower() not in choices:
+        raise UsageError(f"unknown {option[2:]} {value!r} for {option}; choose one of: {', '.join(choices)}")
+    return value.lower()
+
+
+@app.command("train")
+@handles_errors
+def train_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model to train; default: the final iteration in experiments.yaml (I3)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Epochs (default: the iteration's recipe)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training batch size (recipe: 256)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Maximum learning rate (OneCycleLR) or initial LR (StepLR)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (recipe: 42)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu."),
+    dataset: str = typer.Option("mnist", "--dataset", help="mnist, or synthetic (made locally, no download)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files "
+                                           "(default: $MNISTKIT_DATA, else ~/.cache/mnistkit; downloaded if absent)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where run folders are written."),
+    experiments: Optional[str] = typer.Option(None, "--experiments", help="The change-log file (default: ./experiments.yaml)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
+) -> None:
+    """Train a registered model with its iteration's recipe from experiments.yaml."""
+    import os
+
+    from mnistkit import render
+    from mnistkit.errors import UsageError
+
+    dataset = _check_choice(dataset, ("mnist", "synthetic"), "--dataset")
+    console = render.stderr() if as_json else render.stdout()
+    display = render.TrainDisplay(console, quiet=quiet)
+    from mnistkit.training import DataOptions, train
+
+    if resume is not None:
+        given = [name for name, value in (("MODEL", model), ("--epochs", epochs), ("--batch-size", batch_size),
+                                          ("--lr", lr), ("--seed", seed), ("--limit", limit), ("--data-dir", data_dir))
+                 if value is not None]
+        if given:
+            raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
+        try:
+            result = train(resume=resume, device=device, callback=display)
+        finally:
+            display.close()
+    else:
+        from mnistkit.experiments import resolve_recipe
+
+        if model is None:
+            model = _final_iteration(experiments)
+        if limit is not None and limit < 1:
+            raise UsageError("--limit must be a positive number of training samples")
+        recipe = resolve_recipe(model, experiments, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        data = DataOptions(dataset, os.path.abspath(data_dir) if data_dir else None, limit)
+        try:
+            result = train(model, recipe, data, device=device, runs_dir=runs_dir, callback=display)
+        finally:
+            display.close()
+    summary = result.to_dict()
+    if as_json:
+        _print_json(summary)
+    elif not quiet:
+        console.print(render.train_result(summary), highlight=False)
+
+
+def _final_iteration(experiments: Optional[str]) -> str:
+    from pathlib import Path
+
+    from mnistkit.experiments import DEFAULT_PATH, load_experiments
+    from mnistkit.models import list_models
+
+    if experiments is not None or Path(DEFAULT_PATH).exists():
+        exp = load_experiments(experiments or DEFAULT_PATH)
+        if exp.iterations:
+            return exp.iterations[-1].model
+    return list_models()[-1]
+
+
+@app.command("evaluate")
+@handles_errors
+def evaluate_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist or synthetic (default: the run's)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
+    from mnistkit import render
+    from mnistkit.training import evaluate_checkpoint
+
+    if dataset is not None:
+        dataset = _check_choice(dataset, ("mnist", "synthetic"), "--dataset")
+    report = evaluate_checkpoint(target, dataset=dataset, data_dir=data_dir, device=device)
+    if as_json:
+        _print_json(report)
+    else:
+        render.stdout().print(render.evaluation(report))
+
+
 def main() -> None:
     app()

@@ -160,3 +160,103 @@ def models_table(rows: list[tuple["ModelSummary", str]]) -> Table:
             description,
         )
     return table
+
+
+# --------------------------------------------------------------------------- training display
+
+EPOCH_HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  {'test acc':>8}  {'lr':>9}  {'seconds':>7}"
+
+
+def epoch_row(row: dict[str, Any], best: bool = False) -> str:
+    return (f"{row['epoch']:>5}  {row['train_loss']:>10.4f}  {row['train_acc']:>8.2f}%  {row['test_loss']:>9.4f}  "
+            f"{row['test_acc']:>7.2f}%  {row['lr']:>9.5f}  {row['seconds']:>7.1f}" + ("  *" if best else ""))
+
+
+class TrainDisplay:
+    """Progress while training (epoch, step, loss, accuracy, LR, images/s, ETA) and one row per
+    finished epoch. A live bar only on a terminal; plain lines otherwise."""
+
+    def __init__(self, console: Console, quiet: bool = False) -> None:
+        self.console, self.quiet = console, quiet
+        self.progress = None
+        self.task = None
+        self.best = -1.0
+        self.epochs = self.steps = self.start_epoch = 0
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.epochs, self.steps, self.start_epoch = info["epochs"], info["steps"], info["start_epoch"]
+        if self.quiet:
+            return
+        verb = f"Resuming at epoch {self.start_epoch + 1}" if self.start_epoch else "Training"
+        self.console.print(
+            f"{verb} [bold]{info['model']}[/] ({fmt_int(info['params'])} params) on {info['device']}: "
+            f"{fmt_int(info['train_samples'])} train / {fmt_int(info['test_samples'])} test images "
+            f"({info['data']['dataset']}), {info['epochs']} epochs of {info['steps']} steps",
+            highlight=False,
+        )
+        self.console.print(f"Run folder: {info['run_dir']}", highlight=False)
+        self.console.print(EPOCH_HEADER, style="bold", highlight=False)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True,
+            )
+            self.progress.start()
+            total = (self.epochs - self.start_epoch) * self.steps
+            self.task = self.progress.add_task("starting", total=total, stats="")
+
+    def on_step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float, ips: float) -> None:
+        if self.progress is None:
+            return
+        done = (epoch - 1 - self.start_epoch) * steps + step
+        self.progress.update(
+            self.task, completed=done, description=f"epoch {epoch}/{self.epochs} step {step}/{steps}",
+            stats=f"loss {loss:.4f} acc {acc:.2f}% lr {lr:.4f} {ips:,.0f} img/s",
+        )
+
+    def on_epoch(self, row: dict[str, Any]) -> None:
+        best = row["test_acc"] > self.best
+        self.best = max(self.best, row["test_acc"])
+        if not self.quiet:
+            self.console.print(epoch_row(row, best), highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def train_result(result: dict[str, Any]) -> Text:
+    return Text.assemble(
+        ("Done: ", "bold"),
+        f"{result['model']} best test accuracy {result['best_test_acc']:.2f}% (epoch {result['best_epoch']}), "
+        f"final {result['final_test_acc']:.2f}%, {result['seconds']:.0f} s. Checkpoints in {result['run_dir']}",
+    )
+
+
+def evaluation(report: dict[str, Any]) -> Group:
+    head = [
+        Text(f"Checkpoint: {report['checkpoint']} ({report['model']}, epoch {report['epoch']})"),
+        Text(f"Test set: {report['dataset']}, {fmt_int(report['samples'])} images"),
+        Text.assemble("Test loss ", (f"{report['test_loss']:.4f}", "bold"), ", accuracy ",
+                      (f"{report['test_acc']:.2f}%", "bold"),
+                      (f" (recorded in the run: {report['recorded_test_acc']:.2f}%)"
+                       if report.get("recorded_test_acc") is not None else "")),
+    ]
+    per_class = Table(title="Per class (percent)", title_justify="left")
+    for name in ("class", "support", "accuracy", "precision", "recall"):
+        per_class.add_column(name.capitalize(), justify="right")
+    for row in report["per_class"]:
+        per_class.add_row(str(row["class"]), fmt_int(row["support"]),
+                          *(f"{row[k]:.2f}" for k in ("accuracy", "precision", "recall")))
+    cm = report["confusion_matrix"]
+    matrix = Table(title="Confusion matrix (rows: true class, columns: predicted)", title_justify="left")
+    matrix.add_column("", style="bold", justify="right")
+    for c in range(len(cm)):
+        matrix.add_column(str(c), justify="right")
+    for r, row in enumerate(cm):
+        matrix.add_row(str(r), *(Text(str(v), style="bold green" if r == c else ("red" if v else "dim"))
+                                 for c, v in enumerate(row)))
+    return Group(*head, per_class, matrix)

@@ -1,0 +1,325 @@
+"""MNIST from a local folder or torchvision's download, synthetic digits, and the fast batch pipeline.
+
+The training pipeline keeps the whole dataset as one tensor on the training device and
+augments whole batches at once (one ``affine_grid`` + ``grid_sample`` per batch), with the
+same geometry as torchvision's ``RandomAffine`` on tensors: there is no per-sample Python
+work in the step loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import math
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mnistkit.errors import MnistkitError
+
+__all__ = [
+    "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",
+    "load_mnist", "make_synthetic", "load_dataset", "affine_theta", "sample_affine", "augment_batch",
+    "TrainBatches", "EvalBatches",
+]
+
+MEAN, STD = 0.1307, 0.3081
+DATASETS = ("mnist", "synthetic")
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
+
+
+class DataError(MnistkitError):
+    """Data that is missing, truncated or of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``images`` uint8 ``[N, 28, 28]``, ``labels`` int64 ``[N]``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "Split":
+        return Split(self.images[:n], self.labels[:n])
+
+
+# --------------------------------------------------------------------------- real MNIST
+
+
+def default_data_dir() -> Path:
+    """``$MNISTKIT_DATA``, else the per-user cache folder (``$XDG_CACHE_HOME/mnistkit``)."""
+    env = os.environ.get("MNISTKIT_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mnistkit"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+
+
+def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> torch.Tensor:
+    """Read an IDX file (gzipped or not) into a uint8 tensor, checking its header and size."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:  # includes gzip's "truncated" and bad-CRC errors
+        raise DataError(f"cannot read {path}: {exc}; replace it with a complete copy of the IDX file") from None
+    if len(raw) < 4:
+        raise DataError(f"{path} is too short to be an IDX file; replace it with a complete copy")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    magic = struct.unpack(">I", raw[:4])[0]
+    if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
+        raise DataError(f"{path} is not a uint8 IDX file (magic number 0x{magic:08x}); check that it is an MNIST file")
+    if expect_magic is not None and magic != expect_magic:
+        want = "images" if expect_magic == _IMAGES_MAGIC else "labels"
+        raise DataError(
+            f"{path} has magic number 0x{magic:08x}, expected 0x{expect_magic:08x} for {want}; "
+            "the files may be swapped or of the wrong kind"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated inside its header; replace it with a complete copy")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = math.prod(dims)
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path} holds {len(raw) - header:,} data bytes but its header {list(dims)} promises {expected:,}; "
+            "the file is truncated or corrupt: replace it"
+        )
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header)
+    return data.view(*dims)
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    for folder in (root, root / "MNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _download(root: Path) -> None:
+    """torchvision's MNIST download (mirrors, checksums) into ``root/MNIST/raw``."""
+    try:
+        from torchvision.datasets import MNIST
+
+        root.mkdir(parents=True, exist_ok=True)
+        with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json
+            MNIST(str(root), train=True, download=True)
+    except Exception as exc:  # network errors come in many types; all mean the same to a user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"MNIST is not in {root} and could not be downloaded ({reason}); put the four IDX files "
+            f"({', '.join(s + '.gz' for pair in IDX_FILES.values() for s in pair)}) in that folder, "
+            "or point --data-dir / MNISTKIT_DATA at a folder that has them"
+        ) from None
+
+
+def load_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, download: bool = True) -> Split:
+    """Load one split of real MNIST from ``data_dir`` (IDX files directly, gzipped or not, or
+    torchvision's ``MNIST/raw`` layout); download it there when absent and ``download`` is set."""
+    if split not in IDX_FILES:
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    root = resolve_data_dir(data_dir)
+    stems = IDX_FILES[split]
+    paths = [_find(root, stem) for stem in stems]
+    if None in paths:
+        if root.exists() and not root.is_dir():
+            raise DataError(f"{root} is not a folder; pass --data-dir with the folder that holds the MNIST files")
+        if not download:
+            missing = [s for s, p in zip(stems, paths) if p is None]
+            raise DataError(f"MNIST file {missing[0]}(.gz) not found in {root}; put the IDX files there "
+                            "or pass --data-dir")
+        _download(root)
+        paths = [_find(root, stem) for stem in stems]
+        if None in paths:
+            raise DataError(f"the download finished but the MNIST files are not in {root}; put them there by hand")
+    images = read_idx(paths[0], _IMAGES_MAGIC)
+    labels = read_idx(paths[1], _LABELS_MAGIC)
+    if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
+        raise DataError(f"{paths[0]} holds images of shape {list(images.shape[1:])}, expected 28x28")
+    if len(images) != len(labels):
+        raise DataError(f"{paths[0]} has {len(images):,} images but {paths[1]} has {len(labels):,} labels; "
+                        "the files do not belong together")
+    if len(labels) and int(labels.max()) > 9:
+        raise DataError(f"{paths[1]} holds labels above 9; it is not an MNIST label file")
+    return Split(images, labels.long())
+
+
+# --------------------------------------------------------------------------- synthetic digits
+
+SYNTHETIC_SIZES = {"train": 6000, "test": 1000}
+
+
+def _glyphs() -> torch.Tensor:
+    """Templates ``[10, V, 28, 28]`` in [0, 1]: each digit in a few sizes and stroke widths,
+    from Pillow's scalable default font, centred by their centre of mass like MNIST."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    variants = []
+    for size in (17, 20, 23):
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: a fixed bitmap font only
+            font = ImageFont.load_default()
+        for stroke in (0, 1):
+            row = []
+            for digit in range(10):
+                img = Image.new("L", (56, 56))
+                ImageDraw.Draw(img).text((28, 28), str(digit), fill=255, font=font, anchor="mm",
+                                         stroke_width=stroke, stroke_fill=255)
+                t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(56, 56).float() / 255
+                total = t.sum().clamp_min(1e-6)
+                ys, xs = torch.meshgrid(torch.arange(56.0), torch.arange(56.0), indexing="ij")
+                cy, cx = int(round(float((t * ys).sum() / total))), int(round(float((t * xs).sum() / total)))
+                row.append(t[cy - 14:cy + 14, cx - 14:cx + 14])
+            variants.append(torch.stack(row))
+    return torch.stack(variants, dim=1)
+
+
+def make_synthetic(split: str = "train", n: int | None = None, seed: int = 0) -> Split:
+    """An MNIST-shaped dataset drawn from real digit glyphs with random affine, stroke width,
+    blur and noise. Deterministic for ``(split, n, seed)``; needs no network."""
+    n = SYNTHETIC_SIZES[split] if n is None else n
+    g = torch.Generator().manual_seed(seed * 2 + (split == "test"))
+    templates = _glyphs()  # [10, V, 28, 28]
+    labels = torch.randint(0, 10, (n,), generator=g)
+    variant = torch.randint(0, templates.shape[1], (n,), generator=g)
+    x = templates[labels, variant].unsqueeze(1)
+    angle = (torch.rand(n, generator=g) * 2 - 1) * 15
+    scale = 0.85 + torch.rand(n, generator=g) * 0.25
+    shear = (torch.rand(n, generator=g) * 2 - 1) * 12
+    tx, ty = ((torch.rand(2, n, generator=g) * 2 - 1) * 2.5)
+    x = augment_batch(x, affine_theta(angle, tx, ty, scale, shear, 28, 28), "bilinear")
+    contrast = 0.7 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)
+    x = (x * contrast + 0.08 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return Split((x.squeeze(1) * 255).round().to(torch.uint8), labels)
+
+
+def load_dataset(dataset: str, split: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                 download: bool = True) -> Split:
+    if dataset == "mnist":
+        return load_mnist(split, data_dir, download=download)
+    if dataset == "synthetic":
+        return make_synthetic(split, seed=seed)
+    raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------- batched augmentation
+
+
+@dataclass(frozen=True)
+class Augment:
+    """RandomAffine parameters, as torchvision's ``RandomAffine(degrees, translate, scale)``."""
+
+    degrees: float = 10.0
+    translate: float = 0.05
+    scale_min: float = 0.98
+    scale_max: float = 1.02
+    interpolation: str = "nearest"  # RandomAffine's default; "bilinear" is smoother
+    enabled: bool = True
+
+
+def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,
+                 shear: torch.Tensor | None, height: int, width: int) -> torch.Tensor:
+    """``[B, 2, 3]`` matrices for ``F.affine_grid(..., align_corners=False)`` that reproduce
+    ``torchvision.transforms.functional.affine`` on tensors (centre of the image, angle in
+    degrees clockwise-positive as torchvision has it, translation in pixels, shear along x)."""
+    rot = torch.deg2rad(angle)
+    sx = torch.deg2rad(shear) if shear is not None else torch.zeros_like(rot)
+    # torchvision's _get_inverse_affine_matrix with sy = 0 and centre (0, 0)
+    a, c = torch.cos(rot), torch.sin(rot)
+    b = -torch.cos(rot) * torch.tan(sx) - torch.sin(rot)
+    d = -torch.sin(rot) * torch.tan(sx) + torch.cos(rot)
+    m0, m1, m3, m4 = d / scale, -b / scale, -c / scale, a / scale
+    m2 = -(m0 * tx + m1 * ty)
+    m5 = -(m3 * tx + m4 * ty)
+    # pixel coordinates (centred) -> normalised coordinates of affine_grid
+    theta = torch.stack([
+        torch.stack([m0, m1 * height / width, m2 * 2 / width], -1),
+        torch.stack([m3 * width / height, m4, m5 * 2 / height], -1),
+    ], 1)
+    return theta
+
+
+def sample_affine(n: int, aug: Augment, size: int, generator: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """Per-sample random parameters drawn like ``RandomAffine.get_params`` (translations
+    rounded to whole pixels), returned as affine_grid matrices ``[n, 2, 3]``."""
+    u = torch.rand(4, n, generator=generator, device=device)
+    angle = (u[0] * 2 - 1) * aug.degrees
+    max_d = aug.translate * size
+    tx = torch.round((u[1] * 2 - 1) * max_d)
+    ty = torch.round((u[2] * 2 - 1) * max_d)
+    scale = aug.scale_min + u[3] * (aug.scale_max - aug.scale_min)
+    return affine_theta(angle, tx, ty, scale, None, size, size)
+
+
+def augment_batch(x: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
+    """Warp a batch ``[B, C, H, W]`` with per-sample matrices; pixels from outside are 0."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+class TrainBatches:
+    """Shuffled, augmented, normalised training batches from a dataset held on ``device``.
+
+    One permutation per epoch and one warp per batch, both drawn from ``generator``, so a
+    seed fixes every batch; its state is part of a resumable checkpoint.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, augment: Augment,
+                 generator: torch.Generator, mean: float = MEAN, std: float = STD) -> None:
+        self.x = split.images.to(device).unsqueeze(1).float().div_(255)
+        self.y = split.labels.to(device)
+        self.batch_size, self.augment, self.generator = batch_size, augment, generator
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, device = len(self.y), self.y.device
+        perm = torch.randperm(n, generator=self.generator, device=device)
+        for start in range(0, n, self.batch_size):
+            idx = perm[start:start + self.batch_size]
+            xb = self.x[idx]
+            if self.augment.enabled:
+                theta = sample_affine(len(idx), self.augment, xb.shape[-1], self.generator, device)
+                xb = augment_batch(xb, theta, self.augment.interpolation)
+            yield xb.sub_(self.mean).div_(self.std), self.y[idx]
+
+
+class EvalBatches:
+    """Normalised, unshuffled batches for evaluation; normalised once, up front."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device,
+                 mean: float = MEAN, std: float = STD) -> None:
+        self.x = split.images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
+        self.y = split.labels.to(device)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.y), self.batch_size):
+            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
