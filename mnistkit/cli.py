@@ -47,6 +47,10 @@ def handles_errors(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             _error(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            _error("interrupted", 130)
 
     return wrapper
 

@@ -93,3 +93,70 @@ def test_console_script_runs_as_a_process():
                          timeout=120)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr and "known models" in out.stderr
+
+
+# ---------------------------------------------------------------- train and evaluate
+
+def test_train_and_evaluate_through_the_cli(runner, tmp_path):
+    result = runner.invoke(app, ["train", "I3", "--dataset", "synthetic", "--epochs", "1", "--limit", "600",
+                                 "--runs-dir", str(tmp_path), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert {"run_dir", "model", "params", "epochs", "best_test_acc", "final_test_acc", "seconds"} <= set(data)
+    assert data["model"] == "I3" and data["params"] == 14_500 and data["epochs"] == 1
+    assert "epoch" in result.stderr  # the human display went to stderr under --json
+
+    ev = runner.invoke(app, ["evaluate", data["run_dir"], "--json", "--device", "cpu"])
+    assert ev.exit_code == 0, ev.output
+    report = json.loads(ev.stdout)
+    assert report["test_acc"] == pytest.approx(data["best_test_acc"])
+    assert len(report["confusion_matrix"]) == 10 and len(report["per_class"]) == 10
+
+    table = runner.invoke(app, ["evaluate", data["run_dir"], "--device", "cpu"])
+    assert table.exit_code == 0 and "Confusion matrix" in table.stdout and "Precision" in table.stdout
+
+
+def test_train_plain_output_has_one_row_per_epoch(runner, tmp_path):
+    result = runner.invoke(app, ["train", "I0", "--dataset", "synthetic", "--epochs", "2", "--limit", "300",
+                                 "--runs-dir", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and "Done:" in result.stdout
+
+
+def test_train_defaults_to_the_final_iteration(runner, tmp_path):
+    result = runner.invoke(app, ["train", "--dataset", "synthetic", "--epochs", "1", "--limit", "256",
+                                 "--runs-dir", str(tmp_path), "--device", "cpu", "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "I3"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "NOPE"], "unknown model"),
+    (["train", "--epochs", "0"], "epochs must be at least 1"),
+    (["train", "--batch-size", "0"], "batch_size"),
+    (["train", "--lr", "-1"], "lr must be"),
+    (["train", "--dataset", "cifar"], "unknown dataset"),
+    (["train", "--device", "tpu"], "unknown device"),
+    (["train", "--dataset", "synthetic", "--limit", "100000"], "larger than"),
+    (["train", "--resume", "x", "--epochs", "3"], "drop --epochs"),
+    (["evaluate", "no/such/run"], "does not exist"),
+])
+def test_bad_input_is_one_line_without_traceback(runner, tmp_path, args, needle):
+    result = runner.invoke(app, args + ["--runs-dir", str(tmp_path)] if args[0] == "train" else args)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_missing_mnist_offline_is_one_line(runner, tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("Error downloading: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", no_network)
+    result = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "could not be downloaded" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from mnistkit.errors import UsageError
+from mnistkit.experiments import resolve_recipe
+from mnistkit.runs import load_checkpoint, read_config, read_metrics
+from mnistkit.training import (DataOptions, Recipe, TrainingDiverged, TrainingInterrupted, evaluate_checkpoint,
+                               per_class_report, resolve_device, train)
+
+SYN = DataOptions("synthetic")
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+
+
+def small(epochs=2, **kw):
+    # a gentle LR: with ~12 steps per epoch, OneCycle's warm-up to 0.2 can blow up the FC models
+    return Recipe(epochs=epochs, batch_size=128, **{"lr": 0.05, **kw})
+
+
+def test_training_lifts_accuracy_well_above_chance(tmp_path):
+    result = train("I3", Recipe(epochs=3), SYN, device="cpu", runs_dir=tmp_path)
+    assert result.metrics[-1]["test_acc"] >= 95.0  # chance is 10%
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
+    runs = [train("I1", small(), DataOptions("synthetic", limit=1500), device="cpu", runs_dir=tmp_path / str(i))
+            for i in range(2)]
+    assert strip_timing(runs[0].metrics) == strip_timing(runs[1].metrics)
+    other = train("I1", small(seed=7), DataOptions("synthetic", limit=1500), device="cpu", runs_dir=tmp_path / "o")
+    assert strip_timing(other.metrics) != strip_timing(runs[0].metrics)
+
+
+def test_run_folder_contents(tmp_path):
+    result = train("I3", small(epochs=1), DataOptions("synthetic", limit=500), device="cpu", runs_dir=tmp_path)
+    folder = result.run_dir
+    assert folder.parent == tmp_path and folder.name.startswith("I3-")
+    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
+    config = read_config(folder)
+    assert config["model"] == "I3" and config["recipe"]["epochs"] == 1 and config["data"]["limit"] == 500
+    assert Recipe.from_dict(config["recipe"]) == small(epochs=1)  # reproducible from the folder alone
+    assert read_metrics(folder) == result.metrics
+    ckpt = load_checkpoint(folder / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]
+
+
+def test_checkpoint_evaluates_to_the_recorded_accuracy(tmp_path):
+    result = train("I3", small(), DataOptions("synthetic", limit=2000), device="cpu", runs_dir=tmp_path)
+    report = evaluate_checkpoint(result.run_dir, device="cpu")
+    best = result.best
+    assert report["epoch"] == best["epoch"]
+    assert report["test_acc"] == pytest.approx(best["test_acc"], abs=1e-9)
+    assert report["test_loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    assert sum(map(sum, report["confusion_matrix"])) == report["samples"] == 1000
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    data = DataOptions("synthetic", limit=1500)
+    full = train("I2", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "full")
+    with pytest.raises(TrainingInterrupted) as info:
+        train("I2", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "cut", stop_after=1)
+    cut_dir = next((tmp_path / "cut").iterdir())
+    assert f"mnistkit train --resume {cut_dir}" in str(info.value)
+    assert len(read_metrics(cut_dir)) == 1
+    resumed = train(resume=cut_dir, device="cpu")
+    assert resumed.run_dir == cut_dir
+    assert strip_timing(resumed.metrics) == strip_timing(full.metrics)
+    assert torch.equal(load_checkpoint(cut_dir / "last.pt")["state_dict"]["net.fc.weight"],
+                       load_checkpoint(full.run_dir / "last.pt")["state_dict"]["net.fc.weight"])
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_a_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged) as info:
+        train("I0", small(epochs=1, lr=1e6, scheduler="none"), DataOptions("synthetic", limit=1000),
+              device="cpu", runs_dir=tmp_path)
+    assert "learning rate" in str(info.value)
+    folder = next(tmp_path.iterdir())
+    assert load_checkpoint(folder / "last.pt")["epoch"] == 0
+
+
+def test_recipes_come_from_experiments_yaml_and_cli_overrides_win():
+    i0 = resolve_recipe("I0")
+    assert (i0.epochs, i0.lr, i0.scheduler, i0.dropout) == (1, 0.1, "step", 0.0)
+    i3 = resolve_recipe("I3", epochs=2, lr=None)
+    assert (i3.epochs, i3.lr, i3.scheduler, i3.batch_size, i3.seed) == (2, 0.2, "onecycle", 256, 42)
+    assert i3.augment.degrees == 10 and i3.augment.translate == 0.05
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": -1}, {"lr": 0.0}, {"scheduler": "cosine"}])
+def test_bad_recipe_values(bad):
+    with pytest.raises(UsageError):
+        Recipe(**bad)
+
+
+def test_recipe_from_dict_rejects_unknown_keys_and_wrong_types():
+    with pytest.raises(UsageError, match="unknown key 'learning_rate'"):
+        Recipe.from_dict({"learning_rate": 0.1})
+    with pytest.raises(UsageError, match="epochs must be int"):
+        Recipe.from_dict({"epochs": "ten"})
+
+
+def test_devices():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_limit_larger_than_dataset(tmp_path):
+    with pytest.raises(UsageError, match="larger than"):
+        train("I3", small(), DataOptions("synthetic", limit=10**6), device="cpu", runs_dir=tmp_path)
+
+
+def test_per_class_report():
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0])
+    r = per_class_report(labels, preds, classes=3)
+    assert r["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    c0, c1, c2 = r["per_class"]
+    assert (c0["recall"], c0["precision"]) == (50.0, 50.0)
+    assert (c1["recall"], round(c1["precision"], 4)) == (100.0, 66.6667)
+    assert c2["recall"] == 0.0 and c2["precision"] != c2["precision"]  # never predicted: NaN, not 0
