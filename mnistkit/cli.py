@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable, Optional
 
@@ -164,11 +165,11 @@ def train_cmd(
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where run folders are written."),
     experiments: Optional[str] = typer.Option(None, "--experiments", help="The change-log file (default: ./experiments.yaml)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its folder."),
+    all_iterations: bool = typer.Option(False, "--all", help="Train every iteration of experiments.yaml, each with its own recipe."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
 ) -> None:
     """Train a registered model with its iteration's recipe from experiments.yaml."""
-    import os
 
     from mnistkit import render
     from mnistkit.errors import UsageError
@@ -178,6 +179,27 @@ def train_cmd(
     display = render.TrainDisplay(console, quiet=quiet)
     from mnistkit.training import DataOptions, train
 
+    if all_iterations:
+        if model is not None or resume is not None:
+            raise UsageError("--all trains every iteration; drop MODEL and --resume")
+        from mnistkit.experiments import DEFAULT_PATH, load_experiments, resolve_recipe
+
+        exp = load_experiments(experiments or DEFAULT_PATH)
+        data = DataOptions(dataset, os.path.abspath(data_dir) if data_dir else None, limit)
+        summaries = []
+        for it in exp.iterations:
+            recipe = resolve_recipe(it.model, exp.path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+            display = render.TrainDisplay(console, quiet=quiet)
+            try:
+                result = train(it.model, recipe, data, device=device, runs_dir=runs_dir, callback=display)
+            finally:
+                display.close()
+            summaries.append(result.to_dict())
+            if not quiet:
+                console.print(render.train_result(summaries[-1]), highlight=False)
+        if as_json:
+            _print_json({"runs": summaries})
+        return
     if resume is not None:
         given = [name for name, value in (("MODEL", model), ("--epochs", epochs), ("--batch-size", batch_size),
                                           ("--lr", lr), ("--seed", seed), ("--limit", limit), ("--data-dir", data_dir))
@@ -241,6 +263,49 @@ def evaluate_cmd(
         _print_json(report)
     else:
         render.stdout().print(render.evaluation(report))
+
+
+@app.command("compare")
+@handles_errors
+def compare_cmd(
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where run folders are."),
+    experiments: str = typer.Option("experiments.yaml", "--experiments", help="The change-log file."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, markdown, json or csv."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also draw every iteration's test accuracy to this PNG."),
+) -> None:
+    """The change-log I0..I3: reported figures beside measured ones, deltas, and the assignment checks."""
+    from mnistkit import compare, render
+    from mnistkit.experiments import load_experiments
+    from mnistkit.runs import atomic_write
+
+    fmt = _check_choice(fmt, ("table", "markdown", "json", "csv"), "--format")
+    report = compare.build_report(load_experiments(experiments), runs_dir)
+    if fmt == "table":
+        if output:
+            from rich.console import Console
+
+            console = Console(record=True, width=200, file=open(os.devnull, "w"))
+            console.print(render.compare_tables(report))
+            text = console.export_text()
+        else:
+            render.stdout().print(render.compare_tables(report))
+            text = None
+    else:
+        text = {"markdown": compare.to_markdown, "json": compare.to_json, "csv": compare.to_csv}[fmt](report)
+    if text is not None:
+        if output:
+            try:
+                atomic_write(output, text)
+            except OSError as exc:
+                _error(f"cannot write {output}: {exc.strerror or exc}; choose another --output")
+        else:
+            sys.stdout.write(text)
+    if plot:
+        compare.plot(report, plot)
+    for path in (output, plot):
+        if path:
+            render.stderr().print(f"wrote {path}", highlight=False)
 
 
 def main() -> None:

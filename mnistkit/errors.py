@@ -17,6 +17,10 @@ class UnknownModelError(MnistkitError, KeyError):
 
 
 class UsageError(MnistkitError):
-    """A bad option value."""
+    """A bad option value. ``key`` names the offending setting (dotted), ``detail`` what is wrong."""
 
     exit_code = 2
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.detail = key, detail or message

@@ -1,4 +1,7 @@
-"""experiments.yaml: the iteration change-log and each iteration's recipe, typed and validated."""
+"""experiments.yaml: the iteration change-log and each iteration's recipe, typed and validated.
+
+Every error names the file, the key and, where YAML gives it, the line.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,14 @@ import yaml
 from mnistkit.errors import MnistkitError, UsageError
 
 DEFAULT_PATH = Path("experiments.yaml")
-_TOP_KEYS = {"version", "constraints", "defaults", "iterations"}
-_ITERATION_KEYS = {"id", "model", "changes", "reported", "recipe"}
+
+# key -> accepted types; numbers may be written as int or float
+_NUM = (int, float)
+_TOP = {"version": (int,), "constraints": (dict,), "defaults": (dict,), "iterations": (list,)}
+_ITERATION = {"id": (str,), "model": (str,), "changes": (str,), "reported": (dict,), "recipe": (dict,)}
+_CONSTRAINTS = {"max_params": (int,), "batchnorm": (bool,), "dropout": (bool,), "gap_head": (bool,),
+                "max_epochs": (int,), "min_test_acc": _NUM}
+_REPORTED = {"params": (int,), "train_acc": _NUM, "test_acc": _NUM, "epochs": (int,), "lr_scheduler": (str,)}
 
 
 class ExperimentsError(MnistkitError):
@@ -36,6 +45,13 @@ class Experiments:
     defaults: dict[str, Any]
     iterations: tuple[Iteration, ...]
 
+    def iteration(self, ident: str) -> Iteration:
+        for it in self.iterations:
+            if it.id.lower() == ident.lower():
+                return it
+        raise ExperimentsError(f"{self.path}: no iteration {ident!r}; known iterations: "
+                               f"{', '.join(it.id for it in self.iterations)}")
+
     def iteration_for_model(self, model: str) -> Iteration | None:
         for it in self.iterations:
             if it.model.lower() == model.lower() or it.id.lower() == model.lower():
@@ -55,102 +71,110 @@ class Experiments:
         return merged
 
 
-def _line(node_map: dict, key: str) -> str:
-    line = node_map.get(key)
-    return f" (line {line})" if line else ""
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """First line number of each mapping key, for error messages."""
-    lines: dict[str, int] = {}
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Line number of every mapping key and sequence item, by its path from the root."""
+    lines: dict[tuple, int] = {}
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
         return lines
-    stack = [root]
+    stack: list[tuple[tuple, Any]] = [((), root)]
     while stack:
-        node = stack.pop()
+        path, node = stack.pop()
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                lines.setdefault(str(k.value), k.start_mark.line + 1)
-                stack.append(v)
+                lines[path + (str(k.value),)] = k.start_mark.line + 1
+                stack.append((path + (str(k.value),), v))
         elif isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                stack.append((path + (i,), v))
     return lines
 
 
+class _Checker:
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.lines = path, _key_lines(text)
+
+    def fail(self, where: tuple, message: str) -> None:
+        line = None
+        for n in range(len(where), -1, -1):  # the nearest enclosing node YAML knows
+            line = self.lines.get(where[:n])
+            if line:
+                break
+        name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in where).replace(".[", "[")
+        at = f", line {line}" if line else ""
+        raise ExperimentsError(f"{self.path}{at}: {name + ': ' if name else ''}{message}")
+
+    def mapping(self, where: tuple, value: Any, schema: dict[str, tuple], required: tuple = ()) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, f"must be a mapping, not {type(value).__name__}")
+        for key, item in value.items():
+            if key not in schema:
+                self.fail(where + (str(key),), f"unknown key; known keys: {', '.join(sorted(schema))}")
+            types = schema[key]
+            if not isinstance(item, types) or (isinstance(item, bool) and bool not in types):
+                want = " or ".join(t.__name__ for t in types)
+                self.fail(where + (key,), f"must be {want}, not {type(item).__name__} ({item!r})")
+        for key in required:
+            if key not in value:
+                self.fail(where, f"missing required key {key!r}")
+        return value
+
+
 def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
+    from mnistkit.models import list_models, model_info
+    from mnistkit.training import Recipe
+
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ExperimentsError(f"{path} not found; pass --experiments FILE or run from the project folder") from None
-    except OSError as exc:
-        raise ExperimentsError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExperimentsError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ExperimentsError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    lines = _key_lines(text)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ExperimentsError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    check = _Checker(path, text)
     if data is None:
-        raise ExperimentsError(f"{path} is empty; it needs 'defaults' and 'iterations'")
-    if not isinstance(data, dict):
-        raise ExperimentsError(f"{path}: the top level must be a mapping with 'defaults' and 'iterations'")
-    for key in data:
-        if key not in _TOP_KEYS:
-            raise ExperimentsError(f"{path}: unknown key {key!r}{_line(lines, key)}; known keys: "
-                                   f"{', '.join(sorted(_TOP_KEYS))}")
+        check.fail((), "the file is empty; it needs 'defaults' and 'iterations'")
+    check.mapping((), data, _TOP, required=("iterations",))
+    constraints = check.mapping(("constraints",), data.get("constraints") or {}, _CONSTRAINTS)
     defaults = data.get("defaults") or {}
-    constraints = data.get("constraints") or {}
-    for key, value in (("defaults", defaults), ("constraints", constraints)):
-        if not isinstance(value, dict):
-            raise ExperimentsError(f"{path}: '{key}'{_line(lines, key)} must be a mapping")
-    raw_iterations = data.get("iterations") or []
-    if not isinstance(raw_iterations, list):
-        raise ExperimentsError(f"{path}: 'iterations'{_line(lines, 'iterations')} must be a list")
 
-    from mnistkit.models import list_models, model_info
-    from mnistkit.training import Recipe
+    def recipe_check(where: tuple, recipe: dict) -> None:
+        try:
+            Recipe.from_dict(recipe, where="recipe")
+        except UsageError as exc:
+            check.fail(where + tuple((exc.key or "").split(".")) if exc.key else where, exc.detail)
 
-    try:
-        Recipe.from_dict(defaults)
-    except UsageError as exc:
-        raise ExperimentsError(f"{path}: defaults: {exc}".replace("recipe: ", "").replace(": recipe", "")) from None
-
+    recipe_check(("defaults",), defaults)
     iterations: list[Iteration] = []
     seen: set[str] = set()
-    for n, raw in enumerate(raw_iterations):
-        if not isinstance(raw, dict):
-            raise ExperimentsError(f"{path}: iterations[{n}] must be a mapping")
-        unknown = sorted(set(raw) - _ITERATION_KEYS)
-        if unknown:
-            raise ExperimentsError(f"{path}: iterations[{n}]: unknown key {unknown[0]!r}{_line(lines, unknown[0])}; "
-                                   f"known keys: {', '.join(sorted(_ITERATION_KEYS))}")
-        it_id = raw.get("id")
-        if not isinstance(it_id, str) or not it_id:
-            raise ExperimentsError(f"{path}: iterations[{n}] needs an 'id' string")
+    known_models = {m.lower() for m in list_models()}
+    for n, raw in enumerate(data["iterations"]):
+        where = ("iterations", n)
+        check.mapping(where, raw, _ITERATION, required=("id",))
+        it_id = raw["id"]
         if it_id.lower() in seen:
-            raise ExperimentsError(f"{path}: iteration id {it_id!r} appears twice")
+            check.fail(where + ("id",), f"iteration id {it_id!r} appears twice")
         seen.add(it_id.lower())
         model = raw.get("model", it_id)
-        if not isinstance(model, str) or model.lower() not in (m.lower() for m in list_models()):
-            raise ExperimentsError(f"{path}: iteration {it_id}: model {model!r} is not registered; known models: "
-                                   f"{', '.join(list_models())}")
+        if model.lower() not in known_models:
+            check.fail(where + ("model",), f"model {model!r} is not registered; known models: "
+                                           f"{', '.join(list_models())}")
+        reported = check.mapping(where + ("reported",), raw.get("reported") or {}, _REPORTED)
         recipe = raw.get("recipe") or {}
-        if not isinstance(recipe, dict):
-            raise ExperimentsError(f"{path}: iteration {it_id}: 'recipe' must be a mapping")
-        it = Iteration(id=it_id, model=model_info(model).name, changes=str(raw.get("changes", "")),
-                       reported=dict(raw.get("reported") or {}), recipe=recipe)
+        it = Iteration(id=it_id, model=model_info(model).name, changes=raw.get("changes", ""),
+                       reported=dict(reported), recipe=dict(recipe))
+        merged = Experiments(path, constraints, defaults, (it,)).recipe_dict(it.model)
+        recipe_check(where + ("recipe",), merged)
         iterations.append(it)
-    exp = Experiments(path, constraints, defaults, tuple(iterations))
-    for it in iterations:  # every iteration's merged recipe must be valid
-        try:
-            Recipe.from_dict(exp.recipe_dict(it.model), where=f"iteration {it.id} recipe")
-        except UsageError as exc:
-            raise ExperimentsError(f"{path}: {exc}") from None
-    return exp
+    return Experiments(path, dict(constraints), dict(defaults), tuple(iterations))
 
 
 def resolve_recipe(model: str, experiments: str | os.PathLike | None = None, **overrides: Any):

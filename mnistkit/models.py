@@ -128,6 +128,12 @@ class I0(_Net):
                 fc=nn.Linear(16 * 7 * 7, 10),
             )
         )
+        # Without BN, PyTorch's default init shrinks the signal at every ReLU layer and SGD at
+        # lr 0.1 stalls for most of the single epoch; He init keeps the variance constant.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
 
 @register_model("I1")

@@ -260,3 +260,64 @@ def evaluation(report: dict[str, Any]) -> Group:
         matrix.add_row(str(r), *(Text(str(v), style="bold green" if r == c else ("red" if v else "dim"))
                                  for c, v in enumerate(row)))
     return Group(*head, per_class, matrix)
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_tables(report: dict[str, Any]) -> Group:
+    from mnistkit.compare import CHECK_LABELS, sparkline
+
+    c = report["constraints"]
+    table = Table(title=f"Change-log ({report['experiments']}) beside runs in {report['runs_dir']}/",
+                  title_justify="left", caption="reported / measured; measured: the final epoch of the newest run of each iteration "
+                          "(\"of N!\": the run stopped before its N epochs). LR/Scheduler shows one value when both agree.",
+                  caption_justify="left")
+    for name, justify in (("Iter", "left"), ("Key changes", "left"), ("Params", "right"), ("Train acc", "right"),
+                          ("Test acc", "right"), ("Best (ep)", "right"), (f">= {c.get('min_test_acc', '-')}% at", "right"),
+                          ("Gap", "right"), ("Epochs", "right"), ("LR/Scheduler", "left"), ("Δ test", "right"),
+                          ("Δ params", "right"), ("Test acc / epoch", "left")):
+        table.add_column(name, justify=justify, no_wrap=name != "Key changes",
+                         min_width=18 if name == "Key changes" else None)
+    not_run = Text("not run", style="dim")
+    all_curves = [v for row in report["iterations"] if row["measured"] for v in row["measured"]["test_acc_curve"]]
+    lo, hi = (min(all_curves), max(all_curves)) if all_curves else (None, None)
+    for row in report["iterations"]:
+        rep, m = row["reported"], row["measured"]
+        params = Text(f"{rep['params']:,} / " if "params" in rep else "- / ")
+        params.append(f"{row['params']:,}", style="" if row["params_match"] else "bold red")
+        if not row["params_match"]:
+            params.append(" ≠", style="bold red")
+
+        def pair(key: str) -> Text:
+            reported = f"{rep[key]:.1f}%" if key in rep else "-"
+            if not m:
+                return Text.assemble(f"{reported} / ", ("not run", "dim"))
+            return Text(f"{reported} / {m[key]:.2f}%")
+
+        suffix = "" if not m or m["complete"] else f" of {m['planned_epochs']}!"
+        lr_rep = rep.get("lr_scheduler", "-")
+        lr_cell = lr_rep if not m or m["lr_scheduler"] == lr_rep else f"{lr_rep} / {m['lr_scheduler']}"
+        table.add_row(
+            row["id"], row["changes"], params, pair("train_acc"), pair("test_acc"),
+            f"{m['best_test_acc']:.2f}% ({m['best_epoch']})" if m else not_run,
+            (str(m["first_epoch_at_target"]) if m["first_epoch_at_target"] else Text("never", style="red")) if m else not_run,
+            f"{m['gap']:+.2f}" if m else not_run,
+            f"{rep.get('epochs', '-')} / {m['epochs']}{suffix}" if m else Text.assemble(f"{rep.get('epochs', '-')} / ", ("not run", "dim")),
+            lr_cell,
+            f"{row['delta_test_acc']:+.2f}" if row["delta_test_acc"] is not None else "",
+            f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
+            sparkline(m["test_acc_curve"], lo, hi) if m else "",
+        )
+    checks = Table(title="Assignment checklist (computed from each model and its newest run)", title_justify="left")
+    checks.add_column("Iter")
+    keys = [k for k in CHECK_LABELS if any(k in row["checks"] for row in report["iterations"])]
+    for k in keys:
+        checks.add_column(CHECK_LABELS[k](c), justify="center")
+    checks.add_column("All", justify="center")
+    marks = {True: Text("✓", style="bold green"), False: Text("✗", style="bold red"), None: Text("not run", style="dim")}
+    for row in report["iterations"]:
+        values = [row["checks"].get(k) for k in keys]
+        overall = False if False in values else (None if None in values else True)
+        checks.add_row(row["id"], *(marks[v] for v in values), marks[overall])
+    return Group(table, checks)

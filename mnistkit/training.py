@@ -54,59 +54,65 @@ class Recipe:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.batch_size >= 1, "batch_size must be at least 1"),
-            (self.test_batch_size >= 1, "test_batch_size must be at least 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
-            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
-            (0 < self.pct_start < 1, "pct_start must be in (0, 1)"),
-            (self.momentum >= 0 and self.weight_decay >= 0, "momentum and weight_decay must be >= 0"),
-            (self.std > 0, "std must be positive"),
-            (self.augment.interpolation in ("nearest", "bilinear"), "augment.interpolation must be nearest or bilinear"),
+            ("epochs", self.epochs >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("test_batch_size", self.test_batch_size >= 1, "must be at least 1"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+            ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
+            ("pct_start", 0 < self.pct_start < 1, "must be in (0, 1)"),
+            ("momentum", self.momentum >= 0, "must be >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("std", self.std > 0, "must be positive"),
+            ("augment.interpolation", self.augment.interpolation in ("nearest", "bilinear"),
+             "must be nearest or bilinear"),
+            ("augment.scale_min", 0 < self.augment.scale_min <= self.augment.scale_max,
+             "must be positive and at most scale_max"),
         ]
-        for ok, message in checks:
+        for key, ok, detail in checks:
             if not ok:
-                raise UsageError(message)
+                raise UsageError(f"{key} {detail}", key=key, detail=detail)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def _typed(cls: type, data: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+        """Check keys and types of ``data`` against dataclass ``cls``; ints are accepted as floats."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for name, value in data.items():
+            key = prefix + str(name)
+            if name not in fields:
+                detail = f"unknown key; known keys: {', '.join(sorted(fields))}"
+                raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}",
+                                 key=key, detail=detail)
+            default = fields[name].default
+            if default is dataclasses.MISSING:  # nested dataclass
+                out[name] = value
+                continue
+            expected = type(default)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                detail = f"must be {expected.__name__}, not {type(value).__name__} ({value!r})"
+                raise UsageError(f"{where}: {key} {detail}", key=key, detail=detail)
+            out[name] = value
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UsageError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        values = dict(data)
-        if "augment" in values:
+        values = cls._typed(cls, data, where)
+        if "augment" in values and not isinstance(values["augment"], Augment):
             aug = values["augment"]
-            if isinstance(aug, Augment):
-                pass
-            elif isinstance(aug, dict):
-                aug_known = {f.name for f in dataclasses.fields(Augment)}
-                bad = sorted(set(aug) - aug_known)
-                if bad:
-                    raise UsageError(f"{where}.augment: unknown key {bad[0]!r}; known keys: {', '.join(sorted(aug_known))}")
-                aug = dict(aug)
-                for f in dataclasses.fields(Augment):
-                    v = aug.get(f.name)
-                    if f.type in ("float", float) and isinstance(v, int) and not isinstance(v, bool):
-                        aug[f.name] = float(v)
-                values["augment"] = Augment(**aug)
-            else:
-                raise UsageError(f"{where}.augment must be a mapping")
-        defaults = cls()
-        for name, value in values.items():
-            if name == "augment":
-                continue
-            expected = type(getattr(defaults, name))
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                values[name] = float(value)
-            elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise UsageError(f"{where}.{name} must be {expected.__name__}, not {type(value).__name__} ({value!r})")
-        return cls(**values)
+            if not isinstance(aug, dict):
+                raise UsageError(f"{where}: augment must be a mapping", key="augment", detail="must be a mapping")
+            values["augment"] = Augment(**cls._typed(Augment, aug, where, prefix="augment."))
+        try:
+            return cls(**values)
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}", key=exc.key, detail=exc.detail) from None
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -267,6 +273,19 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["data"])
 
 
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scheduler: Any = None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns (loss, correct) as device tensors: no host sync here."""
+    out = model(x)
+    loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), (out.detach().argmax(1) == y).sum()
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -377,15 +396,10 @@ def train(
             seen = 0
             steps = len(batches)
             for step, (x, y) in enumerate(batches, 1):
-                out = model(x)
-                loss = F.cross_entropy(out, y, label_smoothing=recipe.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if per_step:
-                    scheduler.step()
-                loss_sum += loss.detach() * len(y)
-                correct += (out.detach().argmax(1) == y).sum()
+                loss, hits = train_step(model, x, y, optimizer, scheduler if per_step else None,
+                                        recipe.label_smoothing)
+                loss_sum += loss * len(y)
+                correct += hits
                 seen += len(y)
                 if step % SYNC_EVERY == 0 or step == steps:
                     mean_loss = float(loss_sum) / seen

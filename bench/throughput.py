@@ -1,0 +1,239 @@
+"""Training throughput: mnistkit's pipeline against the usual PyTorch one, in one process.
+
+    .venv/bin/python bench/throughput.py --data-dir ../shared/mnist [--models I1,I3] [--steps 60] [--repeats 5]
+
+reference: torchvision.datasets.MNIST + DataLoader(batch_size=256, shuffle=True, num_workers=2)
+           + Compose([RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02)), ToTensor(),
+           Normalize((0.1307,), (0.3081,))]) + a plain SGD/OneCycleLR loop with loss.item() per step.
+mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.train_step.
+
+The two are timed alternately (same model, same steps, same batch size, same augmentation),
+and the figure for each is the median images/s over the repeats. It also measures this
+machine's fp32 matrix-multiply rate, the achieved training GFLOP/s (6 x the model's counted
+mult-adds per image: forward, and twice that backward), evaluation images/s, and the start-up
+time of `mnistkit --help` and `mnistkit summary I3` as whole processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
+from mnistkit.inspect import summarize
+from mnistkit.models import get_model
+from mnistkit.training import build_optimizer, evaluate, Recipe, train_step
+
+IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def torchvision_root(data_dir: Path, work: Path) -> Path:
+    """torchvision's MNIST wants ``root/MNIST/raw/<name>`` (uncompressed): make that layout."""
+    raw = work / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX:
+        src = next((p for p in (data_dir / name, data_dir / (name + ".gz"), data_dir / "MNIST" / "raw" / name)
+                    if p.exists()))
+        data = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+        (raw / name).write_bytes(data)
+    return work
+
+
+def reference_loader(root: Path, batch_size: int, workers: int, limit: int | None):
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([
+        transforms.RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02)),
+        transforms.ToTensor(),
+        transforms.Normalize((0.1307,), (0.3081,)),
+    ])
+    ds = datasets.MNIST(str(root), train=True, download=False, transform=tf)
+    if limit:
+        ds = Subset(ds, range(limit))
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                      persistent_workers=workers > 0, drop_last=True)
+
+
+def make_opt(model, steps: int):
+    recipe = Recipe()
+    opt = build_optimizer(model, recipe)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps + 10,
+                                                pct_start=recipe.pct_start)
+    return opt, sched
+
+
+def time_reference(model, loader, steps: int) -> float:
+    """Images/s of the notebook-style loop over ``steps`` steps (after one warm-up batch)."""
+    opt, sched = make_opt(model, steps + 1)
+    criterion = torch.nn.CrossEntropyLoss()
+    model.train()
+    it = iter(loader)
+
+    def batch():
+        nonlocal it
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(loader)
+            return next(it)
+
+    x, y = batch()  # warm-up
+    t0 = None
+    seen = 0
+    running = 0.0
+    for step in range(steps + 1):
+        if step == 1:
+            t0, seen = time.perf_counter(), 0
+        x, y = batch()
+        out = model(x)
+        loss = criterion(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.item()  # what a notebook's progress bar does each step
+        seen += len(y)
+    return seen / (time.perf_counter() - t0)
+
+
+def time_mnistkit(model, batches: TrainBatches, steps: int) -> float:
+    opt, sched = make_opt(model, steps + 1)
+    model.train()
+    it = iter(batches)
+    t0 = None
+    seen = 0
+    loss_sum = torch.zeros(())
+    for step in range(steps + 1):
+        if step == 1:
+            t0, seen = time.perf_counter(), 0
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(batches)
+            x, y = next(it)
+        loss, _ = train_step(model, x, y, opt, sched)
+        loss_sum += loss
+        seen += len(y)
+    float(loss_sum)  # one sync at the end, as the trainer does every SYNC_EVERY steps
+    return seen / (time.perf_counter() - t0)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def time_process(args: list[str], repeats: int = 5) -> float:
+    exe = shutil.which("mnistkit") or str(Path(sys.executable).parent / "mnistkit")
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--models", default="I1,I3")
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per repeat and pipeline")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
+    ap.add_argument("--limit", type=int, default=None, help="use only N training images (tests)")
+    ap.add_argument("--cli-repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    data_dir = Path(args.data_dir)
+    train = load_mnist("train", data_dir, download=False)
+    test = load_mnist("test", data_dir, download=False)
+    if args.limit:
+        train, test = train.head(args.limit), test.head(args.limit)
+    device = torch.device("cpu")
+    work = Path(tempfile.mkdtemp(prefix="mnistkit-bench-"))
+    results: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__)},
+        "settings": {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
+                     "workers": args.workers},
+        "models": {},
+    }
+    try:
+        root = torchvision_root(data_dir, work)
+        loader = reference_loader(root, args.batch_size, args.workers, args.limit)
+        peak = matmul_gflops()
+        results["matmul_gflops"] = round(peak, 1)
+        for name in [m for m in args.models.split(",") if m]:
+            macs = summarize(get_model(name)).mult_adds
+            ref, mk = [], []
+            gen = torch.Generator().manual_seed(0)
+            batches = TrainBatches(train, args.batch_size, device, Augment(), gen)
+            for _ in range(args.repeats):  # alternate, so drift hits both alike
+                torch.manual_seed(0)
+                ref.append(time_reference(get_model(name), loader, args.steps))
+                torch.manual_seed(0)
+                mk.append(time_mnistkit(get_model(name), batches, args.steps))
+            model = get_model(name)
+            eval_batches = EvalBatches(test, 1024, device)
+            evaluate(model, eval_batches)
+            ev = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                evaluate(model, eval_batches)
+                ev.append(len(test) / (time.perf_counter() - t0))
+            ref_ips, mk_ips = statistics.median(ref), statistics.median(mk)
+            gflops = mk_ips * 6 * macs / 1e9
+            results["models"][name] = {
+                "mult_adds": macs, "reference_images_per_s": round(ref_ips, 1),
+                "mnistkit_images_per_s": round(mk_ips, 1), "speedup": round(mk_ips / ref_ips, 2),
+                "reference_runs": [round(v, 1) for v in ref], "mnistkit_runs": [round(v, 1) for v in mk],
+                "train_gflops": round(gflops, 2), "fraction_of_matmul": round(gflops / peak, 3),
+                "eval_images_per_s": round(statistics.median(ev), 1),
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.cli_repeats:
+        results["cli_seconds"] = {"mnistkit --help": round(time_process(["--help"], args.cli_repeats), 3),
+                                  "mnistkit summary I3": round(time_process(["summary", "I3"], args.cli_repeats), 3)}
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        m = results["machine"]
+        print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
+              f"fp32 matmul {results['matmul_gflops']} GFLOP/s")
+        print(f"{args.repeats} alternating repeats of {args.steps} steps, batch {args.batch_size}; medians\n")
+        print("| model | reference img/s | mnistkit img/s | speed-up | train GFLOP/s | of matmul rate | eval img/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name, r in results["models"].items():
+            print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_images_per_s']:,.0f} | "
+                  f"{r['speedup']:.2f}x | {r['train_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | "
+                  f"{r['eval_images_per_s']:,.0f} |")
+        for cmd, sec in results.get("cli_seconds", {}).items():
+            print(f"\n`{cmd}`: {sec:.3f} s (median of {args.cli_repeats} processes)", end="")
+        print()
+    return results
+
+
+if __name__ == "__main__":
+    main()
