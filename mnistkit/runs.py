@@ -12,9 +12,9 @@ import io
 import json
 import os
 import pickle
+import re
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,14 @@ def load_checkpoint(target: str | os.PathLike, map_location: Any = "cpu") -> dic
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RunError(f"{path} was refused: it is not a plain mnistkit checkpoint and loading it could run "
-                       f"code ({first[:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
+        if unsafe or "Unsupported global" in str(exc):
+            what = unsafe.group(1) if unsafe else "a Python object"
+            raise RunError(f"{path} was refused: it asks to call {what} while loading, which could run code; "
+                           "a mnistkit checkpoint holds only tensors and plain values") from None
+        raise RunError(f"{path} is truncated or corrupt (not a readable checkpoint); use another checkpoint "
+                       "or re-run training") from None
+    except Exception as exc:  # any other failure to parse an untrusted file means the same to a user
         raise RunError(f"{path} is truncated or corrupt ({type(exc).__name__}); use another checkpoint "
                        "or re-run training") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:

@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end on tiny data, so they cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import write_fake_mnist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_throughput_benchmark_runs_end_to_end(tmp_path):
+    write_fake_mnist(tmp_path / "mnist", n_train=64, n_test=32)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
+         "--models", "I3", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
+         "--limit", "64", "--cli-repeats", "1", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    r = data["models"]["I3"]
+    assert r["reference_images_per_s"] > 0 and r["mnistkit_images_per_s"] > 0
+    assert r["speedup"] == round(r["mnistkit_images_per_s"] / r["reference_images_per_s"], 2)
+    assert len(r["reference_runs"]) == len(r["mnistkit_runs"]) == 2
+    assert r["mult_adds"] == 2_179_632  # the model's counted mult-adds, as `mnistkit summary I3` shows
+    assert 0 < r["fraction_of_matmul"] and data["matmul_gflops"] > 0
+    assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
+
+
+def test_accuracy_benchmark_runs_end_to_end(tmp_path):
+    write_fake_mnist(tmp_path / "mnist", n_train=64, n_test=32)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "accuracy.py"), "--data-dir", str(tmp_path / "mnist"),
+         "--models", "I0,I3", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| I")]
+    assert [r.split("|")[1].strip() for r in rows] == ["I0", "I3"]
+    assert "| 14,500 | 15 |" in rows[1]  # I3 trained with its own recipe: 15 epochs
+    assert len(list((tmp_path / "runs").iterdir())) == 2
