@@ -184,7 +184,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             str(m["first_epoch_at_target"] or "never") if m else "not run",
             f"{m['gap']:+.2f}" if m else "not run",
             f"{rep.get('epochs', '-')} / {m['epochs'] if m else 'not run'}",
-            f"{rep.get('lr_scheduler', '-')} / {m['lr_scheduler'] if m else 'not run'}",
+            (rep.get("lr_scheduler", "-") if m and m["lr_scheduler"] == rep.get("lr_scheduler")
+             else f"{rep.get('lr_scheduler', '-')} / {m['lr_scheduler'] if m else 'not run'}"),
             _pct(row["delta_test_acc"], sign=True) if row["delta_test_acc"] is not None else "",
             f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
         ]) + " |")
