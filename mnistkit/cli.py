@@ -157,6 +157,8 @@ def train_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training batch size (recipe: 256)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Maximum learning rate (OneCycleLR) or initial LR (StepLR)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (recipe: 42)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32 or bf16 for the training "
+                                            "step (recipe: auto = bf16 where the hardware has it natively)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu."),
     dataset: str = typer.Option("mnist", "--dataset", help="mnist, or synthetic (made locally, no download)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files "
@@ -188,7 +190,8 @@ def train_cmd(
         data = DataOptions(dataset, os.path.abspath(data_dir) if data_dir else None, limit)
         summaries = []
         for it in exp.iterations:
-            recipe = resolve_recipe(it.model, exp.path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+            recipe = resolve_recipe(it.model, exp.path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                    precision=precision)
             display = render.TrainDisplay(console, quiet=quiet)
             try:
                 result = train(it.model, recipe, data, device=device, runs_dir=runs_dir, callback=display)
@@ -202,7 +205,8 @@ def train_cmd(
         return
     if resume is not None:
         given = [name for name, value in (("MODEL", model), ("--epochs", epochs), ("--batch-size", batch_size),
-                                          ("--lr", lr), ("--seed", seed), ("--limit", limit), ("--data-dir", data_dir))
+                                          ("--lr", lr), ("--seed", seed), ("--limit", limit), ("--data-dir", data_dir),
+                                          ("--precision", precision))
                  if value is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
@@ -217,7 +221,8 @@ def train_cmd(
             model = _final_iteration(experiments)
         if limit is not None and limit < 1:
             raise UsageError("--limit must be a positive number of training samples")
-        recipe = resolve_recipe(model, experiments, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        recipe = resolve_recipe(model, experiments, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                                precision=precision)
         data = DataOptions(dataset, os.path.abspath(data_dir) if data_dir else None, limit)
         try:
             result = train(model, recipe, data, device=device, runs_dir=runs_dir, callback=display)

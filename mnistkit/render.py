@@ -195,6 +195,8 @@ class TrainDisplay:
             highlight=False,
         )
         self.console.print(f"Run folder: {info['run_dir']}", highlight=False)
+        for note in info.get("notes", []):
+            self.console.print(f"[yellow]note:[/] {note}", highlight=False)
         self.console.print(EPOCH_HEADER, style="bold", highlight=False)
         if self.console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

@@ -24,6 +24,7 @@ from mnistkit.runs import (load_checkpoint, new_run_dir, read_config, save_check
 
 OPTIMIZERS = ("sgd",)
 SCHEDULERS = ("onecycle", "step", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class Recipe:
     mean: float = 0.1307
     std: float = 0.3081
     seed: int = 42
+    # bf16 autocast for the training step (BN, loss and evaluation stay fp32); "auto" picks bf16
+    # where the hardware computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32
+    precision: str = "auto"
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,6 +70,7 @@ class Recipe:
             ("momentum", self.momentum >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("std", self.std > 0, "must be positive"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
             ("augment.interpolation", self.augment.interpolation in ("nearest", "bilinear"),
              "must be nearest or bilinear"),
             ("augment.scale_min", 0 < self.augment.scale_min <= self.augment.scale_max,
@@ -141,6 +147,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise UsageError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the device computes bf16 natively, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:
@@ -167,8 +187,11 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
     """Returns (scheduler, per_step): OneCycleLR steps every batch, StepLR every epoch."""
     if recipe.scheduler == "onecycle":
+        # OneCycleLR divides by its warm-up length: it needs pct_start * total_steps > 1. A very
+        # short run gets the shortest schedule that works and stops before its end (see notes).
+        total = max(recipe.epochs * steps_per_epoch, math.floor(1 / recipe.pct_start) + 1)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=recipe.lr, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+            optimizer, max_lr=recipe.lr, total_steps=total,
             pct_start=recipe.pct_start, div_factor=recipe.div_factor, final_div_factor=recipe.final_div_factor,
         ), True
     if recipe.scheduler == "step":
@@ -274,10 +297,14 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scheduler: Any = None, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               scheduler: Any = None, label_smoothing: float = 0.0, bf16: bool = False,
+               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns (loss, correct) as device tensors: no host sync here."""
-    out = model(x)
-    loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -340,9 +367,14 @@ def train(
         data = data or DataOptions()
         state = None
 
+    if state is None:  # the run records what "auto" meant on this machine
+        recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
+    bf16 = resolve_precision(recipe.precision, dev) == "bf16"
     seed_everything(recipe.seed)
     train_split, test_split = load_data(data, recipe.seed)
     model = get_model(model_name, dropout=recipe.dropout).to(dev)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     generator = torch.Generator(device=dev).manual_seed(recipe.seed)
     batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
@@ -379,8 +411,13 @@ def train(
 
     if state is None:
         checkpoint(0)  # a Ctrl-C before the first epoch ends can still resume
+    notes = []
+    if per_step and scheduler.total_steps > recipe.epochs * len(batches):
+        notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's warm-up "
+                     f"needs: the schedule is stretched to {scheduler.total_steps} steps and the LR will not "
+                     "finish annealing")
     if callback:
-        callback.on_start({"run_dir": str(run_dir), "model": model_name, "params": params, "device": str(dev),
+        callback.on_start({"notes": notes, "run_dir": str(run_dir), "model": model_name, "params": params, "device": str(dev),
                            "epochs": recipe.epochs, "start_epoch": start_epoch, "steps": len(batches),
                            "train_samples": len(train_split), "test_samples": len(test_split),
                            "recipe": recipe.to_dict(), "data": data.to_dict()})
@@ -397,7 +434,7 @@ def train(
             steps = len(batches)
             for step, (x, y) in enumerate(batches, 1):
                 loss, hits = train_step(model, x, y, optimizer, scheduler if per_step else None,
-                                        recipe.label_smoothing)
+                                        recipe.label_smoothing, bf16, recipe.channels_last)
                 loss_sum += loss * len(y)
                 correct += hits
                 seen += len(y)

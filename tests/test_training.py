@@ -5,7 +5,7 @@ from mnistkit.errors import UsageError
 from mnistkit.experiments import resolve_recipe
 from mnistkit.runs import load_checkpoint, read_config, read_metrics
 from mnistkit.training import (DataOptions, Recipe, TrainingDiverged, TrainingInterrupted, evaluate_checkpoint,
-                               per_class_report, resolve_device, train)
+                               per_class_report, resolve_device, resolve_precision, train)
 
 SYN = DataOptions("synthetic")
 
@@ -40,7 +40,10 @@ def test_run_folder_contents(tmp_path):
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
     config = read_config(folder)
     assert config["model"] == "I3" and config["recipe"]["epochs"] == 1 and config["data"]["limit"] == 500
-    assert Recipe.from_dict(config["recipe"]) == small(epochs=1)  # reproducible from the folder alone
+    # reproducible from the folder alone; "auto" precision is recorded as what it meant here
+    assert Recipe.from_dict(config["recipe"]) == small(epochs=1).replace(
+        precision=resolve_precision("auto", torch.device("cpu")))
+    assert config["recipe"]["precision"] in ("fp32", "bf16")
     assert read_metrics(folder) == result.metrics
     ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]
@@ -125,3 +128,47 @@ def test_per_class_report():
     assert (c0["recall"], c0["precision"]) == (50.0, 50.0)
     assert (c1["recall"], round(c1["precision"], 4)) == (100.0, 66.6667)
     assert c2["recall"] == 0.0 and c2["precision"] != c2["precision"]  # never predicted: NaN, not 0
+
+
+def test_precision_choice_is_honoured_and_fp32_is_exactly_reproducible(tmp_path):
+    data = DataOptions("synthetic", limit=1500)
+    a = train("I3", small(epochs=1, precision="fp32", channels_last=False), data, device="cpu", runs_dir=tmp_path / "a")
+    b = train("I3", small(epochs=1, precision="fp32", channels_last=True), data, device="cpu", runs_dir=tmp_path / "b")
+    assert read_config(a.run_dir)["recipe"]["precision"] == "fp32"
+    assert read_config(b.run_dir)["recipe"]["channels_last"] is True
+    c = train("I3", small(epochs=1, precision="bf16"), data, device="cpu", runs_dir=tmp_path / "c")
+    assert read_config(c.run_dir)["recipe"]["precision"] == "bf16"
+    assert c.metrics[0]["train_loss"] != a.metrics[0]["train_loss"]  # bf16 really ran
+    assert abs(c.metrics[0]["train_loss"] - a.metrics[0]["train_loss"]) < 0.1
+    with pytest.raises(UsageError, match="precision"):
+        Recipe(precision="fp8")
+
+
+def test_a_run_too_short_for_onecycle_still_trains_and_says_so(tmp_path):
+    seen = {}
+
+    class Spy:
+        def on_start(self, info):
+            seen.update(info)
+
+        def on_step(self, *args):
+            pass
+
+        def on_epoch(self, row):
+            pass
+
+    result = train("I3", small(epochs=1), DataOptions("synthetic", limit=256), device="cpu", runs_dir=tmp_path,
+                   callback=Spy())
+    assert len(result.metrics) == 1
+    assert any("stretched to 6 steps" in note for note in seen["notes"])  # 2 steps < 1 / pct_start
+
+
+def test_channels_last_does_not_change_the_mathematics():
+    from mnistkit.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("I1").eval()
+    x = torch.randn(8, 1, 28, 28)
+    want = model(x)
+    got = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
