@@ -34,7 +34,7 @@ import torch
 from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
 from mnistkit.inspect import summarize
 from mnistkit.models import get_model
-from mnistkit.training import build_optimizer, evaluate, Recipe, train_step
+from mnistkit.training import build_optimizer, evaluate, Recipe, resolve_precision, train_step
 
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -109,8 +109,10 @@ def time_reference(model, loader, steps: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def time_mnistkit(model, batches: TrainBatches, steps: int) -> float:
+def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool) -> float:
     opt, sched = make_opt(model, steps + 1)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model.train()
     it = iter(batches)
     t0 = None
@@ -124,7 +126,7 @@ def time_mnistkit(model, batches: TrainBatches, steps: int) -> float:
         except StopIteration:
             it = iter(batches)
             x, y = next(it)
-        loss, _ = train_step(model, x, y, opt, sched)
+        loss, _ = train_step(model, x, y, opt, sched, bf16=bf16, channels_last=channels_last)
         loss_sum += loss
         seen += len(y)
     float(loss_sum)  # one sync at the end, as the trainer does every SYNC_EVERY steps
@@ -186,28 +188,37 @@ def main(argv: list[str] | None = None) -> dict:
         results["matmul_gflops"] = round(peak, 1)
         for name in [m for m in args.models.split(",") if m]:
             macs = summarize(get_model(name)).mult_adds
-            ref, mk = [], []
+            ref, mk, mk32 = [], [], []
             gen = torch.Generator().manual_seed(0)
             batches = TrainBatches(train, args.batch_size, device, Augment(), gen)
-            for _ in range(args.repeats):  # alternate, so drift hits both alike
+            default = Recipe()
+            bf16 = resolve_precision(default.precision, device) == "bf16"
+            for _ in range(args.repeats):  # alternate, so drift hits all alike
                 torch.manual_seed(0)
                 ref.append(time_reference(get_model(name), loader, args.steps))
                 torch.manual_seed(0)
-                mk.append(time_mnistkit(get_model(name), batches, args.steps))
+                mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last))
+                torch.manual_seed(0)
+                mk32.append(time_mnistkit(get_model(name), batches, args.steps, False, False))
             model = get_model(name)
-            eval_batches = EvalBatches(test, 1024, device)
+            if default.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            eval_batches = EvalBatches(test, default.test_batch_size, device, channels_last=default.channels_last)
             evaluate(model, eval_batches)
             ev = []
             for _ in range(3):
                 t0 = time.perf_counter()
                 evaluate(model, eval_batches)
                 ev.append(len(test) / (time.perf_counter() - t0))
-            ref_ips, mk_ips = statistics.median(ref), statistics.median(mk)
+            ref_ips, mk_ips, mk32_ips = statistics.median(ref), statistics.median(mk), statistics.median(mk32)
             gflops = mk_ips * 6 * macs / 1e9
             results["models"][name] = {
                 "mult_adds": macs, "reference_images_per_s": round(ref_ips, 1),
+                "mnistkit_precision": "bf16" if bf16 else "fp32", "mnistkit_channels_last": default.channels_last,
                 "mnistkit_images_per_s": round(mk_ips, 1), "speedup": round(mk_ips / ref_ips, 2),
+                "mnistkit_fp32_images_per_s": round(mk32_ips, 1), "speedup_fp32": round(mk32_ips / ref_ips, 2),
                 "reference_runs": [round(v, 1) for v in ref], "mnistkit_runs": [round(v, 1) for v in mk],
+                "mnistkit_fp32_runs": [round(v, 1) for v in mk32],
                 "train_gflops": round(gflops, 2), "fraction_of_matmul": round(gflops / peak, 3),
                 "eval_images_per_s": round(statistics.median(ev), 1),
             }
@@ -223,12 +234,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
               f"fp32 matmul {results['matmul_gflops']} GFLOP/s")
         print(f"{args.repeats} alternating repeats of {args.steps} steps, batch {args.batch_size}; medians\n")
-        print("| model | reference img/s | mnistkit img/s | speed-up | train GFLOP/s | of matmul rate | eval img/s |")
+        print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default img/s (speed-up) | "
+              "train GFLOP/s | of fp32 matmul rate | eval img/s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, r in results["models"].items():
-            print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_images_per_s']:,.0f} | "
-                  f"{r['speedup']:.2f}x | {r['train_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | "
-                  f"{r['eval_images_per_s']:,.0f} |")
+            mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
+            print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
+                  f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
+                  f"{r['train_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['eval_images_per_s']:,.0f} |")
         for cmd, sec in results.get("cli_seconds", {}).items():
             print(f"\n`{cmd}`: {sec:.3f} s (median of {args.cli_repeats} processes)", end="")
         print()

@@ -312,8 +312,10 @@ class EvalBatches:
     """Normalised, unshuffled batches for evaluation; normalised once, up front."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device,
-                 mean: float = MEAN, std: float = STD) -> None:
+                 mean: float = MEAN, std: float = STD, channels_last: bool = False) -> None:
         self.x = split.images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
+        if channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = split.labels.to(device)
         self.batch_size = batch_size
 
