@@ -63,8 +63,7 @@ def reference_loader(root: Path, batch_size: int, workers: int, limit: int | Non
     ds = datasets.MNIST(str(root), train=True, download=False, transform=tf)
     if limit:
         ds = Subset(ds, range(limit))
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                      persistent_workers=workers > 0, drop_last=True)
+    return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
 
 
 def make_opt(model, steps: int):
@@ -90,7 +89,7 @@ def time_reference(model, loader, steps: int) -> float:
             it = iter(loader)
             return next(it)
 
-    x, y = batch()  # warm-up
+    x, y = batch()  # warm-up: workers started, first batches prefetched
     t0 = None
     seen = 0
     running = 0.0
@@ -106,7 +105,9 @@ def time_reference(model, loader, steps: int) -> float:
         sched.step()
         running += loss.item()  # what a notebook's progress bar does each step
         seen += len(y)
-    return seen / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    del it  # stop the workers now, so their prefetching cannot slow the next pipeline's timing
+    return seen / elapsed
 
 
 def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool) -> float:
