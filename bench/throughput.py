@@ -130,8 +130,39 @@ def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels
         loss, _ = train_step(model, x, y, opt, sched, bf16=bf16, channels_last=channels_last)
         loss_sum += loss
         seen += len(y)
-    float(loss_sum)  # one sync at the end, as the trainer does every SYNC_EVERY steps
+    float(loss_sum)  # one sync at the end, as the trainer syncs only every SYNC_SECONDS
     return seen / (time.perf_counter() - t0)
+
+
+def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, experiments: str) -> dict:
+    """Train ``name`` for its whole recipe (epochs, LR, OneCycleLR, batch 256) with the reference
+    pipeline, evaluating on the test set after every epoch: the accuracy to set beside mnistkit's."""
+    from mnistkit.experiments import resolve_recipe
+
+    recipe = resolve_recipe(name, experiments)
+    torch.manual_seed(recipe.seed)
+    loader = reference_loader(root, recipe.batch_size, workers, None)
+    model = get_model(name, dropout=recipe.dropout)
+    opt = build_optimizer(model, recipe)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs,
+                                                steps_per_epoch=len(loader), pct_start=recipe.pct_start,
+                                                div_factor=recipe.div_factor, final_div_factor=recipe.final_div_factor)
+    test = EvalBatches(load_mnist("test", data_dir, download=False), recipe.test_batch_size, torch.device("cpu"))
+    criterion = torch.nn.CrossEntropyLoss()
+    curve, t0 = [], time.perf_counter()
+    for _ in range(recipe.epochs):
+        model.train()
+        for x, y in loader:
+            loss = criterion(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss.item()
+        curve.append(round(evaluate(model, test)["acc"], 2))
+    return {"model": name, "epochs": recipe.epochs, "final_test_acc": curve[-1], "best_test_acc": max(curve),
+            "best_epoch": curve.index(max(curve)) + 1, "seconds": round(time.perf_counter() - t0, 1),
+            "test_acc_curve": curve}
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
@@ -166,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int, default=None, help="use only N training images (tests)")
     ap.add_argument("--cli-repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--full-run", default="", help="also train these models (comma-separated) for their whole "
+                                                   "recipe with the reference pipeline and report test accuracy")
+    ap.add_argument("--experiments", default="experiments.yaml")
     args = ap.parse_args(argv)
 
     data_dir = Path(args.data_dir)
@@ -223,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_gflops": round(gflops, 2), "fraction_of_matmul": round(gflops / peak, 3),
                 "eval_images_per_s": round(statistics.median(ev), 1),
             }
+        for name in [m for m in args.full_run.split(",") if m]:
+            results.setdefault("reference_full_runs", {})[name] = full_reference_run(
+                name, root, data_dir, args.workers, args.experiments)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.cli_repeats:
@@ -243,6 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
                   f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
                   f"{r['train_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['eval_images_per_s']:,.0f} |")
+        for name, r in results.get("reference_full_runs", {}).items():
+            print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
+                  f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "
+                  f"{r['seconds']:.0f} s", end="")
         for cmd, sec in results.get("cli_seconds", {}).items():
             print(f"\n`{cmd}`: {sec:.3f} s (median of {args.cli_repeats} processes)", end="")
         print()

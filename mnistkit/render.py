@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING, Any, Iterable
 
 from rich.console import Console, Group
@@ -199,12 +200,13 @@ class TrainDisplay:
             self.console.print(f"[yellow]note:[/] {note}", highlight=False)
         self.console.print(EPOCH_HEADER, style="bold", highlight=False)
         if self.console.is_terminal:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=True,
+                console=self.console, transient=True,
             )
+            self.started = time.perf_counter()
             self.progress.start()
             total = (self.epochs - self.start_epoch) * self.steps
             self.task = self.progress.add_task("starting", total=total, stats="")
@@ -213,9 +215,12 @@ class TrainDisplay:
         if self.progress is None:
             return
         done = (epoch - 1 - self.start_epoch) * steps + step
+        total = (self.epochs - self.start_epoch) * steps
+        elapsed = time.perf_counter() - self.started  # includes evaluation, so the ETA does too
+        eta = elapsed / done * (total - done)
         self.progress.update(
             self.task, completed=done, description=f"epoch {epoch}/{self.epochs} step {step}/{steps}",
-            stats=f"loss {loss:.4f} acc {acc:.2f}% lr {lr:.4f} {ips:,.0f} img/s",
+            stats=f"loss {loss:.4f} acc {acc:.2f}% lr {lr:.4f} {ips:,.0f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}",
         )
 
     def on_epoch(self, row: dict[str, Any]) -> None:

@@ -289,7 +289,7 @@ def load_data(options: DataOptions, seed: int) -> tuple[Split, Split]:
     return train, test
 
 
-SYNC_EVERY = 20  # steps between host syncs for the progress display
+SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -439,13 +439,15 @@ def train(
             correct = torch.zeros((), device=dev, dtype=torch.long)
             seen = 0
             steps = len(batches)
+            last_sync = t0
             for step, (x, y) in enumerate(batches, 1):
                 loss, hits = train_step(model, x, y, optimizer, scheduler if per_step else None,
                                         recipe.label_smoothing, bf16, recipe.channels_last)
                 loss_sum += loss * len(y)
                 correct += hits
                 seen += len(y)
-                if step % SYNC_EVERY == 0 or step == steps:
+                if step == steps or time.perf_counter() - last_sync >= SYNC_SECONDS:
+                    last_sync = time.perf_counter()
                     mean_loss = float(loss_sum) / seen
                     if not math.isfinite(mean_loss):
                         raise TrainingDiverged(

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mnistkit.cli import app
 from mnistkit.models import get_model
@@ -141,7 +142,7 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
     (["train", "--dataset", "synthetic", "--limit", "100000"], "larger than"),
     (["train", "--resume", "x", "--epochs", "3"], "drop --epochs"),
     (["evaluate", "no/such/run"], "does not exist"),
-])
+] + ([] if torch.cuda.is_available() else [(["train", "--device", "cuda"], "no CUDA GPU")]))
 def test_bad_input_is_one_line_without_traceback(runner, tmp_path, args, needle):
     result = runner.invoke(app, args + ["--runs-dir", str(tmp_path)] if args[0] == "train" else args)
     assert result.exit_code != 0
