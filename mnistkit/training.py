@@ -389,10 +389,11 @@ def train(
     optimizer = build_optimizer(model, recipe)
     scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
 
+    meta = {"model": model_name, "params": params, "recipe": recipe.to_dict(), "data": data.to_dict(),
+            "versions": versions()}
     if state is None:
         run_dir = new_run_dir(runs_dir, model_name)
-        write_config(run_dir, {"model": model_name, "params": params, "recipe": recipe.to_dict(),
-                               "data": data.to_dict(), "device": str(dev), "versions": versions()})
+        write_config(run_dir, {**meta, "device": str(dev)})
         metrics: list[dict[str, Any]] = []
         start_epoch = 0
     else:
@@ -405,9 +406,6 @@ def train(
         _set_rng_state(state["rng"], generator)
         metrics = list(state["metrics"])
         start_epoch = int(state["epoch"])
-
-    meta = {"model": model_name, "params": params, "recipe": recipe.to_dict(), "data": data.to_dict(),
-            "versions": versions()}
 
     def checkpoint(epoch: int) -> None:
         save_checkpoint(run_dir / "last.pt", {
