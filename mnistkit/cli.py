@@ -149,6 +149,12 @@ def _check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     return value.lower()
 
 
+def _check_dataset(value: str) -> str:
+    from mnistkit.data import DATASETS
+
+    return _check_choice(value, DATASETS, "--dataset")
+
+
 @app.command("train")
 @handles_errors
 def train_cmd(
@@ -172,80 +178,48 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
 ) -> None:
     """Train a registered model with its iteration's recipe from experiments.yaml."""
-
     from mnistkit import render
     from mnistkit.errors import UsageError
-
-    dataset = _check_choice(dataset, ("mnist", "synthetic"), "--dataset")
-    console = render.stderr() if as_json else render.stdout()
-    display = render.TrainDisplay(console, quiet=quiet)
+    from mnistkit.experiments import DEFAULT_PATH, find_experiments, load_experiments, resolve_recipe
+    from mnistkit.models import list_models
     from mnistkit.training import DataOptions, train
 
-    if all_iterations:
-        if model is not None or resume is not None:
-            raise UsageError("--all trains every iteration; drop MODEL and --resume")
-        from mnistkit.experiments import DEFAULT_PATH, load_experiments, resolve_recipe
+    console = render.stderr() if as_json else render.stdout()
 
-        exp = load_experiments(experiments or DEFAULT_PATH)
-        data = DataOptions(dataset, os.path.abspath(data_dir) if data_dir else None, limit)
-        summaries = []
-        for it in exp.iterations:
-            recipe = resolve_recipe(it.model, exp.path, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                    precision=precision)
-            display = render.TrainDisplay(console, quiet=quiet)
-            try:
-                result = train(it.model, recipe, data, device=device, runs_dir=runs_dir, callback=display)
-            finally:
-                display.close()
-            summaries.append(result.to_dict())
-            if not quiet:
-                console.print(render.train_result(summaries[-1]), highlight=False)
-        if as_json:
-            _print_json({"runs": summaries})
-        return
+    def run(**kwargs: Any) -> dict:
+        display = render.TrainDisplay(console, quiet=quiet)
+        try:
+            summary = train(device=device, runs_dir=runs_dir, callback=display, **kwargs).to_dict()
+        finally:
+            display.close()
+        if not quiet:
+            console.print(render.train_result(summary), highlight=False)
+        return summary
+
     if resume is not None:
-        given = [name for name, value in (("MODEL", model), ("--epochs", epochs), ("--batch-size", batch_size),
-                                          ("--lr", lr), ("--seed", seed), ("--limit", limit), ("--data-dir", data_dir),
-                                          ("--precision", precision))
+        given = [name for name, value in (("MODEL", model), ("--all", all_iterations or None), ("--epochs", epochs),
+                                          ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
+                                          ("--limit", limit), ("--data-dir", data_dir), ("--precision", precision))
                  if value is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
-        try:
-            result = train(resume=resume, device=device, callback=display)
-        finally:
-            display.close()
+        summaries = [run(resume=resume)]
     else:
-        from mnistkit.experiments import resolve_recipe
-
-        if model is None:
-            model = _final_iteration(experiments)
-        if limit is not None and limit < 1:
-            raise UsageError("--limit must be a positive number of training samples")
-        recipe = resolve_recipe(model, experiments, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                precision=precision)
-        data = DataOptions(dataset, os.path.abspath(data_dir) if data_dir else None, limit)
-        try:
-            result = train(model, recipe, data, device=device, runs_dir=runs_dir, callback=display)
-        finally:
-            display.close()
-    summary = result.to_dict()
+        data = DataOptions(_check_dataset(dataset), os.path.abspath(data_dir) if data_dir else None, limit)
+        overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, precision=precision)
+        if all_iterations:
+            if model is not None:
+                raise UsageError("--all trains every iteration; drop MODEL")
+            exp = load_experiments(experiments or DEFAULT_PATH)
+            models = [it.model for it in exp.iterations]
+            experiments = str(exp.path)
+        else:
+            exp = find_experiments(experiments) if model is None else None
+            models = [model or (exp.iterations[-1].model if exp and exp.iterations else list_models()[-1])]
+        summaries = [run(model_name=name, recipe=resolve_recipe(name, experiments, **overrides), data=data)
+                     for name in models]
     if as_json:
-        _print_json(summary)
-    elif not quiet:
-        console.print(render.train_result(summary), highlight=False)
-
-
-def _final_iteration(experiments: Optional[str]) -> str:
-    from pathlib import Path
-
-    from mnistkit.experiments import DEFAULT_PATH, load_experiments
-    from mnistkit.models import list_models
-
-    if experiments is not None or Path(DEFAULT_PATH).exists():
-        exp = load_experiments(experiments or DEFAULT_PATH)
-        if exp.iterations:
-            return exp.iterations[-1].model
-    return list_models()[-1]
+        _print_json({"runs": summaries} if all_iterations else summaries[0])
 
 
 @app.command("evaluate")
@@ -262,7 +236,7 @@ def evaluate_cmd(
     from mnistkit.training import evaluate_checkpoint
 
     if dataset is not None:
-        dataset = _check_choice(dataset, ("mnist", "synthetic"), "--dataset")
+        dataset = _check_dataset(dataset)
     report = evaluate_checkpoint(target, dataset=dataset, data_dir=data_dir, device=device)
     if as_json:
         _print_json(report)
@@ -288,9 +262,11 @@ def compare_cmd(
     report = compare.build_report(load_experiments(experiments), runs_dir)
     if fmt == "table":
         if output:
+            import io
+
             from rich.console import Console
 
-            console = Console(record=True, width=200, file=open(os.devnull, "w"))
+            console = Console(record=True, width=200, file=io.StringIO())
             console.print(render.compare_tables(report))
             text = console.export_text()
         else:

@@ -9,6 +9,7 @@ work in the step loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import math
 import os
@@ -169,6 +170,7 @@ def load_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, 
 SYNTHETIC_SIZES = {"train": 6000, "test": 1000}
 
 
+@functools.lru_cache(maxsize=1)
 def _glyphs() -> torch.Tensor:
     """Templates ``[10, V, 28, 28]`` in [0, 1]: each digit in a few sizes and stroke widths,
     from Pillow's scalable default font, centred by their centre of mass like MNIST."""

@@ -177,14 +177,19 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     return Experiments(path, dict(constraints), dict(defaults), tuple(iterations))
 
 
+def find_experiments(path: str | os.PathLike | None = None) -> Experiments | None:
+    """``path`` when given (it must exist), else ./experiments.yaml when present, else None."""
+    if path is None and not DEFAULT_PATH.exists():
+        return None
+    return load_experiments(path or DEFAULT_PATH)
+
+
 def resolve_recipe(model: str, experiments: str | os.PathLike | None = None, **overrides: Any):
     """The recipe for ``model``: experiments.yaml (``experiments``, else ./experiments.yaml when
     present, else built-in defaults), then ``overrides`` (None values are ignored)."""
     from mnistkit.training import Recipe
 
-    if experiments is None and not DEFAULT_PATH.exists():
-        base = Recipe()
-    else:
-        exp = load_experiments(experiments or DEFAULT_PATH)
-        base = Recipe.from_dict(exp.recipe_dict(model), where=f"{exp.path} ({model})")
-    return base.replace(**overrides)
+    exp = find_experiments(experiments)
+    if exp is None:
+        return Recipe().replace(**overrides)
+    return Recipe.from_dict(exp.recipe_dict(model), where=f"{exp.path} ({model})").replace(**overrides)

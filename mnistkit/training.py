@@ -373,9 +373,9 @@ def train(
         data = data or DataOptions()
         state = None
 
-    if state is None:  # the run records what "auto" meant on this machine
-        recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
-    bf16 = resolve_precision(recipe.precision, dev) == "bf16"
+    # the run records what "auto" meant on this machine (a resolved value resolves to itself)
+    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
+    bf16 = recipe.precision == "bf16"
     seed_everything(recipe.seed)
     train_split, test_split = load_data(data, recipe.seed)
     model = get_model(model_name, dropout=recipe.dropout).to(dev)
@@ -487,37 +487,47 @@ def train(
                      seconds_before + time.perf_counter() - t_run, str(dev))
 
 
-def load_model(checkpoint: dict[str, Any]) -> nn.Module:
+def checkpoint_recipe(checkpoint: dict[str, Any], where: str = "checkpoint") -> Recipe:
+    """The typed recipe stored in a checkpoint (defaults for keys an older one lacks)."""
+    recipe = checkpoint.get("recipe") or {}
+    if not isinstance(recipe, dict):
+        raise MnistkitError(f"{where} holds no readable recipe; it is not a mnistkit checkpoint")
+    try:
+        return Recipe.from_dict(recipe, where=f"{where} recipe")
+    except UsageError as exc:  # a damaged file, not a bad option: exit code 1
+        raise MnistkitError(str(exc)) from None
+
+
+def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None) -> nn.Module:
     """Rebuild the registered model of a checkpoint and load its weights."""
     name = checkpoint.get("model")
-    recipe = checkpoint.get("recipe") or {}
-    model = get_model(str(name), dropout=float(recipe.get("dropout", 0.0)))
+    recipe = recipe or checkpoint_recipe(checkpoint)
+    model = get_model(str(name), dropout=recipe.dropout)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError) as exc:
         raise MnistkitError(f"the checkpoint's weights do not fit model {name} ({str(exc).splitlines()[0][:150]})") from None
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                        device: str = "auto", batch_size: int = 1024) -> dict[str, Any]:
+                        device: str = "auto", batch_size: int | None = None) -> dict[str, Any]:
     """Test loss/accuracy, per-class figures and confusion matrix of a run or checkpoint."""
     from mnistkit.runs import resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
+    recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    model = load_model(ckpt).to(dev)
-    channels_last = bool((ckpt.get("recipe") or {}).get("channels_last", False))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = load_model(ckpt, recipe).to(dev)
     saved_data = ckpt.get("data") or {}
-    recipe = ckpt.get("recipe") or {}
     dataset = dataset or saved_data.get("dataset", "mnist")
     data_dir = data_dir or (saved_data.get("data_dir") if dataset == saved_data.get("dataset") else None)
-    test = load_dataset(dataset, "test", data_dir, seed=int(recipe.get("seed", 42)))
-    batches = EvalBatches(test, batch_size, dev, float(recipe.get("mean", 0.1307)), float(recipe.get("std", 0.3081)),
-                          channels_last=channels_last)
+    test = load_dataset(dataset, "test", data_dir, seed=recipe.seed)
+    batches = EvalBatches(test, batch_size or recipe.test_batch_size, dev, recipe.mean, recipe.std,
+                          channels_last=recipe.channels_last)
     result = evaluate(model, batches, predictions=True)
     report = per_class_report(test.labels, result.pop("predictions"))
     recorded = next((r["test_acc"] for r in ckpt.get("metrics", []) if r["epoch"] == ckpt.get("epoch")), None)
