@@ -155,10 +155,42 @@ def flat_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _pct(v: Any, sign: bool = False) -> str:
-    if v is None:
-        return "not run"
-    return f"{v:+.2f}" if sign else f"{v:.2f}%"
+NOT_RUN = "not run"
+
+
+def row_cells(row: dict[str, Any]) -> dict[str, str]:
+    """The text of one iteration's cells, shared by the markdown export and the Rich table."""
+    rep, m = row["reported"], row["measured"]
+
+    def pair(key: str) -> str:
+        reported = f"{rep[key]:.2f}%" if key in rep else "-"
+        return f"{reported} / {m[key]:.2f}%" if m else f"{reported} / {NOT_RUN}"
+
+    lr_rep = rep.get("lr_scheduler", "-")
+    epochs = f"{rep.get('epochs', '-')} / "
+    if m:
+        epochs += str(m["epochs"]) + ("" if m["complete"] else f" of {m['planned_epochs']}!")
+    else:
+        epochs += NOT_RUN
+    return {
+        "id": row["id"],
+        "changes": row["changes"],
+        "params": (f"{rep['params']:,}" if "params" in rep else "-") + f" / {row['params']:,}",
+        "train_acc": pair("train_acc"),
+        "test_acc": pair("test_acc"),
+        "best": f"{m['best_test_acc']:.2f}% ({m['best_epoch']})" if m else NOT_RUN,
+        "first_at_target": (str(m["first_epoch_at_target"] or "never")) if m else NOT_RUN,
+        "gap": f"{m['gap']:+.2f}" if m else NOT_RUN,
+        "epochs": epochs,
+        "lr_scheduler": lr_rep if not m or m["lr_scheduler"] == lr_rep else f"{lr_rep} / {m['lr_scheduler']}",
+        "delta_test_acc": f"{row['delta_test_acc']:+.2f}" if row["delta_test_acc"] is not None else "",
+        "delta_params": f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
+    }
+
+
+def check_keys(report: dict[str, Any]) -> list[str]:
+    """The checklist columns: the constraints that some iteration is checked against."""
+    return [k for k in CHECK_LABELS if any(k in row["checks"] for row in report["iterations"])]
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -169,30 +201,15 @@ def to_markdown(report: dict[str, Any]) -> str:
         "Δ test acc | Δ params |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, flat in zip(report["iterations"], flat_rows(report)):
-        m = row["measured"]
-        params = f"{flat['params_reported']:,} / {flat['params_measured']:,}" if flat["params_reported"] is not None \
-            else f"- / {flat['params_measured']:,}"
+    for row in report["iterations"]:
+        cells = row_cells(row)
         if not row["params_match"]:
-            params += " **MISMATCH**"
-        rep = row["reported"]
-        lines.append("| " + " | ".join([
-            row["id"], row["changes"], params,
-            f"{_pct(rep.get('train_acc'))} / {_pct(flat['train_acc_measured'])}",
-            f"{_pct(rep.get('test_acc'))} / {_pct(flat['test_acc_measured'])}",
-            f"{m['best_test_acc']:.2f}% ({m['best_epoch']})" if m else "not run",
-            str(m["first_epoch_at_target"] or "never") if m else "not run",
-            f"{m['gap']:+.2f}" if m else "not run",
-            f"{rep.get('epochs', '-')} / {m['epochs'] if m else 'not run'}",
-            (rep.get("lr_scheduler", "-") if m and m["lr_scheduler"] == rep.get("lr_scheduler")
-             else f"{rep.get('lr_scheduler', '-')} / {m['lr_scheduler'] if m else 'not run'}"),
-            _pct(row["delta_test_acc"], sign=True) if row["delta_test_acc"] is not None else "",
-            f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
-        ]) + " |")
-    keys = [k for k in CHECK_LABELS if any(k in row["checks"] for row in report["iterations"])]
+            cells["params"] += " **MISMATCH**"
+        lines.append("| " + " | ".join(cells.values()) + " |")
+    keys = check_keys(report)
     lines += ["", "| Iter | " + " | ".join(CHECK_LABELS[k](c) for k in keys) + " |",
               "|---|" + "---|" * len(keys)]
-    marks = {True: "✅", False: "❌", None: "not run"}
+    marks = {True: "✅", False: "❌", None: NOT_RUN}
     for row in report["iterations"]:
         lines.append(f"| {row['id']} | " + " | ".join(marks[row["checks"].get(k)] for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -273,7 +273,7 @@ def evaluation(report: dict[str, Any]) -> Group:
 
 
 def compare_tables(report: dict[str, Any]) -> Group:
-    from mnistkit.compare import CHECK_LABELS, sparkline
+    from mnistkit.compare import CHECK_LABELS, NOT_RUN, check_keys, row_cells, sparkline
 
     c = report["constraints"]
     table = Table(title=f"Change-log ({report['experiments']}) beside runs in {report['runs_dir']}/",
@@ -286,43 +286,29 @@ def compare_tables(report: dict[str, Any]) -> Group:
                           ("Δ params", "right"), ("Test acc / epoch", "left")):
         table.add_column(name, justify=justify, no_wrap=name != "Key changes",
                          min_width=18 if name == "Key changes" else None)
-    not_run = Text("not run", style="dim")
     all_curves = [v for row in report["iterations"] if row["measured"] for v in row["measured"]["test_acc_curve"]]
     lo, hi = (min(all_curves), max(all_curves)) if all_curves else (None, None)
+
+    def styled(text: str) -> Text:
+        out = Text(text)
+        for word, style in ((NOT_RUN, "dim"), ("never", "red")):
+            out.highlight_words([word], style=style)
+        return out
+
     for row in report["iterations"]:
-        rep, m = row["reported"], row["measured"]
-        params = Text(f"{rep['params']:,} / " if "params" in rep else "- / ")
-        params.append(f"{row['params']:,}", style="" if row["params_match"] else "bold red")
+        cells = {k: styled(v) for k, v in row_cells(row).items()}
         if not row["params_match"]:
-            params.append(" ≠", style="bold red")
-
-        def pair(key: str) -> Text:
-            reported = f"{rep[key]:.1f}%" if key in rep else "-"
-            if not m:
-                return Text.assemble(f"{reported} / ", ("not run", "dim"))
-            return Text(f"{reported} / {m[key]:.2f}%")
-
-        suffix = "" if not m or m["complete"] else f" of {m['planned_epochs']}!"
-        lr_rep = rep.get("lr_scheduler", "-")
-        lr_cell = lr_rep if not m or m["lr_scheduler"] == lr_rep else f"{lr_rep} / {m['lr_scheduler']}"
-        table.add_row(
-            row["id"], row["changes"], params, pair("train_acc"), pair("test_acc"),
-            f"{m['best_test_acc']:.2f}% ({m['best_epoch']})" if m else not_run,
-            (str(m["first_epoch_at_target"]) if m["first_epoch_at_target"] else Text("never", style="red")) if m else not_run,
-            f"{m['gap']:+.2f}" if m else not_run,
-            f"{rep.get('epochs', '-')} / {m['epochs']}{suffix}" if m else Text.assemble(f"{rep.get('epochs', '-')} / ", ("not run", "dim")),
-            lr_cell,
-            f"{row['delta_test_acc']:+.2f}" if row["delta_test_acc"] is not None else "",
-            f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
-            sparkline(m["test_acc_curve"], lo, hi) if m else "",
-        )
+            cells["params"].stylize("bold red", cells["params"].plain.index("/ ") + 2)
+            cells["params"].append(" ≠", style="bold red")
+        m = row["measured"]
+        table.add_row(*cells.values(), sparkline(m["test_acc_curve"], lo, hi) if m else "")
     checks = Table(title="Assignment checklist (computed from each model and its newest run)", title_justify="left")
     checks.add_column("Iter")
-    keys = [k for k in CHECK_LABELS if any(k in row["checks"] for row in report["iterations"])]
+    keys = check_keys(report)
     for k in keys:
         checks.add_column(CHECK_LABELS[k](c), justify="center")
     checks.add_column("All", justify="center")
-    marks = {True: Text("✓", style="bold green"), False: Text("✗", style="bold red"), None: Text("not run", style="dim")}
+    marks = {True: Text("✓", style="bold green"), False: Text("✗", style="bold red"), None: Text(NOT_RUN, style="dim")}
     for row in report["iterations"]:
         values = [row["checks"].get(k) for k in keys]
         overall = False if False in values else (None if None in values else True)
