@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import contextlib
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +265,23 @@ class TrainingDiverged(MnistkitError):
     exit_code = 3
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold back Ctrl-C while an epoch's results are written, so that metrics.jsonl, best.pt and
+    last.pt always describe the same epoch; a Ctrl-C pressed meanwhile is raised right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
 class TrainingInterrupted(MnistkitError):
     exit_code = 130
 
@@ -391,12 +411,9 @@ def train(
 
     meta = {"model": model_name, "params": params, "recipe": recipe.to_dict(), "data": data.to_dict(),
             "versions": versions()}
-    if state is None:
-        run_dir = new_run_dir(runs_dir, model_name)
-        write_config(run_dir, {**meta, "device": str(dev)})
-        metrics: list[dict[str, Any]] = []
-        start_epoch = 0
-    else:
+    metrics: list[dict[str, Any]] = []
+    start_epoch = 0
+    if state is not None:
         if state.get("model") != model_name:
             raise MnistkitError(f"{run_dir}/last.pt holds model {state.get('model')!r}, the run is {model_name!r}")
         model.load_state_dict(state["state_dict"])
@@ -415,7 +432,10 @@ def train(
         })
 
     if state is None:
-        checkpoint(0)  # a Ctrl-C before the first epoch ends can still resume
+        with _sigint_deferred():  # a new run folder always holds config.yaml and last.pt, so it can resume
+            run_dir = new_run_dir(runs_dir, model_name)
+            write_config(run_dir, {**meta, "device": str(dev)})
+            checkpoint(0)
     notes = []
     if per_step and scheduler.total_steps > recipe.epochs * len(batches):
         notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's warm-up "
@@ -429,6 +449,7 @@ def train(
     best_acc = max((r["test_acc"] for r in metrics), default=-1.0)
     t_run = time.perf_counter()
     seconds_before = sum(r["seconds"] for r in metrics)
+    committed = start_epoch
     model.train()
     try:
         for epoch in range(start_epoch + 1, recipe.epochs + 1):
@@ -466,21 +487,22 @@ def train(
                 "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr,
                 "seconds": round(time.perf_counter() - t0, 3), "train_images_per_s": round(seen / train_seconds, 1),
             }
-            metrics.append(row)
-            write_metrics(run_dir, metrics)
-            if row["test_acc"] > best_acc:
-                best_acc = row["test_acc"]
-                save_checkpoint(run_dir / "best.pt", {**meta, "epoch": epoch, "metrics": metrics,
-                                                      "state_dict": model.state_dict()})
-            checkpoint(epoch)
+            with _sigint_deferred():
+                metrics.append(row)
+                if row["test_acc"] > best_acc:
+                    best_acc = row["test_acc"]
+                    save_checkpoint(run_dir / "best.pt", {**meta, "epoch": epoch, "metrics": metrics,
+                                                          "state_dict": model.state_dict()})
+                checkpoint(epoch)
+                write_metrics(run_dir, metrics)  # last: whatever it lists, last.pt already holds
+                committed = epoch
             if callback:
                 callback.on_epoch(row)
             if stop_after is not None and epoch - start_epoch >= stop_after and epoch < recipe.epochs:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        done = metrics[-1]["epoch"] if metrics else 0
         raise TrainingInterrupted(
-            f"interrupted; {run_dir / 'last.pt'} holds the state after epoch {done} of {recipe.epochs}. "
+            f"interrupted; {run_dir / 'last.pt'} holds the state after epoch {committed} of {recipe.epochs}. "
             f"Resume with: mnistkit train --resume {run_dir}"
         ) from None
     return RunResult(run_dir, model_name, params, recipe.epochs, metrics,

@@ -74,6 +74,31 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
                        load_checkpoint(full.run_dir / "last.pt")["state_dict"]["net.fc.weight"])
 
 
+def test_ctrl_c_while_an_epoch_is_being_saved_leaves_consistent_files(tmp_path, monkeypatch):
+    # Ctrl-C lands while best.pt is being written (the window CI once hit between metrics.jsonl
+    # and last.pt): the epoch's files must still be written whole and agree with each other.
+    import os
+    import signal
+
+    import mnistkit.training as training
+
+    real_save = training.save_checkpoint
+
+    def save_then_ctrl_c(path, payload):
+        if path.name == "best.pt" and payload["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(path, payload)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted) as info:
+        train("I3", small(epochs=3), DataOptions("synthetic", limit=500), device="cpu", runs_dir=tmp_path)
+    run = next(tmp_path.iterdir())
+    assert "after epoch 1 of 3" in str(info.value)
+    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 and load_checkpoint(run / "best.pt")["epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_divergence_stops_with_a_clear_message_and_keeps_a_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged) as info:
         train("I0", small(epochs=1, lr=1e6, scheduler="none"), DataOptions("synthetic", limit=1000),
