@@ -219,7 +219,7 @@ def test_sigint_writes_a_resumable_checkpoint_and_resume_matches(tmp_path):
     assert f"mnistkit train --resume {run}" in err and "Traceback" not in err
     done = len(read_metrics(run))
     assert 1 <= done < 3
-    assert load_checkpoint(run / "last.pt")["epoch"] == done
+    assert load_checkpoint(run / "last.pt")["epoch"] == done and f"after epoch {done} of 3" in err
 
     resumed = subprocess.run([sys.executable, "-m", "mnistkit", "train", "--resume", str(run), "--json",
                               "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
