@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
-import contextlib
 import random
 import signal
 import threading
