@@ -212,11 +212,10 @@ def train_cmd(
                 raise UsageError("--all trains every iteration; drop MODEL")
             exp = load_experiments(experiments or DEFAULT_PATH)
             models = [it.model for it in exp.iterations]
-            experiments = str(exp.path)
         else:
-            exp = find_experiments(experiments) if model is None else None
+            exp = find_experiments(experiments)
             models = [model or (exp.iterations[-1].model if exp and exp.iterations else list_models()[-1])]
-        summaries = [run(model_name=name, recipe=resolve_recipe(name, experiments, **overrides), data=data)
+        summaries = [run(model_name=name, recipe=resolve_recipe(name, exp, **overrides), data=data)
                      for name in models]
     if as_json:
         _print_json({"runs": summaries} if all_iterations else summaries[0])

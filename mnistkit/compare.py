@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistkit.experiments import Experiments
-from mnistkit.runs import find_runs, read_config, read_metrics
+from mnistkit.runs import best_row, find_runs, read_config, read_metrics
 
 SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -26,20 +26,20 @@ def sparkline(values: list[float], low: float | None = None, high: float | None 
                    if span > 0 else SPARKS[-1] for v in values)
 
 
-def newest_run(runs_dir: str | Path, model: str) -> Path | None:
-    """The newest run folder of ``model`` that finished at least one epoch."""
+def newest_run(runs_dir: str | Path, model: str) -> tuple[Path, list[dict[str, Any]]] | None:
+    """The newest run folder of ``model`` that finished at least one epoch, with its metrics."""
     for run in reversed(find_runs(runs_dir, model)):
-        if read_metrics(run):
-            return run
+        metrics = read_metrics(run)
+        if metrics:
+            return run, metrics
     return None
 
 
-def _measured(run: Path, threshold: float | None) -> dict[str, Any]:
+def _measured(run: Path, metrics: list[dict[str, Any]], threshold: float | None) -> dict[str, Any]:
     config = read_config(run)
-    metrics = read_metrics(run)
     recipe = config["recipe"]
     final = metrics[-1]
-    best = max(metrics, key=lambda r: (r["test_acc"], -r["epoch"]))
+    best = best_row(metrics)
     first = next((r["epoch"] for r in metrics if threshold is not None and r["test_acc"] >= threshold), None)
     scheduler = {"onecycle": "OneCycleLR", "step": "StepLR", "none": "constant"}.get(recipe["scheduler"],
                                                                                  recipe["scheduler"])
@@ -71,8 +71,8 @@ def build_report(experiments: Experiments, runs_dir: str | Path = "runs") -> dic
     previous: dict[str, Any] | None = None
     for it in experiments.iterations:
         s = summarize(get_model(it.model), name=it.model, budget=c.get("max_params", 20_000))
-        run = newest_run(runs_dir, it.model)
-        measured = _measured(run, target) if run else None
+        found = newest_run(runs_dir, it.model)
+        measured = _measured(*found, target) if found else None
         reported = it.reported
         row: dict[str, Any] = {
             "id": it.id,

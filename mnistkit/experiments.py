@@ -184,12 +184,13 @@ def find_experiments(path: str | os.PathLike | None = None) -> Experiments | Non
     return load_experiments(path or DEFAULT_PATH)
 
 
-def resolve_recipe(model: str, experiments: str | os.PathLike | None = None, **overrides: Any):
-    """The recipe for ``model``: experiments.yaml (``experiments``, else ./experiments.yaml when
-    present, else built-in defaults), then ``overrides`` (None values are ignored)."""
+def resolve_recipe(model: str, experiments: Experiments | str | os.PathLike | None = None, **overrides: Any):
+    """The recipe for ``model``: experiments.yaml (``experiments``, loaded or a path, else
+    ./experiments.yaml when present, else built-in defaults), then ``overrides`` (None values
+    are ignored)."""
     from mnistkit.training import Recipe
 
-    exp = find_experiments(experiments)
+    exp = experiments if isinstance(experiments, Experiments) else find_experiments(experiments)
     if exp is None:
         return Recipe().replace(**overrides)
     return Recipe.from_dict(exp.recipe_dict(model), where=f"{exp.path} ({model})").replace(**overrides)

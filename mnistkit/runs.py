@@ -101,6 +101,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def best_row(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The epoch with the highest test accuracy, the earliest on ties: the epoch best.pt holds."""
+    return max(metrics, key=lambda r: (r["test_acc"], -r["epoch"]))
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     import torch
 

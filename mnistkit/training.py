@@ -22,8 +22,8 @@ from mnistkit import __version__
 from mnistkit.data import Augment, EvalBatches, Split, TrainBatches, load_dataset
 from mnistkit.errors import MnistkitError, UsageError
 from mnistkit.models import get_model, model_info
-from mnistkit.runs import (load_checkpoint, new_run_dir, read_config, save_checkpoint, write_config,
-                           write_metrics)
+from mnistkit.runs import (best_row, load_checkpoint, new_run_dir, read_config, save_checkpoint,
+                           write_config, write_metrics)
 
 OPTIMIZERS = ("sgd",)
 SCHEDULERS = ("onecycle", "step", "none")
@@ -351,7 +351,7 @@ class RunResult:
 
     @property
     def best(self) -> dict[str, Any]:
-        return max(self.metrics, key=lambda r: (r["test_acc"], -r["epoch"]))
+        return best_row(self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         best, final = self.best, self.metrics[-1]
