@@ -550,7 +550,7 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
     test = load_dataset(dataset, "test", data_dir, seed=recipe.seed)
     batches = EvalBatches(test, batch_size or recipe.test_batch_size, dev, recipe.mean, recipe.std,
                           channels_last=recipe.channels_last)
-    result = evaluate(model, batches, predictions=True)
+    result = evaluate(model, batches, recipe.label_smoothing, predictions=True)  # the loss as the run recorded it
     report = per_class_report(test.labels, result.pop("predictions"))
     recorded = next((r["test_acc"] for r in ckpt.get("metrics", []) if r["epoch"] == ckpt.get("epoch")), None)
     return {"checkpoint": str(path), "model": ckpt["model"], "epoch": ckpt.get("epoch"), "dataset": dataset,

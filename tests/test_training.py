@@ -59,6 +59,13 @@ def test_checkpoint_evaluates_to_the_recorded_accuracy(tmp_path):
     assert sum(map(sum, report["confusion_matrix"])) == report["samples"] == 1000
 
 
+def test_checkpoint_loss_uses_the_runs_own_label_smoothing(tmp_path):
+    result = train("I3", small(label_smoothing=0.1), DataOptions("synthetic", limit=1500), device="cpu",
+                   runs_dir=tmp_path)
+    report = evaluate_checkpoint(result.run_dir, device="cpu")
+    assert report["test_loss"] == pytest.approx(result.best["test_loss"], rel=1e-5)
+
+
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     data = DataOptions("synthetic", limit=1500)
     full = train("I2", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "full")
