@@ -34,7 +34,10 @@ import torch
 from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
 from mnistkit.inspect import summarize
 from mnistkit.models import get_model
-from mnistkit.training import build_optimizer, evaluate, Recipe, resolve_precision, train_step
+from mnistkit.device import resolve_precision
+from mnistkit.evaluation import evaluate
+from mnistkit.recipe import Recipe
+from mnistkit.training import build_optimizer, train_step
 
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -159,7 +162,7 @@ def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, expe
             opt.step()
             sched.step()
             loss.item()
-        curve.append(round(evaluate(model, test)["acc"], 2))
+        curve.append(round(evaluate(model, test).acc, 2))
     return {"model": name, "epochs": recipe.epochs, "final_test_acc": curve[-1], "best_test_acc": max(curve),
             "best_epoch": curve.index(max(curve)) + 1, "seconds": round(time.perf_counter() - t0, 1),
             "test_acc_curve": curve}

@@ -20,6 +20,15 @@ _LAZY = {
     "list_models": "mnistkit.models",
     "model_info": "mnistkit.models",
     "summarize": "mnistkit.inspect",
+    "Recipe": "mnistkit.recipe",
+    "Augment": "mnistkit.recipe",
+    "DataOptions": "mnistkit.recipe",
+    "find_experiments": "mnistkit.experiments",
+    "resolve_recipe": "mnistkit.experiments",
+    "train": "mnistkit.training",
+    "resume": "mnistkit.training",
+    "evaluate_checkpoint": "mnistkit.evaluation",
+    "build_report": "mnistkit.compare",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,38 +1,71 @@
 """The command line: parse options, call the library, render. No logic of its own.
 
 torch is imported inside the commands, never at module level: ``mnistkit --help`` and
-``mnistkit --version`` stay fast.
+``mnistkit --version`` stay fast. Every error a user can cause, from a bad option value (Click)
+to a damaged file (the library), is printed by ``fail`` as one line on stderr.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mnistkit import __version__
+from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Dataset, Precision, Recipe
+
+try:  # Typer that vendors Click: its option errors derive from TyperException
+    from typer import TyperException as ClickException
+except ImportError:  # pragma: no cover - older Typer with Click installed beside it
+    from click.exceptions import ClickException
+Abort = typer.Abort
+
+_state = {"debug": False}
+_DEFAULTS = Recipe()  # the one owner of recipe defaults; help texts read them from here
+
+
+def fail(message: str, code: int = 1) -> None:
+    """The one error printer: one line on stderr, then exit with ``code``."""
+    from mnistkit import render
+
+    render.stderr().print(render.error_line(message), highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's own errors (a bad option value, an unknown option) as one line too, instead of
+    a usage box: ``error: Invalid value for '--budget': 0 is not in the range x>=1; see
+    'mnistkit summary --help'``."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except ClickException as exc:
+                ctx = getattr(exc, "ctx", None)
+                hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+                fail(exc.format_message().rstrip(".") + hint, exc.exit_code)
+            except Abort:
+                fail("aborted", 1)
+        except typer.Exit as exc:
+            code = exc.exit_code
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="mnistkit",
+    cls=_OneLineErrors,
     help="Design, train, inspect and compare tiny CNNs on MNIST.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-_state = {"debug": False}
-
-
-def _error(message: str, code: int = 1) -> None:
-    from mnistkit import render
-
-    render.stderr().print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def handles_errors(fn: Callable) -> Callable:
@@ -47,17 +80,36 @@ def handles_errors(fn: Callable) -> Callable:
         except MnistkitError as exc:
             if _state["debug"]:
                 raise
-            _error(str(exc), exc.exit_code)
+            fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            _error("interrupted", 130)
+            fail("interrupted", 130)
 
     return wrapper
 
 
+def examples(*lines: str) -> str:
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    from mnistkit import render
+
+    sys.stdout.write(render.json_text(data))
+
+
+def _note(message: str) -> None:
+    from mnistkit import render
+
+    render.stderr().print(render.note_line(message), highlight=False, soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    from mnistkit import render
+    from rich.text import Text
+
+    render.stderr().print(Text(message, style="dim"), highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -76,40 +128,30 @@ def _root(
     _state["debug"] = debug
 
 
+BUDGET = typer.Option(DEFAULT_BUDGET, "--budget", min=1, help="Parameter budget for the check (strictly fewer).")
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
 def _models_overview(as_json: bool, budget: int) -> None:
     from mnistkit import render
     from mnistkit.inspect import summarize
     from mnistkit.models import get_model, list_models, model_info
 
-    rows = []
-    for name in list_models():
-        rows.append((summarize(get_model(name), name=name, budget=budget), model_info(name).description))
+    rows = [(summarize(get_model(name), name=name, budget=budget), model_info(name).description)
+            for name in list_models()]
     if as_json:
-        _print_json({
-            "models": [
-                {"name": s.model, "params": s.trainable_params, "mult_adds": s.mult_adds, "head": s.head,
-                 "rf": s.rf, "rf_global": s.rf_global, "batchnorm": s.has_batchnorm,
-                 "dropout": s.has_dropout, "within_budget": s.within_budget, "description": d}
-                for s, d in rows
-            ],
-            "budget": budget,
-        })
+        _print_json(render.models_json(rows, budget))
     else:
-        render.stdout().print(render.models_table(rows))
+        out = render.stdout()
+        out.print(render.models_table(rows, out))
 
 
-def _positive(value: int) -> int:
-    if value <= 0:
-        raise typer.BadParameter("must be a positive integer")
-    return value
-
-
-@app.command()
+@app.command(epilog=examples("mnistkit summary I3", "mnistkit summary I2 --budget 15000 --json", "mnistkit summary"))
 @handles_errors
 def summary(
     model: Optional[str] = typer.Argument(None, help="Registered model name, e.g. I3. Omit to list all models."),
-    budget: int = typer.Option(20_000, "--budget", callback=_positive, help="Parameter budget for the check."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables."),
+    budget: int = BUDGET,
+    as_json: bool = JSON,
 ) -> None:
     """Layer-by-layer table of a model: shapes, parameters, mult-adds, receptive field, budget check."""
     if model is None:
@@ -122,170 +164,244 @@ def summary(
     entry = model_info(model)
     s = summarize(get_model(entry.name), name=entry.name, budget=budget)
     if as_json:
-        data = s.to_dict()
-        data["description"] = entry.description
-        _print_json(data)
+        _print_json(render.summary_json(s, entry.description))
     else:
+        from rich.text import Text
+
         out = render.stdout()
-        out.print(f"[bold]{entry.name}[/]: {entry.description}", highlight=False)
-        out.print(render.summary_table(s))
+        out.print(Text.assemble((entry.name, "bold"), f": {entry.description}"))
+        out.print(render.summary_table(s, out))
 
 
-@app.command("models")
+@app.command("models", epilog=examples("mnistkit models", "mnistkit models --json"))
 @handles_errors
-def models_cmd(
-    budget: int = typer.Option(20_000, "--budget", callback=_positive, help="Parameter budget for the check."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-) -> None:
+def models_cmd(budget: int = BUDGET, as_json: bool = JSON) -> None:
     """List the registered models: params, mult-adds, head, receptive field, description."""
     _models_overview(as_json, budget)
 
 
-def _check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
+EXPERIMENTS = typer.Option(None, "--experiments", metavar="FILE",
+                           help="The change-log (default: ./experiments.yaml when present, else the one "
+                                "shipped with mnistkit).")
+
+
+@app.command("recipe", epilog=examples("mnistkit recipe I3", "mnistkit recipe I0 --experiments my.yaml"))
+@handles_errors
+def recipe_cmd(
+    model: str = typer.Argument(..., help="Registered model name, e.g. I3."),
+    experiments: Optional[str] = EXPERIMENTS,
+) -> None:
+    """Print the resolved training recipe of a model (its change-log entry over the defaults) as YAML."""
+    from mnistkit import render
+    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.models import model_info
+
+    name = model_info(model).name
+    exp = find_experiments(experiments)
+    recipe = resolve_recipe(name, exp)
+    _say(exp.described)
+    if exp.iteration_for_model(name) is None:
+        _note(f"{name} is not in {exp.path}; it trains with the default recipe")
+    sys.stdout.write(render.recipe_text(name, recipe.to_dict(), exp.described))
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``3`` means seeds 1, 2, 3; ``1,2,42`` is an explicit list."""
     from mnistkit.errors import UsageError
 
-    if value.lower() not in choices:
-        raise UsageError(f"unknown {option[2:]} {value!r} for {option}; choose one of: {', '.join(choices)}")
-    return value.lower()
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"seeds must be a count (3 means seeds 1, 2, 3) or a comma-separated list of seeds, "
+                         f"not {text!r}") from None
+    if len(values) == 1:
+        if not 1 <= values[0] <= 100:
+            raise UsageError(f"a seed count must be 1 to 100, not {values[0]}")
+        return list(range(1, values[0] + 1))
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise UsageError(f"seeds must be distinct non-negative integers, not {text!r}")
+    return values
 
 
-def _check_dataset(value: str) -> str:
-    from mnistkit.data import DATASETS
-
-    return _check_choice(value, DATASETS, "--dataset")
-
-
-@app.command("train")
+@app.command("train", epilog=examples(
+    "mnistkit train --epochs 15                        the final iteration (I3), its recipe",
+    "mnistkit train I1 --seeds 3 --data-dir ../mnist   seeds 1, 2, 3; mean ± std at the end",
+    "mnistkit train I3 --val 10000                     best epoch chosen on 10,000 held-out images",
+    "mnistkit train --resume runs/I3-20261125-101500   continue an interrupted run"))
 @handles_errors
 def train_cmd(
-    model: Optional[str] = typer.Argument(None, help="Model to train; default: the final iteration in experiments.yaml (I3)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="Epochs (default: the iteration's recipe)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Training batch size (recipe: 256)."),
+    model: Optional[str] = typer.Argument(None, help="Model to train; default: the change-log's final iteration."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs (default: the iteration's recipe)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
+                                             help=f"Training batch size (default: the recipe's; {_DEFAULTS.batch_size} "
+                                                  "unless the change-log says otherwise)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Maximum learning rate (OneCycleLR) or initial LR (StepLR)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (recipe: 42)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32 or bf16 for the training "
-                                            "step (recipe: auto = bf16 where the hardware has it natively)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps; auto picks cuda, then mps, then cpu."),
-    dataset: str = typer.Option("mnist", "--dataset", help="mnist, or synthetic (made locally, no download)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help=f"Random seed (default: {_DEFAULTS.seed})."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", metavar="N|LIST",
+                                        help="Train once per seed: a count (3 = seeds 1, 2, 3) or a list (1,2,42); "
+                                             "ends with mean ± std."),
+    precision: Optional[Precision] = typer.Option(None, "--precision", case_sensitive=False,
+                                                  help="The training step's precision (default: auto = bf16 where "
+                                                       "the hardware has it natively)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
+    dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
+                                    help="mnist, or synthetic (made locally, no download)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files "
                                            "(default: $MNISTKIT_DATA, else ~/.cache/mnistkit; downloaded if absent)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N training samples."),
-    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where run folders are written."),
-    experiments: Optional[str] = typer.Option(None, "--experiments", help="The change-log file (default: ./experiments.yaml)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue an interrupted run from its folder."),
-    all_iterations: bool = typer.Option(False, "--all", help="Train every iteration of experiments.yaml, each with its own recipe."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N training images "
+                                        "(a shortened run: compare never counts it)."),
+    val: int = typer.Option(0, "--val", min=0, help="Hold out N training images (a fixed draw) to choose the best "
+                                                     "epoch on; the test set is then only reported."),
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are written."),
+    experiments: Optional[str] = EXPERIMENTS,
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN", help="Continue an interrupted run from its folder."),
+    all_iterations: bool = typer.Option(False, "--all", help="Train every iteration of the change-log, each with its own recipe."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
 ) -> None:
-    """Train a registered model with its iteration's recipe from experiments.yaml."""
+    """Train a registered model with its iteration's recipe from the change-log."""
     from mnistkit import render
     from mnistkit.errors import UsageError
-    from mnistkit.experiments import DEFAULT_PATH, find_experiments, load_experiments, resolve_recipe
-    from mnistkit.models import list_models
-    from mnistkit.training import DataOptions, train
+    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.recipe import DataOptions
+    from mnistkit.training import resume as resume_run, train
 
     console = render.stderr() if as_json else render.stdout()
 
-    def run(**kwargs: Any) -> dict:
-        display = render.TrainDisplay(console, quiet=quiet)
+    pending: list[str] = []  # said on stderr once training starts, so that an error stays one line
+
+    def run(call: Callable, *args: Any, **kwargs: Any) -> dict:
+        display = render.TrainDisplay(console, quiet=quiet, preamble=list(pending))
+        pending.clear()
         try:
-            summary = train(device=device, runs_dir=runs_dir, callback=display, **kwargs).to_dict()
+            result = call(*args, device=device, callback=display, **kwargs).to_dict()
         finally:
             display.close()
         if not quiet:
-            console.print(render.train_result(summary), highlight=False)
-        return summary
+            console.print(render.train_result(result), highlight=False)
+        return result
 
     if resume is not None:
-        given = [name for name, value in (("MODEL", model), ("--all", all_iterations or None), ("--epochs", epochs),
-                                          ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
-                                          ("--limit", limit), ("--data-dir", data_dir), ("--precision", precision))
-                 if value is not None]
+        given = [name for name, v in (("MODEL", model), ("--all", all_iterations or None), ("--epochs", epochs),
+                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed), ("--seeds", seeds),
+                                      ("--limit", limit), ("--val", val or None), ("--data-dir", data_dir),
+                                      ("--precision", precision), ("--experiments", experiments))
+                 if v is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
-        summaries = [run(resume=resume)]
+        result = run(resume_run, resume)
+        if as_json:
+            _print_json(result)
+        return
+    if seed is not None and seeds is not None:
+        raise UsageError("give --seed or --seeds, not both")
+    seed_list = parse_seeds(seeds) if seeds is not None else [seed]
+    if all_iterations and model is not None:
+        raise UsageError("--all trains every iteration; drop MODEL")
+    exp = find_experiments(experiments)
+    pending.append(exp.described)
+    data = DataOptions(dataset.value, data_dir, limit, val)
+    if all_iterations:
+        models = [it.model for it in exp.iterations]
     else:
-        data = DataOptions(_check_dataset(dataset), os.path.abspath(data_dir) if data_dir else None, limit)
-        overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, precision=precision)
-        if all_iterations:
-            if model is not None:
-                raise UsageError("--all trains every iteration; drop MODEL")
-            exp = load_experiments(experiments or DEFAULT_PATH)
-            models = [it.model for it in exp.iterations]
-        else:
-            exp = find_experiments(experiments)
-            models = [model or (exp.iterations[-1].model if exp and exp.iterations else list_models()[-1])]
-        summaries = [run(model_name=name, recipe=resolve_recipe(name, exp, **overrides), data=data)
-                     for name in models]
+        from mnistkit.models import list_models, model_info
+
+        models = [model_info(model).name if model else (exp.iterations[-1].model if exp.iterations else list_models()[-1])]
+    for name in models:
+        if exp.iteration_for_model(name) is None:
+            pending.append(f"note: {name} is not in {exp.path}; it trains with the default recipe")
+    results = []
+    for name in models:
+        group = []
+        for s in seed_list:
+            recipe = resolve_recipe(name, exp, epochs=epochs, batch_size=batch_size, lr=lr, seed=s,
+                                    precision=precision.value if precision else None)
+            group.append(run(train, name, recipe, data, runs_dir=runs_dir))
+        if len(group) > 1 and not quiet:
+            target = exp.constraints.get("min_test_acc")
+            console.print(render.seeds_table(group, target))
+        results += group
     if as_json:
-        _print_json({"runs": summaries} if all_iterations else summaries[0])
+        if len(results) == 1:
+            _print_json({**results[0], "experiments": str(exp.path)})
+        else:
+            _print_json({"experiments": str(exp.path), "runs": results})
 
 
-@app.command("evaluate")
+@app.command("evaluate", epilog=examples("mnistkit evaluate runs/I3-20261125-101500",
+                                         "mnistkit evaluate runs/I3-20261125-101500/last.pt --json"))
 @handles_errors
 def evaluate_cmd(
     target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist or synthetic (default: the run's)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    dataset: Optional[Dataset] = typer.Option(None, "--dataset", case_sensitive=False,
+                                              help="mnist or synthetic (default: the run's)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files (default: the run's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    as_json: bool = JSON,
 ) -> None:
     """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
     from mnistkit import render
-    from mnistkit.training import evaluate_checkpoint
+    from mnistkit.evaluation import evaluate_checkpoint
 
-    if dataset is not None:
-        dataset = _check_dataset(dataset)
-    report = evaluate_checkpoint(target, dataset=dataset, data_dir=data_dir, device=device)
+    report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device)
     if as_json:
-        _print_json(report)
+        _print_json(report.to_dict())
     else:
         render.stdout().print(render.evaluation(report))
 
 
-@app.command("compare")
+@app.command("compare", epilog=examples("mnistkit compare", "mnistkit compare --all-runs",
+                                        "mnistkit compare --format markdown --output results.md --plot acc.png"))
 @handles_errors
 def compare_cmd(
-    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where run folders are."),
-    experiments: str = typer.Option("experiments.yaml", "--experiments", help="The change-log file."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, markdown, json or csv."),
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
+    experiments: Optional[str] = EXPERIMENTS,
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table (default), markdown, json or csv."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
+    all_runs: bool = typer.Option(False, "--all-runs", help="Also list the runs that are not comparable (never counted)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
-    plot: Optional[str] = typer.Option(None, "--plot", help="Also draw every iteration's test accuracy to this PNG."),
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="PNG", help="Also draw every iteration's test accuracy to this PNG."),
 ) -> None:
-    """The change-log I0..I3: reported figures beside measured ones, deltas, and the assignment checks."""
+    """The change-log: reported figures beside measured ones (comparable runs, over seeds), deltas, and the assignment checks."""
     from mnistkit import compare, render
-    from mnistkit.experiments import load_experiments
-    from mnistkit.runs import atomic_write
+    from mnistkit.errors import UsageError
+    from mnistkit.experiments import find_experiments
+    from mnistkit.runs import write_output
 
-    fmt = _check_choice(fmt, ("table", "markdown", "json", "csv"), "--format")
-    report = compare.build_report(load_experiments(experiments), runs_dir)
+    formats = ("table", "markdown", "json", "csv")
+    if as_json and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} disagree; give one")
+    fmt = "json" if as_json else (fmt or "table").lower()
+    if fmt not in formats:
+        raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+    exp = find_experiments(experiments)
+    report = compare.build_report(exp, runs_dir)
     if fmt == "table":
         if output:
-            import io
-
             from rich.console import Console
 
-            console = Console(record=True, width=200, file=io.StringIO())
-            console.print(render.compare_tables(report))
+            console = Console(record=True, width=render.WIDTH_OFF_TTY, file=__import__("io").StringIO())
+            console.print(render.compare_tables(report, console, all_runs))
             text = console.export_text()
         else:
-            render.stdout().print(render.compare_tables(report))
+            out = render.stdout()
+            out.print(render.compare_tables(report, out, all_runs))
             text = None
     else:
-        text = {"markdown": compare.to_markdown, "json": compare.to_json, "csv": compare.to_csv}[fmt](report)
+        text = {"markdown": render.compare_markdown, "json": render.json_text, "csv": render.compare_csv}[fmt](report)
+    png = render.compare_plot(report) if plot else None  # before any file is written: all or nothing
     if text is not None:
         if output:
-            try:
-                atomic_write(output, text)
-            except OSError as exc:
-                _error(f"cannot write {output}: {exc.strerror or exc}; choose another --output")
+            write_output(output, text)
         else:
             sys.stdout.write(text)
     if plot:
-        compare.plot(report, plot)
+        write_output(plot, png)
+    _say(exp.described)  # last, so that an error before it stays one line
     for path in (output, plot):
         if path:
-            render.stderr().print(f"wrote {path}", highlight=False)
+            _say(f"wrote {path}")
 
 
 def main() -> None:

@@ -1,67 +1,152 @@
 """The change-log report: what each iteration reported beside what the registry and the runs
-measure, the deltas between iterations, and the assignment checklist. Pure data; ``render``
-draws it and the exporters below write it."""
+measure, the deltas between iterations, and the assignment checklist. Pure data: no text is
+formatted here; ``render`` draws it as tables and writes it as markdown, CSV or JSON.
+
+Only *comparable* runs stand for an iteration: trained on the official MNIST files, on the
+whole training set (no limit, no validation split held out), for all the epochs of the
+iteration's recipe from the change-log, with that recipe (the seed aside: several seeds are
+aggregated). Every other run is an experiment: reported apart, on request, never a check mark.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import statistics
 from pathlib import Path
 from typing import Any
 
-from mnistkit.experiments import Experiments
-from mnistkit.runs import best_row, find_runs, read_config, read_metrics
+from mnistkit.errors import MnistkitError
+from mnistkit.experiments import Experiments, Iteration
+from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Recipe
+from mnistkit.runs import EpochMetrics, best_row, find_runs, read_config, read_metrics, selected_on
 
-SPARKS = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: list[float], low: float | None = None, high: float | None = None) -> str:
-    if not values:
-        return ""
-    lo = min(values) if low is None else low
-    hi = max(values) if high is None else high
-    span = hi - lo
-    return "".join(SPARKS[min(len(SPARKS) - 1, max(0, int((v - lo) / span * (len(SPARKS) - 1) + 0.5)))]
-                   if span > 0 else SPARKS[-1] for v in values)
+# recipe keys that do not change what is learned (or that a run is allowed to choose)
+_IGNORED = {"seed", "test_batch_size", "channels_last"}
+CONSISTENT_EPOCHS = 3  # "the target holds in each of the last 3 epochs"
 
 
-def newest_run(runs_dir: str | Path, model: str) -> tuple[Path, list[dict[str, Any]]] | None:
-    """The newest run folder of ``model`` that finished at least one epoch, with its metrics."""
-    for run in reversed(find_runs(runs_dir, model)):
-        metrics = read_metrics(run)
-        if metrics:
-            return run, metrics
-    return None
+def _recipe_differences(run: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key, value in wanted.items():
+        if key in _IGNORED or (key == "precision" and value == "auto"):
+            continue
+        if key == "augment":
+            for k, v in value.items():
+                if run.get("augment", {}).get(k) != v:
+                    diffs.append(f"augment.{k} {run.get('augment', {}).get(k)!r} (change-log: {v!r})")
+        elif run.get(key) != value:
+            diffs.append(f"{key} {run.get(key)!r} (change-log: {value!r})")
+    return diffs
 
 
-def _measured(run: Path, metrics: list[dict[str, Any]], threshold: float | None) -> dict[str, Any]:
-    config = read_config(run)
-    recipe = config["recipe"]
-    final = metrics[-1]
-    best = best_row(metrics)
-    first = next((r["epoch"] for r in metrics if threshold is not None and r["test_acc"] >= threshold), None)
-    scheduler = {"onecycle": "OneCycleLR", "step": "StepLR", "none": "constant"}.get(recipe["scheduler"],
-                                                                                 recipe["scheduler"])
+def run_record(run: Path, config: dict[str, Any], metrics: list[EpochMetrics], wanted: Recipe,
+               threshold: float | None) -> dict[str, Any]:
+    """One run as compare sees it: provenance, figures, and whether it is comparable (and why not)."""
+    recipe = config.get("recipe") or {}
+    on = config.get("measured_on") or {}
+    final, best = metrics[-1], best_row(metrics)
+    planned = recipe.get("epochs")
+    why_not = []
+    if not on:
+        why_not.append("recorded before mnistkit checked its data")
+    elif on.get("dataset") != "mnist":
+        why_not.append(f"{on.get('dataset')} data")
+    elif not on.get("official_mnist"):
+        why_not.append("MNIST files that differ from the official release")
+    if on and (on.get("val_samples") or not on.get("full_training_set")) and on.get("dataset") == "mnist":
+        why_not.append(f"{on.get('train_samples', 0):,} training images, not the whole training set"
+                       + (f" ({on['val_samples']:,} held out for validation)" if on.get("val_samples") else ""))
+    if final.epoch != planned:
+        why_not.append(f"{final.epoch} of {planned} epochs")
+    why_not += _recipe_differences(recipe, wanted.to_dict())
+    last = metrics[-CONSISTENT_EPOCHS:]
     return {
         "run": str(run),
-        "dataset": config.get("data", {}).get("dataset"),
-        "epochs": final["epoch"],
-        "planned_epochs": recipe["epochs"],
-        "complete": final["epoch"] >= recipe["epochs"],
-        "train_acc": final["train_acc"],
-        "test_acc": final["test_acc"],
-        "best_test_acc": best["test_acc"],
-        "best_epoch": best["epoch"],
-        "first_epoch_at_target": first,
-        "gap": final["train_acc"] - final["test_acc"],
-        "lr_scheduler": f"{recipe['lr']:g}/{scheduler}",
-        "seconds": round(sum(r["seconds"] for r in metrics), 1),
-        "test_acc_curve": [r["test_acc"] for r in metrics],
+        "seed": recipe.get("seed"),
+        "dataset": on.get("dataset") or (config.get("data") or {}).get("dataset"),
+        "official_mnist": bool(on.get("official_mnist")),
+        "train_samples": on.get("train_samples"),
+        "val_samples": on.get("val_samples", 0),
+        "test_samples": on.get("test_samples"),
+        "epochs": final.epoch,
+        "planned_epochs": planned,
+        "lr": recipe.get("lr"),
+        "scheduler": recipe.get("scheduler"),
+        "precision": recipe.get("precision"),
+        "comparable": not why_not,
+        "why_not": why_not,
+        "train_acc": final.train_acc,
+        "test_acc": final.test_acc,
+        "val_acc": final.val_acc,
+        "best_selected_on": selected_on(metrics),
+        "best_epoch": best.epoch,
+        "best_test_acc": best.test_acc,
+        "last_epochs_test_acc": [r.test_acc for r in last],
+        "consistent": (threshold is not None and len(metrics) >= CONSISTENT_EPOCHS
+                       and all(r.test_acc >= threshold for r in last)),
+        "passes": threshold is not None and final.test_acc >= threshold,
+        "first_epoch_at_target": next((r.epoch for r in metrics if threshold is not None and r.test_acc >= threshold),
+                                      None),
+        "gap": final.train_acc - final.test_acc,
+        "seconds": round(sum(r.seconds for r in metrics), 1),
+        "test_acc_curve": [r.test_acc for r in metrics],
     }
 
 
-def build_report(experiments: Experiments, runs_dir: str | Path = "runs") -> dict[str, Any]:
+def iteration_runs(runs_dir: str | Path, it: Iteration, wanted: Recipe, threshold: float | None
+                   ) -> list[dict[str, Any]]:
+    """Every readable run of the iteration's model with at least one finished epoch, oldest
+    first. A damaged run folder is skipped, not fatal: one bad folder must not hide the rest."""
+    records = []
+    for run in find_runs(runs_dir):
+        try:
+            config = read_config(run)
+            if str(config.get("model", "")).lower() != it.model.lower():
+                continue
+            metrics = read_metrics(run)
+            if metrics:
+                records.append(run_record(run, config, metrics, wanted, threshold))
+        except (MnistkitError, KeyError, TypeError, AttributeError, ValueError):
+            continue
+    return records
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Comparable runs over seeds (the newest run of each seed): mean ± std, min, max; how many
+    seeds pass, and how many hold the target in each of their last epochs."""
+    by_seed: dict[Any, dict[str, Any]] = {}
+    for r in runs:
+        if r["comparable"]:
+            by_seed[r["seed"]] = r  # oldest first: the newest of a seed wins
+    if not by_seed:
+        return None
+    used = [by_seed[s] for s in sorted(by_seed, key=str)]
+    curves = [r["test_acc_curve"] for r in used]
+    return {
+        "seeds": [r["seed"] for r in used],
+        "n": len(used),
+        "runs": [r["run"] for r in used],
+        "test_acc": _stats([r["test_acc"] for r in used]),
+        "train_acc": _stats([r["train_acc"] for r in used]),
+        "best_test_acc": _stats([r["best_test_acc"] for r in used]),
+        "best_selected_on": "test",  # comparable runs hold out no validation split
+        "gap": _stats([r["gap"] for r in used]),
+        "passes": sum(r["passes"] for r in used),
+        "consistent": sum(r["consistent"] for r in used),
+        "epochs": used[0]["epochs"],
+        "lr": used[0]["lr"],
+        "scheduler": used[0]["scheduler"],
+        "train_samples": used[0]["train_samples"],
+        "first_epoch_at_target": [r["first_epoch_at_target"] for r in used],
+        "test_acc_curve": [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves)))],
+    }
+
+
+def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> dict[str, Any]:
     from mnistkit.inspect import summarize
     from mnistkit.models import get_model
 
@@ -70,38 +155,43 @@ def build_report(experiments: Experiments, runs_dir: str | Path = "runs") -> dic
     rows: list[dict[str, Any]] = []
     previous: dict[str, Any] | None = None
     for it in experiments.iterations:
-        s = summarize(get_model(it.model), name=it.model, budget=c.get("max_params", 20_000))
-        found = newest_run(runs_dir, it.model)
-        measured = _measured(*found, target) if found else None
+        s = summarize(get_model(it.model), name=it.model, budget=c.get("max_params", DEFAULT_BUDGET))
+        wanted = Recipe.from_dict(experiments.recipe_dict(it.model), where=f"{experiments.path} ({it.id})")
+        runs = iteration_runs(runs_dir, it, wanted, target)
+        measured = aggregate(runs)
         reported = it.reported
         row: dict[str, Any] = {
             "id": it.id,
             "model": it.model,
             "changes": it.changes,
             "reported": reported,
+            "recipe": {"epochs": wanted.epochs, "lr": wanted.lr, "scheduler": wanted.scheduler},
             "params": s.trainable_params,
             "params_match": reported.get("params") in (None, s.trainable_params),
             "uses": {"batchnorm": s.has_batchnorm, "dropout": s.has_dropout, "gap_head": s.gap_head,
                      "fc_head": s.fc_head},
             "measured": measured,
+            "other_runs": [r for r in runs if not r["comparable"]],
         }
-        if previous is not None:
-            row["delta_params"] = s.trainable_params - previous["params"]
-            pm, m = previous["measured"], measured
-            row["delta_test_acc"] = m["test_acc"] - pm["test_acc"] if m and pm else None
-            rp, r = previous["reported"].get("test_acc"), reported.get("test_acc")
-            row["delta_test_acc_reported"] = r - rp if r is not None and rp is not None else None
-        else:
-            row["delta_params"] = row["delta_test_acc"] = row["delta_test_acc_reported"] = None
-        row["checks"] = _checks(c, s, measured)
+        row["delta_params"] = s.trainable_params - previous["params"] if previous else None
+        pm = previous["measured"] if previous else None
+        row["delta_test_acc"] = (measured["test_acc"]["mean"] - pm["test_acc"]["mean"]) if measured and pm else None
+        rp, r = (previous["reported"].get("test_acc") if previous else None), reported.get("test_acc")
+        row["delta_test_acc_reported"] = r - rp if r is not None and rp is not None else None
+        row["checks"] = _checks(c, s, wanted, measured)
         rows.append(row)
         previous = row
-    return {"experiments": str(experiments.path), "runs_dir": str(runs_dir), "constraints": c, "iterations": rows}
+    return {"experiments": str(experiments.path), "experiments_source": experiments.source,
+            "runs_dir": str(runs_dir), "constraints": c, "consistent_epochs": CONSISTENT_EPOCHS,
+            "comparable_means": "official MNIST files, the whole training set (no limit, no validation split), "
+                                "all the epochs of the iteration's change-log recipe, that recipe (any seed)",
+            "iterations": rows}
 
 
-def _checks(c: dict[str, Any], s: Any, measured: dict[str, Any] | None) -> dict[str, bool | None]:
-    """Each assignment constraint: True (met), False (not met), None (no run to judge it by)."""
-    checks: dict[str, bool | None] = {}
+def _checks(c: dict[str, Any], s: Any, recipe: Recipe, measured: dict[str, Any] | None) -> dict[str, Any]:
+    """Each assignment constraint. Properties of the model and of the recipe are True/False;
+    accuracy checks count seeds, ``{"passed": k, "of": n}``, or are None with no comparable run."""
+    checks: dict[str, Any] = {}
     if "max_params" in c:
         checks["params"] = s.trainable_params < c["max_params"]
     if c.get("batchnorm"):
@@ -111,154 +201,52 @@ def _checks(c: dict[str, Any], s: Any, measured: dict[str, Any] | None) -> dict[
     if c.get("gap_head"):
         checks["gap_head"] = s.gap_head
     if "max_epochs" in c:
-        checks["epochs"] = None if measured is None else measured["epochs"] < c["max_epochs"]
+        checks["epochs"] = recipe.epochs < c["max_epochs"]
     if "min_test_acc" in c:
-        checks["test_acc"] = None if measured is None else measured["test_acc"] >= c["min_test_acc"]
+        n = measured["n"] if measured else 0
+        checks["test_acc"] = {"passed": measured["passes"], "of": n} if measured else None
+        checks["consistent"] = {"passed": measured["consistent"], "of": n} if measured else None
     return checks
 
 
-CHECK_LABELS = {
-    "params": lambda c: f"params < {c['max_params']:,}",
-    "batchnorm": lambda c: "BatchNorm",
-    "dropout": lambda c: "Dropout",
-    "gap_head": lambda c: "GAP head",
-    "epochs": lambda c: f"epochs < {c['max_epochs']}",
-    "test_acc": lambda c: f"test acc >= {c['min_test_acc']}%",
-}
+def check_passed(value: Any) -> bool | None:
+    """True (met; every seed for the per-seed checks), False, or None (nothing to judge by)."""
+    if isinstance(value, dict):
+        return value["of"] > 0 and value["passed"] == value["of"]
+    return value
 
 
-# --------------------------------------------------------------------------- flat rows and exports
+# --------------------------------------------------------------------------- flat rows (CSV)
 
 COLUMNS = [
     "id", "changes", "params_reported", "params_measured", "params_match", "train_acc_reported",
-    "train_acc_measured", "test_acc_reported", "test_acc_measured", "best_test_acc", "best_epoch",
-    "first_epoch_at_target", "gap", "epochs_reported", "epochs_measured", "lr_scheduler_reported",
-    "lr_scheduler_measured", "delta_test_acc", "delta_params", "run",
+    "train_acc_mean", "test_acc_reported", "test_acc_mean", "test_acc_std", "test_acc_min", "seeds",
+    "seeds_passing", "seeds_consistent", "best_test_acc_mean", "gap_mean", "epochs_reported", "epochs_measured",
+    "train_samples", "lr_scheduler_reported", "lr_measured", "scheduler_measured", "delta_test_acc",
+    "delta_params", "other_runs",
 ]
 
 
 def flat_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat record per iteration (the CSV export's rows)."""
     out = []
     for row in report["iterations"]:
-        m, r = row["measured"] or {}, row["reported"]
+        m, r = row["measured"], row["reported"]
+        stat = (lambda key, field: m[key][field]) if m else (lambda key, field: None)
         out.append({
             "id": row["id"], "changes": row["changes"],
             "params_reported": r.get("params"), "params_measured": row["params"], "params_match": row["params_match"],
-            "train_acc_reported": r.get("train_acc"), "train_acc_measured": m.get("train_acc"),
-            "test_acc_reported": r.get("test_acc"), "test_acc_measured": m.get("test_acc"),
-            "best_test_acc": m.get("best_test_acc"), "best_epoch": m.get("best_epoch"),
-            "first_epoch_at_target": m.get("first_epoch_at_target"), "gap": m.get("gap"),
-            "epochs_reported": r.get("epochs"), "epochs_measured": m.get("epochs"),
-            "lr_scheduler_reported": r.get("lr_scheduler"), "lr_scheduler_measured": m.get("lr_scheduler"),
-            "delta_test_acc": row["delta_test_acc"], "delta_params": row["delta_params"], "run": m.get("run"),
+            "train_acc_reported": r.get("train_acc"), "train_acc_mean": stat("train_acc", "mean"),
+            "test_acc_reported": r.get("test_acc"), "test_acc_mean": stat("test_acc", "mean"),
+            "test_acc_std": stat("test_acc", "std"), "test_acc_min": stat("test_acc", "min"),
+            "seeds": " ".join(map(str, m["seeds"])) if m else None,
+            "seeds_passing": m["passes"] if m else None, "seeds_consistent": m["consistent"] if m else None,
+            "best_test_acc_mean": stat("best_test_acc", "mean"), "gap_mean": stat("gap", "mean"),
+            "epochs_reported": r.get("epochs"), "epochs_measured": m["epochs"] if m else None,
+            "train_samples": m["train_samples"] if m else None,
+            "lr_scheduler_reported": r.get("lr_scheduler"), "lr_measured": m["lr"] if m else None,
+            "scheduler_measured": m["scheduler"] if m else None,
+            "delta_test_acc": row["delta_test_acc"], "delta_params": row["delta_params"],
+            "other_runs": len(row["other_runs"]),
         })
     return out
-
-
-NOT_RUN = "not run"
-
-
-def row_cells(row: dict[str, Any]) -> dict[str, str]:
-    """The text of one iteration's cells, shared by the markdown export and the Rich table."""
-    rep, m = row["reported"], row["measured"]
-
-    def pair(key: str) -> str:
-        reported = f"{rep[key]:.2f}%" if key in rep else "-"
-        return f"{reported} / {m[key]:.2f}%" if m else f"{reported} / {NOT_RUN}"
-
-    lr_rep = rep.get("lr_scheduler", "-")
-    epochs = f"{rep.get('epochs', '-')} / "
-    if m:
-        epochs += str(m["epochs"]) + ("" if m["complete"] else f" of {m['planned_epochs']}!")
-    else:
-        epochs += NOT_RUN
-    return {
-        "id": row["id"],
-        "changes": row["changes"],
-        "params": (f"{rep['params']:,}" if "params" in rep else "-") + f" / {row['params']:,}",
-        "train_acc": pair("train_acc"),
-        "test_acc": pair("test_acc"),
-        "best": f"{m['best_test_acc']:.2f}% ({m['best_epoch']})" if m else NOT_RUN,
-        "first_at_target": (str(m["first_epoch_at_target"] or "never")) if m else NOT_RUN,
-        "gap": f"{m['gap']:+.2f}" if m else NOT_RUN,
-        "epochs": epochs,
-        "lr_scheduler": lr_rep if not m or m["lr_scheduler"] == lr_rep else f"{lr_rep} / {m['lr_scheduler']}",
-        "delta_test_acc": f"{row['delta_test_acc']:+.2f}" if row["delta_test_acc"] is not None else "",
-        "delta_params": f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
-    }
-
-
-def check_keys(report: dict[str, Any]) -> list[str]:
-    """The checklist columns: the constraints that some iteration is checked against."""
-    return [k for k in CHECK_LABELS if any(k in row["checks"] for row in report["iterations"])]
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-    c = report["constraints"]
-    lines = [
-        "| Iter | Key changes | Params (reported / measured) | Train acc (reported / measured) | "
-        "Test acc (reported / measured) | Best (epoch) | First epoch >= target | Gap | Epochs | LR/Scheduler | "
-        "Δ test acc | Δ params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in report["iterations"]:
-        cells = row_cells(row)
-        if not row["params_match"]:
-            cells["params"] += " **MISMATCH**"
-        lines.append("| " + " | ".join(cells.values()) + " |")
-    keys = check_keys(report)
-    lines += ["", "| Iter | " + " | ".join(CHECK_LABELS[k](c) for k in keys) + " |",
-              "|---|" + "---|" * len(keys)]
-    marks = {True: "✅", False: "❌", None: NOT_RUN}
-    for row in report["iterations"]:
-        lines.append(f"| {row['id']} | " + " | ".join(marks[row["checks"].get(k)] for k in keys) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(report: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in flat_rows(report):
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return buffer.getvalue()
-
-
-def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2) + "\n"
-
-
-def plot(report: dict[str, Any], path: str | Path) -> None:
-    """Every iteration's test-accuracy curve on one chart (needs matplotlib)."""
-    from mnistkit.errors import MnistkitError
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MnistkitError("--plot needs matplotlib, which is not installed; install it with "
-                            "pip install 'mnistkit[plot]' (or pip install matplotlib)") from None
-    from mnistkit.runs import atomic_write
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    drawn = 0
-    for row in report["iterations"]:
-        m = row["measured"]
-        if m:
-            curve = m["test_acc_curve"]
-            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=f"{row['id']} ({row['params']:,} params)")
-            drawn += 1
-    target = report["constraints"].get("min_test_acc")
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}%")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy per epoch" + ("" if drawn else " (no runs yet)"))
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import hashlib
 import math
 import os
 import struct
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from mnistkit.errors import MnistkitError
+from mnistkit.errors import DataError
+from mnistkit.recipe import Augment, choices, Dataset, expand_path
 
 __all__ = [
     "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",
@@ -31,7 +34,7 @@ __all__ = [
 ]
 
 MEAN, STD = 0.1307, 0.3081
-DATASETS = ("mnist", "synthetic")
+DATASETS = choices(Dataset)
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -39,22 +42,36 @@ IDX_FILES = {
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801  # uint8 data, 3 dims / 1 dim
 
 
-class DataError(MnistkitError):
-    """Data that is missing, truncated or of the wrong kind."""
-
-
 @dataclass(frozen=True)
 class Split:
-    """One split: ``images`` uint8 ``[N, 28, 28]``, ``labels`` int64 ``[N]``."""
+    """One split: ``images`` uint8 ``[N, 28, 28]``, ``labels`` int64 ``[N]``. ``official``:
+    read from files identical to the official MNIST release (checked by sha256)."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    official: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def head(self, n: int) -> "Split":
-        return Split(self.images[:n], self.labels[:n])
+        return Split(self.images[:n], self.labels[:n], self.official)
+
+    def take(self, index: torch.Tensor) -> "Split":
+        return Split(self.images[index], self.labels[index], self.official)
+
+
+def hold_out(split: Split, n: int, seed: int = 0) -> tuple[Split, Split]:
+    """``(rest, held_out)``: ``n`` images drawn by a seeded permutation (the same ``n`` and
+    ``seed`` give the same images on every machine); the rest keep their original order."""
+    if not 0 < n < len(split):
+        raise DataError(f"a validation split of {n:,} needs 1 to {len(split) - 1:,} of the {len(split):,} "
+                        "training images")
+    perm = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    held = perm[:n].sort().values
+    keep = torch.ones(len(split), dtype=torch.bool)
+    keep[held] = False
+    return split.take(keep.nonzero().squeeze(1)), split.take(held)
 
 
 # --------------------------------------------------------------------------- real MNIST
@@ -70,42 +87,79 @@ def default_data_dir() -> Path:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+    """The one place a data folder is settled: ``~`` expanded, then absolute."""
+    return Path(expand_path(data_dir if data_dir else default_data_dir()))
 
 
-def read_idx(path: str | os.PathLike, expect_magic: int | None = None) -> torch.Tensor:
-    """Read an IDX file (gzipped or not) into a uint8 tensor, checking its header and size."""
+MAX_IDX_BYTES = 256 * 2**20  # 5x the largest MNIST file: a header promising more is not MNIST
+
+# sha256 of the decompressed official MNIST files (LeCun, Cortes, Burges): a run says whether it
+# trained on exactly these, so a folder of other IDX files never passes for "real MNIST"
+OFFICIAL_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+def _read_exactly(fh, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 22))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_idx(path: str | os.PathLike, expect_magic: int | None = None, digest: list[str] | None = None) -> torch.Tensor:
+    """Read an IDX file (gzipped or not) into a uint8 tensor, checking its header and size.
+
+    Reading is bounded: the header's declared size is checked against ``MAX_IDX_BYTES`` before
+    the body is read, and no more than the declared size (plus one byte, to detect excess) is
+    ever inflated, so a small gzip that inflates to gigabytes costs nothing. When ``digest``
+    is a list, the sha256 of the decompressed file is appended to it."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
             gz = fh.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as exc:  # includes gzip's "truncated" and bad-CRC errors
+            head = _read_exactly(fh, 4)
+            if len(head) < 4:
+                raise DataError(f"{path} is too short to be an IDX file; replace it with a complete copy")
+            zero, dtype, ndim = struct.unpack(">HBB", head)
+            magic = struct.unpack(">I", head)[0]
+            if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
+                raise DataError(f"{path} is not a uint8 IDX file (magic number 0x{magic:08x}); "
+                                "check that it is an MNIST file")
+            if expect_magic is not None and magic != expect_magic:
+                want = "images" if expect_magic == _IMAGES_MAGIC else "labels"
+                raise DataError(
+                    f"{path} has magic number 0x{magic:08x}, expected 0x{expect_magic:08x} for {want}; "
+                    "the files may be swapped or of the wrong kind"
+                )
+            dims_raw = _read_exactly(fh, 4 * ndim)
+            if len(dims_raw) < 4 * ndim:
+                raise DataError(f"{path} is truncated inside its header; replace it with a complete copy")
+            dims = struct.unpack(f">{ndim}I", dims_raw)
+            expected = math.prod(dims)
+            if expected > MAX_IDX_BYTES:
+                raise DataError(f"{path} declares {expected:,} data bytes ({list(dims)}), more than any MNIST file; "
+                                "it is not an MNIST file")
+            body = _read_exactly(fh, expected + 1)
+    except (OSError, EOFError, zlib.error) as exc:  # includes gzip's "truncated" and bad-CRC errors
         raise DataError(f"cannot read {path}: {exc}; replace it with a complete copy of the IDX file") from None
-    if len(raw) < 4:
-        raise DataError(f"{path} is too short to be an IDX file; replace it with a complete copy")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    magic = struct.unpack(">I", raw[:4])[0]
-    if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
-        raise DataError(f"{path} is not a uint8 IDX file (magic number 0x{magic:08x}); check that it is an MNIST file")
-    if expect_magic is not None and magic != expect_magic:
-        want = "images" if expect_magic == _IMAGES_MAGIC else "labels"
+    if len(body) != expected:
+        held = f"{len(body):,} data bytes" if len(body) < expected else "more data bytes"
         raise DataError(
-            f"{path} has magic number 0x{magic:08x}, expected 0x{expect_magic:08x} for {want}; "
-            "the files may be swapped or of the wrong kind"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header; replace it with a complete copy")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = math.prod(dims)
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path} holds {len(raw) - header:,} data bytes but its header {list(dims)} promises {expected:,}; "
+            f"{path} holds {held} than its header {list(dims)} promises ({expected:,}); "
             "the file is truncated or corrupt: replace it"
         )
-    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=header)
+    if digest is not None:
+        digest.append(hashlib.sha256(head + dims_raw + body).hexdigest())
+    data = torch.frombuffer(bytearray(body), dtype=torch.uint8)
     return data.view(*dims)
 
 
@@ -119,6 +173,7 @@ def _find(root: Path, stem: str) -> Path | None:
 
 def _download(root: Path) -> None:
     """torchvision's MNIST download (mirrors, checksums) into ``root/MNIST/raw``."""
+    created = not root.exists()
     try:
         from torchvision.datasets import MNIST
 
@@ -126,11 +181,15 @@ def _download(root: Path) -> None:
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json
             MNIST(str(root), train=True, download=True)
     except Exception as exc:  # network errors come in many types; all mean the same to a user
+        if created:  # a failed download leaves no empty folders behind
+            for folder in (root / "MNIST" / "raw", root / "MNIST", root):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"MNIST is not in {root} and could not be downloaded ({reason}); put the four IDX files "
             f"({', '.join(s + '.gz' for pair in IDX_FILES.values() for s in pair)}) in that folder, "
-            "or point --data-dir / MNISTKIT_DATA at a folder that has them"
+            "or point the data folder (data_dir, $MNISTKIT_DATA) at a folder that has them"
         ) from None
 
 
@@ -144,17 +203,19 @@ def load_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, 
     paths = [_find(root, stem) for stem in stems]
     if None in paths:
         if root.exists() and not root.is_dir():
-            raise DataError(f"{root} is not a folder; pass --data-dir with the folder that holds the MNIST files")
+            raise DataError(f"{root} is not a folder; give the folder that holds the MNIST files as data_dir")
         if not download:
             missing = [s for s, p in zip(stems, paths) if p is None]
             raise DataError(f"MNIST file {missing[0]}(.gz) not found in {root}; put the IDX files there "
-                            "or pass --data-dir")
+                            "or give another data folder")
         _download(root)
         paths = [_find(root, stem) for stem in stems]
         if None in paths:
             raise DataError(f"the download finished but the MNIST files are not in {root}; put them there by hand")
-    images = read_idx(paths[0], _IMAGES_MAGIC)
-    labels = read_idx(paths[1], _LABELS_MAGIC)
+    digests: list[str] = []
+    images = read_idx(paths[0], _IMAGES_MAGIC, digests)
+    labels = read_idx(paths[1], _LABELS_MAGIC, digests)
+    official = digests == [OFFICIAL_SHA256[stem] for stem in stems]
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
         raise DataError(f"{paths[0]} holds images of shape {list(images.shape[1:])}, expected 28x28")
     if len(images) != len(labels):
@@ -162,7 +223,7 @@ def load_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, 
                         "the files do not belong together")
     if len(labels) and int(labels.max()) > 9:
         raise DataError(f"{paths[1]} holds labels above 9; it is not an MNIST label file")
-    return Split(images, labels.long())
+    return Split(images, labels.long(), official)
 
 
 # --------------------------------------------------------------------------- synthetic digits
@@ -226,18 +287,6 @@ def load_dataset(dataset: str, split: str, data_dir: str | os.PathLike | None = 
 
 
 # --------------------------------------------------------------------------- batched augmentation
-
-
-@dataclass(frozen=True)
-class Augment:
-    """RandomAffine parameters, as torchvision's ``RandomAffine(degrees, translate, scale)``."""
-
-    degrees: float = 10.0
-    translate: float = 0.05
-    scale_min: float = 0.98
-    scale_max: float = 1.02
-    interpolation: str = "nearest"  # RandomAffine's default; "bilinear" is smoother
-    enabled: bool = True
 
 
 def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,

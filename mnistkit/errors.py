@@ -1,12 +1,26 @@
-"""Errors a user can cause. The CLI turns each into one line on stderr and an exit code."""
+"""Every error a user can cause, each with its exit code. The CLI turns each into one line on
+stderr; a Python caller catches ``MnistkitError``. Messages speak of values, never of CLI flags."""
 
 from __future__ import annotations
+
+__all__ = ["MnistkitError", "UsageError", "UnknownModelError", "DataError", "RunError", "ExperimentsError",
+           "TrainingDiverged", "TrainingInterrupted"]
 
 
 class MnistkitError(Exception):
     """A problem the user can fix; the message says what is wrong and how to fix it."""
 
     exit_code = 1
+
+
+class UsageError(MnistkitError):
+    """A bad setting. ``key`` names the offending setting (dotted), ``detail`` what is wrong."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.detail = key, detail or message
 
 
 class UnknownModelError(MnistkitError, KeyError):
@@ -16,11 +30,25 @@ class UnknownModelError(MnistkitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class UsageError(MnistkitError):
-    """A bad option value. ``key`` names the offending setting (dotted), ``detail`` what is wrong."""
+class DataError(MnistkitError):
+    """Data that is missing, truncated or of the wrong kind."""
 
-    exit_code = 2
 
-    def __init__(self, message: str, key: str | None = None, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.key, self.detail = key, detail or message
+class RunError(MnistkitError):
+    """A run folder or checkpoint that cannot be used."""
+
+
+class ExperimentsError(MnistkitError):
+    """The change-log (experiments.yaml) is missing or malformed."""
+
+
+class TrainingDiverged(MnistkitError):
+    """The training loss, the evaluation loss or the weights stopped being finite."""
+
+    exit_code = 3
+
+
+class TrainingInterrupted(MnistkitError):
+    """Ctrl-C (or SIGTERM) during training; the run folder stays resumable."""
+
+    exit_code = 130

@@ -5,6 +5,7 @@ Every error names the file, the key and, where YAML gives it, the line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +13,13 @@ from typing import Any
 
 import yaml
 
-from mnistkit.errors import MnistkitError, UsageError
+from mnistkit.errors import ExperimentsError, UsageError
+from mnistkit.recipe import Recipe
 
-DEFAULT_PATH = Path("experiments.yaml")
+DEFAULT_PATH = Path("experiments.yaml")  # looked for in the current folder
+PACKAGED_PATH = Path(__file__).with_name("experiments.yaml")  # the change-log shipped with mnistkit
+MAX_BYTES = 1 << 20  # a change-log is a few KiB; anything larger (or endless) is refused
+MAX_NODES = 20_000  # YAML nodes after alias expansion: nested aliases cannot blow up memory
 
 # key -> accepted types; numbers may be written as int or float
 _NUM = (int, float)
@@ -23,10 +28,6 @@ _ITERATION = {"id": (str,), "model": (str,), "changes": (str,), "reported": (dic
 _CONSTRAINTS = {"max_params": (int,), "batchnorm": (bool,), "dropout": (bool,), "gap_head": (bool,),
                 "max_epochs": (int,), "min_test_acc": _NUM}
 _REPORTED = {"params": (int,), "train_acc": _NUM, "test_acc": _NUM, "epochs": (int,), "lr_scheduler": (str,)}
-
-
-class ExperimentsError(MnistkitError):
-    """experiments.yaml is missing or malformed."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,14 @@ class Experiments:
     constraints: dict[str, Any]
     defaults: dict[str, Any]
     iterations: tuple[Iteration, ...]
+    source: str = "given"  # given (a path was named), current folder, or packaged
+
+    @property
+    def described(self) -> str:
+        """One line for a user: which change-log a command is using, and why."""
+        why = {"given": "as given", "current folder": "found in the current folder",
+               "packaged": "the one shipped with mnistkit; no ./experiments.yaml here"}[self.source]
+        return f"change-log: {self.path} ({why})"
 
     def iteration(self, ident: str) -> Iteration:
         for it in self.iterations:
@@ -69,6 +78,43 @@ class Experiments:
                 else:
                     merged[key] = value
         return merged
+
+
+def read_text_bounded(path: Path, limit: int, error: type[Exception], what: str) -> str:
+    """The text of a small file, refusing anything larger than ``limit`` bytes (and endless
+    sources such as /dev/zero) without reading more than ``limit + 1`` bytes."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except FileNotFoundError:
+        raise error(f"{path} not found; give the path of an existing file") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a folder, not {what} file") from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > limit:
+        raise error(f"{path} is larger than {limit // 1024:,} KiB; it is not {what} file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text; it is not {what} file") from None
+
+
+def _check_size(root: Any, path: Path) -> None:
+    """Count nodes as ``safe_load`` would build them, aliases expanded, and stop early: the
+    "billion laughs" shape (aliases of aliases) is refused before it costs memory."""
+    count, stack = 0, [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ExperimentsError(f"{path} expands to more than {MAX_NODES:,} YAML nodes (nested aliases?); "
+                                   "it is not a change-log")
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack += [k, v]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
 def _key_lines(text: str) -> dict[tuple, int]:
@@ -124,21 +170,18 @@ class _Checker:
 
 def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     from mnistkit.models import list_models, model_info
-    from mnistkit.training import Recipe
 
     path = Path(path)
+    text = read_text_bounded(path, MAX_BYTES, ExperimentsError, "a change-log")
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ExperimentsError(f"{path} not found; pass --experiments FILE or run from the project folder") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExperimentsError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    try:
+        _check_size(yaml.compose(text), path)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""
         raise ExperimentsError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except RecursionError:
+        raise ExperimentsError(f"{path}: nested too deeply to be a change-log") from None
     check = _Checker(path, text)
     if data is None:
         check.fail((), "the file is empty; it needs 'defaults' and 'iterations'")
@@ -177,20 +220,23 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     return Experiments(path, dict(constraints), dict(defaults), tuple(iterations))
 
 
-def find_experiments(path: str | os.PathLike | None = None) -> Experiments | None:
-    """``path`` when given (it must exist), else ./experiments.yaml when present, else None."""
-    if path is None and not DEFAULT_PATH.exists():
-        return None
-    return load_experiments(path or DEFAULT_PATH)
+def find_experiments(path: str | os.PathLike | None = None) -> Experiments:
+    """The change-log a command uses: ``path`` when given (it must exist), else
+    ./experiments.yaml when present, else the one shipped with mnistkit. ``described`` says
+    which."""
+    if path is not None:
+        exp, source = load_experiments(path), "given"
+    elif DEFAULT_PATH.exists():
+        exp, source = load_experiments(DEFAULT_PATH), "current folder"
+    else:
+        exp, source = load_experiments(PACKAGED_PATH), "packaged"
+    return dataclasses.replace(exp, source=source)
 
 
-def resolve_recipe(model: str, experiments: Experiments | str | os.PathLike | None = None, **overrides: Any):
-    """The recipe for ``model``: experiments.yaml (``experiments``, loaded or a path, else
-    ./experiments.yaml when present, else built-in defaults), then ``overrides`` (None values
-    are ignored)."""
-    from mnistkit.training import Recipe
-
+def resolve_recipe(model: str, experiments: Experiments | str | os.PathLike | None = None,
+                   **overrides: Any) -> Recipe:
+    """The recipe for ``model``: its iteration in the change-log (``experiments``, loaded or a
+    path, else found as ``find_experiments`` finds it) over the Recipe defaults, then
+    ``overrides`` (None values are ignored)."""
     exp = experiments if isinstance(experiments, Experiments) else find_experiments(experiments)
-    if exp is None:
-        return Recipe().replace(**overrides)
     return Recipe.from_dict(exp.recipe_dict(model), where=f"{exp.path} ({model})").replace(**overrides)

@@ -1,26 +1,42 @@
-"""Every Rich table, panel and progress display in one place. Nothing here trains or loads data."""
+"""Every Rich table, panel, progress display and text format (markdown, CSV, JSON, the plot) in
+one place. Nothing here trains or loads data; the library hands it typed results and plain data.
+
+Tables are built for the terminal they land on: each has a full layout and narrower ones, and
+``fit`` picks the widest that fits, so that every table is readable at 80 columns and complete
+at 120. Numeric columns fold instead of being cut: no number is ever shown as ``…``.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
-import time
-from typing import TYPE_CHECKING, Any, Iterable
+import statistics
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from mnistkit import strictjson
+
 if TYPE_CHECKING:  # pragma: no cover
+    from mnistkit.evaluation import EvaluationReport
     from mnistkit.inspect import LayerInfo, ModelSummary
+    from mnistkit.runs import EpochMetrics
+    from mnistkit.training import RunResult, RunStart, StepInfo
+
+WIDTH_OFF_TTY = 120  # tables are complete at 120 columns; a pipe or file gets that width
 
 
 def stdout() -> Console:
-    """Console for results. Created per call so that redirected streams (tests, pipes) are
-    honoured. When stdout is not a terminal there is no width to respect, and Rich's default of
-    80 columns would truncate numbers: let tables be as wide as they need (COLUMNS still wins)."""
+    """Console for results, created per call so that redirected streams (tests, pipes) are
+    honoured. Off a terminal there is no width to respect: use the width every table is complete
+    at (COLUMNS still wins)."""
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=200)
+        console = Console(width=WIDTH_OFF_TTY)
     return console
 
 
@@ -28,11 +44,72 @@ def stderr() -> Console:
     return Console(stderr=True)
 
 
+def error_line(message: str) -> Text:
+    """The one line an error gets; the message is user text and never read as markup."""
+    return Text.assemble(("error: ", "bold red"), message)
+
+
+def note_line(message: str) -> Text:
+    return Text.assemble(("note: ", "yellow"), message)
+
+
+def json_text(data: Any) -> str:
+    """Strict JSON (no NaN or Infinity: a figure that does not exist is null)."""
+    return strictjson.dumps(data, indent=2) + "\n"
+
+
+def _plain(cell: Any) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+def required_width(renderable: RenderableType) -> int:
+    """The narrowest width at which a table shows every cell whole: numbers and other no-wrap
+    cells at full length, wrapping text at its longest word. Rich would go narrower by cutting
+    or folding cells; ``fit`` uses this to choose a layout that never has to."""
+    if isinstance(renderable, Group):
+        return max((required_width(r) for r in renderable.renderables), default=0)
+    if not isinstance(renderable, Table):
+        return 0
+    total = len(renderable.columns) + 1  # vertical borders
+    for column in renderable.columns:
+        cells = [_plain(c) for c in column._cells]
+        words = [w for text in cells + [_plain(column.header)] for line in text.splitlines() for w in line.split()]
+        longest_word = max((len(w) for w in words), default=0)
+        if column.no_wrap:  # shown whole, header included
+            need = max(len(line) for text in cells + [_plain(column.header)] for line in text.splitlines() or [""])
+        elif column.justify == "center":  # marks: short cells under a header kept whole
+            need = max(len(line) for text in cells + [_plain(column.header)] for line in text.splitlines() or [""])
+        elif column.justify == "right":  # numbers: whole; their header may wrap between words
+            need = max([longest_word] + [len(line) for text in cells for line in text.splitlines()])
+        else:
+            need = max(longest_word, column.min_width or 0)
+        total += need + 2  # padding
+    return total
+
+
+def fit(console: Console, layouts: Sequence[Callable[[], RenderableType]]) -> RenderableType:
+    """The first layout (widest first) that shows every cell whole at the console's width;
+    else the last (the narrowest)."""
+    built = None
+    for make in layouts:
+        built = make()
+        if required_width(built) <= console.width:
+            return built
+    return built
+
+
+def _num_column(table: Table, name: str, **kw: Any) -> None:
+    table.add_column(name, justify="right", no_wrap=False, overflow="fold", **kw)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
 def fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
-def fmt_bytes(n: int) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
@@ -48,6 +125,10 @@ def fmt_mult_adds(n: int) -> str:
     if n >= 1e3:
         return f"{n / 1e3:.1f} K"
     return str(n)
+
+
+def fmt_pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}%"
 
 
 def fmt_shape(shape: Iterable[int] | None, batch: bool = False) -> str:
@@ -76,47 +157,63 @@ def yes_no(flag: bool) -> Text:
     return Text("yes", style="green") if flag else Text("no", style="dim")
 
 
-def summary_table(s: "ModelSummary") -> Group:
-    table = Table(
-        title=f"{s.model}: layer by layer, per image of {fmt_shape(s.input_size)}",
-        title_justify="left",
-        caption="Kernel: size/stride/padding. RF: receptive field in input pixels (j: jump, the "
-                "effective stride); global: the layer sees the whole image.",
-        caption_justify="left",
-    )
-    table.add_column("#", justify="right", style="dim", no_wrap=True)
-    table.add_column("Layer", no_wrap=True)
-    table.add_column("Type", no_wrap=True)
-    table.add_column("Kernel", no_wrap=True)
-    table.add_column("Input", no_wrap=True)
-    table.add_column("Output", no_wrap=True)
-    table.add_column("Params", justify="right", no_wrap=True)
-    table.add_column("Mult-adds", justify="right", no_wrap=True)
-    table.add_column("RF", justify="right", no_wrap=True)
-    for layer in s.layers:
-        params = fmt_int(layer.params)
-        if layer.shared_with is not None:
-            params = f"shared #{layer.shared_with}"
-        table.add_row(
-            str(layer.index),
-            layer.name.removeprefix("net."),
-            layer.type,
-            fmt_geometry(layer),
-            fmt_shape(layer.input_shape),
-            fmt_shape(layer.output_shape),
-            params,
-            fmt_int(layer.mult_adds) if layer.mult_adds else "",
-            fmt_rf(layer),
-        )
+def mean_std(stats: dict[str, Any] | None, digits: int = 2) -> str:
+    if not stats:
+        return "-"
+    if stats.get("std") is None:
+        return f"{stats['mean']:.{digits}f}%"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}%"
 
+
+# --------------------------------------------------------------------------- models
+
+
+def summary_json(s: "ModelSummary", description: str) -> dict[str, Any]:
+    return {**s.to_dict(), "head": s.head, "description": description}
+
+
+def models_json(rows: list[tuple["ModelSummary", str]], budget: int) -> dict[str, Any]:
+    """The model list: each entry is the model's whole summary (the same shape as ``summary
+    MODEL --json``), so there is one JSON shape for a model."""
+    return {"models": [{"name": s.model, **summary_json(s, d)} for s, d in rows], "budget": budget}
+
+
+def summary_table(s: "ModelSummary", console: Console) -> Group:
+    def layout(wide: bool) -> Callable[[], Table]:
+        def make() -> Table:
+            caption = ("Kernel: size/stride/padding. RF: receptive field in input pixels (j: jump, the effective "
+                       "stride); global: the layer sees the whole image.")
+            if not wide:
+                caption += " Each layer's input is the previous layer's output."
+            table = Table(title=f"{escape(s.model)}: layer by layer, per image of {fmt_shape(s.input_size)}",
+                          title_justify="left", caption=caption, caption_justify="left")
+            table.add_column("#", justify="right", style="dim", no_wrap=True)
+            table.add_column("Layer", no_wrap=True)
+            if wide:
+                table.add_column("Type", no_wrap=True)
+            table.add_column("Kernel", no_wrap=True)
+            if wide:
+                table.add_column("Input", no_wrap=True)
+            table.add_column("Output", no_wrap=True)
+            _num_column(table, "Params")
+            _num_column(table, "Mult-adds")
+            _num_column(table, "RF")
+            for layer in s.layers:
+                params = fmt_int(layer.params) if layer.shared_with is None else f"shared #{layer.shared_with}"
+                name = layer.name.removeprefix("net.")
+                cells = [str(layer.index), name] + ([layer.type] if wide else []) + [fmt_geometry(layer)]
+                cells += ([fmt_shape(layer.input_shape)] if wide else []) + [fmt_shape(layer.output_shape)]
+                cells += [params, fmt_int(layer.mult_adds) if layer.mult_adds else "", fmt_rf(layer)]
+                table.add_row(*(Text(c) for c in cells))
+            return table
+        return make
+
+    table = fit(console, [layout(True), layout(False)])
     budget_style = "bold green" if s.within_budget else "bold red"
     verdict = "PASS" if s.within_budget else "FAIL"
     margin = s.budget - s.trainable_params
-    uses = ", ".join(
-        f"{label} {'yes' if on else 'no'}"
-        for label, on in (("BatchNorm", s.has_batchnorm), ("Dropout", s.has_dropout),
-                          ("GAP head", s.gap_head), ("FC head", s.fc_head))
-    )
+    uses = ", ".join(f"{label} {'yes' if on else 'no'}" for label, on in (
+        ("BatchNorm", s.has_batchnorm), ("Dropout", s.has_dropout), ("GAP head", s.gap_head), ("FC head", s.fc_head)))
     last_spatial = f"{s.rf}x{s.rf} pixels, jump {s.jump}"
     rf_line = (f"global: the output sees the whole image (last spatial layer: {last_spatial})"
                if s.rf_global else last_spatial)
@@ -137,97 +234,115 @@ def summary_table(s: "ModelSummary") -> Group:
     return Group(table, *[Text(line) for line in lines], budget)
 
 
-def models_table(rows: list[tuple["ModelSummary", str]]) -> Table:
-    table = Table(title="Registered models", title_justify="left")
-    table.add_column("Model", style="bold", no_wrap=True)
-    table.add_column("Params", justify="right", no_wrap=True)
-    table.add_column("Mult-adds", justify="right", no_wrap=True)
-    table.add_column("Head", no_wrap=True)
-    table.add_column("RF", justify="right", no_wrap=True)
-    table.add_column("BN", no_wrap=True)
-    table.add_column("Drop", no_wrap=True)
-    table.add_column("Budget", no_wrap=True)
-    table.add_column("Description")
-    for s, description in rows:
-        table.add_row(
-            s.model,
-            fmt_int(s.trainable_params),
-            fmt_mult_adds(s.mult_adds),
-            s.head,
-            f"global ({s.rf})" if s.rf_global else str(s.rf),
-            yes_no(s.has_batchnorm),
-            yes_no(s.has_dropout),
-            Text("pass", style="green") if s.within_budget else Text("over", style="red"),
-            description,
-        )
-    return table
+def models_table(rows: list[tuple["ModelSummary", str]], console: Console) -> RenderableType:
+    def layout(with_description: bool) -> Callable[[], RenderableType]:
+        def make() -> RenderableType:
+            table = Table(title="Registered models", title_justify="left")
+            table.add_column("Model", style="bold", no_wrap=True)
+            _num_column(table, "Params")
+            _num_column(table, "Mult-adds")
+            table.add_column("Head", no_wrap=True)
+            _num_column(table, "RF")
+            table.add_column("BN", no_wrap=True)
+            table.add_column("Drop", no_wrap=True)
+            table.add_column("Budget", no_wrap=True)
+            if with_description:
+                table.add_column("Description", min_width=30, overflow="fold")
+            for s, description in rows:
+                cells = [Text(s.model), fmt_int(s.trainable_params), fmt_mult_adds(s.mult_adds), s.head,
+                         f"global ({s.rf})" if s.rf_global else str(s.rf), yes_no(s.has_batchnorm),
+                         yes_no(s.has_dropout),
+                         Text("pass", style="green") if s.within_budget else Text("over", style="red")]
+                table.add_row(*cells, *([Text(description)] if with_description else []))
+            if with_description:
+                return table
+            return Group(table, *(Text.assemble((f"{s.model}: ", "bold"), d) for s, d in rows))
+        return make
+
+    return fit(console, [layout(True), layout(False)])
+
+
+def recipe_text(model: str, recipe: dict[str, Any], described: str) -> str:
+    import yaml
+
+    return f"# {model}: {described}\n" + yaml.safe_dump(recipe, sort_keys=False)
 
 
 # --------------------------------------------------------------------------- training display
 
-EPOCH_HEADER = f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}  {'test loss':>9}  {'test acc':>8}  {'lr':>9}  {'seconds':>7}"
-
-
-def epoch_row(row: dict[str, Any], best: bool = False) -> str:
-    return (f"{row['epoch']:>5}  {row['train_loss']:>10.4f}  {row['train_acc']:>8.2f}%  {row['test_loss']:>9.4f}  "
-            f"{row['test_acc']:>7.2f}%  {row['lr']:>9.5f}  {row['seconds']:>7.1f}" + ("  *" if best else ""))
-
 
 class TrainDisplay:
-    """Progress while training (epoch, step, loss, accuracy, LR, images/s, ETA) and one row per
-    finished epoch. A live bar only on a terminal; plain lines otherwise."""
+    """Progress while training and one row per finished epoch. A live bar on a terminal only,
+    with Rich's own columns: speed and time remaining come from a recent window, so the ETA
+    follows the machine's load. The trainer says which epoch is best; nothing is re-derived."""
 
-    def __init__(self, console: Console, quiet: bool = False) -> None:
+    def __init__(self, console: Console, quiet: bool = False, preamble: list[str] | None = None) -> None:
         self.console, self.quiet = console, quiet
+        self.preamble = preamble or []  # said on stderr when training really starts (not before an error)
         self.progress = None
         self.task = None
-        self.best = -1.0
+        self.val = False
         self.epochs = self.steps = self.start_epoch = 0
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        self.epochs, self.steps, self.start_epoch = info["epochs"], info["steps"], info["start_epoch"]
+    def header(self) -> str:
+        val = f"  {'val loss':>9}  {'val acc':>8}" if self.val else ""
+        return (f"{'epoch':>5}  {'train loss':>10}  {'train acc':>9}{val}  {'test loss':>9}  {'test acc':>8}  "
+                f"{'lr':>9}  {'seconds':>7}")
+
+    def row(self, row: "EpochMetrics", best: bool) -> str:
+        val = f"  {row.val_loss:>9.4f}  {row.val_acc:>7.2f}%" if self.val and row.val_acc is not None else ""
+        return (f"{row.epoch:>5}  {row.train_loss:>10.4f}  {row.train_acc:>8.2f}%{val}  {row.test_loss:>9.4f}  "
+                f"{row.test_acc:>7.2f}%  {row.lr:>9.5f}  {row.seconds:>7.1f}" + ("  *" if best else ""))
+
+    def on_start(self, start: "RunStart") -> None:
+        self.epochs, self.steps, self.start_epoch = start.epochs, start.steps, start.start_epoch
+        self.val = start.val_samples > 0
+        for line in self.preamble:
+            stderr().print(Text(line, style="dim"), highlight=False, soft_wrap=True)
+        self.preamble = []
         if self.quiet:
             return
         verb = f"Resuming at epoch {self.start_epoch + 1}" if self.start_epoch else "Training"
-        self.console.print(
-            f"{verb} [bold]{info['model']}[/] ({fmt_int(info['params'])} params) on {info['device']}: "
-            f"{fmt_int(info['train_samples'])} train / {fmt_int(info['test_samples'])} test images "
-            f"({info['data']['dataset']}), {info['epochs']} epochs of {info['steps']} steps",
-            highlight=False,
-        )
-        self.console.print(f"Run folder: {info['run_dir']}", highlight=False)
-        for note in info.get("notes", []):
-            self.console.print(f"[yellow]note:[/] {note}", highlight=False)
-        self.console.print(EPOCH_HEADER, style="bold", highlight=False)
+        split = (f"{fmt_int(start.train_samples)} train / {fmt_int(start.val_samples)} validation / "
+                 f"{fmt_int(start.test_samples)} test images" if self.val else
+                 f"{fmt_int(start.train_samples)} train / {fmt_int(start.test_samples)} test images")
+        self.console.print(Text.assemble(
+            f"{verb} ", (start.model, "bold"),
+            f" ({fmt_int(start.params)} params, seed {start.recipe.seed}) on {start.device}: {split} "
+            f"({start.data.dataset}), {start.epochs} epochs of {start.steps} steps"))
+        self.console.print(Text(f"Run folder: {start.run_dir}"))
+        for note in start.notes:
+            self.console.print(note_line(note))
+        on = "validation" if self.val else "test (no validation split)"
+        self.console.print(Text(f"* marks the best epoch so far, chosen on {on}"
+                                + (f"; so far: epoch {start.best.epoch}" if start.best else "")))
+        self.console.print(Text(self.header(), style="bold"))
         if self.console.is_terminal:
-            from rich.progress import BarColumn, Progress, TextColumn
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
-                console=self.console, transient=True,
+                TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                TextColumn("{task.fields[stats]}"), TextColumn("{task.fields[speed]}"),
+                TimeRemainingColumn(), console=self.console, transient=True, speed_estimate_period=15,
             )
-            self.started = time.perf_counter()
             self.progress.start()
             total = (self.epochs - self.start_epoch) * self.steps
-            self.task = self.progress.add_task("starting", total=total, stats="")
+            self.task = self.progress.add_task("starting", total=total, stats="", speed="")
 
-    def on_step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float, ips: float) -> None:
+    def on_step(self, step: "StepInfo") -> None:
         if self.progress is None:
             return
-        done = (epoch - 1 - self.start_epoch) * steps + step
-        total = (self.epochs - self.start_epoch) * steps
-        elapsed = time.perf_counter() - self.started  # includes evaluation, so the ETA does too
-        eta = elapsed / done * (total - done)
-        self.progress.update(
-            self.task, completed=done, description=f"epoch {epoch}/{self.epochs} step {step}/{steps}",
-            stats=f"loss {loss:.4f} acc {acc:.2f}% lr {lr:.4f} {ips:,.0f} img/s ETA {int(eta // 60)}:{int(eta % 60):02d}",
-        )
+        done = (step.epoch - 1 - self.start_epoch) * step.steps + step.step
+        self.progress.update(self.task, completed=done, description=f"epoch {step.epoch}/{self.epochs}",
+                             stats=f"loss {step.loss:.4f} acc {step.acc:.2f}% lr {step.lr:.4f}")
+        task = self.progress.tasks[0]
+        if task.speed:  # steps per second over the recent window -> images per second
+            per_step = step.images / step.step
+            self.progress.update(self.task, speed=f"{task.speed * per_step:,.0f} img/s")
 
-    def on_epoch(self, row: dict[str, Any]) -> None:
-        best = row["test_acc"] > self.best
-        self.best = max(self.best, row["test_acc"])
+    def on_epoch(self, row: "EpochMetrics", best: bool) -> None:
         if not self.quiet:
-            self.console.print(epoch_row(row, best), highlight=False)
+            self.console.print(Text(self.row(row, best)))
 
     def close(self) -> None:
         if self.progress is not None:
@@ -236,33 +351,73 @@ class TrainDisplay:
 
 
 def train_result(result: dict[str, Any]) -> Text:
-    return Text.assemble(
-        ("Done: ", "bold"),
-        f"{result['model']} best test accuracy {result['best_test_acc']:.2f}% (epoch {result['best_epoch']}), "
-        f"final {result['final_test_acc']:.2f}%, {result['seconds']:.0f} s. Checkpoints in {result['run_dir']}",
-    )
+    on = result["best_selected_on"]
+    best = (f"best epoch {result['best_epoch']} (chosen on validation: {result['best_val_acc']:.2f}%, "
+            f"test {result['best_test_acc']:.2f}%)" if on == "validation" else
+            f"best test accuracy {result['best_test_acc']:.2f}% (epoch {result['best_epoch']}, chosen on the test set)")
+    return Text.assemble(("Done: ", "bold"),
+                         f"{result['model']} seed {result['seed']}: final test accuracy "
+                         f"{result['final_test_acc']:.2f}%, {best}, {result['seconds']:.0f} s. "
+                         f"Checkpoints in {result['run_dir']}")
 
 
-def evaluation(report: dict[str, Any]) -> Group:
+def seeds_table(results: list[dict[str, Any]], threshold: float | None) -> Group:
+    """Several seeds of one recipe: a row per seed, then mean ± std, min and max."""
+    on = results[0]["best_selected_on"]
+    table = Table(title=f"{results[0]['model']}: {len(results)} seeds, {results[0]['epochs']} epochs, "
+                        f"{results[0]['measured_on'].get('dataset')} "
+                        f"({fmt_int(results[0]['measured_on'].get('train_samples', 0))} training images)",
+                  title_justify="left",
+                  caption=f"Best: the epoch chosen on {on}" + (" (optimistic: chosen on the figure it reports)"
+                                                                if on == "test" else "")
+                  + (f"; last 3: the target {threshold}% holds in each of the last 3 epochs" if threshold else ""),
+                  caption_justify="left")
+    table.add_column("Seed", justify="right")
+    _num_column(table, "Final test acc")
+    _num_column(table, "Best test acc")
+    _num_column(table, "Best epoch")
+    if threshold is not None:
+        table.add_column("Last 3", justify="center")
+    table.add_column("Run", overflow="fold")
+    for r in results:
+        last3 = r["last3_test_acc"]
+        ok = threshold is not None and len(last3) == 3 and all(a >= threshold for a in last3)
+        table.add_row(str(r["seed"]), fmt_pct(r["final_test_acc"]), fmt_pct(r["best_test_acc"]), str(r["best_epoch"]),
+                      *([Text("✓", style="green") if ok else Text("✗", style="red")] if threshold is not None else []),
+                      Text(r["run_dir"]))
+    final = [r["final_test_acc"] for r in results]
+    best = [r["best_test_acc"] for r in results]
+    sd = (lambda v: f"{statistics.stdev(v):.2f}" if len(v) > 1 else "-")
+    lines = [Text(f"Final test accuracy: mean {statistics.fmean(final):.2f}% ± {sd(final)} (sample std), "
+                  f"min {min(final):.2f}%, max {max(final):.2f}%"),
+             Text(f"Best test accuracy:  mean {statistics.fmean(best):.2f}% ± {sd(best)}, "
+                  f"min {min(best):.2f}%, max {max(best):.2f}%")]
+    return Group(table, *lines)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluation(report: "EvaluationReport") -> Group:
     head = [
-        Text(f"Checkpoint: {report['checkpoint']} ({report['model']}, epoch {report['epoch']})"),
-        Text(f"Test set: {report['dataset']}, {fmt_int(report['samples'])} images"),
-        Text.assemble("Test loss ", (f"{report['test_loss']:.4f}", "bold"), ", accuracy ",
-                      (f"{report['test_acc']:.2f}%", "bold"),
-                      (f" (recorded in the run: {report['recorded_test_acc']:.2f}%)"
-                       if report.get("recorded_test_acc") is not None else "")),
+        Text(f"Checkpoint: {report.checkpoint} ({report.model}, epoch {report.epoch})"),
+        Text(f"Test set: {report.dataset}, {fmt_int(report.samples)} images"),
+        Text.assemble("Test loss ", (f"{report.test_loss:.4f}", "bold"), ", accuracy ",
+                      (f"{report.test_acc:.2f}%", "bold"),
+                      (f" (recorded in the run: {report.recorded_test_acc:.2f}%)"
+                       if report.recorded_test_acc is not None else "")),
     ]
-    per_class = Table(title="Per class (percent)", title_justify="left")
+    per_class = Table(title="Per class (percent; - where undefined)", title_justify="left")
     for name in ("class", "support", "accuracy", "precision", "recall"):
-        per_class.add_column(name.capitalize(), justify="right")
-    for row in report["per_class"]:
+        _num_column(per_class, name.capitalize())
+    for row in report.per_class:
         per_class.add_row(str(row["class"]), fmt_int(row["support"]),
-                          *(f"{row[k]:.2f}" for k in ("accuracy", "precision", "recall")))
-    cm = report["confusion_matrix"]
+                          *("-" if row[k] is None else f"{row[k]:.2f}" for k in ("accuracy", "precision", "recall")))
+    cm = report.confusion_matrix
     matrix = Table(title="Confusion matrix (rows: true class, columns: predicted)", title_justify="left")
     matrix.add_column("", style="bold", justify="right")
     for c in range(len(cm)):
-        matrix.add_column(str(c), justify="right")
+        _num_column(matrix, str(c))
     for r, row in enumerate(cm):
         matrix.add_row(str(r), *(Text(str(v), style="bold green" if r == c else ("red" if v else "dim"))
                                  for c, v in enumerate(row)))
@@ -271,46 +426,282 @@ def evaluation(report: dict[str, Any]) -> Group:
 
 # --------------------------------------------------------------------------- compare
 
+SPARKS = "▁▂▃▄▅▆▇█"
+NO_RUN = "no run"
 
-def compare_tables(report: dict[str, Any]) -> Group:
-    from mnistkit.compare import CHECK_LABELS, NOT_RUN, check_keys, row_cells, sparkline
 
+def sparkline(values: list[float], low: float | None = None, high: float | None = None) -> str:
+    if not values:
+        return ""
+    lo = min(values) if low is None else low
+    hi = max(values) if high is None else high
+    span = hi - lo
+    return "".join(SPARKS[min(len(SPARKS) - 1, max(0, int((v - lo) / span * (len(SPARKS) - 1) + 0.5)))]
+                   if span > 0 else SPARKS[-1] for v in values)
+
+
+SCHEDULER_NAMES = {"onecycle": "OneCycleLR", "step": "StepLR", "none": "constant"}
+
+
+def lr_scheduler(lr: float | None, scheduler: str | None) -> str:
+    return f"{lr:g}/{SCHEDULER_NAMES.get(scheduler, scheduler)}" if lr is not None else "-"
+
+
+def check_labels(c: dict[str, Any], consistent_epochs: int) -> dict[str, str]:
+    return {
+        "params": f"params < {c.get('max_params', 0):,}",
+        "batchnorm": "BatchNorm",
+        "dropout": "Dropout",
+        "gap_head": "GAP head",
+        "epochs": f"epochs < {c.get('max_epochs')}",
+        "test_acc": f"final test ≥ {c.get('min_test_acc')}%",
+        "consistent": f"last {consistent_epochs} ≥ {c.get('min_test_acc')}%",
+    }
+
+
+def check_keys(report: dict[str, Any]) -> list[str]:
+    """The checklist columns: the constraints that some iteration is checked against."""
+    labels = check_labels(report["constraints"], report["consistent_epochs"])
+    return [k for k in labels if any(k in row["checks"] for row in report["iterations"])]
+
+
+def check_cell(value: Any) -> tuple[str, str]:
+    """(text, style) of a checklist cell. Per-seed checks say how many seeds held."""
+    from mnistkit.compare import check_passed
+
+    ok = check_passed(value)
+    if ok is None:
+        return NO_RUN, "dim"
+    mark = "✓" if ok else "✗"
+    if isinstance(value, dict):
+        return f"{mark} {value['passed']}/{value['of']}", "bold green" if ok else "bold red"
+    return mark, "bold green" if ok else "bold red"
+
+
+def overall(row: dict[str, Any], keys: list[str]) -> Any:
+    from mnistkit.compare import check_passed
+
+    values = [check_passed(row["checks"].get(k)) for k in keys]
+    return False if False in values else (None if None in values else True)
+
+
+def how_to_make(row: dict[str, Any]) -> str:
+    return f"mnistkit train {row['model']} --seeds 3"
+
+
+def compare_cells(row: dict[str, Any]) -> dict[str, str]:
+    """The text of one iteration's cells, shared by the markdown export and the Rich tables."""
+    rep, m = row["reported"], row["measured"]
+    return {
+        "id": row["id"],
+        "changes": row["changes"],
+        "params": (f"{rep['params']:,}" if "params" in rep else "-") + f" / {row['params']:,}",
+        "test_reported": fmt_pct(rep.get("test_acc")),
+        "test_measured": mean_std(m["test_acc"]) if m else NO_RUN,
+        "test_min": fmt_pct(m["test_acc"]["min"]) if m else "",
+        "seeds": str(m["n"]) if m else "0",
+        "train": (fmt_pct(rep.get("train_acc")) + " / " + (fmt_pct(m["train_acc"]["mean"]) if m else NO_RUN)),
+        "best": mean_std(m["best_test_acc"]) if m else "",
+        "gap": f"{m['gap']['mean']:+.2f}" if m else "",
+        "epochs": f"{rep.get('epochs', '-')} / " + (str(m["epochs"]) if m else NO_RUN),
+        "lr": (rep.get("lr_scheduler", "-") if not m or lr_scheduler(m["lr"], m["scheduler"]) == rep.get("lr_scheduler")
+               else f"{rep.get('lr_scheduler', '-')} / {lr_scheduler(m['lr'], m['scheduler'])}"),
+        "first": (", ".join("never" if e is None else str(e) for e in m["first_epoch_at_target"]) if m else ""),
+        "delta_test": f"{row['delta_test_acc']:+.2f}" if row["delta_test_acc"] is not None else "",
+        "delta_params": f"{row['delta_params']:+,}" if row["delta_params"] is not None else "",
+    }
+
+
+def _spec_table(title: str, caption: str | None, specs: list[tuple[str, str, Callable[[int], Any]]],
+                n_rows: int) -> Table:
+    """A table from column specs ``(header, kind, cell(i))``; kind: ``text`` (wraps), ``num``
+    (right-aligned, folds rather than truncates), ``fixed`` (never wraps), ``mark`` (centred)."""
+    t = Table(title=Text(title), title_justify="left", caption=Text(caption) if caption else None,
+              caption_justify="left")
+    for header, kind, _ in specs:
+        if kind == "num":
+            _num_column(t, header)
+        elif kind == "mark":
+            t.add_column(header, justify="center", overflow="fold")
+        elif kind == "fixed":
+            t.add_column(header, no_wrap=True)
+        else:
+            t.add_column(header, min_width=10, overflow="fold")
+    for i in range(n_rows):
+        t.add_row(*(v if isinstance(v := cell(i), Text) else Text(str(v)) for _, _, cell in specs))
+    return t
+
+
+def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = False) -> Group:
     c = report["constraints"]
-    table = Table(title=f"Change-log ({report['experiments']}) beside runs in {report['runs_dir']}/",
-                  title_justify="left", caption="reported / measured; measured: the final epoch of the newest run of each iteration "
-                          "(\"of N!\": the run stopped before its N epochs). LR/Scheduler shows one value when both agree.",
-                  caption_justify="left")
-    for name, justify in (("Iter", "left"), ("Key changes", "left"), ("Params", "right"), ("Train acc", "right"),
-                          ("Test acc", "right"), ("Best (ep)", "right"), (f">= {c.get('min_test_acc', '-')}% at", "right"),
-                          ("Gap", "right"), ("Epochs", "right"), ("LR/Scheduler", "left"), ("Δ test", "right"),
-                          ("Δ params", "right"), ("Test acc / epoch", "left")):
-        table.add_column(name, justify=justify, no_wrap=name != "Key changes",
-                         min_width=18 if name == "Key changes" else None)
-    all_curves = [v for row in report["iterations"] if row["measured"] for v in row["measured"]["test_acc_curve"]]
-    lo, hi = (min(all_curves), max(all_curves)) if all_curves else (None, None)
+    target = c.get("min_test_acc")
+    rows = report["iterations"]
+    cells = [compare_cells(row) for row in rows]
+    n = len(rows)
+    curves = [v for row in rows if row["measured"] for v in row["measured"]["test_acc_curve"]]
+    lo, hi = (min(curves), max(curves)) if curves else (None, None)
 
-    def styled(text: str) -> Text:
-        out = Text(text)
-        for word, style in ((NOT_RUN, "dim"), ("never", "red")):
-            out.highlight_words([word], style=style)
-        return out
+    def params(i: int) -> Text:
+        text = Text(cells[i]["params"])
+        if not rows[i]["params_match"]:
+            text.stylize("bold red")
+            text.append(" ≠", style="bold red")
+        return text
 
-    for row in report["iterations"]:
-        cells = {k: styled(v) for k, v in row_cells(row).items()}
-        if not row["params_match"]:
-            cells["params"].stylize("bold red", cells["params"].plain.index("/ ") + 2)
-            cells["params"].append(" ≠", style="bold red")
-        m = row["measured"]
-        table.add_row(*cells.values(), sparkline(m["test_acc_curve"], lo, hi) if m else "")
-    checks = Table(title="Assignment checklist (computed from each model and its newest run)", title_justify="left")
-    checks.add_column("Iter")
+    col = {
+        "iter": ("Iter", "fixed", lambda i: cells[i]["id"]),
+        "changes": ("Key changes", "text", lambda i: cells[i]["changes"]),
+        "params": ("Params rep. / meas.", "num", params),
+        "delta_params": ("Δ params", "num", lambda i: cells[i]["delta_params"]),
+        "test_rep": ("Test acc reported", "num", lambda i: cells[i]["test_reported"]),
+        "test_meas": ("Test acc measured", "num",
+                      lambda i: Text(cells[i]["test_measured"], style="" if rows[i]["measured"] else "dim")),
+        "test_min": ("Min", "num", lambda i: cells[i]["test_min"]),
+        "seeds": ("Seeds", "num", lambda i: cells[i]["seeds"]),
+        "delta_test": ("Δ test", "num", lambda i: cells[i]["delta_test"]),
+        "samples": ("Train images", "num", lambda i: fmt_int(rows[i]["measured"]["train_samples"])
+                    if rows[i]["measured"] and rows[i]["measured"]["train_samples"] is not None else NO_RUN),
+        "train": ("Train acc rep. / meas.", "num", lambda i: cells[i]["train"]),
+        "best": ("Best (test-chosen)", "num", lambda i: cells[i]["best"]),
+        "gap": ("Gap", "num", lambda i: cells[i]["gap"]),
+        "epochs": ("Epochs rep. / meas.", "num", lambda i: cells[i]["epochs"]),
+        "lr": ("LR/Scheduler", "text", lambda i: cells[i]["lr"]),
+        "first": (f"≥ {target}% at epoch", "num", lambda i: cells[i]["first"]),
+        "curve": ("Test acc / epoch", "fixed", lambda i: sparkline(rows[i]["measured"]["test_acc_curve"], lo, hi)
+                  if rows[i]["measured"] else ""),
+    }
+
+    def table(title: str, caption: str | None, keys: list[str]) -> Callable[[], Table]:
+        return lambda: _spec_table(title, caption, [col[k] for k in keys], n)
+
+    def group(*tables: Callable[[], Table]) -> Callable[[], RenderableType]:
+        return lambda: Group(*(make() for make in tables))
+
+    t1 = f"Change-log {report['experiments']}: reported beside measured (comparable runs in {report['runs_dir']})"
+    c1 = "Measured test acc: the final epoch, mean ± sample std over seeds. Δ: against the previous iteration."
+    changelog = fit(console, [
+        table(t1, c1, ["iter", "changes", "params", "test_rep", "test_meas", "test_min", "seeds", "delta_test",
+                       "delta_params"]),
+        group(table(t1, None, ["iter", "changes", "params", "delta_params"]),
+              table("Test accuracy: reported beside measured", c1,
+                    ["iter", "test_rep", "test_meas", "test_min", "seeds", "delta_test"])),
+    ])
+    t2 = "Comparable runs: official MNIST, the whole training set, the change-log's recipe"
+    c2 = (f"Best: the best epoch's test accuracy, chosen on the test set itself (optimistic). Gap: train minus "
+          f"test accuracy. ≥ {target}% at: the first epoch at the target, per seed.")
+    measured = fit(console, [
+        table(t2, c2, ["iter", "samples", "train", "best", "gap", "epochs", "lr", "first", "curve"]),
+        table(t2, c2, ["iter", "samples", "train", "best", "gap", "epochs", "lr", "first"]),
+        group(table(t2, None, ["iter", "samples", "epochs", "lr", "first"]),
+              table("Comparable runs: accuracy", c2, ["iter", "train", "best", "gap", "curve"])),
+    ])
+
     keys = check_keys(report)
-    for k in keys:
-        checks.add_column(CHECK_LABELS[k](c), justify="center")
-    checks.add_column("All", justify="center")
-    marks = {True: Text("✓", style="bold green"), False: Text("✗", style="bold red"), None: Text(NOT_RUN, style="dim")}
+    short = {"params": f"< {c.get('max_params', 0):,}", "batchnorm": "BN", "dropout": "Drop", "gap_head": "GAP",
+             "epochs": f"ep < {c.get('max_epochs')}", "test_acc": f"final ≥ {target}",
+             "consistent": f"last {report['consistent_epochs']} ≥ {target}"}
+
+    def checklist(labels: dict[str, str]) -> Callable[[], Table]:
+        specs = [("Iter", "fixed", lambda i: rows[i]["id"])]
+        specs += [(labels[k], "mark", (lambda k: lambda i: Text(*check_cell(rows[i]["checks"].get(k))))(k))
+                  for k in keys]
+        specs.append(("All", "mark", lambda i: Text(*check_cell(overall(rows[i], keys)))))
+        return lambda: _spec_table("Assignment checklist (comparable runs only; accuracy checks count seeds)",
+                                   None, specs, n)
+
+    parts: list[RenderableType] = [
+        Text(f"Runs used: {report['comparable_means']}.", style="dim"), changelog, measured,
+        fit(console, [checklist(check_labels(c, report["consistent_epochs"])), checklist(short)]),
+    ]
+    for row in rows:
+        if not row["measured"]:
+            parts.append(Text(f"{row['id']}: no comparable run in {report['runs_dir']}; make one with: "
+                              f"{how_to_make(row)}", style="yellow"))
+    others = [(row["id"], r) for row in rows for r in row["other_runs"]]
+    if others and not all_runs:
+        parts.append(Text(f"{len(others)} other run(s) not used (other data, fewer images or epochs, or another "
+                          "recipe); --all-runs lists them.", style="dim"))
+    if others and all_runs:
+        def data(r: dict[str, Any]) -> str:
+            return f"{r['dataset']}, {fmt_int(r['train_samples'])} train" if r["train_samples"] else str(r["dataset"])
+
+        specs = [("Iter", "fixed", lambda i: others[i][0]),
+                 ("Run", "text", lambda i: os.path.basename(others[i][1]["run"])),
+                 ("Data", "text", lambda i: data(others[i][1])),
+                 ("Seed", "num", lambda i: str(others[i][1]["seed"])),
+                 ("Final test", "num", lambda i: fmt_pct(others[i][1]["test_acc"])),
+                 ("Not comparable because", "text", lambda i: "; ".join(others[i][1]["why_not"]))]
+        parts.append(_spec_table("Other runs: experiments, not the iterations (never counted in the checklist)",
+                                 None, specs, len(others)))
+    return Group(*parts)
+
+
+def compare_markdown(report: dict[str, Any]) -> str:
+    c = report["constraints"]
+    lines = [
+        f"Runs used: {report['comparable_means']}.", "",
+        "| Iter | Key changes | Params (reported / measured) | Test acc reported | Test acc measured (mean ± std) "
+        "| Min | Seeds | Train acc (reported / measured) | Best (test-selected) | Gap | Epochs | LR/Scheduler "
+        "| Δ test acc | Δ params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["iterations"]:
-        values = [row["checks"].get(k) for k in keys]
-        overall = False if False in values else (None if None in values else True)
-        checks.add_row(row["id"], *(marks[v] for v in values), marks[overall])
-    return Group(table, checks)
+        cell = compare_cells(row)
+        params = cell["params"] + ("" if row["params_match"] else " **MISMATCH**")
+        lines.append("| " + " | ".join([cell["id"], cell["changes"], params, cell["test_reported"], cell["test_measured"],
+                                         cell["test_min"], cell["seeds"], cell["train"], cell["best"], cell["gap"],
+                                         cell["epochs"], cell["lr"], cell["delta_test"], cell["delta_params"]]) + " |")
+    keys = check_keys(report)
+    labels = check_labels(c, report["consistent_epochs"])
+    lines += ["", "| Iter | " + " | ".join(labels[k] for k in keys) + " | All |", "|---|" + "---|" * (len(keys) + 1)]
+    for row in report["iterations"]:
+        marks = [check_cell(row["checks"].get(k))[0].replace("✓", "✅").replace("✗", "❌") for k in keys]
+        every = check_cell(overall(row, keys))[0].replace("✓", "✅").replace("✗", "❌")
+        lines.append(f"| {row['id']} | " + " | ".join(marks) + f" | {every} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_csv(report: dict[str, Any]) -> str:
+    from mnistkit.compare import COLUMNS, flat_rows
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in flat_rows(report):
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def compare_plot(report: dict[str, Any]) -> bytes:
+    """Every iteration's mean test-accuracy curve (comparable runs) as PNG bytes (needs matplotlib)."""
+    from mnistkit.errors import MnistkitError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MnistkitError("drawing the plot needs matplotlib, which is not installed; install it with "
+                            "pip install 'mnistkit[plot]' (or pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
+    drawn = 0
+    for row in report["iterations"]:
+        m = row["measured"]
+        if m:
+            curve = m["test_acc_curve"]
+            ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
+                    label=f"{row['id']} ({row['params']:,} params, {m['n']} seed{'s' if m['n'] > 1 else ''})")
+            drawn += 1
+    target = report["constraints"].get("min_test_acc")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}%")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.set_title("Test accuracy per epoch, comparable runs" + ("" if drawn else " (none yet)"))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,185 +1,71 @@
-"""The trainer: recipe, seeding, device choice, optimizer and scheduler, fit, evaluate, resume."""
+"""The trainer: ``train`` starts a run, ``resume`` continues one; both go through one fit loop
+and one ``train_one_epoch``. The run folder is written by ``runs.RunWriter``, which also owns
+"best"; evaluation lives in ``evaluation``; settings in ``recipe``."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
-import platform
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistkit import __version__
-from mnistkit.data import Augment, EvalBatches, Split, TrainBatches, load_dataset
-from mnistkit.errors import MnistkitError, UsageError
+from mnistkit.data import EvalBatches, Split, TrainBatches, hold_out, load_dataset
+from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
+from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
-from mnistkit.runs import (best_row, load_checkpoint, new_run_dir, read_config, save_checkpoint,
-                           write_config, write_metrics)
+from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
+from mnistkit.runs import EpochMetrics, RunWriter, load_checkpoint, read_config, selected_on
 
-OPTIMIZERS = ("sgd",)
-SCHEDULERS = ("onecycle", "step", "none")
-PRECISIONS = ("auto", "fp32", "bf16")
+__all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback",
+           "build_optimizer", "build_scheduler", "load_data"]
+
+SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Every training hyperparameter. Built from experiments.yaml, overridden by CLI options,
-    and written into the run folder so that the run can be reproduced from it alone."""
+class RunStart:
+    """What a callback learns when a run starts (or resumes)."""
 
-    epochs: int = 15
-    batch_size: int = 256
-    test_batch_size: int = 1024
-    optimizer: str = "sgd"
-    lr: float = 0.2  # the maximum LR for OneCycleLR, the initial LR for StepLR
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    scheduler: str = "onecycle"
-    pct_start: float = 0.2
-    div_factor: float = 10.0
-    final_div_factor: float = 100.0
-    step_size: int = 1
-    gamma: float = 0.1
-    dropout: float = 0.05
-    label_smoothing: float = 0.0
-    augment: Augment = field(default_factory=Augment)
-    mean: float = 0.1307
-    std: float = 0.3081
-    seed: int = 42
-    # bf16 autocast for the training step (BN, loss and evaluation stay fp32); "auto" picks bf16
-    # where the hardware computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32
-    precision: str = "auto"
-    channels_last: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("epochs", self.epochs >= 1, "must be at least 1"),
-            ("batch_size", self.batch_size >= 1, "must be at least 1"),
-            ("test_batch_size", self.test_batch_size >= 1, "must be at least 1"),
-            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a positive number"),
-            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
-            ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
-            ("pct_start", 0 < self.pct_start < 1, "must be in (0, 1)"),
-            ("momentum", self.momentum >= 0, "must be >= 0"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("std", self.std > 0, "must be positive"),
-            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
-            ("augment.interpolation", self.augment.interpolation in ("nearest", "bilinear"),
-             "must be nearest or bilinear"),
-            ("augment.scale_min", 0 < self.augment.scale_min <= self.augment.scale_max,
-             "must be positive and at most scale_max"),
-        ]
-        for key, ok, detail in checks:
-            if not ok:
-                raise UsageError(f"{key} {detail}", key=key, detail=detail)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def _typed(cls: type, data: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
-        """Check keys and types of ``data`` against dataclass ``cls``; ints are accepted as floats."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        out = {}
-        for name, value in data.items():
-            key = prefix + str(name)
-            if name not in fields:
-                detail = f"unknown key; known keys: {', '.join(sorted(fields))}"
-                raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}",
-                                 key=key, detail=detail)
-            default = fields[name].default
-            if default is dataclasses.MISSING:  # nested dataclass
-                out[name] = value
-                continue
-            expected = type(default)
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-                detail = f"must be {expected.__name__}, not {type(value).__name__} ({value!r})"
-                raise UsageError(f"{where}: {key} {detail}", key=key, detail=detail)
-            out[name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
-        values = cls._typed(cls, data, where)
-        if "augment" in values and not isinstance(values["augment"], Augment):
-            aug = values["augment"]
-            if not isinstance(aug, dict):
-                raise UsageError(f"{where}: augment must be a mapping", key="augment", detail="must be a mapping")
-            values["augment"] = Augment(**cls._typed(Augment, aug, where, prefix="augment."))
-        try:
-            return cls(**values)
-        except UsageError as exc:
-            raise UsageError(f"{where}: {exc}", key=exc.key, detail=exc.detail) from None
-
-    def replace(self, **changes: Any) -> "Recipe":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+    run_dir: Path
+    model: str
+    params: int
+    device: str
+    epochs: int
+    start_epoch: int
+    steps: int
+    train_samples: int
+    val_samples: int
+    test_samples: int
+    recipe: Recipe
+    data: DataOptions
+    best: EpochMetrics | None = None  # the best epoch so far (resuming)
+    notes: tuple[str, ...] = ()
 
 
-# --------------------------------------------------------------------------- environment
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress inside an epoch: running means over the epoch so far."""
+
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+    acc: float
+    lr: float
+    images: int
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; asking for an absent device is an error."""
-    name = (name or "auto").lower()
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-        return torch.device(name)
-    if name == "mps":
-        if not has_mps:
-            raise UsageError("--device mps was asked for but Apple's MPS is not available; use --device cpu or auto")
-        return torch.device("mps")
-    raise UsageError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where the device computes bf16 natively, else ``fp32``."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        try:
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            return "fp32"
-    return "fp32"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is optional
-        pass
-    torch.manual_seed(seed)
-
-
-def versions() -> dict[str, str]:
-    import torchvision
-
-    return {"mnistkit": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version()}
+class Callback(Protocol):
+    def on_start(self, start: RunStart) -> None: ...
+    def on_step(self, step: StepInfo) -> None: ...
+    def on_epoch(self, row: EpochMetrics, best: bool) -> None: ...
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -202,124 +88,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
     return None, False
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-EVAL_CHUNK = 256
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, batches: EvalBatches, label_smoothing: float = 0.0,
-             predictions: bool = False) -> dict[str, Any]:
-    """Mean loss and accuracy (percent) over a split; optionally every prediction."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=batches.y.device)
-    correct = torch.zeros((), device=batches.y.device, dtype=torch.long)
-    preds = []
-    for xb, yb in batches:
-        # chunks of EVAL_CHUNK: on CPU a 1024-image batch falls out of cache and runs 2-4x slower;
-        # every figure is per image, so the chunking changes no result
-        for x, y in zip(xb.split(EVAL_CHUNK), yb.split(EVAL_CHUNK)):
-            out = model(x)
-            loss_sum += F.cross_entropy(out, y, reduction="sum", label_smoothing=label_smoothing)
-            p = out.argmax(1)
-            correct += (p == y).sum()
-            if predictions:
-                preds.append(p)
-    model.train(was_training)
-    n = len(batches.y)
-    result = {"loss": float(loss_sum) / n, "acc": 100.0 * int(correct) / n, "n": n}
-    if predictions:
-        result["predictions"] = torch.cat(preds).cpu()
-    return result
-
-
-def per_class_report(labels: torch.Tensor, predictions: torch.Tensor, classes: int = 10) -> dict[str, Any]:
-    """Confusion matrix (rows: true class, columns: predicted) and per-class figures in percent."""
-    cm = torch.bincount(labels.long() * classes + predictions.long(), minlength=classes * classes).view(classes, classes)
-    tp = cm.diag().double()
-    support, predicted = cm.sum(1).double(), cm.sum(0).double()
-    recall = torch.where(support > 0, 100 * tp / support.clamp_min(1), torch.full_like(tp, float("nan")))
-    precision = torch.where(predicted > 0, 100 * tp / predicted.clamp_min(1), torch.full_like(tp, float("nan")))
-    return {
-        "confusion_matrix": cm.tolist(),
-        "per_class": [
-            {"class": c, "support": int(support[c]), "accuracy": float(recall[c]), "recall": float(recall[c]),
-             "precision": float(precision[c])}
-            for c in range(classes)
-        ],
-    }
-
-
-# --------------------------------------------------------------------------- training
-
-
-class Callback(Protocol):
-    def on_start(self, info: dict[str, Any]) -> None: ...
-    def on_step(self, epoch: int, step: int, steps: int, loss: float, acc: float, lr: float, ips: float) -> None: ...
-    def on_epoch(self, row: dict[str, Any]) -> None: ...
-
-
-class TrainingDiverged(MnistkitError):
-    exit_code = 3
-
-
-@contextlib.contextmanager
-def _sigint_deferred():
-    """Hold back Ctrl-C while an epoch's results are written, so that metrics.jsonl, best.pt and
-    last.pt always describe the same epoch; a Ctrl-C pressed meanwhile is raised right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pending:
-        raise KeyboardInterrupt
-
-
-class TrainingInterrupted(MnistkitError):
-    exit_code = 130
-
-
-@dataclass
-class DataOptions:
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    limit: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def load_data(options: DataOptions, seed: int) -> tuple[Split, Split]:
+def load_data(options: DataOptions, seed: int) -> tuple[Split, Split | None, Split]:
+    """``(train, val, test)``: the validation images (``options.val``) are held out of the
+    training set first, then ``options.limit`` keeps the first images of the rest."""
     train = load_dataset(options.dataset, "train", options.data_dir, seed=seed)
     test = load_dataset(options.dataset, "test", options.data_dir, seed=seed)
+    val = None
+    if options.val:
+        if options.val >= len(train):
+            raise UsageError(f"val {options.val:,} leaves no training images: the {options.dataset} training set "
+                             f"has {len(train):,}", key="val")
+        train, val = hold_out(train, options.val, options.val_seed)
     if options.limit is not None:
-        if options.limit < 1:
-            raise UsageError("--limit must be a positive number of training samples")
         if options.limit > len(train):
-            raise UsageError(f"--limit {options.limit:,} is larger than the {options.dataset} training set "
-                             f"({len(train):,} samples); use at most {len(train):,}")
+            raise UsageError(f"limit {options.limit:,} is larger than the {options.dataset} training set "
+                             f"({len(train):,} samples{' after the validation split' if val else ''}); "
+                             f"use at most {len(train):,}", key="limit")
         train = train.head(options.limit)
-    return train, test
+    return train, val, test
 
 
-SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
-
-
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(), "data": generator.get_state()}
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
+def provenance(data: DataOptions, train: Split, val: Split | None, test: Split) -> dict[str, Any]:
+    """What a run's figures were measured on, recorded in its config: the dataset, whether the
+    files are the official MNIST release, and how many images each split held."""
+    official = data.dataset == "mnist" and train.official and test.official
+    return {"dataset": data.dataset, "official_mnist": official, "train_samples": len(train),
+            "val_samples": len(val) if val is not None else 0, "test_samples": len(test),
+            "full_training_set": official and data.limit is None and not data.val}
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -340,219 +135,222 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 
 
 @dataclass
+class _Session:
+    """Everything one fit needs, built the same way for a new run and a resumed one."""
+
+    model_name: str
+    recipe: Recipe
+    data: DataOptions
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_step: bool
+    batches: TrainBatches
+    test_batches: EvalBatches
+    val_batches: EvalBatches | None
+    generator: torch.Generator
+    params: int
+    measured_on: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    def finite_weights(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+
+    def resumable_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "data": self.generator.get_state()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["data"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise RunError(f"last.pt cannot be resumed ({type(exc).__name__}); the run folder is damaged") from None
+
+
+def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) -> _Session:
+    dev = resolve_device(device)
+    # the run records what "auto" meant on this machine (a resolved value resolves to itself)
+    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
+    seed_everything(recipe.seed)
+    train_split, val_split, test_split = load_data(data, recipe.seed)
+    model = get_model(model_name, dropout=recipe.dropout).to(dev)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator(device=dev).manual_seed(recipe.seed)
+    batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
+    test_batches, val_batches = (
+        EvalBatches(split, recipe.test_batch_size, dev, recipe.mean, recipe.std, channels_last=recipe.channels_last)
+        if split is not None else None for split in (test_split, val_split))
+    optimizer = build_optimizer(model, recipe)
+    scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
+    session = _Session(model_name, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
+                       val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       provenance(data, train_split, val_split, test_split))
+    if per_step and scheduler.total_steps > recipe.epochs * len(batches):
+        session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
+                             f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
+                             "LR will not finish annealing")
+    return session
+
+
+def train_one_epoch(s: _Session, epoch: int, callback: Callback | None = None) -> tuple[float, float, int]:
+    """One pass over the training set; returns (mean loss, accuracy in percent, images seen)."""
+    t0 = last_sync = time.perf_counter()
+    loss_sum = torch.zeros((), device=s.device)
+    correct = torch.zeros((), device=s.device, dtype=torch.long)
+    seen, steps = 0, len(s.batches)
+    for step, (x, y) in enumerate(s.batches, 1):
+        loss, hits = train_step(s.model, x, y, s.optimizer, s.scheduler if s.per_step else None,
+                                s.recipe.label_smoothing, s.recipe.precision == "bf16", s.recipe.channels_last)
+        loss_sum += loss * len(y)
+        correct += hits
+        seen += len(y)
+        if step == steps or time.perf_counter() - last_sync >= SYNC_SECONDS:
+            last_sync = time.perf_counter()
+            mean_loss = float(loss_sum) / seen
+            if not math.isfinite(mean_loss):
+                raise _Diverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
+            if callback:
+                callback.on_step(StepInfo(epoch, step, steps, mean_loss, 100.0 * int(correct) / seen,
+                                          s.optimizer.param_groups[0]["lr"], seen))
+    return float(loss_sum) / seen, 100.0 * int(correct) / seen, seen
+
+
+class _Diverged(Exception):
+    pass
+
+
+def _kept(writer: RunWriter) -> str:
+    """What a diverged run leaves: only finite epochs are ever committed."""
+    if writer.epoch == 0:
+        return (f"no epoch finished with finite numbers, so the run has no trained checkpoint "
+                f"({writer.run_dir / 'last.pt'} holds the untrained initial weights)")
+    return (f"{writer.run_dir / 'last.pt'} holds epoch {writer.epoch}, the last with finite weights "
+            f"(best.pt: epoch {writer.best.epoch})")
+
+
+@dataclass
 class RunResult:
     run_dir: Path
     model: str
     params: int
     epochs: int
-    metrics: list[dict[str, Any]]
+    metrics: list[EpochMetrics]
+    best: EpochMetrics
     seconds: float
     device: str
 
+    seed: int = 0
+    measured_on: dict[str, Any] = field(default_factory=dict)
+
     @property
-    def best(self) -> dict[str, Any]:
-        return best_row(self.metrics)
+    def selected_on(self) -> str:
+        return selected_on(self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
-        best, final = self.best, self.metrics[-1]
+        final = self.metrics[-1]
         return {
             "run_dir": str(self.run_dir), "model": self.model, "params": self.params, "epochs": self.epochs,
-            "device": self.device, "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-            "final_test_acc": final["test_acc"], "final_train_acc": final["train_acc"],
-            "final_test_loss": final["test_loss"], "seconds": round(self.seconds, 2),
+            "seed": self.seed, "device": self.device, "measured_on": self.measured_on,
+            "best_selected_on": self.selected_on, "best_epoch": self.best.epoch,
+            "best_test_acc": self.best.test_acc, "best_val_acc": self.best.val_acc,
+            "final_test_acc": final.test_acc, "final_train_acc": final.train_acc, "final_val_acc": final.val_acc,
+            "final_test_loss": final.test_loss, "last3_test_acc": [r.test_acc for r in self.metrics[-3:]],
+            "seconds": round(self.seconds, 2),
         }
 
 
-def train(
-    model_name: str | None = None,
-    recipe: Recipe | None = None,
-    data: DataOptions | None = None,
-    device: str = "auto",
-    runs_dir: str | Path = "runs",
-    resume: str | Path | None = None,
-    callback: Callback | None = None,
-    stop_after: int | None = None,
-) -> RunResult:
-    """Train a registered model with a recipe, writing a run folder; or resume one.
-
-    ``stop_after`` ends the run after that many epochs in this call, as an interruption would
-    (the run stays resumable); tests use it.
-    """
-    dev = resolve_device(device)
-    if resume is not None:
-        run_dir = Path(resume)
-        config = read_config(run_dir)
-        model_name = config["model"]
-        recipe = Recipe.from_dict(config["recipe"], where=f"{run_dir}/config.yaml recipe")
-        data = DataOptions(**config.get("data", {}))
-        state = load_checkpoint(run_dir / "last.pt")
-    else:
-        if model_name is None or recipe is None:
-            raise ValueError("train() needs a model name and a recipe unless it resumes a run")
-        model_name = model_info(model_name).name
-        data = data or DataOptions()
-        state = None
-
-    # the run records what "auto" meant on this machine (a resolved value resolves to itself)
-    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
-    bf16 = recipe.precision == "bf16"
-    seed_everything(recipe.seed)
-    train_split, test_split = load_data(data, recipe.seed)
-    model = get_model(model_name, dropout=recipe.dropout).to(dev)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    generator = torch.Generator(device=dev).manual_seed(recipe.seed)
-    batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
-    test_batches = EvalBatches(test_split, recipe.test_batch_size, dev, recipe.mean, recipe.std,
-                               channels_last=recipe.channels_last)
-    optimizer = build_optimizer(model, recipe)
-    scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
-
-    meta = {"model": model_name, "params": params, "recipe": recipe.to_dict(), "data": data.to_dict(),
-            "versions": versions()}
-    metrics: list[dict[str, Any]] = []
-    start_epoch = 0
-    if state is not None:
-        if state.get("model") != model_name:
-            raise MnistkitError(f"{run_dir}/last.pt holds model {state.get('model')!r}, the run is {model_name!r}")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], generator)
-        metrics = list(state["metrics"])
-        start_epoch = int(state["epoch"])
-
-    def checkpoint(epoch: int) -> None:
-        save_checkpoint(run_dir / "last.pt", {
-            **meta, "epoch": epoch, "metrics": metrics, "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "rng": _rng_state(generator),
-        })
-
-    if state is None:
-        with _sigint_deferred():  # a new run folder always holds config.yaml and last.pt, so it can resume
-            run_dir = new_run_dir(runs_dir, model_name)
-            write_config(run_dir, {**meta, "device": str(dev)})
-            checkpoint(0)
-    notes = []
-    if per_step and scheduler.total_steps > recipe.epochs * len(batches):
-        notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's warm-up "
-                     f"needs: the schedule is stretched to {scheduler.total_steps} steps and the LR will not "
-                     "finish annealing")
+def _fit(s: _Session, writer: RunWriter, callback: Callback | None) -> RunResult:
+    start_epoch, recipe = writer.epoch, s.recipe
     if callback:
-        callback.on_start({"notes": notes, "run_dir": str(run_dir), "model": model_name, "params": params, "device": str(dev),
-                           "epochs": recipe.epochs, "start_epoch": start_epoch, "steps": len(batches),
-                           "train_samples": len(train_split), "test_samples": len(test_split),
-                           "recipe": recipe.to_dict(), "data": data.to_dict()})
-    best_acc = max((r["test_acc"] for r in metrics), default=-1.0)
+        m = s.measured_on
+        callback.on_start(RunStart(writer.run_dir, s.model_name, s.params, str(s.device), recipe.epochs, start_epoch,
+                                   len(s.batches), m["train_samples"], m["val_samples"], m["test_samples"], recipe,
+                                   s.data, writer.best, tuple(s.notes)))
     t_run = time.perf_counter()
-    seconds_before = sum(r["seconds"] for r in metrics)
-    committed = start_epoch
-    model.train()
+    seconds_before = sum(r.seconds for r in writer.metrics)
+    s.model.train()
     try:
         for epoch in range(start_epoch + 1, recipe.epochs + 1):
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.long)
-            seen = 0
-            steps = len(batches)
-            last_sync = t0
-            for step, (x, y) in enumerate(batches, 1):
-                loss, hits = train_step(model, x, y, optimizer, scheduler if per_step else None,
-                                        recipe.label_smoothing, bf16, recipe.channels_last)
-                loss_sum += loss * len(y)
-                correct += hits
-                seen += len(y)
-                if step == steps or time.perf_counter() - last_sync >= SYNC_SECONDS:
-                    last_sync = time.perf_counter()
-                    mean_loss = float(loss_sum) / seen
-                    if not math.isfinite(mean_loss):
-                        raise TrainingDiverged(
-                            f"the training loss became {mean_loss} at epoch {epoch}, step {step}: the learning "
-                            f"rate ({recipe.lr:g}) is likely too high, try --lr {recipe.lr / 10:g}; the last good "
-                            f"checkpoint is {run_dir / 'last.pt'}"
-                        )
-                    if callback:
-                        callback.on_step(epoch, step, steps, mean_loss, 100.0 * int(correct) / seen,
-                                         optimizer.param_groups[0]["lr"], seen / (time.perf_counter() - t0))
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None and not per_step:
-                scheduler.step()
-            train_seconds = time.perf_counter() - t0
-            test = evaluate(model, test_batches, recipe.label_smoothing)
-            row = {
-                "epoch": epoch, "train_loss": float(loss_sum) / seen, "train_acc": 100.0 * int(correct) / seen,
-                "test_loss": test["loss"], "test_acc": test["acc"], "lr": lr,
-                "seconds": round(time.perf_counter() - t0, 3), "train_images_per_s": round(seen / train_seconds, 1),
-            }
-            with _sigint_deferred():
-                metrics.append(row)
-                if row["test_acc"] > best_acc:
-                    best_acc = row["test_acc"]
-                    save_checkpoint(run_dir / "best.pt", {**meta, "epoch": epoch, "metrics": metrics,
-                                                          "state_dict": model.state_dict()})
-                checkpoint(epoch)
-                write_metrics(run_dir, metrics)  # last: whatever it lists, last.pt already holds
-                committed = epoch
+            try:
+                train_loss, train_acc, seen = train_one_epoch(s, epoch, callback)
+                lr = s.optimizer.param_groups[0]["lr"]
+                if s.scheduler is not None and not s.per_step:
+                    s.scheduler.step()
+                train_seconds = time.perf_counter() - t0
+                test = evaluate(s.model, s.test_batches, recipe.label_smoothing)
+                val = evaluate(s.model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
+                if not s.finite_weights():
+                    raise _Diverged(f"the weights stopped being finite at epoch {epoch}")
+                for name, result in (("test", test), ("validation", val)):
+                    if result is not None and not math.isfinite(result.loss):
+                        raise _Diverged(f"the {name} loss became {result.loss} at epoch {epoch}")
+            except _Diverged as exc:
+                raise TrainingDiverged(f"{exc}: the learning rate ({recipe.lr:g}) is likely too high, try "
+                                       f"lr {recipe.lr / 10:g}; {_kept(writer)}") from None
+            row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
+                               round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
+                               val.loss if val else None, val.acc if val else None)
+            best = writer.commit(row, s.model.state_dict(), s.resumable_state())
             if callback:
-                callback.on_epoch(row)
-            if stop_after is not None and epoch - start_epoch >= stop_after and epoch < recipe.epochs:
-                raise KeyboardInterrupt
+                callback.on_epoch(row, best)
     except KeyboardInterrupt:
         raise TrainingInterrupted(
-            f"interrupted; {run_dir / 'last.pt'} holds the state after epoch {committed} of {recipe.epochs}. "
-            f"Resume with: mnistkit train --resume {run_dir}"
+            f"interrupted; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
+            f"{recipe.epochs}. Resume with: mnistkit train --resume {writer.run_dir}"
         ) from None
-    return RunResult(run_dir, model_name, params, recipe.epochs, metrics,
-                     seconds_before + time.perf_counter() - t_run, str(dev))
+    return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
+                     seconds_before + time.perf_counter() - t_run, str(s.device), recipe.seed, s.measured_on)
 
 
-def checkpoint_recipe(checkpoint: dict[str, Any], where: str = "checkpoint") -> Recipe:
-    """The typed recipe stored in a checkpoint (defaults for keys an older one lacks)."""
-    recipe = checkpoint.get("recipe") or {}
-    if not isinstance(recipe, dict):
-        raise MnistkitError(f"{where} holds no readable recipe; it is not a mnistkit checkpoint")
+def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | None = None, device: str = "auto",
+          runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None) -> RunResult:
+    """Train a registered model with ``recipe`` (default: ``Recipe()``) on ``data`` (default:
+    MNIST), writing a new run folder under ``runs_dir``."""
+    model_name = model_info(model_name).name
+    s = _session(model_name, recipe or Recipe(), data or DataOptions(), device)
+    meta = {"model": model_name, "params": s.params, "recipe": s.recipe.to_dict(), "data": s.data.to_dict(),
+            "measured_on": s.measured_on, "versions": versions()}
+    writer = RunWriter.create(runs_dir, meta, {**meta, "device": str(s.device)},
+                              {"state_dict": s.model.state_dict(), **s.resumable_state()})
+    return _fit(s, writer, callback)
+
+
+def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None = None) -> RunResult:
+    """Continue an interrupted run from its folder, with its own recipe and data; the result is
+    the same as an uninterrupted run's."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    where = f"{run_dir / 'config.yaml'}"
     try:
-        return Recipe.from_dict(recipe, where=f"{where} recipe")
-    except UsageError as exc:  # a damaged file, not a bad option: exit code 1
-        raise MnistkitError(str(exc)) from None
-
-
-def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None) -> nn.Module:
-    """Rebuild the registered model of a checkpoint and load its weights."""
-    name = checkpoint.get("model")
-    recipe = recipe or checkpoint_recipe(checkpoint)
-    model = get_model(str(name), dropout=recipe.dropout)
+        recipe = Recipe.from_dict(config["recipe"], where=f"{where} recipe")
+        data = DataOptions.from_dict(config.get("data") or {}, where=f"{where} data")
+    except UsageError as exc:  # a damaged file, not a bad option
+        raise RunError(str(exc)) from None
+    model_name = model_info(str(config["model"])).name
+    state = load_checkpoint(run_dir / "last.pt")
+    if state.get("model") != model_name:
+        raise RunError(f"{run_dir / 'last.pt'} holds model {state.get('model')!r}, the run is {model_name!r}")
+    s = _session(model_name, recipe, data, device)
     try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except (KeyError, RuntimeError) as exc:
-        raise MnistkitError(f"the checkpoint's weights do not fit model {name} ({str(exc).splitlines()[0][:150]})") from None
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                        device: str = "auto", batch_size: int | None = None) -> dict[str, Any]:
-    """Test loss/accuracy, per-class figures and confusion matrix of a run or checkpoint."""
-    from mnistkit.runs import resolve_checkpoint
-
-    path = resolve_checkpoint(target)
-    ckpt = load_checkpoint(path)
-    recipe = checkpoint_recipe(ckpt, str(path))
-    dev = resolve_device(device)
-    model = load_model(ckpt, recipe).to(dev)
-    saved_data = ckpt.get("data") or {}
-    dataset = dataset or saved_data.get("dataset", "mnist")
-    data_dir = data_dir or (saved_data.get("data_dir") if dataset == saved_data.get("dataset") else None)
-    test = load_dataset(dataset, "test", data_dir, seed=recipe.seed)
-    batches = EvalBatches(test, batch_size or recipe.test_batch_size, dev, recipe.mean, recipe.std,
-                          channels_last=recipe.channels_last)
-    result = evaluate(model, batches, recipe.label_smoothing, predictions=True)  # the loss as the run recorded it
-    report = per_class_report(test.labels, result.pop("predictions"))
-    recorded = next((r["test_acc"] for r in ckpt.get("metrics", []) if r["epoch"] == ckpt.get("epoch")), None)
-    return {"checkpoint": str(path), "model": ckpt["model"], "epoch": ckpt.get("epoch"), "dataset": dataset,
-            "test_loss": result["loss"], "test_acc": result["acc"], "samples": result["n"],
-            "recorded_test_acc": recorded, **report}
+        metrics = [EpochMetrics.from_dict(r, where=f"{run_dir / 'last.pt'} metrics") for r in state["metrics"]]
+    except (KeyError, TypeError):
+        raise RunError(f"{run_dir / 'last.pt'} holds no metrics; the run folder is damaged") from None
+    if len(metrics) != state.get("epoch"):
+        raise RunError(f"{run_dir / 'last.pt'} is inconsistent (epoch {state.get('epoch')!r}, "
+                       f"{len(metrics)} metrics rows); the run folder is damaged")
+    s.restore(state)
+    meta = {"model": model_name, "params": s.params, "recipe": s.recipe.to_dict(), "data": s.data.to_dict(),
+            "measured_on": s.measured_on, "versions": versions()}
+    return _fit(s, RunWriter(run_dir, meta, metrics), callback)

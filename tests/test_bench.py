@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end on tiny data, so they cannot rot."""
 
 import json
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from helpers import write_fake_mnist
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_runs_end_to_end(tmp_path):
     write_fake_mnist(tmp_path / "mnist", n_train=64, n_test=32)
     out = subprocess.run(
@@ -29,6 +32,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_runs_end_to_end(tmp_path):
     write_fake_mnist(tmp_path / "mnist", n_train=64, n_test=32)
     out = subprocess.run(
@@ -39,5 +43,5 @@ def test_accuracy_benchmark_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("| I")]
     assert [r.split("|")[1].strip() for r in rows] == ["I0", "I3"]
-    assert "| 14,500 | 15 |" in rows[1]  # I3 trained with its own recipe: 15 epochs
+    assert "| 14,500 | 42 | 15 |" in rows[1]  # I3 trained with its own recipe (15 epochs), seed 42
     assert len(list((tmp_path / "runs").iterdir())) == 2

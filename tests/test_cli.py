@@ -56,7 +56,9 @@ def test_custom_budget(runner):
     result = runner.invoke(app, ["summary", "I3", "--budget", "10000", "--json"])
     assert json.loads(result.stdout)["budget"] == {"limit": 10000, "params": 14500, "pass": False, "margin": -4500}
     bad = runner.invoke(app, ["summary", "I3", "--budget", "0"])
-    assert bad.exit_code != 0
+    assert bad.exit_code == 2 and bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--budget" in lines[0] and "summary --help" in lines[0], bad.stderr
 
 
 def test_unknown_model_is_one_clean_line(runner):
@@ -89,6 +91,7 @@ def test_help_and_version_do_not_import_torch(args):
     assert out.stdout.strip().endswith("TORCH_ABSENT")
 
 
+@pytest.mark.slow
 def test_console_script_runs_as_a_process():
     out = subprocess.run([sys.executable, "-m", "mnistkit", "summary", "NOPE"], capture_output=True, text=True,
                          timeout=120)
@@ -98,6 +101,7 @@ def test_console_script_runs_as_a_process():
 
 # ---------------------------------------------------------------- train and evaluate
 
+@pytest.mark.slow
 def test_train_and_evaluate_through_the_cli(runner, tmp_path):
     result = runner.invoke(app, ["train", "I3", "--dataset", "synthetic", "--epochs", "1", "--limit", "600",
                                  "--runs-dir", str(tmp_path), "--device", "cpu", "--json"])
@@ -106,11 +110,13 @@ def test_train_and_evaluate_through_the_cli(runner, tmp_path):
     assert {"run_dir", "model", "params", "epochs", "best_test_acc", "final_test_acc", "seconds"} <= set(data)
     assert data["model"] == "I3" and data["params"] == 14_500 and data["epochs"] == 1
     assert "epoch" in result.stderr  # the human display went to stderr under --json
+    assert data["experiments"].endswith("experiments.yaml") and "change-log:" in result.stderr
 
     ev = runner.invoke(app, ["evaluate", data["run_dir"], "--json", "--device", "cpu"])
     assert ev.exit_code == 0, ev.output
     report = json.loads(ev.stdout)
     assert report["test_acc"] == pytest.approx(data["best_test_acc"])
+    assert data["best_selected_on"] == "test" and data["measured_on"]["dataset"] == "synthetic"
     assert len(report["confusion_matrix"]) == 10 and len(report["per_class"]) == 10
 
     table = runner.invoke(app, ["evaluate", data["run_dir"], "--device", "cpu"])
@@ -134,10 +140,18 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["train", "NOPE"], "unknown model"),
-    (["train", "--epochs", "0"], "epochs must be at least 1"),
-    (["train", "--batch-size", "0"], "batch_size"),
+    (["train", "--epochs", "0"], "'--epochs'"),
+    (["train", "--batch-size", "0"], "'--batch-size'"),
     (["train", "--lr", "-1"], "lr must be"),
-    (["train", "--dataset", "cifar"], "unknown dataset"),
+    (["train", "--dataset", "cifar"], "'cifar' is not one of"),
+    (["train", "--precision", "fp8"], "'fp8' is not one of"),
+    (["train", "--seeds", "x"], "seeds must be"),
+    (["train", "--seed", "1", "--seeds", "3"], "not both"),
+    (["train", "--val", "-1"], "'--val'"),
+    (["train", "--limit", "0"], "'--limit'"),
+    (["train", "--unknown-flag"], "No such option"),
+    (["models", "--budget", "-5"], "'--budget'"),
+    (["compare", "--format", "xml"], "unknown format"),
     (["train", "--device", "tpu"], "unknown device"),
     (["train", "--dataset", "synthetic", "--limit", "100000"], "larger than"),
     (["train", "--resume", "x", "--epochs", "3"], "drop --epochs"),
@@ -146,9 +160,42 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
 def test_bad_input_is_one_line_without_traceback(runner, tmp_path, args, needle):
     result = runner.invoke(app, args + ["--runs-dir", str(tmp_path)] if args[0] == "train" else args)
     assert result.exit_code != 0
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert lines[0].startswith("error: ")
+
+
+@pytest.mark.parametrize("args", [["--precision", "BF16"], ["--precision", "Fp32"], ["--dataset", "SYNTHETIC"]])
+def test_choices_accept_any_case(runner, tmp_path, args):
+    result = runner.invoke(app, ["train", "I3", "--dataset", "synthetic", "--epochs", "1", "--limit", "256",
+                                 "--runs-dir", str(tmp_path), "--device", "cpu", "--quiet", "--json", *args])
+    assert result.exit_code == 0, result.output
+    config = (tmp_path / json.loads(result.stdout)["run_dir"] / "config.yaml").read_text()
+    if args[0] == "--precision":
+        assert f"precision: {args[1].lower()}" in config
+
+
+def test_data_dir_with_a_tilde_is_the_home_folder(runner, tmp_path, monkeypatch):
+    # "~/mnist" once became <cwd>/~/mnist, and a folder literally named "~" appeared
+    from helpers import write_fake_mnist
+
+    home = tmp_path / "home"
+    write_fake_mnist(home / "mnist", n_train=64, n_test=32)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    result = runner.invoke(app, ["train", "I3", "--data-dir", "~/mnist", "--epochs", "1", "--device", "cpu",
+                                 "--runs-dir", str(tmp_path / "runs"), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not (work / "~").exists()
+    run = json.loads(result.stdout)["run_dir"]
+    assert f"data_dir: {home / 'mnist'}" in (tmp_path / run / "config.yaml").read_text()
+    ev = runner.invoke(app, ["evaluate", run, "--data-dir", "~/mnist", "--device", "cpu", "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert not (work / "~").exists()
 
 
 def test_missing_mnist_offline_is_one_line(runner, tmp_path, monkeypatch):

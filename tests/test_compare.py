@@ -3,31 +3,60 @@ import io
 import json
 import re
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
-from mnistkit import compare
+from mnistkit import compare, render, strictjson
 from mnistkit.cli import app
-from mnistkit.experiments import ExperimentsError, load_experiments
-from mnistkit.training import DataOptions, Recipe, train
+from mnistkit.errors import ExperimentsError
+from mnistkit.experiments import find_experiments, load_experiments
+from mnistkit.recipe import DataOptions, Recipe
+from mnistkit.runs import EpochMetrics, write_metrics
+from mnistkit.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "mnistkit" / "experiments.yaml"
+GOOD = SHIPPED.read_text()
+
+CHANGELOG = (
+    "version: 1\n"
+    "constraints: {max_params: 20000, batchnorm: true, dropout: true, max_epochs: 20, min_test_acc: 99.4}\n"
+    "defaults: {batch_size: 128, lr: 0.05}\n"
+    "iterations:\n"
+    "  - {id: I0, model: I0, changes: base, reported: {params: 18060, train_acc: 93.0, test_acc: 98.0, epochs: 1, lr_scheduler: 0.1/StepLR}, recipe: {epochs: 1, scheduler: step}}\n"
+    "  - {id: I1, model: I1, changes: bn, reported: {params: 20978, train_acc: 99.5, test_acc: 99.6, epochs: 2, lr_scheduler: 0.05/OneCycleLR}, recipe: {epochs: 2}}\n"
+    "  - {id: I2, model: I2, changes: tr, reported: {params: 19000, test_acc: 99.6}, recipe: {epochs: 2}}\n"
+    "  - {id: I3, model: I3, changes: gap, reported: {params: 14500, train_acc: 99.7, test_acc: 99.6, epochs: 4}, recipe: {epochs: 4}}\n"
+)
+
+OFFICIAL = {"dataset": "mnist", "official_mnist": True, "train_samples": 60000, "val_samples": 0,
+            "test_samples": 10000, "full_training_set": True}
+
+
+def recorded_run(runs: Path, model: str, recipe: Recipe, test_accs: list[float], measured_on: dict = OFFICIAL,
+                 name: str | None = None) -> Path:
+    """A run folder as the trainer writes it (config.yaml and metrics.jsonl), for runs a test
+    cannot afford to train: 60,000 real images. compare reads nothing else."""
+    folder = runs / (name or f"{model}-seed{recipe.seed}-{time.monotonic_ns()}")
+    folder.mkdir(parents=True)
+    config = {"model": model, "params": 0, "recipe": recipe.replace(precision="bf16").to_dict(),
+              "data": DataOptions("mnist").to_dict(), "measured_on": measured_on}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    write_metrics(folder, [EpochMetrics(i + 1, 0.1, acc + 0.1, 0.02, acc, 0.01, 10.0, 5000.0)
+                           for i, acc in enumerate(test_accs)])
+    return folder
+
 
 @pytest.fixture(scope="module")
 def changelog(tmp_path_factory):
     """A change-log whose I2 reports a wrong parameter count, and tiny synthetic runs of I0, I1, I3
     written by the project's own trainer (I2 is left unrun)."""
     root = tmp_path_factory.mktemp("compare")
-    text = (
-        "version: 1\n"
-        "constraints: {max_params: 20000, batchnorm: true, dropout: true, max_epochs: 20, min_test_acc: 50.0}\n"
-        "defaults: {batch_size: 128, lr: 0.05}\n"
-        "iterations:\n"
-        "  - {id: I0, model: I0, changes: base, reported: {params: 18060, train_acc: 93.0, test_acc: 98.0, epochs: 1, lr_scheduler: 0.1/StepLR}, recipe: {epochs: 1, scheduler: step}}\n"
-        "  - {id: I1, model: I1, changes: bn, reported: {params: 20978, train_acc: 99.5, test_acc: 99.6, epochs: 2, lr_scheduler: 0.2/OneCycleLR}, recipe: {epochs: 2}}\n"
-        "  - {id: I2, model: I2, changes: tr, reported: {params: 19000, test_acc: 99.6}, recipe: {epochs: 2}}\n"
-        "  - {id: I3, model: I3, changes: gap, reported: {params: 14500, train_acc: 99.7, test_acc: 99.6, epochs: 2}, recipe: {epochs: 2}}\n"
-    )
     path = root / "experiments.yaml"
-    path.write_text(text)
+    path.write_text(CHANGELOG)
     exp = load_experiments(path)
     runs = root / "runs"
     results = {}
@@ -37,121 +66,176 @@ def changelog(tmp_path_factory):
     return exp, runs, results
 
 
-def test_measured_beside_reported(changelog):
+def wanted(exp, model):
+    return Recipe.from_dict(exp.recipe_dict(model))
+
+
+@pytest.mark.slow
+def test_synthetic_and_shortened_runs_never_turn_a_cell_green(changelog, runner, tmp_path):
     exp, runs, results = changelog
-    report = compare.build_report(exp, runs)
-    rows = {r["id"]: r for r in report["iterations"]}
-    for model, result in results.items():
-        m = rows[model]["measured"]
-        assert m["test_acc"] == result.metrics[-1]["test_acc"]
-        assert m["train_acc"] == result.metrics[-1]["train_acc"]
-        assert m["epochs"] == len(result.metrics) and m["complete"]
-        assert m["test_acc_curve"] == [r["test_acc"] for r in result.metrics]
-        assert m["gap"] == pytest.approx(m["train_acc"] - m["test_acc"])
-    assert rows["I2"]["measured"] is None
-    assert rows["I1"]["reported"]["test_acc"] == 99.6  # reported figures pass through untouched
-    assert rows["I1"]["delta_test_acc"] == pytest.approx(rows["I1"]["measured"]["test_acc"] - rows["I0"]["measured"]["test_acc"])
-    assert rows["I3"]["delta_test_acc"] is None  # previous iteration (I2) not run
-    assert rows["I1"]["delta_params"] == 20978 - 18060
-
-
-def test_params_mismatch_is_flagged(changelog):
-    exp, runs, _ = changelog
-    report = compare.build_report(exp, runs)
-    flags = {r["id"]: r["params_match"] for r in report["iterations"]}
-    assert flags == {"I0": True, "I1": True, "I2": False, "I3": True}
-    assert "19,000 / 19,494 **MISMATCH**" in compare.to_markdown(report)
-
-
-def test_checklist_is_computed(changelog):
-    exp, runs, results = changelog
-    rows = {r["id"]: r["checks"] for r in compare.build_report(exp, runs)["iterations"]}
-    assert rows["I0"]["batchnorm"] is False and rows["I0"]["dropout"] is False and rows["I0"]["params"] is True
-    assert rows["I1"]["params"] is False  # 20,978 is not under 20,000
-    assert rows["I2"]["epochs"] is None and rows["I2"]["test_acc"] is None  # not run
-    assert rows["I3"]["test_acc"] is (results["I3"].metrics[-1]["test_acc"] >= 50.0)
-    assert rows["I3"]["epochs"] is True
-
-
-def test_newest_run_wins(changelog, tmp_path):
-    exp, runs, _ = changelog
     import shutil
 
     copy = tmp_path / "runs"
     shutil.copytree(runs, copy)
-    newer = train("I3", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256),
-                  device="cpu", runs_dir=copy)
-    row = {r["id"]: r for r in compare.build_report(exp, copy)["iterations"]}["I3"]
-    assert row["measured"]["run"] == str(newer.run_dir) and row["measured"]["epochs"] == 1
-    assert row["measured"]["complete"]  # its own recipe asked for one epoch
+    # an official-MNIST run that is shortened (5,000 images, 2 of 4 epochs) and reaches the target
+    short = dict(OFFICIAL, train_samples=5000, full_training_set=False)
+    recorded_run(copy, "I3", wanted(exp, "I3").replace(epochs=2), [99.5, 99.6], short)
+    result = runner.invoke(app, ["compare", "--experiments", str(exp.path), "--runs-dir", str(copy), "--json"])
+    assert result.exit_code == 0, result.output
+    report = strictjson.loads(result.stdout)
+    for row in report["iterations"]:
+        assert row["measured"] is None
+        assert row["checks"]["test_acc"] is None and row["checks"]["consistent"] is None
+        assert compare.check_passed(row["checks"]["test_acc"]) is None
+    i3 = {r["id"]: r for r in report["iterations"]}["I3"]
+    reasons = [" ".join(r["why_not"]) for r in i3["other_runs"]]
+    assert any("synthetic data" in r for r in reasons)
+    assert any("5,000 training images" in r and "epochs 2 (change-log: 4)" in r for r in reasons)
+    table = runner.invoke(app, ["compare", "--experiments", str(exp.path), "--runs-dir", str(copy), "--all-runs"])
+    assert table.exit_code == 0, table.output
+    checklist = table.stdout.split("Assignment checklist")[1].split("no comparable run")[0]
+    assert not re.search(r"✓ \d+/\d+", checklist) and "no run" in checklist
+    assert "no comparable run" in table.stdout and "mnistkit train I3 --seeds 3" in table.stdout
+    assert "Other runs" in table.stdout and "5,000 training images" in table.stdout
 
 
-def test_exports_hold_the_same_numbers(changelog):
-    exp, runs, _ = changelog
+def test_comparable_runs_are_aggregated_over_seeds(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    exp = load_experiments(path)
+    runs = tmp_path / "runs"
+    base = wanted(exp, "I3")
+    recorded_run(runs, "I3", base.replace(seed=1), [99.0, 99.45, 99.5, 99.5])   # passes, consistent
+    recorded_run(runs, "I3", base.replace(seed=2), [99.0, 99.5, 99.3, 99.45])   # passes, not consistent
+    recorded_run(runs, "I3", base.replace(seed=3), [99.0, 99.5, 99.5, 99.3])    # fails
+    recorded_run(runs, "I3", base.replace(seed=4, lr=0.2), [99.9, 99.9, 99.9, 99.9])  # another recipe: ignored
+    recorded_run(runs, "I3", base.replace(seed=5), [99.9, 99.9, 99.9, 99.9],
+                 dict(OFFICIAL, official_mnist=False))  # other IDX files: ignored
+    row = {r["id"]: r for r in compare.build_report(exp, runs)["iterations"]}["I3"]
+    m = row["measured"]
+    assert m["seeds"] == [1, 2, 3] and m["n"] == 3
+    assert m["test_acc"]["mean"] == pytest.approx((99.5 + 99.45 + 99.3) / 3)
+    assert m["test_acc"]["std"] == pytest.approx(0.1040833, abs=1e-6) and m["test_acc"]["min"] == 99.3
+    assert (m["passes"], m["consistent"]) == (2, 1)
+    assert row["checks"]["test_acc"] == {"passed": 2, "of": 3} and row["checks"]["consistent"] == {"passed": 1, "of": 3}
+    assert compare.check_passed(row["checks"]["test_acc"]) is False
+    why = {r["seed"]: r["why_not"] for r in row["other_runs"]}
+    assert why[4] == ["lr 0.2 (change-log: 0.05)"]
+    assert why[5] == ["MNIST files that differ from the official release"]
+    assert render.check_cell(row["checks"]["test_acc"])[0] == "✗ 2/3"
+    # all seeds pass: a green cell, and it says how many seeds it stands for
+    recorded_run(runs, "I3", base.replace(seed=3), [99.0, 99.5, 99.5, 99.6])  # the newest run of seed 3 wins
+    row = {r["id"]: r for r in compare.build_report(exp, runs)["iterations"]}["I3"]
+    assert row["checks"]["test_acc"] == {"passed": 3, "of": 3} and render.check_cell(row["checks"]["test_acc"])[0] == "✓ 3/3"
+
+
+def test_params_mismatch_is_flagged(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    report = compare.build_report(load_experiments(path), tmp_path / "none")
+    flags = {r["id"]: r["params_match"] for r in report["iterations"]}
+    assert flags == {"I0": True, "I1": True, "I2": False, "I3": True}
+    assert "19,000 / 19,494 **MISMATCH**" in render.compare_markdown(report)
+    checks = {r["id"]: r["checks"] for r in report["iterations"]}
+    assert checks["I0"]["batchnorm"] is False and checks["I0"]["dropout"] is False and checks["I0"]["params"] is True
+    assert checks["I1"]["params"] is False  # 20,978 is not under 20,000
+    assert checks["I3"]["epochs"] is True  # the recipe's 4 epochs < 20
+
+
+def test_exports_hold_the_same_numbers(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    exp = load_experiments(path)
+    runs = tmp_path / "runs"
+    for seed, accs in ((1, [99.1, 99.2, 99.41, 99.52]), (2, [99.0, 99.3, 99.44, 99.48])):
+        recorded_run(runs, "I3", wanted(exp, "I3").replace(seed=seed), accs)
     report = compare.build_report(exp, runs)
     flat = compare.flat_rows(report)
-    # JSON
-    assert json.loads(compare.to_json(report)) == json.loads(json.dumps(report))
-    # CSV
-    parsed = list(csv.DictReader(io.StringIO(compare.to_csv(report))))
+    assert strictjson.loads(render.json_text(report)) == json.loads(json.dumps(report))
+    parsed = list(csv.DictReader(io.StringIO(render.compare_csv(report))))
     assert [r["id"] for r in parsed] == ["I0", "I1", "I2", "I3"]
     for got, want in zip(parsed, flat):
-        for key in ("params_measured", "test_acc_measured", "train_acc_measured", "best_epoch"):
+        for key in ("params_measured", "test_acc_mean", "seeds_passing", "train_samples"):
             assert got[key] == ("" if want[key] is None else str(want[key]))
-    # Markdown: a header, a separator and one row per iteration in each table
-    md = compare.to_markdown(report)
-    table_rows = [line for line in md.splitlines() if line.startswith("| I") and not line.startswith("| Iter")]
-    assert len(table_rows) == 8
-    i3 = next(line for line in table_rows if line.startswith("| I3 | gap"))
-    assert f"{flat[3]['test_acc_measured']:.2f}%" in i3
+    md = render.compare_markdown(report)
+    i3 = next(line for line in md.splitlines() if line.startswith("| I3 | gap"))
+    assert "99.50 ± 0.03%" in i3 and "| 2 |" in i3
+    assert "✅ 2/2" in md.splitlines()[-1]
 
 
-def test_cli_compare_formats_and_output(changelog, runner, tmp_path):
-    exp, runs, _ = changelog
-    base = ["compare", "--experiments", str(exp.path), "--runs-dir", str(runs)]
+def test_cli_compare_formats_and_output(runner, tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    base = ["compare", "--experiments", str(path), "--runs-dir", str(tmp_path / "runs")]
     table = runner.invoke(app, base)
     assert table.exit_code == 0, table.output
-    assert "not run" in table.stdout and "Assignment checklist" in table.stdout
+    assert "no run" in table.stdout and "Assignment checklist" in table.stdout
+    assert f"change-log: {path} (as given)" in table.stderr
     out = tmp_path / "report.json"
     result = runner.invoke(app, base + ["--format", "json", "--output", str(out)])
     assert result.exit_code == 0 and result.stdout == ""
-    assert json.loads(out.read_text())["iterations"][2]["params_match"] is False
+    assert strictjson.loads(out.read_text())["iterations"][2]["params_match"] is False
+    assert runner.invoke(app, base + ["--json"]).stdout == runner.invoke(app, base + ["-f", "JSON"]).stdout
     csv_out = runner.invoke(app, base + ["-f", "csv"])
     assert csv_out.stdout.splitlines()[0].startswith("id,changes,")
     bad = runner.invoke(app, base + ["--format", "xml"])
     assert bad.exit_code == 2 and "unknown format" in bad.stderr
 
 
-def test_plot_png(changelog, tmp_path):
+def test_compare_works_from_a_folder_without_a_changelog(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["compare", "--json"])
+    assert result.exit_code == 0, result.output
+    report = strictjson.loads(result.stdout)
+    assert [r["id"] for r in report["iterations"]] == ["I0", "I1", "I2", "I3"]
+    assert report["experiments_source"] == "packaged" and "shipped with mnistkit" in result.stderr
+
+
+@pytest.mark.slow
+def test_train_from_a_folder_without_a_changelog_uses_the_iterations_recipe(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "I0", "--dataset", "synthetic", "--epochs", "1", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = strictjson.loads(result.stdout)
+    assert data["experiments"] == str(find_experiments().path) and "shipped with mnistkit" in result.stderr
+    recipe = yaml.safe_load((Path(data["run_dir"]) / "config.yaml").read_text())["recipe"]
+    # I0's own recipe, not the shared defaults (lr 0.2, momentum 0.9) that once killed it
+    assert (recipe["lr"], recipe["momentum"], recipe["scheduler"], recipe["batch_size"]) == (0.1, 0.0, "step", 64)
+
+
+def test_the_repo_changelog_is_the_packaged_one():
+    top = ROOT / "experiments.yaml"
+    assert top.read_text() == SHIPPED.read_text()
+
+
+def test_plot_png(tmp_path):
     pytest.importorskip("matplotlib")
-    exp, runs, _ = changelog
-    path = tmp_path / "acc.png"
-    compare.plot(compare.build_report(exp, runs), path)
-    data = path.read_bytes()
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    exp = load_experiments(path)
+    recorded_run(tmp_path / "runs", "I3", wanted(exp, "I3"), [98.0, 99.0, 99.3, 99.5])
+    data = render.compare_plot(compare.build_report(exp, tmp_path / "runs"))
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-def test_plot_without_matplotlib_says_how_to_install(changelog, tmp_path, monkeypatch, runner):
-    exp, runs, _ = changelog
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, runner):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    result = runner.invoke(app, ["compare", "--experiments", str(exp.path), "--runs-dir", str(runs),
-                                 "--plot", str(tmp_path / "x.png")])
+    out = tmp_path / "r.md"
+    result = runner.invoke(app, ["compare", "--experiments", str(path), "--runs-dir", str(tmp_path),
+                                 "-f", "markdown", "-o", str(out), "--plot", str(tmp_path / "x.png")])
     assert result.exit_code == 1 and "pip install" in result.stderr and "matplotlib" in result.stderr
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "x.png").exists() and not out.exists()  # nothing half-done
 
 
 def test_sparkline():
-    assert compare.sparkline([1, 2, 3]) == "▁▅█"
-    assert compare.sparkline([5, 5]) == "██"
-    assert compare.sparkline([]) == ""
+    assert render.sparkline([1, 2, 3]) == "▁▅█"
+    assert render.sparkline([5, 5]) == "██"
+    assert render.sparkline([]) == ""
 
 
 # ---------------------------------------------------------------- schema errors
-
-from pathlib import Path
-
-SHIPPED = Path(__file__).resolve().parent.parent / "experiments.yaml"
-GOOD = SHIPPED.read_text()
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -161,10 +245,12 @@ GOOD = SHIPPED.read_text()
      r"line \d+: iterations\[2\]\.recipe\.epochs: must be int, not str"),
     (lambda t: t.replace("  - id: I2", "  - id: I1"), r"iterations\[2\]\.id: iteration id 'I1' appears twice"),
     (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered; known models: I0, I1, I2, I3"),
-    (lambda t: t.replace("  max_params: 20000", "  max_parms: 20000"), r"line 8: constraints\.max_parms: unknown key"),
+    (lambda t: t.replace("  max_params: 20000", "  max_parms: 20000"), r"line \d+: constraints\.max_parms: unknown key"),
     (lambda t: t.replace("train_acc: 99.6, test_acc", "train_acc: high, test_acc"),
      r"reported\.train_acc: must be int or float, not str"),
-    (lambda t: t.replace("    degrees: 10", "    degreez: 10"), r"defaults\.augment\.degreez: unknown key"),
+    (lambda t: t.replace("recipe: {epochs: 12}", "recipe: {epochs: 12, augment: {degreez: 10}}"),
+     r"iterations\[2\]\.recipe\.augment\.degreez: unknown key"),
+    (lambda t: t + "defaults: {augment: {degreez: 10}}\n", r"defaults\.augment\.degreez: unknown key"),
     (lambda t: t + "extra: 1\n", r"extra: unknown key"),
     (lambda t: t.replace("iterations:", "iterations: 3\nold:"), r"iterations: must be list"),
     (lambda t: "a: [\n", r"line 2: not valid YAML"),
@@ -179,6 +265,20 @@ def test_schema_errors_are_clear(tmp_path, edit, needle):
     message = str(info.value)
     assert message.startswith(str(path)) and "\n" not in message
     assert re.search(needle, message), message
+
+
+def test_nested_aliases_and_endless_files_are_refused_quickly(tmp_path):
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    for i in range(1, 12):  # 10**11 nodes once expanded
+        laughs += f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join(f"*{chr(96 + i)}" for _ in range(10)) + "]\n"
+    path = tmp_path / "laughs.yaml"
+    path.write_text(laughs + "iterations: []\n")
+    t0 = time.perf_counter()
+    with pytest.raises(ExperimentsError, match="more than 20,000 YAML nodes"):
+        load_experiments(path)
+    with pytest.raises(ExperimentsError, match="larger than"):
+        load_experiments("/dev/zero")
+    assert time.perf_counter() - t0 < 5
 
 
 def test_the_shipped_changelog_is_valid_and_exact():

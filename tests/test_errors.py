@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from mnistkit.cli import app
-from mnistkit.runs import CHECKPOINT_VERSION, RunError, load_checkpoint, read_metrics, save_checkpoint
-from mnistkit.training import DataOptions, Recipe, train
+from mnistkit.errors import RunError
+from mnistkit.recipe import DataOptions, Recipe
+from mnistkit.runs import CHECKPOINT_VERSION, load_checkpoint, read_metrics, save_checkpoint
+from mnistkit.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,13 +196,21 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(run_dir, tmp_pat
 
 # ---------------------------------------------------------------- a real Ctrl-C
 
+def _sigint_as_a_terminal_gives_it():
+    # a background job (CI, `make test &`) starts with SIGINT ignored, and a child inherits that:
+    # give the child the default disposition so that Python installs its KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
 def test_sigint_writes_a_resumable_checkpoint_and_resume_matches(tmp_path):
-    args = ["I2", "--dataset", "synthetic", "--epochs", "3", "--limit", "1500", "--batch-size", "128",
+    args = ["I2", "--dataset", "synthetic", "--epochs", "3", "--limit", "1000", "--batch-size", "128",
             "--lr", "0.05", "--device", "cpu"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "mnistkit", "train", *args, "--runs-dir", str(runs)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            preexec_fn=_sigint_as_a_terminal_gives_it)
     deadline = time.time() + 120
     metrics = None
     while time.time() < deadline:  # wait until the first epoch is on disk, then press Ctrl-C
@@ -213,9 +223,9 @@ def test_sigint_writes_a_resumable_checkpoint_and_resume_matches(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     run = metrics.parent
-    if proc.returncode == 0:  # the run finished before the signal landed: nothing to resume
-        pytest.skip("training finished before SIGINT arrived")
-    assert proc.returncode == 130, err
+    # two epochs (seconds of work) were left when the signal was sent: a trainer that ignored
+    # Ctrl-C would finish with 0 here, and the test fails
+    assert proc.returncode == 130, (proc.returncode, err)
     assert f"mnistkit train --resume {run}" in err and "Traceback" not in err
     done = len(read_metrics(run))
     assert 1 <= done < 3
@@ -227,5 +237,111 @@ def test_sigint_writes_a_resumable_checkpoint_and_resume_matches(tmp_path):
     full = subprocess.run([sys.executable, "-m", "mnistkit", "train", *args, "--runs-dir", str(tmp_path / "full"),
                            "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert full.returncode == 0, full.stderr
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "train_images_per_s")}
+                          for r in rows]
     assert strip(read_metrics(run)) == strip(read_metrics(Path(json.loads(full.stdout)["run_dir"])))
+
+
+# ---------------------------------------------------------------- divergence and strict JSON
+
+def strict(text):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_exits_3_and_leaves_no_bad_checkpoint(runner, tmp_path):
+    result = runner.invoke(app, ["train", "I0", "--dataset", "synthetic", "--limit", "1000", "--epochs", "1",
+                                 "--lr", "1000000", "--device", "cpu", "--runs-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 3, result.output
+    assert result.stdout == ""
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "no epoch finished with finite numbers" in line
+    run = next(tmp_path.iterdir())
+    assert not (run / "best.pt").exists()
+    last = load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 0 and all(bool(torch.isfinite(t).all()) for t in last["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_every_json_output_parses_strictly(runner, tmp_path, run_dir):
+    outputs = [
+        runner.invoke(app, ["summary", "I3", "--json"]),
+        runner.invoke(app, ["models", "--json"]),
+        runner.invoke(app, ["evaluate", str(run_dir), "--json", "--device", "cpu"]),
+        runner.invoke(app, ["compare", "--runs-dir", str(run_dir.parent), "--json"]),
+        runner.invoke(app, ["train", "I3", "--dataset", "synthetic", "--epochs", "1", "--limit", "256", "--seeds", "2",
+                            "--runs-dir", str(tmp_path), "--device", "cpu", "--json", "--quiet"]),
+    ]
+    for result in outputs:
+        assert result.exit_code == 0, result.output
+        strict(result.stdout)
+    # a never-predicted class has no precision: null, where Python's json would write NaN
+    report = strict(outputs[2].stdout)
+    assert all(row["precision"] is None or 0 <= row["precision"] <= 100 for row in report["per_class"])
+    from mnistkit import strictjson
+
+    assert strictjson.dumps({"a": float("nan"), "b": [float("inf")]}) == '{"a": null, "b": [null]}'
+
+
+# ---------------------------------------------------------------- hostile files and paths
+
+def test_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    import gzip
+    import resource
+    import struct
+
+    from mnistkit.data import DataError, read_idx
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    header = struct.pack(">HBBIII", 0, 8, 3, 60000, 28, 28)  # a valid MNIST images header
+    with gzip.open(path, "wb", compresslevel=9) as fh:
+        fh.write(header)
+        zeros = bytes(1 << 20)
+        for _ in range(256):  # 256 MiB of zeros: 47 MB are promised
+            fh.write(zeros)
+    assert path.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match="more data bytes than its header"):
+        read_idx(path, 0x00000803)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200  # at most the promised 47 MB (and a copy), never the 256 MiB
+    big = tmp_path / "huge-idx3-ubyte"
+    big.write_bytes(struct.pack(">HBBIII", 0, 8, 3, 10**6, 1000, 1000))  # promises 10^12 bytes
+    with pytest.raises(DataError, match="more than any MNIST file"):
+        read_idx(big)
+
+
+def test_output_paths_symlinks_devices_and_modes(runner, tmp_path):
+    import stat as st
+
+    base = ["compare", "--runs-dir", str(tmp_path / "none"), "-f", "csv", "-o"]
+    # a symlink is followed: the link stays a link, its target gets the report
+    target = tmp_path / "target.csv"
+    target.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert runner.invoke(app, base + [str(link)]).exit_code == 0
+    assert link.is_symlink() and target.read_text().startswith("id,changes,")
+    # a character device is written to, never replaced by a regular file
+    result = runner.invoke(app, base + ["/dev/null"])
+    assert result.exit_code == 0, result.output
+    assert st.S_ISCHR(os.stat("/dev/null").st_mode)
+    # a new file gets the mode open() would give it under the umask, not 0600
+    old = os.umask(0o022)
+    try:
+        assert runner.invoke(app, base + [str(tmp_path / "new.csv")]).exit_code == 0
+    finally:
+        os.umask(old)
+    assert st.S_IMODE(os.stat(tmp_path / "new.csv").st_mode) == 0o644
+    # a folder is one clear line
+    line = one_line_error(runner.invoke(app, base + [str(tmp_path)]), 1)
+    assert "is a folder" in line
+
+
+@pytest.mark.parametrize("name", ["[/]", "[bold]x", "I3[v2]"])
+def test_user_text_is_never_read_as_markup(runner, name):
+    line = one_line_error(runner.invoke(app, ["summary", name]), 1)
+    assert repr(name) in line

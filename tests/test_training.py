@@ -1,17 +1,42 @@
+import math
+import signal
+
 import pytest
 import torch
 
-from mnistkit.errors import UsageError
+from mnistkit.device import resolve_device, resolve_precision
+from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.evaluation import evaluate_checkpoint, per_class_report
 from mnistkit.experiments import resolve_recipe
+from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs import load_checkpoint, read_config, read_metrics
-from mnistkit.training import (DataOptions, Recipe, TrainingDiverged, TrainingInterrupted, evaluate_checkpoint,
-                               per_class_report, resolve_device, resolve_precision, train)
+from mnistkit.training import resume, train
 
 SYN = DataOptions("synthetic")
+pytestmark = pytest.mark.slow  # most tests here train a model for a second or two
 
 
 def strip_timing(rows):
-    return [{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+    return [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+
+
+class StopAfter:
+    """A callback that presses Ctrl-C after ``n`` epochs of this call (as a user would)."""
+
+    def __init__(self, n):
+        self.n, self.seen, self.best_flags, self.start = n, 0, [], None
+
+    def on_start(self, start):
+        self.start = start
+
+    def on_step(self, step):
+        pass
+
+    def on_epoch(self, row, best):
+        self.best_flags.append(best)
+        self.seen += 1
+        if self.seen >= self.n:
+            raise KeyboardInterrupt
 
 
 def small(epochs=2, **kw):
@@ -21,8 +46,8 @@ def small(epochs=2, **kw):
 
 def test_training_lifts_accuracy_well_above_chance(tmp_path):
     result = train("I3", Recipe(epochs=3), SYN, device="cpu", runs_dir=tmp_path)
-    assert result.metrics[-1]["test_acc"] >= 95.0  # chance is 10%
-    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+    assert result.metrics[-1].test_acc >= 95.0  # chance is 10%
+    assert result.metrics[-1].train_loss < result.metrics[0].train_loss
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(tmp_path):
@@ -47,34 +72,36 @@ def test_run_folder_contents(tmp_path):
     assert read_metrics(folder) == result.metrics
     ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]
+    assert config["measured_on"] == {"dataset": "synthetic", "official_mnist": False, "train_samples": 500,
+                                     "val_samples": 0, "test_samples": 1000, "full_training_set": False}
 
 
 def test_checkpoint_evaluates_to_the_recorded_accuracy(tmp_path):
     result = train("I3", small(), DataOptions("synthetic", limit=2000), device="cpu", runs_dir=tmp_path)
     report = evaluate_checkpoint(result.run_dir, device="cpu")
     best = result.best
-    assert report["epoch"] == best["epoch"]
-    assert report["test_acc"] == pytest.approx(best["test_acc"], abs=1e-9)
-    assert report["test_loss"] == pytest.approx(best["test_loss"], rel=1e-5)
-    assert sum(map(sum, report["confusion_matrix"])) == report["samples"] == 1000
+    assert report.epoch == best.epoch
+    assert report.test_acc == pytest.approx(best.test_acc, abs=1e-9)
+    assert report.test_loss == pytest.approx(best.test_loss, rel=1e-5)
+    assert sum(map(sum, report.confusion_matrix)) == report.samples == 1000
 
 
 def test_checkpoint_loss_uses_the_runs_own_label_smoothing(tmp_path):
     result = train("I3", small(label_smoothing=0.1), DataOptions("synthetic", limit=1500), device="cpu",
                    runs_dir=tmp_path)
     report = evaluate_checkpoint(result.run_dir, device="cpu")
-    assert report["test_loss"] == pytest.approx(result.best["test_loss"], rel=1e-5)
+    assert report.test_loss == pytest.approx(result.best.test_loss, rel=1e-5)
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     data = DataOptions("synthetic", limit=1500)
     full = train("I2", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "full")
     with pytest.raises(TrainingInterrupted) as info:
-        train("I2", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "cut", stop_after=1)
+        train("I2", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "cut", callback=StopAfter(1))
     cut_dir = next((tmp_path / "cut").iterdir())
     assert f"mnistkit train --resume {cut_dir}" in str(info.value)
     assert len(read_metrics(cut_dir)) == 1
-    resumed = train(resume=cut_dir, device="cpu")
+    resumed = resume(cut_dir, device="cpu")
     assert resumed.run_dir == cut_dir
     assert strip_timing(resumed.metrics) == strip_timing(full.metrics)
     assert torch.equal(load_checkpoint(cut_dir / "last.pt")["state_dict"]["net.fc.weight"],
@@ -85,34 +112,109 @@ def test_ctrl_c_while_an_epoch_is_being_saved_leaves_consistent_files(tmp_path, 
     # Ctrl-C lands while best.pt is being written (the window CI once hit between metrics.jsonl
     # and last.pt): the epoch's files must still be written whole and agree with each other.
     import os
-    import signal
 
-    import mnistkit.training as training
+    import mnistkit.runs as runs
 
-    real_save = training.save_checkpoint
+    real_save = runs.save_checkpoint
 
     def save_then_ctrl_c(path, payload):
         if path.name == "best.pt" and payload["epoch"] == 1:
             os.kill(os.getpid(), signal.SIGINT)
         real_save(path, payload)
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_ctrl_c)
-    with pytest.raises(TrainingInterrupted) as info:
-        train("I3", small(epochs=3), DataOptions("synthetic", limit=500), device="cpu", runs_dir=tmp_path)
+    # Python's default handler, whatever was installed before (a background job ignores SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(runs, "save_checkpoint", save_then_ctrl_c)
+        mine = lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
+        signal.signal(signal.SIGINT, mine)
+        with pytest.raises(TrainingInterrupted) as info:
+            train("I3", small(epochs=3), DataOptions("synthetic", limit=500), device="cpu", runs_dir=tmp_path)
+        assert signal.getsignal(signal.SIGINT) is mine  # the handler installed before the call is put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     run = next(tmp_path.iterdir())
     assert "after epoch 1 of 3" in str(info.value)
-    assert [r["epoch"] for r in read_metrics(run)] == [1]
+    assert [r.epoch for r in read_metrics(run)] == [1]
     assert load_checkpoint(run / "last.pt")["epoch"] == 1 and load_checkpoint(run / "best.pt")["epoch"] == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_a_checkpoint(tmp_path):
+def finite(state_dict):
+    return all(bool(torch.isfinite(t).all()) for t in state_dict.values() if t.is_floating_point())
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_no_bad_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged) as info:
         train("I0", small(epochs=1, lr=1e6, scheduler="none"), DataOptions("synthetic", limit=1000),
               device="cpu", runs_dir=tmp_path)
-    assert "learning rate" in str(info.value)
+    assert "learning rate" in str(info.value) and "no epoch finished with finite numbers" in str(info.value)
     folder = next(tmp_path.iterdir())
-    assert load_checkpoint(folder / "last.pt")["epoch"] == 0
+    last = load_checkpoint(folder / "last.pt")
+    assert last["epoch"] == 0 and finite(last["state_dict"]) and not (folder / "best.pt").exists()
+
+
+def test_a_non_finite_test_loss_is_divergence_even_in_the_last_epoch(tmp_path, monkeypatch):
+    # the training loss stays finite; only the evaluation goes bad (the case that used to exit 0)
+    import mnistkit.training as training
+    from mnistkit.evaluation import SplitResult
+
+    real = training.evaluate
+    calls = []
+
+    def nan_on_second_epoch(model, batches, label_smoothing=0.0):
+        calls.append(1)
+        result = real(model, batches, label_smoothing)
+        return SplitResult(float("nan"), result.acc, result.n) if len(calls) == 2 else result
+
+    monkeypatch.setattr(training, "evaluate", nan_on_second_epoch)
+    with pytest.raises(TrainingDiverged) as info:
+        train("I3", small(epochs=2), DataOptions("synthetic", limit=500), device="cpu", runs_dir=tmp_path)
+    folder = next(tmp_path.iterdir())
+    assert "test loss became nan at epoch 2" in str(info.value) and "holds epoch 1" in str(info.value)
+    assert [r.epoch for r in read_metrics(folder)] == [1]
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(folder / name)
+        assert ckpt["epoch"] == 1 and finite(ckpt["state_dict"])
+        assert all(math.isfinite(r["test_loss"]) for r in ckpt["metrics"])
+
+
+def test_validation_split_chooses_best_and_is_held_out(tmp_path):
+    from mnistkit.data import hold_out
+
+    result = train("I3", small(epochs=3), DataOptions("synthetic", val=1000, limit=1000), device="cpu",
+                   runs_dir=tmp_path)
+    config = read_config(result.run_dir)
+    assert config["data"]["val"] == 1000 and config["measured_on"]["train_samples"] == 1000
+    assert config["measured_on"]["val_samples"] == 1000 and not config["measured_on"]["full_training_set"]
+    assert all(r.val_acc is not None for r in result.metrics)
+    assert result.best == max(result.metrics, key=lambda r: (r.val_acc, -r.epoch))  # on validation, not test
+    assert load_checkpoint(result.run_dir / "best.pt")["epoch"] == result.best.epoch
+    assert result.to_dict()["best_selected_on"] == "validation"
+    # the split is a fixed draw: the same images every time, disjoint from the rest, which keeps its order
+    from mnistkit.data import Split
+
+    ids = torch.arange(6000)
+    full = Split(ids.view(-1, 1, 1).expand(-1, 28, 28), ids)  # each image carries its index
+    rest, held = hold_out(full, 1000, 0)
+    assert torch.equal(held.labels, hold_out(full, 1000, 0)[1].labels) and len(rest) == 5000
+    assert not torch.equal(held.labels, hold_out(full, 1000, 1)[1].labels)  # val_seed picks another draw
+    assert torch.equal(torch.cat([rest.labels, held.labels]).sort().values, ids)
+    assert bool((rest.labels.diff() > 0).all())
+
+
+def test_resumed_run_stars_only_a_real_new_best(tmp_path):
+    data = DataOptions("synthetic", limit=1500)
+    first = StopAfter(2)
+    with pytest.raises(TrainingInterrupted):
+        train("I3", small(epochs=3, lr=1e-5, scheduler="none"), data, device="cpu", runs_dir=tmp_path,
+              callback=first)
+    run = next(tmp_path.iterdir())
+    after = StopAfter(99)
+    result = resume(run, device="cpu", callback=after)
+    assert after.start.best is not None and after.start.best.epoch in (1, 2)  # the display is told the best so far
+    third = result.metrics[2]
+    previous_best = max(r.test_acc for r in result.metrics[:2])
+    assert after.best_flags == [third.test_acc > previous_best]
 
 
 def test_recipes_come_from_experiments_yaml_and_cli_overrides_win():
@@ -141,6 +243,8 @@ def test_devices():
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(UsageError, match="unknown device"):
         resolve_device("tpu")
+    with pytest.raises(UsageError, match="unknown device"):
+        resolve_device("cuda:x")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
             resolve_device("cuda")
@@ -159,7 +263,7 @@ def test_per_class_report():
     c0, c1, c2 = r["per_class"]
     assert (c0["recall"], c0["precision"]) == (50.0, 50.0)
     assert (c1["recall"], round(c1["precision"], 4)) == (100.0, 66.6667)
-    assert c2["recall"] == 0.0 and c2["precision"] != c2["precision"]  # never predicted: NaN, not 0
+    assert c2["recall"] == 0.0 and c2["precision"] is None  # never predicted: undefined (JSON null), not 0
 
 
 def test_precision_choice_is_honoured_and_fp32_is_exactly_reproducible(tmp_path):
@@ -170,8 +274,8 @@ def test_precision_choice_is_honoured_and_fp32_is_exactly_reproducible(tmp_path)
     assert read_config(b.run_dir)["recipe"]["channels_last"] is True
     c = train("I3", small(epochs=1, precision="bf16"), data, device="cpu", runs_dir=tmp_path / "c")
     assert read_config(c.run_dir)["recipe"]["precision"] == "bf16"
-    assert c.metrics[0]["train_loss"] != a.metrics[0]["train_loss"]  # bf16 really ran
-    assert abs(c.metrics[0]["train_loss"] - a.metrics[0]["train_loss"]) < 0.1
+    assert c.metrics[0].train_loss != a.metrics[0].train_loss  # bf16 really ran
+    assert abs(c.metrics[0].train_loss - a.metrics[0].train_loss) < 0.1
     with pytest.raises(UsageError, match="precision"):
         Recipe(precision="fp8")
 
@@ -180,13 +284,13 @@ def test_a_run_too_short_for_onecycle_still_trains_and_says_so(tmp_path):
     seen = {}
 
     class Spy:
-        def on_start(self, info):
-            seen.update(info)
+        def on_start(self, start):
+            seen["notes"] = start.notes
 
-        def on_step(self, *args):
+        def on_step(self, step):
             pass
 
-        def on_epoch(self, row):
+        def on_epoch(self, row, best):
             pass
 
     result = train("I3", small(epochs=1), DataOptions("synthetic", limit=256), device="cpu", runs_dir=tmp_path,
