@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh clone:
 #   make train   train the final model (I3) on MNIST with its recipe from experiments.yaml
 #   make test    run the whole test suite
+#   make quick   the fast loop while developing: every test not marked slow (no trainings)
 # Both create the project's virtual environment (.venv) when it is missing.
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ DATA_DIR ?=
 EPOCHS ?= 15
 MODEL  ?= I3
 
-.PHONY: venv test train clean
+.PHONY: venv test quick train clean
 
 venv: $(BIN)/.installed
 
@@ -28,6 +29,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+quick: venv
+	$(BIN)/python -m pytest -q -m "not slow"
 
 train: venv
 	$(BIN)/mnistkit train $(MODEL) --epochs $(EPOCHS) $(if $(DATA_DIR),--data-dir $(DATA_DIR))

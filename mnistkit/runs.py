@@ -100,7 +100,7 @@ def new_run_dir(runs_dir: str | os.PathLike, model: str) -> Path:
                 continue
     except OSError as exc:
         raise RunError(f"cannot create a run folder in {root}: {exc.strerror or exc}; "
-                       "pass --runs-dir with a folder you can write to") from None
+                       "choose a runs folder you can write to") from None
     raise RunError(f"too many runs of {model} in {root} this second")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,7 +309,7 @@ def _fit(s: _Session, writer: RunWriter, callback: Callback | None) -> RunResult
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"interrupted; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
-            f"{recipe.epochs}. Resume with: mnistkit train --resume {writer.run_dir}"
+            f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}"
         ) from None
     return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
                      seconds_before + time.perf_counter() - t_run, str(s.device), recipe.seed, s.measured_on)

@@ -46,7 +46,7 @@ def test_runs_folder_that_cannot_be_written(runner, tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "synthetic", "--epochs", "1", "--limit", "100",
                                  "--runs-dir", str(blocker / "runs")])
     line = one_line_error(result, 1)
-    assert "cannot create a run folder" in line and "--runs-dir" in line
+    assert "cannot create a run folder" in line and "runs folder you can write to" in line
 
 
 def test_debug_shows_the_traceback(runner):
@@ -345,3 +345,26 @@ def test_output_paths_symlinks_devices_and_modes(runner, tmp_path):
 def test_user_text_is_never_read_as_markup(runner, name):
     line = one_line_error(runner.invoke(app, ["summary", name]), 1)
     assert repr(name) in line
+
+
+def test_interrupt_message_prints_a_resume_command_that_works_in_a_shell(runner, tmp_path, monkeypatch):
+    import shlex
+
+    import mnistkit.training as training
+
+    real = training.train_one_epoch
+
+    def ctrl_c_in_epoch_2(s, epoch, callback=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(s, epoch, callback)
+
+    monkeypatch.setattr(training, "train_one_epoch", ctrl_c_in_epoch_2)
+    runs = tmp_path / "my [v2] runs"
+    result = runner.invoke(app, ["train", "I3", "--dataset", "synthetic", "--limit", "256", "--epochs", "3",
+                                 "--device", "cpu", "--runs-dir", str(runs), "--quiet"])
+    assert result.exit_code == 130, result.output
+    run = next(runs.iterdir())
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.endswith(f"Resume with: mnistkit train --resume {shlex.quote(str(run))}")  # [v2] kept, quoted
+    assert shlex.split(line.split("Resume with: ")[1])[-1] == str(run)
