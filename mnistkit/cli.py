@@ -367,7 +367,7 @@ def compare_cmd(
     from mnistkit import compare, render
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.runs import write_output
+    from mnistkit.runs import check_output, write_output
 
     formats = ("table", "markdown", "json", "csv")
     if as_json and fmt not in (None, "json"):
@@ -375,6 +375,9 @@ def compare_cmd(
     fmt = "json" if as_json else (fmt or "table").lower()
     if fmt not in formats:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+    for path in (output, plot):
+        if path:
+            check_output(path)
     exp = find_experiments(experiments)
     report = compare.build_report(exp, runs_dir)
     if fmt == "table":

@@ -17,7 +17,7 @@ from typing import Any
 from mnistkit.errors import MnistkitError
 from mnistkit.experiments import Experiments, Iteration
 from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Recipe
-from mnistkit.runs import EpochMetrics, best_row, find_runs, read_config, read_metrics, selected_on
+from mnistkit.runs import EpochMetrics, RunConfig, best_row, find_runs, read_config, read_metrics, selected_on
 
 # recipe keys that do not change what is learned (or that a run is allowed to choose)
 _IGNORED = {"seed", "test_batch_size", "channels_last"}
@@ -38,11 +38,11 @@ def _recipe_differences(run: dict[str, Any], wanted: dict[str, Any]) -> list[str
     return diffs
 
 
-def run_record(run: Path, config: dict[str, Any], metrics: list[EpochMetrics], wanted: Recipe,
+def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted: Recipe,
                threshold: float | None) -> dict[str, Any]:
     """One run as compare sees it: provenance, figures, and whether it is comparable (and why not)."""
-    recipe = config.get("recipe") or {}
-    on = config.get("measured_on") or {}
+    recipe = config.recipe.to_dict()
+    on = config.measured_on
     final, best = metrics[-1], best_row(metrics)
     planned = recipe.get("epochs")
     why_not = []
@@ -62,7 +62,7 @@ def run_record(run: Path, config: dict[str, Any], metrics: list[EpochMetrics], w
     return {
         "run": str(run),
         "seed": recipe.get("seed"),
-        "dataset": on.get("dataset") or (config.get("data") or {}).get("dataset"),
+        "dataset": on.get("dataset") or config.data.dataset,
         "official_mnist": bool(on.get("official_mnist")),
         "train_samples": on.get("train_samples"),
         "val_samples": on.get("val_samples", 0),
@@ -92,22 +92,26 @@ def run_record(run: Path, config: dict[str, Any], metrics: list[EpochMetrics], w
     }
 
 
-def iteration_runs(runs_dir: str | Path, it: Iteration, wanted: Recipe, threshold: float | None
-                   ) -> list[dict[str, Any]]:
-    """Every readable run of the iteration's model with at least one finished epoch, oldest
-    first. A damaged run folder is skipped, not fatal: one bad folder must not hide the rest."""
-    records = []
+def read_runs(runs_dir: str | Path) -> tuple[list[tuple[Path, RunConfig, list[EpochMetrics]]], list[dict[str, str]]]:
+    """Every run folder under ``runs_dir`` with at least one finished epoch, oldest first, and
+    the damaged ones (with why): one bad folder is reported, and must not hide the rest."""
+    good, damaged = [], []
     for run in find_runs(runs_dir):
         try:
             config = read_config(run)
-            if str(config.get("model", "")).lower() != it.model.lower():
-                continue
             metrics = read_metrics(run)
-            if metrics:
-                records.append(run_record(run, config, metrics, wanted, threshold))
-        except (MnistkitError, KeyError, TypeError, AttributeError, ValueError):
+        except MnistkitError as exc:
+            damaged.append({"run": str(run), "why": str(exc)})
             continue
-    return records
+        if metrics:
+            good.append((run, config, metrics))
+    return good, damaged
+
+
+def iteration_runs(runs: list[tuple[Path, RunConfig, list[EpochMetrics]]], it: Iteration, wanted: Recipe,
+                   threshold: float | None) -> list[dict[str, Any]]:
+    return [run_record(run, config, metrics, wanted, threshold) for run, config, metrics in runs
+            if config.model.lower() == it.model.lower()]
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -152,12 +156,13 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
 
     c = experiments.constraints
     target = c.get("min_test_acc")
+    all_runs, damaged = read_runs(runs_dir)
     rows: list[dict[str, Any]] = []
     previous: dict[str, Any] | None = None
     for it in experiments.iterations:
         s = summarize(get_model(it.model), name=it.model, budget=c.get("max_params", DEFAULT_BUDGET))
         wanted = Recipe.from_dict(experiments.recipe_dict(it.model), where=f"{experiments.path} ({it.id})")
-        runs = iteration_runs(runs_dir, it, wanted, target)
+        runs = iteration_runs(all_runs, it, wanted, target)
         measured = aggregate(runs)
         reported = it.reported
         row: dict[str, Any] = {
@@ -183,6 +188,7 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
         previous = row
     return {"experiments": str(experiments.path), "experiments_source": experiments.source,
             "runs_dir": str(runs_dir), "constraints": c, "consistent_epochs": CONSISTENT_EPOCHS,
+            "damaged_runs": damaged,
             "comparable_means": "official MNIST files, the whole training set (no limit, no validation split), "
                                 "all the epochs of the iteration's change-log recipe, that recipe (any seed)",
             "iterations": rows}

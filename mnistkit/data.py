@@ -149,6 +149,10 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None, digest: l
                 raise DataError(f"{path} declares {expected:,} data bytes ({list(dims)}), more than any MNIST file; "
                                 "it is not an MNIST file")
             body = _read_exactly(fh, expected + 1)
+    except PermissionError:
+        raise DataError(f"cannot read {path}: permission denied; check its permissions") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not an IDX file") from None
     except (OSError, EOFError, zlib.error) as exc:  # includes gzip's "truncated" and bad-CRC errors
         raise DataError(f"cannot read {path}: {exc}; replace it with a complete copy of the IDX file") from None
     if len(body) != expected:
@@ -166,12 +170,24 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None, digest: l
 def _find(root: Path, stem: str) -> Path | None:
     for folder in (root, root / "MNIST" / "raw"):
         for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
+            path = folder / name
+            if path.is_file():
+                return path
+            if path.exists() or path.is_symlink():  # a folder, a device, a dangling link: never "download" over it
+                raise DataError(f"{path} is not a file; put the IDX file {name} there")
     return None
 
 
-def _download(root: Path) -> None:
+def _where(root: Path, data_dir: str | os.PathLike | None) -> str:
+    """The data folder as a message names it, with where it came from when not given."""
+    if data_dir:
+        return str(root)
+    if os.environ.get("MNISTKIT_DATA"):
+        return f"{root} (from $MNISTKIT_DATA)"
+    return f"{root} (the default data folder; set data_dir or $MNISTKIT_DATA to use another)"
+
+
+def _download(root: Path, where: str) -> None:
     """torchvision's MNIST download (mirrors, checksums) into ``root/MNIST/raw``."""
     created = not root.exists()
     try:
@@ -187,7 +203,7 @@ def _download(root: Path) -> None:
                     folder.rmdir()
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"MNIST is not in {root} and could not be downloaded ({reason}); put the four IDX files "
+            f"MNIST is not in {where} and could not be downloaded ({reason}); put the four IDX files "
             f"({', '.join(s + '.gz' for pair in IDX_FILES.values() for s in pair)}) in that folder, "
             "or point the data folder (data_dir, $MNISTKIT_DATA) at a folder that has them"
         ) from None
@@ -200,15 +216,18 @@ def load_mnist(split: str = "train", data_dir: str | os.PathLike | None = None, 
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     root = resolve_data_dir(data_dir)
     stems = IDX_FILES[split]
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{_where(root, data_dir)} is not a folder; give the folder that holds the MNIST files")
     paths = [_find(root, stem) for stem in stems]
+    where = _where(root, data_dir)
     if None in paths:
         if root.exists() and not root.is_dir():
-            raise DataError(f"{root} is not a folder; give the folder that holds the MNIST files as data_dir")
+            raise DataError(f"{where} is not a folder; give the folder that holds the MNIST files")
         if not download:
             missing = [s for s, p in zip(stems, paths) if p is None]
-            raise DataError(f"MNIST file {missing[0]}(.gz) not found in {root}; put the IDX files there "
+            raise DataError(f"MNIST file {missing[0]}(.gz) not found in {where}; put the IDX files there "
                             "or give another data folder")
-        _download(root)
+        _download(root, where)
         paths = [_find(root, stem) for stem in stems]
         if None in paths:
             raise DataError(f"the download finished but the MNIST files are not in {root}; put them there by hand")

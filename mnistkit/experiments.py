@@ -15,11 +15,11 @@ import yaml
 
 from mnistkit.errors import ExperimentsError, UsageError
 from mnistkit.recipe import Recipe
+from mnistkit.safeio import load_yaml_bounded
 
 DEFAULT_PATH = Path("experiments.yaml")  # looked for in the current folder
 PACKAGED_PATH = Path(__file__).with_name("experiments.yaml")  # the change-log shipped with mnistkit
 MAX_BYTES = 1 << 20  # a change-log is a few KiB; anything larger (or endless) is refused
-MAX_NODES = 20_000  # YAML nodes after alias expansion: nested aliases cannot blow up memory
 
 # key -> accepted types; numbers may be written as int or float
 _NUM = (int, float)
@@ -80,43 +80,6 @@ class Experiments:
         return merged
 
 
-def read_text_bounded(path: Path, limit: int, error: type[Exception], what: str) -> str:
-    """The text of a small file, refusing anything larger than ``limit`` bytes (and endless
-    sources such as /dev/zero) without reading more than ``limit + 1`` bytes."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(limit + 1)
-    except FileNotFoundError:
-        raise error(f"{path} not found; give the path of an existing file") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a folder, not {what} file") from None
-    except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(raw) > limit:
-        raise error(f"{path} is larger than {limit // 1024:,} KiB; it is not {what} file")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise error(f"{path} is not UTF-8 text; it is not {what} file") from None
-
-
-def _check_size(root: Any, path: Path) -> None:
-    """Count nodes as ``safe_load`` would build them, aliases expanded, and stop early: the
-    "billion laughs" shape (aliases of aliases) is refused before it costs memory."""
-    count, stack = 0, [root] if root is not None else []
-    while stack:
-        node = stack.pop()
-        count += 1
-        if count > MAX_NODES:
-            raise ExperimentsError(f"{path} expands to more than {MAX_NODES:,} YAML nodes (nested aliases?); "
-                                   "it is not a change-log")
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                stack += [k, v]
-        elif isinstance(node, yaml.SequenceNode):
-            stack += node.value
-
-
 def _key_lines(text: str) -> dict[tuple, int]:
     """Line number of every mapping key and sequence item, by its path from the root."""
     lines: dict[tuple, int] = {}
@@ -172,16 +135,7 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     from mnistkit.models import list_models, model_info
 
     path = Path(path)
-    text = read_text_bounded(path, MAX_BYTES, ExperimentsError, "a change-log")
-    try:
-        _check_size(yaml.compose(text), path)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        raise ExperimentsError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    except RecursionError:
-        raise ExperimentsError(f"{path}: nested too deeply to be a change-log") from None
+    data, text = load_yaml_bounded(path, MAX_BYTES, ExperimentsError, "a change-log")
     check = _Checker(path, text)
     if data is None:
         check.fail((), "the file is empty; it needs 'defaults' and 'iterations'")

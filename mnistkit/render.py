@@ -617,6 +617,8 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
         if not row["measured"]:
             parts.append(Text(f"{row['id']}: no comparable run in {report['runs_dir']}; make one with: "
                               f"{how_to_make(row)}", style="yellow"))
+    for bad in report.get("damaged_runs", []):
+        parts.append(Text(f"skipped a damaged run folder: {bad['why']}", style="red"))
     others = [(row["id"], r) for row in rows for r in row["other_runs"]]
     if others and not all_runs:
         parts.append(Text(f"{len(others)} other run(s) not used (other data, fewer images or epochs, or another "

@@ -27,7 +27,9 @@ from typing import Any, Iterator
 import yaml
 
 from mnistkit import strictjson
-from mnistkit.errors import RunError
+from mnistkit.errors import RunError, UsageError
+from mnistkit.recipe import DataOptions, Recipe
+from mnistkit.safeio import load_yaml_bounded, read_text_bounded
 
 CHECKPOINT_FORMAT = "mnistkit-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -40,12 +42,9 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``: readers
-    see the old file or the new one, never half of one. The file gets the mode an ordinary
-    ``open()`` would give it (a replaced file keeps its own), not the temporary file's 0600."""
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
+def _stage(path: Path, raw: bytes) -> str:
+    """Write ``raw`` to a temporary file beside ``path``, fsynced, with the mode an ordinary
+    ``open()`` would give (a replaced file keeps its own), not mkstemp's 0600. Returns its name."""
     try:
         mode = path.stat().st_mode & 0o7777 if path.is_file() else _umask_mode()
     except OSError:
@@ -57,11 +56,54 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: readers
+    see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = _stage(path, data.encode() if isinstance(data, str) else data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
+    """Several files, all or none: every one is staged (the step that needs disk space and can
+    fail) before any is renamed into place, in the order given."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, raw in files:
+            staged.append((_stage(path, raw), path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse, before anything is written, an output path that cannot be written: a folder, a
+    missing parent folder, a symlink loop. (A command writing two outputs checks both first.)"""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise RunError(f"cannot write {path}: it is a folder; give a file name")
+        parent = Path(os.path.realpath(path)).parent
+        if not parent.is_dir():
+            raise RunError(f"cannot write {path}: the folder {parent} does not exist; create it or choose another path")
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
 
 
 def write_output(path: str | os.PathLike, data: bytes | str) -> None:
@@ -108,17 +150,47 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     atomic_write(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
+MAX_CONFIG_BYTES = 1 << 20
+MAX_METRICS_BYTES = 16 << 20  # a line is about 300 bytes: tens of thousands of epochs
+MEASURED_ON = {"dataset": str, "official_mnist": bool, "train_samples": int, "val_samples": int,
+               "test_samples": int, "full_training_set": bool}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's config.yaml, validated: what was trained, with which recipe, on which data."""
+
+    path: Path
+    model: str
+    recipe: Recipe
+    data: DataOptions
+    measured_on: dict[str, Any]  # empty for runs recorded before mnistkit checked its data
+
+
+def read_config(run_dir: str | os.PathLike) -> RunConfig:
+    """The one reader of config.yaml: bounded, and every field checked for shape and type, so
+    that a damaged folder is one clear error instead of a KeyError somewhere later."""
     path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    data, _ = load_yaml_bounded(path, MAX_CONFIG_BYTES, RunError, "a run config")
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str) or not isinstance(data.get("recipe"), dict):
+        raise RunError(f"{path} is not a mnistkit run config (it needs a model name and a recipe); "
+                       "the run folder is damaged")
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RunError(f"{run_dir} is not a run folder (no config.yaml)") from None
-    except yaml.YAMLError as exc:
-        raise RunError(f"{path} is not valid YAML ({exc}); the run folder is damaged") from None
-    if not isinstance(data, dict) or "model" not in data or "recipe" not in data:
-        raise RunError(f"{path} is not a mnistkit run config")
-    return data
+        recipe = Recipe.from_dict(data["recipe"], where=f"{path} recipe")
+        options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
+    except (UsageError, TypeError) as exc:  # a damaged file, not a bad option
+        raise RunError(f"{exc}; the run folder is damaged") from None
+    measured_on = data.get("measured_on") or {}
+
+    def wrong(key: str, kind: type) -> bool:
+        value = measured_on.get(key)
+        return not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+
+    if not isinstance(measured_on, dict) or (measured_on and any(wrong(k, t) for k, t in MEASURED_ON.items())):
+        raise RunError(f"{path}: measured_on is not what mnistkit writes; the run folder is damaged")
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on))
 
 
 @dataclass(frozen=True)
@@ -164,14 +236,21 @@ def read_metrics(run_dir: Path) -> list[EpochMetrics]:
     if not path.exists():
         return []
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_bounded(path, MAX_METRICS_BYTES, RunError, "a metrics").splitlines(), 1):
         if line.strip():
             try:
                 data = json.loads(line)
             except json.JSONDecodeError:
                 raise RunError(f"{path}:{n} is not valid JSON; the run folder is damaged") from None
             rows.append(EpochMetrics.from_dict(data, where=f"{path}:{n}"))
+    check_epochs(rows, str(path))
     return rows
+
+
+def check_epochs(rows: list[EpochMetrics], where: str) -> None:
+    if [r.epoch for r in rows] != list(range(1, len(rows) + 1)):
+        raise RunError(f"{where} lists epochs {[r.epoch for r in rows][:10]}, not 1, 2, 3, ...; the run folder "
+                       "is damaged")
 
 
 def selected_on(metrics: list[EpochMetrics]) -> str:
@@ -188,21 +267,46 @@ def best_row(metrics: list[EpochMetrics]) -> EpochMetrics:
     return max(metrics, key=lambda r: (r.test_acc, -r.epoch))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption so that a run stops as cleanly as on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM (a scheduler, ``kill``) raises ``Terminated`` like Ctrl-C raises
+    KeyboardInterrupt; the previous handler is put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
-    """Hold back Ctrl-C while an epoch's results are written, so that metrics.jsonl, best.pt and
-    last.pt always describe the same epoch; a Ctrl-C pressed meanwhile is raised right after."""
+    """Hold back Ctrl-C and SIGTERM while an epoch's results are written, so that
+    metrics.jsonl, best.pt and last.pt always describe the same epoch; a signal that arrives
+    meanwhile is raised right after."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return
     pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if pending:
-        raise KeyboardInterrupt
+        raise Terminated if signal.SIGTERM in pending else KeyboardInterrupt
 
 
 class RunWriter:
@@ -223,9 +327,18 @@ class RunWriter:
                state: dict[str, Any]) -> "RunWriter":
         with sigint_deferred():
             run_dir = new_run_dir(runs_dir, meta["model"])
-            write_config(run_dir, config)
-            writer = cls(run_dir, meta)
-            writer._save_last(0, state)
+            try:
+                write_config(run_dir, config)
+                writer = cls(run_dir, meta)
+                writer._save_last(0, state)
+            except OSError as exc:  # a full disk: leave no folder that cannot be resumed
+                for name in ("last.pt", "config.yaml"):
+                    with contextlib.suppress(OSError):
+                        (run_dir / name).unlink()
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+                raise RunError(f"cannot write a run folder in {Path(runs_dir)}: {exc.strerror or exc}; make room or "
+                               "choose another runs folder") from None
         return writer
 
     @property
@@ -242,26 +355,35 @@ class RunWriter:
 
     def commit(self, row: EpochMetrics, weights: dict[str, Any], state: dict[str, Any]) -> bool:
         """Write epoch ``row``; ``weights`` is the model's state_dict, ``state`` the rest of
-        what resuming needs. Returns whether this epoch is the new best."""
+        what resuming needs. Returns whether this epoch is the new best. All or nothing: on a
+        full disk the folder keeps the previous epoch whole."""
         with sigint_deferred():
-            previous = self.best
-            self.metrics.append(row)
-            is_best = self.best is row and previous is not row
+            metrics = self.metrics + [row]
+            rows = [r.to_dict() for r in metrics]
+            is_best = best_row(metrics) is row
+            files = []
             if is_best:
-                save_checkpoint(self.run_dir / "best.pt", {**self.meta, "epoch": row.epoch,
-                                                           "metrics": [r.to_dict() for r in self.metrics],
-                                                           "state_dict": weights})
-            self._save_last(row.epoch, {"state_dict": weights, **state})
-            write_metrics(self.run_dir, self.metrics)
+                files.append((self.run_dir / "best.pt", checkpoint_bytes(
+                    {**self.meta, "epoch": row.epoch, "metrics": rows, "state_dict": weights})))
+            files.append((self.run_dir / "last.pt", checkpoint_bytes(
+                {**self.meta, "epoch": row.epoch, "metrics": rows, "state_dict": weights, **state})))
+            files.append((self.run_dir / "metrics.jsonl",
+                          "".join(strictjson.dumps(r) + "\n" for r in rows).encode()))
+            atomic_write_all(files)  # metrics.jsonl last: whatever it lists, the checkpoints hold
+            self.metrics = metrics
         return is_best
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
     import torch
 
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **payload}, buffer)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    atomic_write(path, checkpoint_bytes(payload))
 
 
 def resolve_checkpoint(target: str | os.PathLike) -> Path:
@@ -285,13 +407,17 @@ def load_checkpoint(target: str | os.PathLike, map_location: Any = "cpu") -> dic
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        unsafe = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
-        if unsafe or "Unsupported global" in str(exc):
-            what = unsafe.group(1) if unsafe else "a Python object"
-            raise RunError(f"{path} was refused: it asks to call {what} while loading, which could run code; "
-                           "a mnistkit checkpoint holds only tensors and plain values") from None
+        # torch's weights-only unpickler refused the file: whatever its payload (a call to exec,
+        # os.system, an old pickle protocol's opcodes), it is not a plain weights file
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        call = named.group(1) if named else (_foreign_call(path) if "Weights only load failed" in str(exc) else None)
+        if call:
+            raise RunError(f"{path} was refused as unsafe: it asks to call {call} while loading, which could run "
+                           "code; a mnistkit checkpoint holds only tensors and plain values") from None
         raise RunError(f"{path} is truncated or corrupt (not a readable checkpoint); use another checkpoint "
                        "or re-run training") from None
+    except PermissionError:
+        raise RunError(f"cannot read {path}: permission denied; check its permissions") from None
     except Exception as exc:  # any other failure to parse an untrusted file means the same to a user
         raise RunError(f"{path} is truncated or corrupt ({type(exc).__name__}); use another checkpoint "
                        "or re-run training") from None
@@ -301,7 +427,88 @@ def load_checkpoint(target: str | os.PathLike, map_location: Any = "cpu") -> dic
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise RunError(f"{path} has checkpoint format version {version}, newer than this mnistkit "
                        f"understands ({CHECKPOINT_VERSION}); upgrade mnistkit")
+    _check_checkpoint(data, path)
     return data
+
+
+_SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
+
+
+def _foreign_call(path: Path) -> str | None:
+    """The first callable outside torch's own that a pickle asks for, found by parsing its
+    opcodes (never by running them): every pickle protocol, raw or inside a torch zip file."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                raw = zf.read(name)[: 64 << 20] if name else b""
+        else:
+            with open(path, "rb") as fh:
+                raw = fh.read(64 << 20)
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return None
+    strings: list[str] = []
+    start = 0
+    while start < len(raw):  # torch's legacy format is several pickles one after another
+        try:
+            end = start
+            for op, arg, pos in pickletools.genops(raw[start:]):
+                end = start + pos
+                if isinstance(arg, str):
+                    strings.append(arg)
+                name = None
+                if op.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    name = f"{strings[-2]}.{strings[-1]}"
+                if name and not name.startswith(_SAFE_MODULES):
+                    return name
+        except Exception:  # not (or no longer) a pickle
+            return None
+        start = end + 1
+    return None
+
+
+def _check_checkpoint(data: dict[str, Any], path: Path) -> None:
+    """Shape and types of what every mnistkit checkpoint holds; a damaged one is one error."""
+    import torch
+
+    def bad(what: str) -> RunError:
+        return RunError(f"{path} is damaged: {what}; use another checkpoint or re-run training")
+
+    if not isinstance(data.get("model"), str):
+        raise bad("it names no model")
+    epoch = data.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise bad(f"its epoch is {epoch!r}")
+    state = data.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise bad("its weights are not a mapping of names to tensors")
+    metrics = data.get("metrics")
+    if not isinstance(metrics, list):
+        raise bad("it holds no metrics")
+    rows = [EpochMetrics.from_dict(r, where=f"{path} metrics") for r in metrics]
+    check_epochs(rows, f"{path} metrics")
+    if len(rows) < epoch:
+        raise bad(f"it is at epoch {epoch} but lists {len(rows)} epochs of metrics")
+
+
+def check_resumable(data: dict[str, Any], path: Path) -> None:
+    """What ``last.pt`` needs beyond the weights to resume exactly: optimizer, scheduler, RNG."""
+    import torch
+
+    rng = data.get("rng")
+    ok = (isinstance(data.get("optimizer"), dict) and (data.get("scheduler") is None or isinstance(data["scheduler"], dict))
+          and isinstance(rng, dict) and isinstance(rng.get("python"), (tuple, list))
+          and isinstance(rng.get("torch"), torch.Tensor) and isinstance(rng.get("data"), torch.Tensor)
+          and len(data.get("metrics") or []) == data.get("epoch"))
+    if not ok:
+        raise RunError(f"{path} cannot be resumed: its optimizer, scheduler or random-number state is missing or "
+                       "damaged; start a new run")
 
 
 def find_runs(runs_dir: str | os.PathLike, model: str | None = None) -> list[Path]:
@@ -309,7 +516,10 @@ def find_runs(runs_dir: str | os.PathLike, model: str | None = None) -> list[Pat
     root = Path(runs_dir)
     if not root.is_dir():
         return []
-    runs = [p for p in root.iterdir() if (p / "config.yaml").is_file()]
-    if model is not None:
-        runs = [p for p in runs if p.name.split("-")[0].lower() == model.lower()]
-    return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+    try:
+        runs = [p for p in root.iterdir() if (p / "config.yaml").is_file()]
+        if model is not None:
+            runs = [p for p in runs if p.name.split("-")[0].lower() == model.lower()]
+        return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
+    except OSError as exc:
+        raise RunError(f"cannot list the runs folder {root}: {exc.strerror or exc}; check its permissions") from None

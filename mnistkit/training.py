@@ -22,7 +22,8 @@ from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, Usa
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
-from mnistkit.runs import EpochMetrics, RunWriter, load_checkpoint, read_config, selected_on
+from mnistkit.runs import (EpochMetrics, RunWriter, Terminated, check_resumable, load_checkpoint, read_config,
+                           selected_on, sigterm_as_interrupt)
 
 __all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback",
            "build_optimizer", "build_scheduler", "load_data"]
@@ -174,8 +175,9 @@ class _Session:
             random.setstate(rng["python"])
             torch.set_rng_state(rng["torch"])
             self.generator.set_state(rng["data"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise RunError(f"last.pt cannot be resumed ({type(exc).__name__}); the run folder is damaged") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise RunError(f"last.pt cannot be resumed ({reason}); the run folder is damaged") from None
 
 
 def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) -> _Session:
@@ -282,37 +284,51 @@ def _fit(s: _Session, writer: RunWriter, callback: Callback | None) -> RunResult
     seconds_before = sum(r.seconds for r in writer.metrics)
     s.model.train()
     try:
-        for epoch in range(start_epoch + 1, recipe.epochs + 1):
-            t0 = time.perf_counter()
-            try:
-                train_loss, train_acc, seen = train_one_epoch(s, epoch, callback)
-                lr = s.optimizer.param_groups[0]["lr"]
-                if s.scheduler is not None and not s.per_step:
-                    s.scheduler.step()
-                train_seconds = time.perf_counter() - t0
-                test = evaluate(s.model, s.test_batches, recipe.label_smoothing)
-                val = evaluate(s.model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
-                if not s.finite_weights():
-                    raise _Diverged(f"the weights stopped being finite at epoch {epoch}")
-                for name, result in (("test", test), ("validation", val)):
-                    if result is not None and not math.isfinite(result.loss):
-                        raise _Diverged(f"the {name} loss became {result.loss} at epoch {epoch}")
-            except _Diverged as exc:
-                raise TrainingDiverged(f"{exc}: the learning rate ({recipe.lr:g}) is likely too high, try "
-                                       f"lr {recipe.lr / 10:g}; {_kept(writer)}") from None
-            row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
-                               round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
-                               val.loss if val else None, val.acc if val else None)
-            best = writer.commit(row, s.model.state_dict(), s.resumable_state())
-            if callback:
-                callback.on_epoch(row, best)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(
-            f"interrupted; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
-            f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}"
-        ) from None
+        with sigterm_as_interrupt():
+            _epochs(s, writer, callback, start_epoch)
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        error = TrainingInterrupted(
+            f"{what}; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
+            f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}")
+        error.exit_code = code
+        raise error from None
     return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
                      seconds_before + time.perf_counter() - t_run, str(s.device), recipe.seed, s.measured_on)
+
+
+def _epochs(s: _Session, writer: RunWriter, callback: Callback | None, start_epoch: int) -> None:
+    recipe = s.recipe
+    for epoch in range(start_epoch + 1, recipe.epochs + 1):
+        t0 = time.perf_counter()
+        try:
+            train_loss, train_acc, seen = train_one_epoch(s, epoch, callback)
+            lr = s.optimizer.param_groups[0]["lr"]
+            if s.scheduler is not None and not s.per_step:
+                s.scheduler.step()
+            train_seconds = time.perf_counter() - t0
+            test = evaluate(s.model, s.test_batches, recipe.label_smoothing)
+            val = evaluate(s.model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
+            if not s.finite_weights():
+                raise _Diverged(f"the weights stopped being finite at epoch {epoch}")
+            for name, result in (("test", test), ("validation", val)):
+                if result is not None and not math.isfinite(result.loss):
+                    raise _Diverged(f"the {name} loss became {result.loss} at epoch {epoch}")
+        except _Diverged as exc:
+            raise TrainingDiverged(f"{exc}: the learning rate ({recipe.lr:g}) is likely too high, try "
+                                   f"lr {recipe.lr / 10:g}; {_kept(writer)}") from None
+        row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
+                           round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
+                           val.loss if val else None, val.acc if val else None)
+        try:
+            best = writer.commit(row, s.model.state_dict(), s.resumable_state())
+        except OSError as exc:
+            raise RunError(
+                f"cannot write the results of epoch {epoch} in {writer.run_dir} ({exc.strerror or exc}); "
+                f"the folder still holds epoch {writer.epoch} whole: make room, then resume with: "
+                f"mnistkit train --resume {shlex.quote(str(writer.run_dir))}") from None
+        if callback:
+            callback.on_epoch(row, best)
 
 
 def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | None = None, device: str = "auto",
@@ -333,24 +349,14 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
     the same as an uninterrupted run's."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    where = f"{run_dir / 'config.yaml'}"
-    try:
-        recipe = Recipe.from_dict(config["recipe"], where=f"{where} recipe")
-        data = DataOptions.from_dict(config.get("data") or {}, where=f"{where} data")
-    except UsageError as exc:  # a damaged file, not a bad option
-        raise RunError(str(exc)) from None
-    model_name = model_info(str(config["model"])).name
-    state = load_checkpoint(run_dir / "last.pt")
-    if state.get("model") != model_name:
-        raise RunError(f"{run_dir / 'last.pt'} holds model {state.get('model')!r}, the run is {model_name!r}")
-    s = _session(model_name, recipe, data, device)
-    try:
-        metrics = [EpochMetrics.from_dict(r, where=f"{run_dir / 'last.pt'} metrics") for r in state["metrics"]]
-    except (KeyError, TypeError):
-        raise RunError(f"{run_dir / 'last.pt'} holds no metrics; the run folder is damaged") from None
-    if len(metrics) != state.get("epoch"):
-        raise RunError(f"{run_dir / 'last.pt'} is inconsistent (epoch {state.get('epoch')!r}, "
-                       f"{len(metrics)} metrics rows); the run folder is damaged")
+    model_name = model_info(config.model).name
+    last = run_dir / "last.pt"
+    state = load_checkpoint(last)
+    check_resumable(state, last)
+    if state["model"] != model_name:
+        raise RunError(f"{last} holds model {state['model']!r}, the run is {model_name!r}; the run folder is damaged")
+    s = _session(model_name, config.recipe, config.data, device)
+    metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
     meta = {"model": model_name, "params": s.params, "recipe": s.recipe.to_dict(), "data": s.data.to_dict(),
             "measured_on": s.measured_on, "versions": versions()}

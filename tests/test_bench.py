@@ -25,7 +25,8 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     data = json.loads(out.stdout)
     r = data["models"]["I3"]
     assert r["reference_images_per_s"] > 0 and r["mnistkit_images_per_s"] > 0
-    assert r["speedup"] == round(r["mnistkit_images_per_s"] / r["reference_images_per_s"], 2)
+    # the speedup is computed from unrounded rates; the printed rates are rounded to 0.1 img/s
+    assert r["speedup"] == pytest.approx(r["mnistkit_images_per_s"] / r["reference_images_per_s"], abs=0.011)
     assert len(r["reference_runs"]) == len(r["mnistkit_runs"]) == 2
     assert r["mult_adds"] == 2_179_632  # the model's counted mult-adds, as `mnistkit summary I3` shows
     assert 0 < r["fraction_of_matmul"] and data["matmul_gflops"] > 0

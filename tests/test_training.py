@@ -64,15 +64,14 @@ def test_run_folder_contents(tmp_path):
     assert folder.parent == tmp_path and folder.name.startswith("I3-")
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
     config = read_config(folder)
-    assert config["model"] == "I3" and config["recipe"]["epochs"] == 1 and config["data"]["limit"] == 500
+    assert config.model == "I3" and config.recipe.epochs == 1 and config.data.limit == 500
     # reproducible from the folder alone; "auto" precision is recorded as what it meant here
-    assert Recipe.from_dict(config["recipe"]) == small(epochs=1).replace(
-        precision=resolve_precision("auto", torch.device("cpu")))
-    assert config["recipe"]["precision"] in ("fp32", "bf16")
+    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", torch.device("cpu")))
+    assert config.recipe.precision in ("fp32", "bf16")
     assert read_metrics(folder) == result.metrics
     ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]
-    assert config["measured_on"] == {"dataset": "synthetic", "official_mnist": False, "train_samples": 500,
+    assert config.measured_on == {"dataset": "synthetic", "official_mnist": False, "train_samples": 500,
                                      "val_samples": 0, "test_samples": 1000, "full_training_set": False}
 
 
@@ -115,17 +114,19 @@ def test_ctrl_c_while_an_epoch_is_being_saved_leaves_consistent_files(tmp_path, 
 
     import mnistkit.runs as runs
 
-    real_save = runs.save_checkpoint
+    real_stage = runs._stage
+    staged = []
 
-    def save_then_ctrl_c(path, payload):
-        if path.name == "best.pt" and payload["epoch"] == 1:
+    def stage_then_ctrl_c(path, raw):
+        staged.append(path.name)
+        if path.name == "best.pt" and staged.count("best.pt") == 1:
             os.kill(os.getpid(), signal.SIGINT)
-        real_save(path, payload)
+        return real_stage(path, raw)
 
     # Python's default handler, whatever was installed before (a background job ignores SIGINT)
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        monkeypatch.setattr(runs, "save_checkpoint", save_then_ctrl_c)
+        monkeypatch.setattr(runs, "_stage", stage_then_ctrl_c)
         mine = lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
         signal.signal(signal.SIGINT, mine)
         with pytest.raises(TrainingInterrupted) as info:
@@ -184,8 +185,8 @@ def test_validation_split_chooses_best_and_is_held_out(tmp_path):
     result = train("I3", small(epochs=3), DataOptions("synthetic", val=1000, limit=1000), device="cpu",
                    runs_dir=tmp_path)
     config = read_config(result.run_dir)
-    assert config["data"]["val"] == 1000 and config["measured_on"]["train_samples"] == 1000
-    assert config["measured_on"]["val_samples"] == 1000 and not config["measured_on"]["full_training_set"]
+    assert config.data.val == 1000 and config.measured_on["train_samples"] == 1000
+    assert config.measured_on["val_samples"] == 1000 and not config.measured_on["full_training_set"]
     assert all(r.val_acc is not None for r in result.metrics)
     assert result.best == max(result.metrics, key=lambda r: (r.val_acc, -r.epoch))  # on validation, not test
     assert load_checkpoint(result.run_dir / "best.pt")["epoch"] == result.best.epoch
@@ -270,10 +271,10 @@ def test_precision_choice_is_honoured_and_fp32_is_exactly_reproducible(tmp_path)
     data = DataOptions("synthetic", limit=1500)
     a = train("I3", small(epochs=1, precision="fp32", channels_last=False), data, device="cpu", runs_dir=tmp_path / "a")
     b = train("I3", small(epochs=1, precision="fp32", channels_last=True), data, device="cpu", runs_dir=tmp_path / "b")
-    assert read_config(a.run_dir)["recipe"]["precision"] == "fp32"
-    assert read_config(b.run_dir)["recipe"]["channels_last"] is True
+    assert read_config(a.run_dir).recipe.precision == "fp32"
+    assert read_config(b.run_dir).recipe.channels_last is True
     c = train("I3", small(epochs=1, precision="bf16"), data, device="cpu", runs_dir=tmp_path / "c")
-    assert read_config(c.run_dir)["recipe"]["precision"] == "bf16"
+    assert read_config(c.run_dir).recipe.precision == "bf16"
     assert c.metrics[0].train_loss != a.metrics[0].train_loss  # bf16 really ran
     assert abs(c.metrics[0].train_loss - a.metrics[0].train_loss) < 0.1
     with pytest.raises(UsageError, match="precision"):
