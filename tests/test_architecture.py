@@ -1,0 +1,61 @@
+"""The shape of the code, checked: data flows cli -> library -> render, never back, and the
+library's module-level imports form no cycle."""
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "mnistkit"
+
+
+def imports(path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnistkit"):
+            if node.module == "mnistkit":
+                found |= {f"mnistkit.{a.name}" for a in node.names}
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mnistkit")}
+    return {m for m in found if (PKG / (m.split(".", 1)[1] + ".py")).exists()} if found else set()
+
+
+def test_no_library_module_imports_cli_or_render():
+    for path in PKG.glob("*.py"):
+        if path.stem in ("cli", "__main__", "render"):
+            continue
+        bad = imports(path, top_level_only=False) & {"mnistkit.cli", "mnistkit.render"}
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = {f"mnistkit.{p.stem}": imports(p, top_level_only=True) for p in PKG.glob("*.py")}
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            assert state.get(nxt) != 1, " -> ".join(stack + [nxt])
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
+
+
+def test_recipe_module_does_not_import_torch():
+    assert not any(n.startswith("torch") for n in _all_imports(PKG / "recipe.py"))
+
+
+def _all_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
