@@ -330,7 +330,9 @@ def train_cmd(
 
 
 @app.command("evaluate", epilog=examples("mnistkit evaluate runs/I3-20261125-101500",
-                                         "mnistkit evaluate runs/I3-20261125-101500/last.pt --json"))
+                                         "mnistkit evaluate runs/I3-20261125-101500/last.pt --json",
+                                         "mnistkit evaluate runs/I3-20261125-101500 --errors errors.png "
+                                         "--confusion confusion.png"))
 @handles_errors
 def evaluate_cmd(
     target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
@@ -338,17 +340,102 @@ def evaluate_cmd(
                                               help="mnist or synthetic (default: the run's)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files (default: the run's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    errors: Optional[str] = typer.Option(None, "--errors", metavar="PNG",
+                                         help="Draw the misclassified test digits, most confident first."),
+    confusion: Optional[str] = typer.Option(None, "--confusion", metavar="PNG",
+                                            help="Draw the confusion matrix as a heat map with counts."),
     as_json: bool = JSON,
 ) -> None:
     """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
     from mnistkit import render
     from mnistkit.evaluation import evaluate_checkpoint
+    from mnistkit.runs import check_output, write_output
 
+    for path in (errors, confusion):
+        if path:
+            check_output(path)
     report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device)
+    pictures = [(path, draw(report)) for path, draw in ((errors, render.errors_png), (confusion, render.confusion_png))
+                if path]  # drawn before any is written: all or nothing
     if as_json:
         _print_json(report.to_dict())
     else:
         render.stdout().print(render.evaluation(report))
+    for path, png in pictures:
+        write_output(path, png)
+        _say(f"wrote {path}")
+
+
+@app.command("predict", epilog=examples("mnistkit predict runs/I3-20261125-101500 examples/three.png",
+                                        "mnistkit predict runs/I3-20261125-101500 my-digits/ --show",
+                                        "mnistkit predict runs/I3-20261125-101500/best.pt photo.jpg --json"))
+@handles_errors
+def predict_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...) or folders of them."),
+    show: bool = typer.Option(False, "--show", help="Also draw each 28x28 input as the model saw it."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    as_json: bool = JSON,
+) -> None:
+    """Predict your own digit images: prepared as MNIST was (inverted, cropped, 20 px, centred by mass)."""
+    from mnistkit import render
+    from mnistkit.predict import predict
+
+    results = predict(target, images, device=device)
+    if as_json:
+        _print_json({"predictions": [r.to_dict() for r in results]})
+    else:
+        render.stdout().print(render.predictions(results, show))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        render.stderr().print(render.error_line(r.error), highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export", epilog=examples("mnistkit export runs/I3-20261125-101500 --format onnx",
+                                       "mnistkit export runs/I3-20261125-101500 --format safetensors -o i3.safetensors"))
+@handles_errors
+def export_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx or safetensors."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The file to write (default: beside the checkpoint)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="ONNX: compare with PyTorch on the whole test set."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Test data for the check (default: the run's)."),
+    as_json: bool = JSON,
+) -> None:
+    """Export a trained model to ONNX (checked with ONNX Runtime) or safetensors (no pickle)."""
+    from mnistkit import render
+    from mnistkit.export import export
+
+    result = export(target, fmt.lower(), output, check=check, data_dir=data_dir)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        render.stdout().print(render.export_result(result), highlight=False)
+
+
+@app.command("runs", epilog=examples("mnistkit runs", "mnistkit runs --runs-dir runs-bench --json"))
+@handles_errors
+def runs_cmd(
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
+    as_json: bool = JSON,
+) -> None:
+    """List the run folders: model, data, seed, epochs, accuracy, state (finished, resumable, diverged, damaged), age."""
+    import time
+
+    from mnistkit import render
+    from mnistkit.runs import list_runs
+
+    runs = list_runs(runs_dir)
+    if as_json:
+        _print_json({"runs_dir": runs_dir, "runs": [r.to_dict() for r in runs]})
+        return
+    if not runs:
+        _say(f"no run folders in {runs_dir}; make one with: mnistkit train")
+        return
+    out = render.stdout()
+    out.print(render.runs_table(runs, runs_dir, time.time(), out))
 
 
 @app.command("compare", epilog=examples("mnistkit compare", "mnistkit compare --all-runs",

@@ -113,9 +113,12 @@ class EvaluationReport:
     recorded_test_acc: float | None
     confusion_matrix: list[list[int]]
     per_class: list[dict[str, Any]]
+    mistakes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # most confident first
+    mistake_images: Any = None  # uint8 [M, 28, 28] in the order of ``mistakes`` (not in JSON)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mistake_images"}
+        return out
 
 
 def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir: str | None = None,
@@ -140,7 +143,16 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
                           channels_last=recipe.channels_last)
     preds: list[torch.Tensor] = []
     result = evaluate(model, batches, recipe.label_smoothing, predictions=preds)  # the loss as the run recorded it
-    report = per_class_report(test.labels, torch.cat(preds).cpu())
+    predicted = torch.cat(preds).cpu()
+    report = per_class_report(test.labels, predicted)
+    wrong = (predicted != test.labels).nonzero().squeeze(1)
+    with torch.inference_mode():
+        model.eval()
+        probs = torch.softmax(model(batches.x[wrong.to(dev)]).float(), 1).cpu() if len(wrong) else torch.zeros(0, 10)
+    confidence = probs.gather(1, predicted[wrong].unsqueeze(1)).squeeze(1) if len(wrong) else torch.zeros(0)
+    order = confidence.argsort(descending=True, stable=True)
+    mistakes = [{"index": int(wrong[i]), "label": int(test.labels[wrong[i]]), "predicted": int(predicted[wrong[i]]),
+                 "probability": float(confidence[i])} for i in order]
     recorded = None
     for raw in ckpt.get("metrics") or []:
         try:
@@ -150,4 +162,5 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
         if row.epoch == ckpt.get("epoch"):
             recorded = row.test_acc
     return EvaluationReport(str(path), str(ckpt.get("model")), ckpt.get("epoch"), data.dataset, result.n,
-                            result.loss, result.acc, recorded, report["confusion_matrix"], report["per_class"])
+                            result.loss, result.acc, recorded, report["confusion_matrix"], report["per_class"],
+                            mistakes, test.images[wrong[order]] if len(wrong) else test.images[:0])

@@ -676,16 +676,7 @@ def compare_csv(report: dict[str, Any]) -> str:
 
 def compare_plot(report: dict[str, Any]) -> bytes:
     """Every iteration's mean test-accuracy curve (comparable runs) as PNG bytes (needs matplotlib)."""
-    from mnistkit.errors import MnistkitError
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MnistkitError("drawing the plot needs matplotlib, which is not installed; install it with "
-                            "pip install 'mnistkit[plot]' (or pip install matplotlib)") from None
+    plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=150)
     drawn = 0
     for row in report["iterations"]:
@@ -703,6 +694,163 @@ def compare_plot(report: dict[str, Any]) -> bytes:
     ax.set_title("Test accuracy per epoch, comparable runs" + ("" if drawn else " (none yet)"))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    return _png(fig, plt)
+
+
+# --------------------------------------------------------------------------- predict, export, runs
+
+SHADES = " ░▒▓█"
+
+
+def digit_picture(pixels: Any) -> Text:
+    """A 28x28 input in [0, 1] as 28 lines of 28 double-width block characters."""
+    rows = []
+    for row in pixels.tolist():
+        rows.append("".join(SHADES[min(len(SHADES) - 1, int(v * len(SHADES)))] * 2 for v in row))
+    return Text("\n".join(rows))
+
+
+def predictions(results: list[Any], show: bool = False) -> Group:
+    table = Table(title="Predictions", title_justify="left",
+                  caption="Top 3: the three most likely digits with their probabilities.", caption_justify="left")
+    table.add_column("Image", overflow="fold")
+    _num_column(table, "Digit")
+    _num_column(table, "Probability")
+    table.add_column("Top 3", overflow="fold")
+    for r in results:
+        if r.error:
+            table.add_row(Text(r.path), "-", "-", Text("unreadable (see the error below)", style="red"))
+            continue
+        top = ", ".join(f"{d}: {p:.1%}" for d, p in r.top3)
+        table.add_row(Text(r.path), Text(str(r.digit), style="bold"), f"{r.probability:.1%}", top)
+    parts: list[RenderableType] = [table]
+    if show:
+        for r in results:
+            if r.pixels is not None:
+                parts += [Text(f"{r.path}: what the model saw (28x28), predicted {r.digit}", style="bold"),
+                          digit_picture(r.pixels)]
+    return Group(*parts)
+
+
+def export_result(result: Any) -> Text:
+    line = Text(f"wrote {result.path} ({result.format}, {fmt_bytes(result.bytes)}, {result.model} from "
+                f"{result.checkpoint})")
+    if result.check is not None:
+        c = result.check
+        line.append(f"\nONNX Runtime beside PyTorch on the {c.dataset} test set: {c.same_predictions:,} of "
+                    f"{c.images:,} predictions agree, max |logit difference| {c.max_abs_logit_difference:.1e} "
+                    f"(tolerance {c.tolerance:g}): ", style="")
+        line.append("passed" if c.passed else "FAILED", style="bold green" if c.passed else "bold red")
+    return line
+
+
+def fmt_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def runs_table(runs: list[Any], root: str, now: float, console: Console) -> RenderableType:
+    styles = {"finished": "green", "interrupted": "yellow", "diverged": "red", "damaged": "red"}
+    labels = {"interrupted": "interrupted: resumable"}
+
+    def cells(r: Any) -> dict[str, Any]:
+        data = r.dataset or "-"
+        if r.train_samples:
+            data += f", {fmt_int(r.train_samples)}"
+        return {
+            "run": Text(os.path.basename(r.run)), "model": r.model or "-", "data": data,
+            "seed": "-" if r.seed is None else str(r.seed),
+            "epochs": f"{r.epochs_done}/{r.epochs_planned}" if r.epochs_planned else "-",
+            "final": fmt_pct(r.final_test_acc), "best": fmt_pct(r.best_test_acc) + (
+                "*" if r.best_selected_on == "test" else ""),
+            "state": Text(labels.get(r.state, r.state), style=styles.get(r.state, "")),
+            "age": fmt_age(max(0.0, now - r.modified)),
+        }
+
+    rows = [cells(r) for r in runs]
+    spec = {"run": ("Run", "text"), "model": ("Model", "fixed"), "data": ("Data, train images", "text"),
+            "seed": ("Seed", "num"), "epochs": ("Epochs", "num"), "final": ("Final test", "num"),
+            "best": ("Best test", "num"), "state": ("State", "text"), "age": ("Age", "num")}
+
+    def layout(keys: list[str]) -> Callable[[], Table]:
+        return lambda: _spec_table(f"Runs in {root}, newest first", "Best: * chosen on the test set; otherwise on a "
+                                   "validation split.", [(spec[k][0], spec[k][1], (lambda k: lambda i: rows[i][k])(k))
+                                                         for k in keys], len(rows))
+
+    wide = ["run", "model", "data", "seed", "epochs", "final", "best", "state", "age"]
+    narrow = ["run", "model", "seed", "epochs", "final", "state", "age"]
+    parts: list[RenderableType] = [fit(console, [layout(wide), layout(narrow)])]
+    for r in runs:
+        if r.why and r.state in ("damaged", "diverged"):
+            parts.append(Text(f"{os.path.basename(r.run)}: {r.why}", style="dim"))
+    return Group(*parts)
+
+
+def _matplotlib() -> Any:
+    from mnistkit.errors import MnistkitError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MnistkitError("drawing a picture needs matplotlib, which is not installed; install it with "
+                            "pip install 'mnistkit[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def errors_png(report: "EvaluationReport", limit: int = 100) -> bytes:
+    """A grid of misclassified test digits, most confident mistakes first: true label,
+    predicted label and its probability under each."""
+    plt = _matplotlib()
+    shown = report.mistakes[:limit]
+    cols = min(10, max(1, len(shown)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.6 * rows + 0.6), dpi=150, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, m, img in zip(axes.flat, shown, report.mistake_images):
+        ax.imshow(img.numpy(), cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(f"true {m['label']} → {m['predicted']}\n{m['probability']:.0%}", fontsize=8,
+                     color="darkred" if m["probability"] >= 0.9 else "black")
+    more = f" (the {len(shown)} most confident shown)" if len(report.mistakes) > len(shown) else ""
+    fig.suptitle(f"{report.model}: {len(report.mistakes):,} of {report.samples:,} {report.dataset} test digits "
+                 f"misclassified{more}", fontsize=10)
+    if not shown:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    return _png(fig, plt)
+
+
+def confusion_png(report: "EvaluationReport") -> bytes:
+    """The confusion matrix as a heat map with counts (rows: true class, columns: predicted);
+    the colour scale is logarithmic so that a few mistakes still show beside ~1,000 hits."""
+    import matplotlib.colors as mcolors
+
+    plt = _matplotlib()
+    cm = report.confusion_matrix
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=150)
+    image = ax.imshow([[v + 1 for v in row] for row in cm], cmap="Blues", norm=mcolors.LogNorm())
+    top = max(max(row) for row in cm) or 1
+    for r in range(n):
+        for c in range(n):
+            v = cm[r][c]
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > top ** 0.5 else ("darkred" if v and r != c else "black"))
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(f"{report.model}: confusion matrix on {fmt_int(report.samples)} {report.dataset} test digits "
+                 f"({report.test_acc:.2f}%)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="count + 1 (log scale)")
+    return _png(fig, plt)
+
+
+def _png(fig: Any, plt: Any) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)

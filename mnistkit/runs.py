@@ -523,3 +523,72 @@ def find_runs(runs_dir: str | os.PathLike, model: str | None = None) -> list[Pat
         return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
     except OSError as exc:
         raise RunError(f"cannot list the runs folder {root}: {exc.strerror or exc}; check its permissions") from None
+
+
+# --------------------------------------------------------------------------- listing runs
+
+OUTCOME = "outcome.json"  # written when a run ends in a way its other files cannot show (diverged)
+
+
+def write_outcome(run_dir: Path, state: str, epoch: int, reason: str) -> None:
+    atomic_write(Path(run_dir) / OUTCOME, strictjson.dumps({"state": state, "epoch": epoch, "reason": reason}) + "\n")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run folder as ``mnistkit runs`` lists it."""
+
+    run: str
+    state: str  # finished, interrupted (resumable), diverged, damaged, empty
+    model: str | None = None
+    dataset: str | None = None
+    train_samples: int | None = None
+    seed: int | None = None
+    epochs_done: int = 0
+    epochs_planned: int | None = None
+    final_test_acc: float | None = None
+    best_test_acc: float | None = None
+    best_selected_on: str | None = None
+    modified: float = 0.0  # seconds since the epoch
+    why: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def summarize_run(run: Path) -> RunSummary:
+    try:
+        modified = max((p.stat().st_mtime for p in run.iterdir()), default=run.stat().st_mtime)
+    except OSError:
+        modified = 0.0
+    try:
+        config = read_config(run)
+        metrics = read_metrics(run)
+    except RunError as exc:
+        return RunSummary(str(run), "damaged", modified=modified, why=str(exc))
+    on = config.measured_on
+    base = dict(run=str(run), model=config.model, dataset=config.data.dataset,
+                train_samples=on.get("train_samples") or config.data.limit, seed=config.recipe.seed,
+                epochs_done=len(metrics), epochs_planned=config.recipe.epochs, modified=modified)
+    if metrics:
+        best = best_row(metrics)
+        base.update(final_test_acc=metrics[-1].test_acc, best_test_acc=best.test_acc,
+                    best_selected_on=selected_on(metrics))
+    outcome = run / OUTCOME
+    if outcome.is_file():
+        try:
+            data = strictjson.loads(read_text_bounded(outcome, 1 << 16, RunError, "an outcome"))
+            if isinstance(data, dict) and data.get("state") == "diverged":
+                return RunSummary(**base, state="diverged", why=str(data.get("reason", ""))[:300])
+        except (RunError, ValueError):
+            return RunSummary(**base, state="damaged", why=f"{outcome} is not readable")
+    if len(metrics) >= config.recipe.epochs:
+        return RunSummary(**base, state="finished")
+    if not (run / "last.pt").is_file():
+        return RunSummary(**base, state="damaged", why="no last.pt to resume from")
+    return RunSummary(**base, state="interrupted")
+
+
+def list_runs(runs_dir: str | os.PathLike) -> list[RunSummary]:
+    """Every run folder under ``runs_dir``, newest first."""
+    return sorted((summarize_run(p) for p in find_runs(runs_dir)), key=lambda r: r.modified, reverse=True)

@@ -4,6 +4,7 @@ and one ``train_one_epoch``. The run folder is written by ``runs.RunWriter``, wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shlex
@@ -23,7 +24,7 @@ from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.runs import (EpochMetrics, RunWriter, Terminated, check_resumable, load_checkpoint, read_config,
-                           selected_on, sigterm_as_interrupt)
+                           selected_on, sigterm_as_interrupt, write_outcome)
 
 __all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback",
            "build_optimizer", "build_scheduler", "load_data"]
@@ -315,6 +316,8 @@ def _epochs(s: _Session, writer: RunWriter, callback: Callback | None, start_epo
                 if result is not None and not math.isfinite(result.loss):
                     raise _Diverged(f"the {name} loss became {result.loss} at epoch {epoch}")
         except _Diverged as exc:
+            with contextlib.suppress(OSError):  # so that `mnistkit runs` can say so
+                write_outcome(writer.run_dir, "diverged", epoch, str(exc))
             raise TrainingDiverged(f"{exc}: the learning rate ({recipe.lr:g}) is likely too high, try "
                                    f"lr {recipe.lr / 10:g}; {_kept(writer)}") from None
         row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
