@@ -4,7 +4,7 @@ stderr; a Python caller catches ``MnistkitError``. Messages speak of values, nev
 from __future__ import annotations
 
 __all__ = ["MnistkitError", "UsageError", "UnknownModelError", "DataError", "RunError", "ExperimentsError",
-           "TrainingDiverged", "TrainingInterrupted"]
+           "TrainingDiverged", "TrainingInterrupted", "SweepError"]
 
 
 class MnistkitError(Exception):
@@ -52,3 +52,7 @@ class TrainingInterrupted(MnistkitError):
     """Ctrl-C (or SIGTERM) during training; the run folder stays resumable."""
 
     exit_code = 130
+
+
+class SweepError(MnistkitError):
+    """A sweep spec file that cannot be used (said before anything runs)."""

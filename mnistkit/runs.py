@@ -128,10 +128,18 @@ def write_output(path: str | os.PathLike, data: bytes | str) -> None:
         raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
 
 
-def new_run_dir(runs_dir: str | os.PathLike, model: str) -> Path:
+def new_run_dir(runs_dir: str | os.PathLike, model: str, name: str | None = None) -> Path:
+    """A new, empty run folder: ``<model>-<timestamp>``, or exactly ``name`` (a sweep's trial),
+    which must not exist yet."""
     root = Path(runs_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        if name is not None:
+            try:
+                (root / name).mkdir()
+            except FileExistsError:
+                raise RunError(f"{root / name} already exists; resume it or remove it") from None
+            return root / name
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for n in range(1000):
             path = root / (f"{model}-{stamp}" + (f"-{n}" if n else ""))
@@ -324,9 +332,9 @@ class RunWriter:
 
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, meta: dict[str, Any], config: dict[str, Any],
-               state: dict[str, Any]) -> "RunWriter":
+               state: dict[str, Any], name: str | None = None) -> "RunWriter":
         with sigint_deferred():
-            run_dir = new_run_dir(runs_dir, meta["model"])
+            run_dir = new_run_dir(runs_dir, meta["model"], name)
             try:
                 write_config(run_dir, config)
                 writer = cls(run_dir, meta)

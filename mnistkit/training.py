@@ -335,15 +335,16 @@ def _epochs(s: _Session, writer: RunWriter, callback: Callback | None, start_epo
 
 
 def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | None = None, device: str = "auto",
-          runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None) -> RunResult:
+          runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None,
+          run_name: str | None = None) -> RunResult:
     """Train a registered model with ``recipe`` (default: ``Recipe()``) on ``data`` (default:
-    MNIST), writing a new run folder under ``runs_dir``."""
+    MNIST), writing a new run folder under ``runs_dir`` (named ``run_name`` when given)."""
     model_name = model_info(model_name).name
     s = _session(model_name, recipe or Recipe(), data or DataOptions(), device)
     meta = {"model": model_name, "params": s.params, "recipe": s.recipe.to_dict(), "data": s.data.to_dict(),
             "measured_on": s.measured_on, "versions": versions()}
     writer = RunWriter.create(runs_dir, meta, {**meta, "device": str(s.device)},
-                              {"state_dict": s.model.state_dict(), **s.resumable_state()})
+                              {"state_dict": s.model.state_dict(), **s.resumable_state()}, run_name)
     return _fit(s, writer, callback)
 
 

@@ -1,0 +1,413 @@
+"""Sweeps: many ordinary trainings of a grid (or a random search) of recipes over seeds, in
+local worker processes by default or as Ray tasks on a cluster. Every trial writes an ordinary
+run folder ``<runs-dir>/<sweep-name>/<trial>``, named from its settings, so ``evaluate``,
+``compare`` and ``runs`` read it unchanged and ``--resume`` finds what is done.
+
+A spec file::
+
+    name: i3-lr            # the sweep's folder under the runs folder
+    models: [I3]           # iterations of the change-log (or model: I3)
+    seeds: [1, 2, 3]       # or a count: 3 means seeds 1, 2, 3
+    grid: {lr: [0.1, 0.2]} # recipe keys to vary: every combination
+    random: {n: 4, seed: 0, lr: {min: 0.05, max: 0.4, log: true}}  # or a random search
+    recipe: {epochs: 15}   # fixed for every trial
+    data: {dataset: mnist, data_dir: ../shared/mnist, val: 0}
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mnistkit.errors import MnistkitError, SweepError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
+from mnistkit.safeio import load_yaml_bounded
+
+MAX_SPEC_BYTES = 1 << 16
+MAX_TRIALS = 1000
+_SPEC_KEYS = {"name", "model", "models", "seeds", "grid", "random", "recipe", "data", "experiments"}
+_RECIPE_KEYS = {f for f in Recipe.__dataclass_fields__} - {"seed", "augment"}
+
+
+@dataclass(frozen=True)
+class Trial:
+    model: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...]  # the varied recipe keys, sorted
+
+    @property
+    def config(self) -> str:
+        """The configuration this trial is one seed of (model and varied values)."""
+        return " ".join([self.model] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in self.overrides])
+
+    @property
+    def name(self) -> str:
+        """The run folder's name: deterministic, so that --resume finds it."""
+        parts = [self.model] + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in self.overrides]
+        return "-".join(parts + [f"seed{self.seed}"]).replace("/", "_").replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: Path
+    name: str
+    trials: tuple[Trial, ...]
+    recipe: dict[str, Any]
+    data: DataOptions
+    experiments: str | None = None
+    varied: tuple[str, ...] = ()
+
+
+def _fail(path: Path, message: str) -> SweepError:
+    return SweepError(f"{path}: {message}")
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and check a sweep spec, and expand its trials; every trial's recipe is built (and
+    so validated) here, before anything runs."""
+    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.models import model_info
+
+    path = Path(path)
+    data, _ = load_yaml_bounded(path, MAX_SPEC_BYTES, SweepError, "a sweep spec")
+    if not isinstance(data, dict):
+        raise _fail(path, "a sweep spec is a mapping (name, models, seeds, grid or random, recipe, data)")
+    unknown = set(data) - _SPEC_KEYS
+    if unknown:
+        raise _fail(path, f"unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(_SPEC_KEYS))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise _fail(path, "name must be a folder name, e.g. name: i3-lr")
+    models = data.get("models", [data["model"]] if "model" in data else None)
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise _fail(path, "models must be a list of model names, e.g. models: [I3]")
+    try:
+        models = [model_info(m).name for m in models]
+    except MnistkitError as exc:
+        raise _fail(path, str(exc)) from None
+    seeds = data.get("seeds", [42])
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= 100:
+        seeds = list(range(1, seeds + 1))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                           for s in seeds) or len(set(seeds)) != len(seeds):
+        raise _fail(path, "seeds must be a count (1 to 100) or a list of distinct non-negative integers")
+    fixed = data.get("recipe") or {}
+    if not isinstance(fixed, dict):
+        raise _fail(path, "recipe must be a mapping of recipe keys to values")
+    grid, search = data.get("grid"), data.get("random")
+    if grid is not None and search is not None:
+        raise _fail(path, "give grid or random, not both")
+    configs = [()]
+    varied: tuple[str, ...] = ()
+    if grid is not None:
+        if not isinstance(grid, dict) or not grid:
+            raise _fail(path, "grid must map recipe keys to lists of values, e.g. grid: {lr: [0.1, 0.2]}")
+        for key, values in grid.items():
+            if key not in _RECIPE_KEYS:
+                raise _fail(path, f"grid: {key!r} is not a recipe key that can vary; known: "
+                                  f"{', '.join(sorted(_RECIPE_KEYS))}")
+            if not isinstance(values, list) or not values:
+                raise _fail(path, f"grid: {key} must be a non-empty list")
+        varied = tuple(sorted(grid))
+        configs = [tuple(zip(varied, combo)) for combo in itertools.product(*(grid[k] for k in varied))]
+    elif search is not None:
+        configs, varied = _random_configs(path, search)
+    trials = tuple(Trial(m, s, c) for m in models for c in configs for s in seeds)
+    if len(trials) > MAX_TRIALS:
+        raise _fail(path, f"{len(trials):,} trials; a sweep runs at most {MAX_TRIALS:,}")
+    try:
+        options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
+    except (UsageError, TypeError) as exc:
+        raise _fail(path, f"data: {exc}") from None
+    experiments = data.get("experiments")
+    if experiments is not None and not isinstance(experiments, str):
+        raise _fail(path, "experiments must be the path of a change-log file")
+    if experiments is not None and not os.path.isabs(experiments):
+        experiments = str(path.parent / experiments)
+    exp = find_experiments(experiments)
+    for t in trials:  # every recipe is built now: a bad value is one line before anything runs
+        try:
+            resolve_recipe(t.model, exp, **{**fixed, **dict(t.overrides), "seed": t.seed})
+        except (UsageError, TypeError) as exc:
+            raise _fail(path, f"trial {t.name}: {exc}") from None
+    return SweepSpec(path, name, trials, dict(fixed), options, experiments, varied)
+
+
+def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ...]]:
+    if not isinstance(search, dict) or not isinstance(search.get("n"), int) or not 1 <= search["n"] <= MAX_TRIALS:
+        raise _fail(path, "random needs n (1 to 1000) and ranges, e.g. random: {n: 4, lr: {min: 0.05, max: 0.4}}")
+    rng = random.Random(search.get("seed", 0))
+    ranges = {k: v for k, v in search.items() if k not in ("n", "seed")}
+    if not ranges:
+        raise _fail(path, "random: give at least one range, e.g. lr: {min: 0.05, max: 0.4, log: true}")
+    for key, r in ranges.items():
+        ok = (key in _RECIPE_KEYS and isinstance(r, dict) and all(isinstance(r.get(b), (int, float)) for b in ("min", "max"))
+              and r["min"] <= r["max"] and (not r.get("log") or r["min"] > 0))
+        if not ok:
+            raise _fail(path, f"random: {key} must be a recipe key with a range {{min: A, max: B}} (log: true needs A > 0)")
+    varied = tuple(sorted(ranges))
+    configs = []
+    for _ in range(search["n"]):
+        values = []
+        for key in varied:
+            r = ranges[key]
+            if r.get("log"):
+                v = math.exp(rng.uniform(math.log(r["min"]), math.log(r["max"])))
+            else:
+                v = rng.uniform(r["min"], r["max"])
+            if isinstance(Recipe.__dataclass_fields__[key].default, int):
+                v = int(round(v))
+            else:
+                v = float(f"{v:.4g}")
+            values.append((key, v))
+        configs.append(tuple(values))
+    return configs, varied
+
+
+# --------------------------------------------------------------------------- running trials
+
+
+def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
+    """One trial in this process (a worker): train it, resume it if it was interrupted, or
+    skip it if it finished. Never raises for a trial's own failure: it is recorded."""
+    import torch
+
+    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.runs import summarize_run
+    from mnistkit.training import resume, train
+
+    torch.set_num_threads(payload["threads"])
+    trial: Trial = payload["trial"]
+    root = Path(payload["root"])
+    folder = root / trial.name
+    record = {"trial": trial.name, "config": trial.config, "seed": trial.seed, "run": str(folder)}
+    try:
+        if folder.exists():
+            state = summarize_run(folder).state
+            if state == "finished":
+                return {**record, "status": "finished", "skipped": True}
+            if state != "interrupted":
+                return {**record, "status": state, "error": f"{folder} is {state}; remove it to run the trial again"}
+            resume(folder, device=payload["device"])
+        else:
+            exp = find_experiments(payload["experiments"])
+            recipe = resolve_recipe(trial.model, exp, **{**payload["recipe"], **dict(trial.overrides),
+                                                         "seed": trial.seed})
+            train(trial.model, recipe, DataOptions.from_dict(payload["data"]), device=payload["device"],
+                  runs_dir=root, run_name=trial.name)
+        return {**record, "status": "finished", "skipped": False}
+    except TrainingDiverged as exc:
+        return {**record, "status": "diverged", "error": str(exc)}
+    except (TrainingInterrupted, KeyboardInterrupt):
+        return {**record, "status": "interrupted", "error": "interrupted"}
+    except MnistkitError as exc:
+        return {**record, "status": "failed", "error": str(exc)}
+    except Exception as exc:  # a bug or a broken worker: recorded, the sweep goes on
+        return {**record, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _ray_trial(payload: dict[str, Any]) -> dict[str, Any]:
+    """A trial on a Ray worker: trained in a scratch folder there (from the files of a partial
+    run, if it was interrupted), and its run folder's files sent back."""
+    scratch = Path(tempfile.mkdtemp(prefix="mnistkit-trial-"))
+    try:
+        trial: Trial = payload["trial"]
+        if payload.get("existing"):
+            (scratch / trial.name).mkdir()
+            for name, raw in payload["existing"].items():
+                (scratch / trial.name / name).write_bytes(raw)
+        record = run_trial({**payload, "root": str(scratch), "existing": None})
+        folder = scratch / trial.name
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+        return {**record, "files": files}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass
+class SweepProgress:
+    """What a caller hears as trials start and end."""
+
+    on_result: Callable[[dict[str, Any], int, int], None] | None = None
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, workers: int | None = None,
+              ray: str | None = None, device: str = "cpu", resume: bool = False,
+              on_result: Callable[[dict[str, Any], int], None] | None = None) -> list[dict[str, Any]]:
+    """Run every trial of ``spec`` (those not finished yet when ``resume``); returns one record
+    per trial, in the spec's order. Local workers by default; ``ray`` = ``auto``, an address,
+    or ``local`` (an embedded Ray on this machine) runs them as Ray tasks."""
+    root = Path(runs_dir) / spec.name
+    if root.exists() and any(root.iterdir()) and not resume:
+        raise UsageError(f"{root} already holds trials of this sweep; add --resume to run only what is missing, "
+                         "or --report to see them")
+    root.mkdir(parents=True, exist_ok=True)
+    workers = workers or default_workers()
+    if workers < 1:
+        raise UsageError("workers must be at least 1")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    base = {"root": str(root), "recipe": spec.recipe, "data": spec.data.to_dict(), "device": device,
+            "experiments": spec.experiments, "threads": threads}
+    payloads = [{**base, "trial": t} for t in spec.trials]
+    done: dict[str, dict[str, Any]] = {}
+
+    def finished(record: dict[str, Any]) -> None:
+        done[record["trial"]] = record
+        if on_result:
+            on_result(record, len(done))
+
+    if ray:
+        _run_ray(payloads, ray, root, threads, finished)
+    else:
+        _run_local(payloads, workers, finished)
+    return [done.get(t.name, {"trial": t.name, "config": t.config, "seed": t.seed, "status": "not run"})
+            for t in spec.trials]
+
+
+def _run_local(payloads: list[dict[str, Any]], workers: int, finished: Callable) -> None:
+    if workers == 1:  # in this process: no start-up cost, and Ctrl-C reaches the trial directly
+        for p in payloads:
+            record = run_trial(p)
+            finished(record)
+            if record["status"] == "interrupted":
+                raise KeyboardInterrupt
+        return
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    futures = [pool.submit(run_trial, p) for p in payloads]
+    try:
+        for future in as_completed(futures):
+            finished(future.result())
+    except KeyboardInterrupt:
+        for f in futures:
+            f.cancel()
+        for proc in list(getattr(pool, "_processes", {}).values()):  # stop the running trials cleanly
+            try:
+                os.kill(proc.pid, signal.SIGINT)
+            except OSError:
+                pass
+        for f in futures:
+            if not f.cancelled():
+                try:
+                    finished(f.result())
+                except Exception:
+                    pass
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: int, finished: Callable) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise MnistkitError("running trials on Ray needs ray, which is not installed; install it with "
+                            "pip install 'mnistkit[ray]' (or pip install ray)") from None
+    from mnistkit.runs import atomic_write
+
+    if not ray.is_initialized():
+        try:
+            if address == "local":
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except Exception as exc:
+            raise MnistkitError(f"cannot reach the Ray cluster at {address!r} ({str(exc).splitlines()[0][:150]}); "
+                                "start it with 'ray start --head' or give its address (HEAD:6379)") from None
+    remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_trial)
+    refs = {}
+    for p in payloads:
+        folder = root / p["trial"].name
+        existing = ({q.name: q.read_bytes() for q in folder.iterdir() if q.is_file()} if folder.is_dir() else None)
+        refs[remote.remote({**p, "existing": existing})] = p
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        p = refs[ready[0]]
+        try:
+            record = ray.get(ready[0])
+        except Exception as exc:  # the worker died
+            record = {"trial": p["trial"].name, "config": p["trial"].config, "seed": p["trial"].seed,
+                      "status": "failed", "error": f"the Ray task failed: {str(exc).splitlines()[0][:200]}"}
+        files = record.pop("files", {}) or {}
+        if files and not record.get("skipped"):
+            folder = root / record["trial"]
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, raw in files.items():
+                atomic_write(folder / name, raw)
+        record["run"] = str(root / record["trial"])
+        finished(record)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> dict[str, Any]:
+    """Per configuration, from the run folders: trials done, final test (and validation)
+    accuracy mean ± std and min, and how many trials pass the change-log's constraints."""
+    from mnistkit.experiments import find_experiments
+    from mnistkit.runs import read_metrics, summarize_run
+
+    exp = find_experiments(spec.experiments)
+    c = exp.constraints
+    root = Path(runs_dir) / spec.name
+    configs: dict[str, dict[str, Any]] = {}
+    for t in spec.trials:
+        row = configs.setdefault(t.config, {"config": t.config, "model": t.model, "values": dict(t.overrides),
+                                            "trials": 0, "done": 0, "failed": 0, "finals": [], "vals": [],
+                                            "passing": 0, "seeds_done": []})
+        row["trials"] += 1
+        folder = root / t.name
+        if not folder.exists():
+            continue
+        summary = summarize_run(folder)
+        if summary.state in ("diverged", "damaged"):
+            row["failed"] += 1
+        if summary.state != "finished":
+            continue
+        metrics = read_metrics(folder)
+        final = metrics[-1]
+        row["done"] += 1
+        row["seeds_done"].append(t.seed)
+        row["finals"].append(final.test_acc)
+        if final.val_acc is not None:
+            row["vals"].append(final.val_acc)
+        target = c.get("min_test_acc")
+        last3 = metrics[-3:]
+        ok = (target is None or (final.test_acc >= target and len(last3) == 3 and all(r.test_acc >= target for r in last3)))
+        if "max_epochs" in c:
+            ok = ok and len(metrics) < c["max_epochs"]
+        row["passing"] += ok
+    rows = []
+    for row in configs.values():
+        finals, vals = row.pop("finals"), row.pop("vals")
+        row["test_acc"] = _stats(finals)
+        row["val_acc"] = _stats(vals)
+        rows.append(row)
+    return {"sweep": spec.name, "spec": str(spec.path), "runs": str(root), "varied": list(spec.varied),
+            "constraints": c, "passing_means": "final test accuracy and each of the last 3 epochs at the target, "
+                                               "fewer epochs than the limit", "configs": rows}
+
+
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "n": len(values)}

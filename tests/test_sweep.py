@@ -1,0 +1,114 @@
+"""Sweeps: the spec is checked before anything runs; trials run in local workers or as Ray
+tasks with the same results; failures are recorded and the sweep goes on; --resume runs only
+what is missing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnistkit.cli import app
+from mnistkit.errors import SweepError
+from mnistkit.runs import read_metrics
+from mnistkit.sweep import load_spec, run_sweep
+
+SPEC = """name: syn
+models: [I3]
+seeds: [1, 2]
+grid: {lr: [0.05, 0.1]}
+recipe: {epochs: 1, batch_size: 128}
+data: {dataset: synthetic, limit: 300}
+"""
+
+
+def write(tmp_path: Path, text: str = SPEC) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    return path
+
+
+def strip(rows):
+    return [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s.replace("name: syn", "name: ../up"), "name must be a folder name"),
+    (lambda s: s + "colour: red\n", "unknown key 'colour'"),
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {learning_rate: [1]}"), "'learning_rate' is not a recipe key"),
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {lr: [0.05, -1]}"), "lr must be a positive number"),
+    (lambda s: s.replace("models: [I3]", "models: [I9]"), "unknown model 'I9'"),
+    (lambda s: s.replace("seeds: [1, 2]", "seeds: [1, 1]"), "seeds must be"),
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "random: {n: 2}"), "give at least one range"),
+    (lambda s: s + "random: {n: 2, lr: {min: 0.1, max: 0.2}}\n", "grid or random, not both"),
+    (lambda s: s.replace("dataset: synthetic", "dataset: cifar"), "dataset must be one of"),
+    (lambda s: "a: [\n", "not valid YAML"),
+])
+def test_a_bad_spec_is_one_line_before_anything_runs(runner, tmp_path, edit, needle):
+    path = write(tmp_path, edit(SPEC))
+    result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.output, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_random_search_is_reproducible(tmp_path):
+    text = SPEC.replace("grid: {lr: [0.05, 0.1]}", "random: {n: 3, seed: 7, lr: {min: 0.01, max: 0.3, log: true}, "
+                                                   "label_smoothing: {min: 0, max: 0.1}}")
+    a, b = load_spec(write(tmp_path, text)), load_spec(write(tmp_path, text))
+    assert [t.name for t in a.trials] == [t.name for t in b.trials] and len(a.trials) == 6
+    assert all(0.01 <= dict(t.overrides)["lr"] <= 0.3 for t in a.trials)
+
+
+@pytest.mark.slow
+def test_failing_trial_is_recorded_and_resume_runs_only_what_is_missing(runner, tmp_path):
+    text = SPEC.replace("models: [I3]", "models: [I0]").replace("grid: {lr: [0.05, 0.1]}", "grid: {lr: [0.05, 1000000]}")
+    text = text.replace("recipe: {epochs: 1, batch_size: 128}", "recipe: {epochs: 1, batch_size: 64, scheduler: none}")
+    text = text.replace("limit: 300", "limit: 1000")
+    path = write(tmp_path, text)
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(runs), "--workers", "1", "--json"])
+    assert result.exit_code == 1, result.output  # some trials did not finish: said, and the exit code says so
+    report = json.loads(result.stdout)
+    rows = {r["config"]: r for r in report["configs"]}
+    assert rows["I0 lr=0.05"]["done"] == 2 and rows["I0 lr=1000000"]["failed"] == 2
+    assert "diverged" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: 2 of 4 trials")
+    # again without --resume: refused; with --resume: the finished trials are skipped
+    again = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(runs)])
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    spec = load_spec(path)
+    good = [t for t in spec.trials if dict(t.overrides)["lr"] == 0.05]
+    import shutil
+
+    shutil.rmtree(runs / "syn" / good[0].name)
+    records = run_sweep(spec, runs, workers=1, resume=True)
+    by_name = {r["trial"]: r for r in records}
+    assert by_name[good[0].name]["status"] == "finished" and not by_name[good[0].name]["skipped"]
+    assert by_name[good[1].name]["skipped"]
+    assert {by_name[t.name]["status"] for t in spec.trials if t not in good} == {"diverged"}
+
+
+@pytest.mark.slow
+def test_ray_gives_the_same_results_as_local_workers(tmp_path):
+    ray = pytest.importorskip("ray")
+    spec = load_spec(write(tmp_path))
+    local = run_sweep(spec, tmp_path / "local", workers=2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_sweep(spec, tmp_path / "ray", ray="auto", workers=2)
+    finally:
+        ray.shutdown()
+    assert [r["status"] for r in local] == [r["status"] for r in remote] == ["finished"] * 4
+    for t in spec.trials:
+        a, b = read_metrics(tmp_path / "local" / "syn" / t.name), read_metrics(tmp_path / "ray" / "syn" / t.name)
+        assert strip(a) == strip(b)
+        assert (tmp_path / "ray" / "syn" / t.name / "best.pt").is_file()  # the whole run folder came back
+
+
+def test_ray_missing_is_one_clear_line(runner, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = runner.invoke(app, ["sweep", str(write(tmp_path)), "--runs-dir", str(tmp_path / "r"), "--ray", "auto"])
+    assert result.exit_code == 1 and "mnistkit[ray]" in result.stderr.strip().splitlines()[-1]
