@@ -127,6 +127,7 @@ class Recipe:
     gamma: float = 0.1
     dropout: float = 0.05
     label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # clip the gradients' global norm to this (0: no clipping)
     augment: Augment = field(default_factory=Augment)
     mean: float = 0.1307
     std: float = 0.3081
@@ -153,6 +154,7 @@ class Recipe:
             ("momentum", self.momentum >= 0, "must be >= 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)

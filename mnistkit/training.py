@@ -122,7 +122,7 @@ def provenance(data: DataOptions, train: Split, val: Split | None, test: Split) 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                scheduler: Any = None, label_smoothing: float = 0.0, bf16: bool = False,
-               channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               channels_last: bool = False, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns (loss, correct) as device tensors: no host sync here."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -131,6 +131,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
         loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -215,7 +217,8 @@ def train_one_epoch(s: _Session, epoch: int, callback: Callback | None = None) -
     seen, steps = 0, len(s.batches)
     for step, (x, y) in enumerate(s.batches, 1):
         loss, hits = train_step(s.model, x, y, s.optimizer, s.scheduler if s.per_step else None,
-                                s.recipe.label_smoothing, s.recipe.precision == "bf16", s.recipe.channels_last)
+                                s.recipe.label_smoothing, s.recipe.precision == "bf16", s.recipe.channels_last,
+                                s.recipe.grad_clip)
         loss_sum += loss * len(y)
         correct += hits
         seen += len(y)

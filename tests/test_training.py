@@ -309,3 +309,29 @@ def test_channels_last_does_not_change_the_mathematics():
     want = model(x)
     got = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["I0", "I1", "I2", "I3"])
+def test_a_quick_run_of_every_iteration_learns_and_stays_finite(tmp_path, model):
+    # 2 epochs of the synthetic set (48 steps): OneCycle reaches lr 0.2 within 10 steps, which
+    # drove I1 and I2 (FC heads) to NaN before their recipes clipped the gradient norm at 5
+    recipe = resolve_recipe(model, epochs=2, seed=1)
+    result = train(model, recipe, DataOptions("synthetic"), device="cpu", runs_dir=tmp_path)
+    assert all(math.isfinite(r.train_loss) and math.isfinite(r.test_loss) for r in result.metrics)
+    assert result.metrics[-1].test_acc >= 50.0  # chance is 10%
+
+
+def test_gradient_clipping_acts_only_above_the_limit():
+    from mnistkit.models import get_model
+    from mnistkit.training import build_optimizer, train_step
+
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    states = []
+    for clip in (0.0, 1e9, 1e-3):
+        torch.manual_seed(0)
+        model = get_model("I3", dropout=0.0)
+        opt = build_optimizer(model, Recipe(lr=0.1, momentum=0.0))
+        train_step(model, x, y, opt, grad_clip=clip)
+        states.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(states[0], states[1])  # a limit that is not reached changes nothing, bit for bit
+    assert not torch.allclose(states[0], states[2])
