@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh clone:
-#   make train   train the final model (I3) on MNIST with its recipe from experiments.yaml
+#   make train   train I3 (MODEL=...) on MNIST with its recipe from the change-log
 #   make test    run the whole test suite
 #   make quick   the fast loop while developing: every test not marked slow (no trainings)
 # Both create the project's virtual environment (.venv) when it is missing.

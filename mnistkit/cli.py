@@ -225,7 +225,7 @@ def parse_seeds(text: str) -> list[int]:
 
 
 @app.command("train", epilog=examples(
-    "mnistkit train --epochs 15                        the final iteration (I3), its recipe",
+    "mnistkit train I3                                 an iteration with its change-log recipe",
     "mnistkit train I1 --seeds 3 --data-dir ../mnist   seeds 1, 2, 3; mean ± std at the end",
     "mnistkit train I3 --val 10000                     best epoch chosen on 10,000 held-out images",
     "mnistkit train --resume runs/I3-20261125-101500   continue an interrupted run"))

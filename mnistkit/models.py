@@ -204,3 +204,27 @@ class I3(_Net):
                 flatten=nn.Flatten(),
             )
         )
+
+
+@register_model("I4")
+class I4(_Net):
+    """I3's shape at about a third of the parameters: narrower convs, one 1x1 transition, GAP head."""
+
+    def __init__(self, dropout: float = 0.03, widths: tuple[int, ...] = (6, 12, 6, 12, 14, 14)) -> None:
+        w1, w2, t, w3, w4, w5 = widths
+        super().__init__(
+            OrderedDict(
+                c1=conv_bn_relu(1, w1, padding=0),     # 26x26, RF 3
+                c2=conv_bn_relu(w1, w2, padding=0),    # 24x24, RF 5
+                t1=transition(w2, t),                  # mix and narrow before pooling
+                pool1=nn.MaxPool2d(2),                 # 12x12, RF 6
+                drop1=nn.Dropout(dropout),
+                c3=conv_bn_relu(t, w3, padding=0),     # 10x10, RF 10
+                c4=conv_bn_relu(w3, w4, padding=0),    # 8x8, RF 14
+                drop2=nn.Dropout(dropout),
+                c5=conv_bn_relu(w4, w5, padding=0),    # 6x6, RF 18
+                gap=nn.AdaptiveAvgPool2d(1),
+                classifier=nn.Conv2d(w5, 10, 1),
+                flatten=nn.Flatten(),
+            )
+        )

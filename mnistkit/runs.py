@@ -520,12 +520,18 @@ def check_resumable(data: dict[str, Any], path: Path) -> None:
 
 
 def find_runs(runs_dir: str | os.PathLike, model: str | None = None) -> list[Path]:
-    """Run folders under ``runs_dir`` (optionally of one model), oldest first."""
+    """Run folders under ``runs_dir`` and in its sweep folders one level down (optionally of
+    one model), oldest first."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
     try:
-        runs = [p for p in root.iterdir() if (p / "config.yaml").is_file()]
+        runs = []
+        for p in root.iterdir():
+            if (p / "config.yaml").is_file():
+                runs.append(p)
+            elif p.is_dir() and not p.is_symlink():  # a sweep's folder: its trials are run folders
+                runs += [q for q in p.iterdir() if (q / "config.yaml").is_file()]
         if model is not None:
             runs = [p for p in runs if p.name.split("-")[0].lower() == model.lower()]
         return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))

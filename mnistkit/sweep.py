@@ -28,13 +28,33 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mnistkit.errors import MnistkitError, SweepError, TrainingDiverged, TrainingInterrupted, UsageError
-from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
+from mnistkit.recipe import DEFAULT_RUNS_DIR, Augment, DataOptions, Recipe
 from mnistkit.safeio import load_yaml_bounded
 
 MAX_SPEC_BYTES = 1 << 16
 MAX_TRIALS = 1000
 _SPEC_KEYS = {"name", "model", "models", "seeds", "grid", "random", "recipe", "data", "experiments"}
-_RECIPE_KEYS = {f for f in Recipe.__dataclass_fields__} - {"seed", "augment"}
+_AUGMENT_KEYS = {f"augment.{f}" for f in Augment.__dataclass_fields__}
+_RECIPE_KEYS = ({f for f in Recipe.__dataclass_fields__} - {"seed", "augment"}) | _AUGMENT_KEYS
+
+
+def trial_recipe(exp: Any, model: str, fixed: dict[str, Any], overrides: dict[str, Any], seed: int) -> Recipe:
+    """The iteration's recipe, then the spec's fixed keys, then the trial's varied ones;
+    ``augment.KEY`` (or a fixed ``augment:`` mapping) changes one field of the augmentation."""
+    import dataclasses
+
+    from mnistkit.experiments import resolve_recipe
+
+    values = {**fixed, **overrides}
+    augment = dict(values.pop("augment", None) or {})
+    augment.update({k.split(".", 1)[1]: values.pop(k) for k in list(values) if k.startswith("augment.")})
+    recipe = resolve_recipe(model, exp, **{**values, "seed": seed})
+    if augment:
+        try:
+            recipe = recipe.replace(augment=dataclasses.replace(recipe.augment, **augment))
+        except TypeError as exc:
+            raise UsageError(f"augment: {exc}") from None
+    return recipe
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,7 @@ def _fail(path: Path, message: str) -> SweepError:
 def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Read and check a sweep spec, and expand its trials; every trial's recipe is built (and
     so validated) here, before anything runs."""
-    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.experiments import find_experiments
     from mnistkit.models import model_info
 
     path = Path(path)
@@ -136,7 +156,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     exp = find_experiments(experiments)
     for t in trials:  # every recipe is built now: a bad value is one line before anything runs
         try:
-            resolve_recipe(t.model, exp, **{**fixed, **dict(t.overrides), "seed": t.seed})
+            trial_recipe(exp, t.model, fixed, dict(t.overrides), t.seed)
         except (UsageError, TypeError) as exc:
             raise _fail(path, f"trial {t.name}: {exc}") from None
     return SweepSpec(path, name, trials, dict(fixed), options, experiments, varied)
@@ -164,7 +184,7 @@ def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ..
                 v = math.exp(rng.uniform(math.log(r["min"]), math.log(r["max"])))
             else:
                 v = rng.uniform(r["min"], r["max"])
-            if isinstance(Recipe.__dataclass_fields__[key].default, int):
+            if key in Recipe.__dataclass_fields__ and isinstance(Recipe.__dataclass_fields__[key].default, int):
                 v = int(round(v))
             else:
                 v = float(f"{v:.4g}")
@@ -181,7 +201,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     skip it if it finished. Never raises for a trial's own failure: it is recorded."""
     import torch
 
-    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.experiments import find_experiments
     from mnistkit.runs import summarize_run
     from mnistkit.training import resume, train
 
@@ -200,8 +220,7 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
             resume(folder, device=payload["device"])
         else:
             exp = find_experiments(payload["experiments"])
-            recipe = resolve_recipe(trial.model, exp, **{**payload["recipe"], **dict(trial.overrides),
-                                                         "seed": trial.seed})
+            recipe = trial_recipe(exp, trial.model, payload["recipe"], dict(trial.overrides), trial.seed)
             train(trial.model, recipe, DataOptions.from_dict(payload["data"]), device=payload["device"],
                   runs_dir=root, run_name=trial.name)
         return {**record, "status": "finished", "skipped": False}

@@ -24,7 +24,7 @@ def test_summary_budget_fail_for_i1(runner):
     assert "FAIL" in result.stdout and "978 over" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["I0", "I1", "I2", "I3"])
+@pytest.mark.parametrize("name", ["I0", "I1", "I2", "I3", "I4"])
 def test_summary_json_totals_match_the_model(runner, name):
     result = runner.invoke(app, ["summary", name, "--json"])
     assert result.exit_code == 0, result.output
@@ -42,14 +42,14 @@ def test_summary_without_model_lists_all(runner):
     for args in (["summary"], ["models"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-        for name, params in (("I0", "18,060"), ("I1", "20,978"), ("I2", "19,494"), ("I3", "14,500")):
+        for name, params in (("I0", "18,060"), ("I1", "20,978"), ("I2", "19,494"), ("I3", "14,500"), ("I4", "4,964")):
             assert name in result.stdout and params in result.stdout
 
 
 def test_models_json(runner):
     data = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
-    assert [m["name"] for m in data["models"]] == ["I0", "I1", "I2", "I3"]
-    assert [m["head"] for m in data["models"]] == ["FC", "FC", "FC", "GAP"]
+    assert [m["name"] for m in data["models"]] == ["I0", "I1", "I2", "I3", "I4"]
+    assert [m["head"] for m in data["models"]] == ["FC", "FC", "FC", "GAP", "GAP"]
 
 
 def test_custom_budget(runner):
@@ -67,7 +67,7 @@ def test_unknown_model_is_one_clean_line(runner):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert "NOPE" in lines[0] and "I0, I1, I2, I3" in lines[0]
+    assert "NOPE" in lines[0] and "I0, I1, I2, I3, I4" in lines[0]
     assert "Traceback" not in result.output
 
 
@@ -135,7 +135,9 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "synthetic", "--epochs", "1", "--limit", "256",
                                  "--runs-dir", str(tmp_path), "--device", "cpu", "--quiet", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["model"] == "I3"
+    from mnistkit.experiments import find_experiments
+
+    assert json.loads(result.stdout)["model"] == find_experiments().iterations[-1].model == "I4"
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -187,7 +187,7 @@ def test_compare_works_from_a_folder_without_a_changelog(runner, tmp_path, monke
     result = runner.invoke(app, ["compare", "--json"])
     assert result.exit_code == 0, result.output
     report = strictjson.loads(result.stdout)
-    assert [r["id"] for r in report["iterations"]] == ["I0", "I1", "I2", "I3"]
+    assert [r["id"] for r in report["iterations"]] == ["I0", "I1", "I2", "I3", "I4"]
     assert report["experiments_source"] == "packaged" and "shipped with mnistkit" in result.stderr
 
 
@@ -244,7 +244,7 @@ def test_sparkline():
     (lambda t: t.replace("recipe: {epochs: 12, grad_clip: 5}", "recipe: {epochs: twelve}"),
      r"line \d+: iterations\[2\]\.recipe\.epochs: must be int, not str"),
     (lambda t: t.replace("  - id: I2", "  - id: I1"), r"iterations\[2\]\.id: iteration id 'I1' appears twice"),
-    (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered; known models: I0, I1, I2, I3"),
+    (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered; known models: I0, I1, I2, I3, I4"),
     (lambda t: t.replace("  max_params: 20000", "  max_parms: 20000"), r"line \d+: constraints\.max_parms: unknown key"),
     (lambda t: t.replace("train_acc: 99.6, test_acc", "train_acc: high, test_acc"),
      r"reported\.train_acc: must be int or float, not str"),
@@ -283,11 +283,12 @@ def test_nested_aliases_and_endless_files_are_refused_quickly(tmp_path):
 
 def test_the_shipped_changelog_is_valid_and_exact():
     exp = load_experiments(SHIPPED)
-    assert [it.id for it in exp.iterations] == ["I0", "I1", "I2", "I3"]
+    assert [it.id for it in exp.iterations] == ["I0", "I1", "I2", "I3", "I4"]
     reported = [(it.reported["params"], it.reported["train_acc"], it.reported["test_acc"], it.reported["epochs"],
                  it.reported["lr_scheduler"]) for it in exp.iterations]
     assert reported == [(18060, 93.0, 98.0, 1, "0.1/StepLR"), (20978, 99.5, 99.6, 10, "0.2/OneCycleLR"),
-                        (19494, 99.6, 99.6, 12, "0.2/OneCycleLR"), (14500, 99.7, 99.6, 15, "0.2/OneCycleLR")]
+                        (19494, 99.6, 99.6, 12, "0.2/OneCycleLR"), (14500, 99.7, 99.6, 15, "0.2/OneCycleLR"),
+                        (4964, 99.29, 99.47, 15, "0.3/OneCycleLR")]  # I4: measured here (README)
     assert exp.constraints == {"max_params": 20000, "batchnorm": True, "dropout": True, "max_epochs": 20,
                                "min_test_acc": 99.4}
 
@@ -295,3 +296,13 @@ def test_the_shipped_changelog_is_valid_and_exact():
 def test_missing_experiments_file_on_the_cli(runner, tmp_path):
     result = runner.invoke(app, ["compare", "--experiments", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1 and "not found" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_sweeps_trials_are_seen_by_compare(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    exp = load_experiments(path)
+    runs = tmp_path / "runs"
+    recorded_run(runs / "my-sweep", "I3", wanted(exp, "I3").replace(seed=1), [99.1, 99.5, 99.5, 99.5], name="I3-seed1")
+    row = {r["id"]: r for r in compare.build_report(exp, runs)["iterations"]}["I3"]
+    assert row["measured"]["seeds"] == [1] and row["measured"]["runs"] == [str(runs / "my-sweep" / "I3-seed1")]

@@ -7,11 +7,11 @@ from mnistkit.errors import UnknownModelError
 from mnistkit.models import get_model, list_models, model_info, register_model
 
 # The change-log's exact trainable parameter counts.
-EXPECTED_PARAMS = {"I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500}
+EXPECTED_PARAMS = {"I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500, "I4": 4_964}
 
 
-def test_registry_lists_the_four_iterations_in_order():
-    assert list_models() == ["I0", "I1", "I2", "I3"]
+def test_registry_lists_the_iterations_in_order():
+    assert list_models() == ["I0", "I1", "I2", "I3", "I4"]
     assert list_models("I[23]") == ["I2", "I3"]
     assert list_models("nothing*") == []
 
@@ -84,3 +84,11 @@ def test_public_api_is_lazy_and_complete():
     assert callable(mnistkit.summarize)
     with pytest.raises(AttributeError):
         mnistkit.no_such_thing
+
+
+def test_i4_meets_its_constraints():
+    from mnistkit.inspect import summarize
+
+    s = summarize(get_model("I4"), name="I4", budget=5000)
+    assert s.trainable_params == 4_964 < 5_000 and s.within_budget
+    assert s.has_batchnorm and s.has_dropout and s.gap_head and not s.fc_head and s.rf_global

@@ -112,3 +112,16 @@ def test_ray_missing_is_one_clear_line(runner, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     result = runner.invoke(app, ["sweep", str(write(tmp_path)), "--runs-dir", str(tmp_path / "r"), "--ray", "auto"])
     assert result.exit_code == 1 and "mnistkit[ray]" in result.stderr.strip().splitlines()[-1]
+
+
+def test_augmentation_keys_can_vary(tmp_path):
+    from mnistkit.experiments import find_experiments
+    from mnistkit.sweep import trial_recipe
+
+    spec = load_spec(write(tmp_path, SPEC.replace("grid: {lr: [0.05, 0.1]}", "grid: {augment.degrees: [5, 10]}")))
+    assert [t.name for t in spec.trials] == ["I3-augment.degrees5-seed1", "I3-augment.degrees5-seed2",
+                                             "I3-augment.degrees10-seed1", "I3-augment.degrees10-seed2"]
+    recipe = trial_recipe(find_experiments(), "I3", spec.recipe, dict(spec.trials[0].overrides), 1)
+    assert recipe.augment.degrees == 5 and recipe.augment.translate == 0.05 and recipe.batch_size == 128
+    with pytest.raises(SweepError, match="augment.degrees must be in"):
+        load_spec(write(tmp_path, SPEC.replace("grid: {lr: [0.05, 0.1]}", "grid: {augment.degrees: [500]}")))
