@@ -19,17 +19,17 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from mnistkit.errors import DataError
-from mnistkit.recipe import Augment, choices, Dataset, expand_path
+from mnistkit.errors import DataError, UsageError
+from mnistkit.recipe import Augment, DataOptions, choices, Dataset, expand_path
 
 __all__ = [
     "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",
-    "load_mnist", "make_synthetic", "load_dataset", "affine_theta", "sample_affine", "augment_batch",
+    "load_mnist", "make_synthetic", "load_dataset", "load_splits", "provenance", "hold_out", "affine_theta", "sample_affine", "augment_batch",
     "TrainBatches", "EvalBatches",
 ]
 
@@ -303,6 +303,39 @@ def load_dataset(dataset: str, split: str, data_dir: str | os.PathLike | None = 
     if dataset == "synthetic":
         return make_synthetic(split, seed=seed)
     raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+
+
+# --------------------------------------------------------------------------- a run's splits
+
+
+def load_splits(options: DataOptions, seed: int) -> tuple[Split, Split | None, Split]:
+    """``(train, val, test)``: the validation images (``options.val``) are held out of the
+    training set first, then ``options.limit`` keeps the first images of the rest."""
+    train = load_dataset(options.dataset, "train", options.data_dir, seed=seed)
+    test = load_dataset(options.dataset, "test", options.data_dir, seed=seed)
+    val = None
+    if options.val:
+        if options.val >= len(train):
+            raise UsageError(f"val {options.val:,} leaves no training images: the {options.dataset} training set "
+                             f"has {len(train):,}", key="val")
+        train, val = hold_out(train, options.val, options.val_seed)
+    if options.limit is not None:
+        if options.limit > len(train):
+            raise UsageError(f"limit {options.limit:,} is larger than the {options.dataset} training set "
+                             f"({len(train):,} samples{' after the validation split' if val else ''}); "
+                             f"use at most {len(train):,}", key="limit")
+        train = train.head(options.limit)
+    return train, val, test
+
+
+def provenance(data: DataOptions, train: Split, val: Split | None, test: Split) -> dict[str, Any]:
+    """What a run's figures were measured on, recorded in its config: the dataset, whether the
+    files are the official MNIST release, and how many images each split held."""
+    official = data.dataset == "mnist" and train.official and test.official
+    return {"dataset": data.dataset, "official_mnist": official, "train_samples": len(train),
+            "val_samples": len(val) if val is not None else 0, "test_samples": len(test),
+            "full_training_set": official and data.limit is None and not data.val}
+
 
 
 # --------------------------------------------------------------------------- batched augmentation

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mnistkit.evaluation import EvaluationReport
     from mnistkit.inspect import LayerInfo, ModelSummary
     from mnistkit.runs import EpochMetrics
-    from mnistkit.training import RunResult, RunStart, StepInfo
+    from mnistkit.training import RunStart, StepInfo
 
 WIDTH_OFF_TTY = 120  # tables are complete at 120 columns; a pipe or file gets that width
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistkit.data import EvalBatches, Split, TrainBatches, hold_out, load_dataset
+from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
 from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
-from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
@@ -27,7 +27,7 @@ from mnistkit.runs import (EpochMetrics, RunWriter, Terminated, check_resumable,
                            selected_on, sigterm_as_interrupt, write_outcome)
 
 __all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback",
-           "build_optimizer", "build_scheduler", "load_data"]
+           "build_optimizer", "build_scheduler"]
 
 SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
 
@@ -89,35 +89,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
     if recipe.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma), False
     return None, False
-
-
-def load_data(options: DataOptions, seed: int) -> tuple[Split, Split | None, Split]:
-    """``(train, val, test)``: the validation images (``options.val``) are held out of the
-    training set first, then ``options.limit`` keeps the first images of the rest."""
-    train = load_dataset(options.dataset, "train", options.data_dir, seed=seed)
-    test = load_dataset(options.dataset, "test", options.data_dir, seed=seed)
-    val = None
-    if options.val:
-        if options.val >= len(train):
-            raise UsageError(f"val {options.val:,} leaves no training images: the {options.dataset} training set "
-                             f"has {len(train):,}", key="val")
-        train, val = hold_out(train, options.val, options.val_seed)
-    if options.limit is not None:
-        if options.limit > len(train):
-            raise UsageError(f"limit {options.limit:,} is larger than the {options.dataset} training set "
-                             f"({len(train):,} samples{' after the validation split' if val else ''}); "
-                             f"use at most {len(train):,}", key="limit")
-        train = train.head(options.limit)
-    return train, val, test
-
-
-def provenance(data: DataOptions, train: Split, val: Split | None, test: Split) -> dict[str, Any]:
-    """What a run's figures were measured on, recorded in its config: the dataset, whether the
-    files are the official MNIST release, and how many images each split held."""
-    official = data.dataset == "mnist" and train.official and test.official
-    return {"dataset": data.dataset, "official_mnist": official, "train_samples": len(train),
-            "val_samples": len(val) if val is not None else 0, "test_samples": len(test),
-            "full_training_set": official and data.limit is None and not data.val}
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -188,7 +159,7 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
     # the run records what "auto" meant on this machine (a resolved value resolves to itself)
     recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
     seed_everything(recipe.seed)
-    train_split, val_split, test_split = load_data(data, recipe.seed)
+    train_split, val_split, test_split = load_splits(data, recipe.seed)
     model = get_model(model_name, dropout=recipe.dropout).to(dev)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -211,7 +182,7 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
 
 def train_one_epoch(s: _Session, epoch: int, callback: Callback | None = None) -> tuple[float, float, int]:
     """One pass over the training set; returns (mean loss, accuracy in percent, images seen)."""
-    t0 = last_sync = time.perf_counter()
+    last_sync = time.perf_counter()
     loss_sum = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     seen, steps = 0, len(s.batches)

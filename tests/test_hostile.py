@@ -27,7 +27,7 @@ from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs import load_checkpoint
 from mnistkit.training import train
 
-from helpers import idx_bytes, write_fake_mnist
+from helpers import write_fake_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 SYN = ["--dataset", "synthetic", "--limit", "256", "--device", "cpu"]

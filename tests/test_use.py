@@ -3,7 +3,6 @@ the mistakes, and the list of runs."""
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
