@@ -766,13 +766,15 @@ def runs_table(runs: list[Any], root: str, now: float, console: Console) -> Rend
             "final": fmt_pct(r.final_test_acc), "best": fmt_pct(r.best_test_acc) + (
                 "*" if r.best_selected_on == "test" else ""),
             "state": Text(labels.get(r.state, r.state), style=styles.get(r.state, "")),
+            "state_short": Text("resumable" if r.state == "interrupted" else r.state, style=styles.get(r.state, "")),
             "age": fmt_age(max(0.0, now - r.modified)),
         }
 
     rows = [cells(r) for r in runs]
-    spec = {"run": ("Run", "text"), "model": ("Model", "fixed"), "data": ("Data, train images", "text"),
+    spec = {"run": ("Run", "fixed"), "model": ("Model", "fixed"), "data": ("Data, train images", "text"),
             "seed": ("Seed", "num"), "epochs": ("Epochs", "num"), "final": ("Final test", "num"),
-            "best": ("Best test", "num"), "state": ("State", "text"), "age": ("Age", "num")}
+            "best": ("Best test", "num"), "state": ("State", "text"), "state_short": ("State", "fixed"),
+            "age": ("Age", "num")}
 
     def layout(keys: list[str]) -> Callable[[], Table]:
         return lambda: _spec_table(f"Runs in {root}, newest first", "Best: * chosen on the test set; otherwise on a "
@@ -780,8 +782,9 @@ def runs_table(runs: list[Any], root: str, now: float, console: Console) -> Rend
                                                          for k in keys], len(rows))
 
     wide = ["run", "model", "data", "seed", "epochs", "final", "best", "state", "age"]
-    narrow = ["run", "model", "seed", "epochs", "final", "state", "age"]
-    parts: list[RenderableType] = [fit(console, [layout(wide), layout(narrow)])]
+    narrow = ["run", "model", "seed", "epochs", "final", "state_short", "age"]
+    narrowest = ["run", "epochs", "final", "state_short"]
+    parts: list[RenderableType] = [fit(console, [layout(wide), layout(narrow), layout(narrowest)])]
     for r in runs:
         if r.why and r.state in ("damaged", "diverged"):
             parts.append(Text(f"{os.path.basename(r.run)}: {r.why}", style="dim"))
