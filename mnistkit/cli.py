@@ -8,6 +8,7 @@ to a damaged file (the library), is printed by ``fail`` as one line on stderr.
 from __future__ import annotations
 
 import functools
+import io
 import sys
 from typing import Any, Callable, List, Optional
 
@@ -471,7 +472,7 @@ def compare_cmd(
         if output:
             from rich.console import Console
 
-            console = Console(record=True, width=render.WIDTH_OFF_TTY, file=__import__("io").StringIO())
+            console = Console(record=True, width=render.WIDTH_OFF_TTY, file=io.StringIO())
             console.print(render.compare_tables(report, console, all_runs))
             text = console.export_text()
         else:

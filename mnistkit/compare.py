@@ -114,7 +114,10 @@ def iteration_runs(runs: list[tuple[Path, RunConfig, list[EpochMetrics]]], it: I
             if config.model.lower() == it.model.lower()]
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def stats(values: list[float]) -> dict[str, Any] | None:
+    """Mean, sample std (None for one value), min, max and count; None for no values."""
+    if not values:
+        return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
             "min": min(values), "max": max(values), "n": len(values)}
 
@@ -134,11 +137,11 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         "seeds": [r["seed"] for r in used],
         "n": len(used),
         "runs": [r["run"] for r in used],
-        "test_acc": _stats([r["test_acc"] for r in used]),
-        "train_acc": _stats([r["train_acc"] for r in used]),
-        "best_test_acc": _stats([r["best_test_acc"] for r in used]),
+        "test_acc": stats([r["test_acc"] for r in used]),
+        "train_acc": stats([r["train_acc"] for r in used]),
+        "best_test_acc": stats([r["best_test_acc"] for r in used]),
         "best_selected_on": "test",  # comparable runs hold out no validation split
-        "gap": _stats([r["gap"] for r in used]),
+        "gap": stats([r["gap"] for r in used]),
         "passes": sum(r["passes"] for r in used),
         "consistent": sum(r["consistent"] for r in used),
         "epochs": used[0]["epochs"],

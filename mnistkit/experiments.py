@@ -80,13 +80,9 @@ class Experiments:
         return merged
 
 
-def _key_lines(text: str) -> dict[tuple, int]:
-    """Line number of every mapping key and sequence item, by its path from the root."""
+def _key_lines(root: Any) -> dict[tuple, int]:
+    """Line number of every mapping key and sequence item, by its path from the root node."""
     lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
     stack: list[tuple[tuple, Any]] = [((), root)]
     while stack:
         path, node = stack.pop()
@@ -102,8 +98,8 @@ def _key_lines(text: str) -> dict[tuple, int]:
 
 
 class _Checker:
-    def __init__(self, path: Path, text: str) -> None:
-        self.path, self.lines = path, _key_lines(text)
+    def __init__(self, path: Path, root: Any) -> None:
+        self.path, self.lines = path, _key_lines(root)
 
     def fail(self, where: tuple, message: str) -> None:
         line = None
@@ -135,8 +131,8 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     from mnistkit.models import list_models, model_info
 
     path = Path(path)
-    data, text = load_yaml_bounded(path, MAX_BYTES, ExperimentsError, "a change-log")
-    check = _Checker(path, text)
+    data, root = load_yaml_bounded(path, MAX_BYTES, ExperimentsError, "a change-log")
+    check = _Checker(path, root)
     if data is None:
         check.fail((), "the file is empty; it needs 'defaults' and 'iterations'")
     check.mapping((), data, _TOP, required=("iterations",))

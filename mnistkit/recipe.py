@@ -12,7 +12,6 @@ import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from mnistkit.errors import UsageError
@@ -241,7 +240,3 @@ class DataOptions:
             raise UsageError(f"{where} must be a mapping")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-    @property
-    def path(self) -> Path | None:
-        return Path(self.data_dir) if self.data_dir else None

@@ -235,8 +235,13 @@ class EpochMetrics:
         return cls(**values)
 
 
+def metrics_text(rows: list[EpochMetrics]) -> str:
+    """metrics.jsonl: one strict-JSON line per epoch."""
+    return "".join(strictjson.dumps(r.to_dict()) + "\n" for r in rows)
+
+
 def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:
-    atomic_write(run_dir / "metrics.jsonl", "".join(strictjson.dumps(r.to_dict()) + "\n" for r in rows))
+    atomic_write(run_dir / "metrics.jsonl", metrics_text(rows))
 
 
 def read_metrics(run_dir: Path) -> list[EpochMetrics]:
@@ -375,8 +380,7 @@ class RunWriter:
                     {**self.meta, "epoch": row.epoch, "metrics": rows, "state_dict": weights})))
             files.append((self.run_dir / "last.pt", checkpoint_bytes(
                 {**self.meta, "epoch": row.epoch, "metrics": rows, "state_dict": weights, **state})))
-            files.append((self.run_dir / "metrics.jsonl",
-                          "".join(strictjson.dumps(r) + "\n" for r in rows).encode()))
+            files.append((self.run_dir / "metrics.jsonl", metrics_text(metrics).encode()))
             atomic_write_all(files)  # metrics.jsonl last: whatever it lists, the checkpoints hold
             self.metrics = metrics
         return is_best
@@ -519,9 +523,8 @@ def check_resumable(data: dict[str, Any], path: Path) -> None:
                        "damaged; start a new run")
 
 
-def find_runs(runs_dir: str | os.PathLike, model: str | None = None) -> list[Path]:
-    """Run folders under ``runs_dir`` and in its sweep folders one level down (optionally of
-    one model), oldest first."""
+def find_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """Run folders under ``runs_dir`` and in its sweep folders one level down, oldest first."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []
@@ -532,8 +535,6 @@ def find_runs(runs_dir: str | os.PathLike, model: str | None = None) -> list[Pat
                 runs.append(p)
             elif p.is_dir() and not p.is_symlink():  # a sweep's folder: its trials are run folders
                 runs += [q for q in p.iterdir() if (q / "config.yaml").is_file()]
-        if model is not None:
-            runs = [p for p in runs if p.name.split("-")[0].lower() == model.lower()]
         return sorted(runs, key=lambda p: (p.stat().st_mtime, p.name))
     except OSError as exc:
         raise RunError(f"cannot list the runs folder {root}: {exc.strerror or exc}; check its permissions") from None

@@ -70,14 +70,16 @@ def check_yaml_size(root: Any, what: str, path: Path, error: type[Exception]) ->
             stack += node.value
 
 
-def load_yaml_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> tuple[Any, str]:
-    """``(data, text)`` of a small YAML file, bounded in bytes and in expanded nodes, with
-    unique keys. A YAML error is one line naming the file and the line."""
+def load_yaml_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> tuple[Any, Any]:
+    """``(data, root)`` of a small YAML file: the loaded data and its node tree (with line
+    marks), bounded in bytes and in expanded nodes, with unique keys. A YAML error is one line
+    naming the file and the line."""
     path = Path(path)
     text = read_text_bounded(path, limit, error, what)
     try:
-        check_yaml_size(yaml.compose(text, Loader=yaml.SafeLoader), what, path, error)
-        return yaml.load(text, Loader=_UniqueKeyLoader), text
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        check_yaml_size(root, what, path, error)
+        return yaml.load(text, Loader=_UniqueKeyLoader), root
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f", line {mark.line + 1}" if mark else ""

@@ -21,9 +21,8 @@ import math
 import os
 import random
 import shutil
-import statistics
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -252,14 +251,6 @@ def _ray_trial(payload: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-@dataclass
-class SweepProgress:
-    """What a caller hears as trials start and end."""
-
-    on_result: Callable[[dict[str, Any], int, int], None] | None = None
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-
 def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -381,6 +372,7 @@ def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: 
 def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR) -> dict[str, Any]:
     """Per configuration, from the run folders: trials done, final test (and validation)
     accuracy mean ± std and min, and how many trials pass the change-log's constraints."""
+    from mnistkit.compare import stats
     from mnistkit.experiments import find_experiments
     from mnistkit.runs import read_metrics, summarize_run
 
@@ -417,16 +409,9 @@ def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR
     rows = []
     for row in configs.values():
         finals, vals = row.pop("finals"), row.pop("vals")
-        row["test_acc"] = _stats(finals)
-        row["val_acc"] = _stats(vals)
+        row["test_acc"] = stats(finals)
+        row["val_acc"] = stats(vals)
         rows.append(row)
     return {"sweep": spec.name, "spec": str(spec.path), "runs": str(root), "varied": list(spec.varied),
             "constraints": c, "passing_means": "final test accuracy and each of the last 3 epochs at the target, "
                                                "fewer epochs than the limit", "configs": rows}
-
-
-def _stats(values: list[float]) -> dict[str, Any] | None:
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "min": min(values), "max": max(values), "n": len(values)}

@@ -478,10 +478,6 @@ def h_closed_stdout_is_not_a_traceback(runner, tmp, good):
     assert "Traceback" not in proc.stderr
 
 
-def h_disk_full_leaves_files_that_agree(runner, tmp, good, monkeypatch=None):
-    pass  # covered below with a monkeypatch (needs the fixture)
-
-
 HANDLED = [h_symlink_followed, h_dangling_symlink_creates_target, h_character_device_written_not_replaced,
            h_dev_stdout_is_written, h_new_file_mode_follows_umask, h_replaced_file_keeps_its_mode,
            h_run_files_follow_umask, h_damaged_run_does_not_hide_the_others, h_metrics_wrong_shape_is_damage,
