@@ -382,12 +382,12 @@ def predict_cmd(
     from mnistkit import render
     from mnistkit.predict import predict
 
-    results = predict(target, images, device=device)
+    result = predict(target, images, device=device)
     if as_json:
-        _print_json({"predictions": [r.to_dict() for r in results]})
+        _print_json(result.to_dict())
     else:
-        render.stdout().print(render.predictions(results, show))
-    failed = [r for r in results if r.error]
+        render.stdout().print(render.predictions(result, show))
+    failed = [r for r in result.predictions if r.error]
     for r in failed:
         render.stderr().print(render.error_line(r.error), highlight=False, soft_wrap=True)
     if failed:

@@ -29,9 +29,10 @@ class ImageError(MnistkitError):
 
 
 def image_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """The files to predict: each path given, and the images in each folder given (sorted)."""
+    """The files to predict: each path given (``~`` expanded), and the images in each folder
+    given (sorted)."""
     out: list[Path] = []
-    for p in map(Path, paths):
+    for p in (Path(q).expanduser() for q in paths):
         if p.is_dir():
             found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
             if not found:
@@ -133,7 +134,23 @@ class Prediction:
                 "top3": [{"digit": d, "probability": p} for d, p in self.top3], "error": self.error}
 
 
-def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto") -> list[Prediction]:
+@dataclass
+class PredictResult:
+    """The predictions, and what made them: the checkpoint, its model and epoch, and the data
+    the model was trained on."""
+
+    checkpoint: str
+    model: str
+    epoch: int
+    trained_on: dict[str, Any]
+    predictions: list[Prediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "model": self.model, "epoch": self.epoch,
+                "trained_on": self.trained_on, "predictions": [p.to_dict() for p in self.predictions]}
+
+
+def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto") -> PredictResult:
     """Predict every image with the checkpoint of ``target`` (a run folder or a .pt file).
     An image that cannot be used gets ``error`` set; the others are predicted."""
     from mnistkit.device import resolve_device
@@ -165,4 +182,5 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
             values, digits = row.topk(3)
             p.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
             p.digit, p.probability = p.top3[0]
-    return results
+    trained_on = ckpt.get("measured_on") if isinstance(ckpt.get("measured_on"), dict) else {}
+    return PredictResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on), results)

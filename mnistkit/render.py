@@ -529,6 +529,10 @@ def _spec_table(title: str, caption: str | None, specs: list[tuple[str, str, Cal
             t.add_column(header, min_width=10, overflow="fold")
     for i in range(n_rows):
         t.add_row(*(v if isinstance(v := cell(i), Text) else Text(str(v)) for _, _, cell in specs))
+    for column, (header, kind, _) in zip(t.columns, specs):
+        if kind == "num":  # a fixed width: Rich narrows only the text columns, never a number
+            cells = [_plain(c) for c in column._cells]
+            column.width = max([len(w) for w in header.split()] + [len(c) for c in cells])
     return t
 
 
@@ -710,8 +714,13 @@ def digit_picture(pixels: Any) -> Text:
     return Text("\n".join(rows))
 
 
-def predictions(results: list[Any], show: bool = False) -> Group:
-    table = Table(title="Predictions", title_justify="left",
+def predictions(result: Any, show: bool = False) -> Group:
+    results = result.predictions
+    on = result.trained_on
+    trained = (f"trained on {on['dataset']}, {fmt_int(on['train_samples'])} images" if on.get("dataset")
+               else "training data not recorded")
+    table = Table(title=Text(f"Predictions of {result.model} (epoch {result.epoch}, {trained}; {result.checkpoint})"),
+                  title_justify="left",
                   caption="Top 3: the three most likely digits with their probabilities.", caption_justify="left")
     table.add_column("Image", overflow="fold")
     _num_column(table, "Digit")
@@ -871,14 +880,23 @@ def sweep_cells(row: dict[str, Any]) -> dict[str, str]:
         "test": mean_std(t), "min": fmt_pct(t["min"]) if t else "-",
         "val": mean_std(v) if v else "-",
         "passing": f"{row['passing']}/{row['done']}" if row["done"] else "-",
+        "data": _trained_on(row["trained_on"]),
     }
+
+
+def _trained_on(on: dict[str, Any] | None) -> str:
+    if not on:
+        return "-"
+    text = f"{on['dataset']}, {fmt_int(on['train_samples'] or 0)} train, {on['epochs']} ep"
+    return text + (f", {fmt_int(on['val_samples'])} val" if on.get("val_samples") else "")
 
 
 def sweep_table(report: dict[str, Any], console: Console) -> RenderableType:
     rows = [sweep_cells(r) for r in report["configs"]]
     has_val = any(r["val_acc"] for r in report["configs"])
     target = report["constraints"].get("min_test_acc")
-    spec = [("Configuration", "text", lambda i: rows[i]["config"]), ("Done", "num", lambda i: rows[i]["done"]),
+    spec = [("Configuration", "text", lambda i: rows[i]["config"]), ("Trained on", "text", lambda i: rows[i]["data"]),
+            ("Done", "num", lambda i: rows[i]["done"]),
             ("Failed", "num", lambda i: rows[i]["failed"]), ("Final test acc", "num", lambda i: rows[i]["test"]),
             ("Min", "num", lambda i: rows[i]["min"])]
     if has_val:
@@ -891,12 +909,13 @@ def sweep_table(report: dict[str, Any], console: Console) -> RenderableType:
 
 def sweep_markdown(report: dict[str, Any]) -> str:
     has_val = any(r["val_acc"] for r in report["configs"])
-    head = ["Configuration", "Done", "Failed", "Final test acc (mean ± std)", "Min"] + (
+    head = ["Configuration", "Trained on", "Done", "Failed", "Final test acc (mean ± std)", "Min"] + (
         ["Final val acc"] if has_val else []) + ["Pass"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in report["configs"]:
         c = sweep_cells(r)
-        cells = [c["config"], c["done"], c["failed"] or "0", c["test"], c["min"]] + ([c["val"]] if has_val else [])
+        cells = [c["config"], c["data"], c["done"], c["failed"] or "0", c["test"], c["min"]] + (
+            [c["val"]] if has_val else [])
         lines.append("| " + " | ".join(cells + [c["passing"]]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -526,6 +526,8 @@ def check_resumable(data: dict[str, Any], path: Path) -> None:
 def find_runs(runs_dir: str | os.PathLike) -> list[Path]:
     """Run folders under ``runs_dir`` and in its sweep folders one level down, oldest first."""
     root = Path(runs_dir)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"{root} is not a folder; give the runs folder (where run folders are)")
     if not root.is_dir():
         return []
     try:

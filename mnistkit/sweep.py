@@ -374,7 +374,7 @@ def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR
     accuracy mean ± std and min, and how many trials pass the change-log's constraints."""
     from mnistkit.compare import stats
     from mnistkit.experiments import find_experiments
-    from mnistkit.runs import read_metrics, summarize_run
+    from mnistkit.runs import read_config, read_metrics, summarize_run
 
     exp = find_experiments(spec.experiments)
     c = exp.constraints
@@ -383,7 +383,7 @@ def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR
     for t in spec.trials:
         row = configs.setdefault(t.config, {"config": t.config, "model": t.model, "values": dict(t.overrides),
                                             "trials": 0, "done": 0, "failed": 0, "finals": [], "vals": [],
-                                            "passing": 0, "seeds_done": []})
+                                            "passing": 0, "seeds_done": [], "trained_on": None})
         row["trials"] += 1
         folder = root / t.name
         if not folder.exists():
@@ -394,6 +394,9 @@ def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR
         if summary.state != "finished":
             continue
         metrics = read_metrics(folder)
+        on = read_config(folder).measured_on
+        row["trained_on"] = row["trained_on"] or {"dataset": on.get("dataset"), "train_samples": on.get("train_samples"),
+                                                  "val_samples": on.get("val_samples"), "epochs": len(metrics)}
         final = metrics[-1]
         row["done"] += 1
         row["seeds_done"].append(t.seed)

@@ -154,6 +154,7 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
     (["train", "--unknown-flag"], "No such option"),
     (["models", "--budget", "-5"], "'--budget'"),
     (["compare", "--format", "xml"], "unknown format"),
+    (["runs", "--runs-dir", "/etc/passwd"], "is not a folder"),
     (["train", "--device", "tpu"], "unknown device"),
     (["train", "--dataset", "synthetic", "--limit", "100000"], "larger than"),
     (["train", "--resume", "x", "--epochs", "3"], "drop --epochs"),

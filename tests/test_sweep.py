@@ -75,6 +75,8 @@ def test_failing_trial_is_recorded_and_resume_runs_only_what_is_missing(runner, 
     report = json.loads(result.stdout)
     rows = {r["config"]: r for r in report["configs"]}
     assert rows["I0 lr=0.05"]["done"] == 2 and rows["I0 lr=1000000"]["failed"] == 2
+    assert rows["I0 lr=0.05"]["trained_on"] == {"dataset": "synthetic", "train_samples": 1000, "val_samples": 0,
+                                                "epochs": 1}
     assert "diverged" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: 2 of 4 trials")
     # again without --resume: refused; with --resume: the finished trials are skipped
     again = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(runs)])

@@ -70,7 +70,10 @@ def test_user_style_digits_are_predicted_correctly(runner, trained, tmp_path):
         draw_digit(d, (260, 200), (110 + 7 * int(d), 95), 110, seed=int(d)).save(tmp_path / f"{d}.png")
     result = runner.invoke(app, ["predict", str(trained), str(tmp_path), "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    got = {Path(p["path"]).stem: p for p in json.loads(result.stdout)["predictions"]}
+    data = json.loads(result.stdout)
+    assert data["model"] == "I3" and data["epoch"] == 3 and data["checkpoint"].endswith("best.pt")
+    assert data["trained_on"]["dataset"] == "synthetic" and data["trained_on"]["train_samples"] == 6000
+    got = {Path(p["path"]).stem: p for p in data["predictions"]}
     correct = [d for d in "0123456789" if got[d]["digit"] == int(d)]
     assert len(correct) >= 9, {d: got[d]["top3"] for d in got}
     for p in got.values():
