@@ -168,8 +168,10 @@ def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, expe
             "test_acc_curve": curve}
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an ``n`` x ``n`` matrix multiply in ``dtype`` with this process's threads:
+    the median of ``repeats`` timed products after one warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     times = []
     for _ in range(repeats):
@@ -177,6 +179,33 @@ def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
         a @ b
         times.append(time.perf_counter() - t0)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+class Ceilings:
+    """The matmul rate in each precision, sampled next to every training measurement (the
+    rate of this machine drifts by 2x between minutes), summarised as the median of all samples."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {"fp32": [], "bf16": []}
+
+    def sample(self) -> None:
+        self.samples["fp32"].append(matmul_gflops(torch.float32, repeats=3))
+        if resolve_precision("auto", torch.device("cpu")) == "bf16":
+            self.samples["bf16"].append(matmul_gflops(torch.bfloat16, repeats=3))
+
+    def rate(self, precision: str) -> float | None:
+        values = self.samples.get(precision) or []
+        return statistics.median(values) if values else None
+
+
+def fraction(gflops: float, ceiling: float | None) -> float | None:
+    """Training GFLOP/s over the matmul ceiling of the same precision; ``None`` when there is
+    no ceiling, or when the ratio exceeds 1 (then the ceiling measurement was disturbed and no
+    fraction is reported rather than an impossible one)."""
+    if not ceiling:
+        return None
+    value = gflops / ceiling
+    return round(value, 3) if value <= 1 else None
 
 
 def time_process(args: list[str], repeats: int = 5) -> float:
@@ -187,6 +216,36 @@ def time_process(args: list[str], repeats: int = 5) -> float:
         subprocess.run([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats: int,
+                  limit: int | None = None) -> dict:
+    """Seconds from process start to exit for one epoch of ``model`` with its test evaluation:
+    ``mnistkit train MODEL --epochs 1`` against ``bench/reference_epoch.py``, alternating,
+    medians of ``repeats``."""
+    exe = shutil.which("mnistkit") or str(Path(sys.executable).parent / "mnistkit")
+    runs = Path(tempfile.mkdtemp(prefix="mnistkit-bench-runs-"))
+    extra = ["--limit", str(limit)] if limit else []
+    commands = {
+        "mnistkit": [exe, "train", model, "--epochs", "1", "--data-dir", str(data_dir), "--runs-dir", str(runs),
+                     "--quiet", *extra],
+        "reference": [sys.executable, str(Path(__file__).with_name("reference_epoch.py")), str(root), model,
+                      "--workers", str(workers), *extra],
+    }
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    try:
+        for _ in range(repeats):
+            for key, cmd in commands.items():
+                t0 = time.perf_counter()
+                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                times[key].append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": model, "epochs": 1, "mnistkit_seconds": round(med["mnistkit"], 2),
+            "reference_seconds": round(med["reference"], 2), "speedup": round(med["reference"] / med["mnistkit"], 2),
+            "mnistkit_runs": [round(v, 2) for v in times["mnistkit"]],
+            "reference_runs": [round(v, 2) for v in times["reference"]]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -203,6 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--full-run", default="", help="also train these models (comma-separated) for their whole "
                                                    "recipe with the reference pipeline and report test accuracy")
     ap.add_argument("--experiments", default="experiments.yaml")
+    ap.add_argument("--whole-process", default="", metavar="MODEL",
+                    help="also time one epoch of MODEL as whole processes: `mnistkit train MODEL --epochs 1` "
+                         "against bench/reference_epoch.py")
+    ap.add_argument("--whole-repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
     data_dir = Path(args.data_dir)
@@ -222,8 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         root = torchvision_root(data_dir, work)
         loader = reference_loader(root, args.batch_size, args.workers, args.limit)
-        peak = matmul_gflops()
-        results["matmul_gflops"] = round(peak, 1)
+        ceilings = Ceilings()
         for name in [m for m in args.models.split(",") if m]:
             macs = summarize(get_model(name)).mult_adds
             ref, mk, mk32 = [], [], []
@@ -232,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
             default = Recipe()
             bf16 = resolve_precision(default.precision, device) == "bf16"
             for _ in range(args.repeats):  # alternate, so drift hits all alike
+                ceilings.sample()
                 torch.manual_seed(0)
                 ref.append(time_reference(get_model(name), loader, args.steps))
                 torch.manual_seed(0)
@@ -248,8 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.perf_counter()
                 evaluate(model, eval_batches)
                 ev.append(len(test) / (time.perf_counter() - t0))
+            ceilings.sample()
             ref_ips, mk_ips, mk32_ips = statistics.median(ref), statistics.median(mk), statistics.median(mk32)
-            gflops = mk_ips * 6 * macs / 1e9
+            gflops, gflops32 = mk_ips * 6 * macs / 1e9, mk32_ips * 6 * macs / 1e9
+            precision = "bf16" if bf16 else "fp32"
             results["models"][name] = {
                 "mult_adds": macs, "reference_images_per_s": round(ref_ips, 1),
                 "mnistkit_precision": "bf16" if bf16 else "fp32", "mnistkit_channels_last": default.channels_last,
@@ -257,9 +322,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "mnistkit_fp32_images_per_s": round(mk32_ips, 1), "speedup_fp32": round(mk32_ips / ref_ips, 2),
                 "reference_runs": [round(v, 1) for v in ref], "mnistkit_runs": [round(v, 1) for v in mk],
                 "mnistkit_fp32_runs": [round(v, 1) for v in mk32],
-                "train_gflops": round(gflops, 2), "fraction_of_matmul": round(gflops / peak, 3),
+                "train_gflops": round(gflops, 2), "train_gflops_fp32": round(gflops32, 2),
+                "ceiling": precision, "fraction_of_matmul": fraction(gflops, ceilings.rate(precision)),
+                "fraction_of_matmul_fp32": fraction(gflops32, ceilings.rate("fp32")),
                 "eval_images_per_s": round(statistics.median(ev), 1),
             }
+        results["matmul_gflops"] = {k: round(v, 1) if v else None for k in ("fp32", "bf16")
+                                    for v in [ceilings.rate(k)]}
+        results["matmul_samples"] = {k: [round(v, 1) for v in vs] for k, vs in ceilings.samples.items()}
+        if args.whole_process:
+            results["whole_process"] = whole_process(args.whole_process, root, data_dir, args.workers,
+                                                     args.whole_repeats, args.limit)
         for name in [m for m in args.full_run.split(",") if m]:
             results.setdefault("reference_full_runs", {})[name] = full_reference_run(
                 name, root, data_dir, args.workers, args.experiments)
@@ -271,18 +344,31 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        m = results["machine"]
-        print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}; "
-              f"fp32 matmul {results['matmul_gflops']} GFLOP/s")
+        m, mm = results["machine"], results["matmul_gflops"]
+        ceil = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in mm.items() if v)
+        print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}")
+        print(f"Matmul ceilings (2048x2048, {m['torch_threads']} threads, median of {len(results['matmul_samples']['fp32'])} "
+              f"samples taken between the training repeats): {ceil}")
         print(f"{args.repeats} alternating repeats of {args.steps} steps, batch {args.batch_size}; medians\n")
+
+        def pct(v):
+            return "n/a" if v is None else f"{100 * v:.0f}%"
+
         print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default img/s (speed-up) | "
-              "train GFLOP/s | of fp32 matmul rate | eval img/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+              "train GFLOP/s fp32 / default | of fp32 ceiling (fp32 step) | of default's ceiling (default step) "
+              "| eval img/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, r in results["models"].items():
             mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
             print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
                   f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
-                  f"{r['train_gflops']:.1f} | {100 * r['fraction_of_matmul']:.0f}% | {r['eval_images_per_s']:,.0f} |")
+                  f"{r['train_gflops_fp32']:.1f} / {r['train_gflops']:.1f} | {pct(r['fraction_of_matmul_fp32'])} | "
+                  f"{pct(r['fraction_of_matmul'])} of {r['ceiling']} | {r['eval_images_per_s']:,.0f} |")
+        w = results.get("whole_process")
+        if w:
+            print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
+                  f"{len(w['mnistkit_runs'])} alternating): `mnistkit train {w['model']} --epochs 1` "
+                  f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
         for name, r in results.get("reference_full_runs", {}).items():
             print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
                   f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "

@@ -127,6 +127,9 @@ class Recipe:
     dropout: float = 0.05
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # clip the gradients' global norm to this (0: no clipping)
+    # decay of an exponential moving average of the weights (and BN statistics), updated every
+    # step; when > 0 the average is what is evaluated, selected and saved (0: off)
+    ema: float = 0.0
     augment: Augment = field(default_factory=Augment)
     mean: float = 0.1307
     std: float = 0.3081
@@ -154,6 +157,7 @@ class Recipe:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
+            ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0: no moving average)"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)

@@ -5,6 +5,7 @@ and one ``train_one_epoch``. The run folder is written by ``runs.RunWriter``, wh
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import shlex
@@ -26,7 +27,7 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.runs import (EpochMetrics, RunWriter, Terminated, check_resumable, load_checkpoint, read_config,
                            selected_on, sigterm_as_interrupt, write_outcome)
 
-__all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback",
+__all__ = ["train", "resume", "train_one_epoch", "train_step", "WeightAverage", "RunResult", "RunStart", "StepInfo", "Callback",
            "build_optimizer", "build_scheduler"]
 
 SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
@@ -110,6 +111,31 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
     return loss.detach(), (out.detach().argmax(1) == y).sum()
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and floating buffers (the BN
+    statistics), updated after every optimisation step. Its decay ramps up as
+    ``min(decay, (1 + t) / (10 + t))`` so that the first steps' random weights fade quickly."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        live, mine = model.state_dict(), self.model.state_dict()
+        self._pairs = [(mine[k], v) for k, v in live.items()]
+        self._float = ([a for a, b in self._pairs if a.is_floating_point()],
+                       [b for a, b in self._pairs if b.is_floating_point()])
+        self._other = [(a, b) for a, b in self._pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Blend in the live weights after optimisation step ``step`` (counted from 0 over the run)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._float[0], self._float[1], 1.0 - decay)
+        for mine, live in self._other:
+            mine.copy_(live)
+
+
 @dataclass
 class _Session:
     """Everything one fit needs, built the same way for a new run and a resumed one."""
@@ -128,20 +154,34 @@ class _Session:
     generator: torch.Generator
     params: int
     measured_on: dict[str, Any]
+    average: WeightAverage | None = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated, selected and saved: the moving average when the recipe keeps one."""
+        return self.average.model if self.average else self.model
+
     def finite_weights(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values() if t.is_floating_point())
+        return all(bool(torch.isfinite(t).all()) for m in {self.model, self.eval_model}
+                   for t in m.state_dict().values() if t.is_floating_point())
 
     def resumable_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(),
+        # with a moving average, "state_dict" (what evaluate, predict and export read) holds the
+        # average and "train_state_dict" the weights that training continues from
+        live = {"train_state_dict": self.model.state_dict()} if self.average else {}
+        return {**live, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                         "data": self.generator.get_state()}}
 
     def restore(self, state: dict[str, Any]) -> None:
         try:
-            self.model.load_state_dict(state["state_dict"])
+            if self.average:
+                self.model.load_state_dict(state["train_state_dict"])
+                self.average.model.load_state_dict(state["state_dict"])
+            else:
+                self.model.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
@@ -172,7 +212,8 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
     scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
     session = _Session(model_name, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
                        val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                       provenance(data, train_split, val_split, test_split))
+                       provenance(data, train_split, val_split, test_split),
+                       WeightAverage(model, recipe.ema) if recipe.ema > 0 else None)
     if per_step and scheduler.total_steps > recipe.epochs * len(batches):
         session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
                              f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
@@ -190,6 +231,8 @@ def train_one_epoch(s: _Session, epoch: int, callback: Callback | None = None) -
         loss, hits = train_step(s.model, x, y, s.optimizer, s.scheduler if s.per_step else None,
                                 s.recipe.label_smoothing, s.recipe.precision == "bf16", s.recipe.channels_last,
                                 s.recipe.grad_clip)
+        if s.average:
+            s.average.update((epoch - 1) * steps + step - 1)
         loss_sum += loss * len(y)
         correct += hits
         seen += len(y)
@@ -282,8 +325,8 @@ def _epochs(s: _Session, writer: RunWriter, callback: Callback | None, start_epo
             if s.scheduler is not None and not s.per_step:
                 s.scheduler.step()
             train_seconds = time.perf_counter() - t0
-            test = evaluate(s.model, s.test_batches, recipe.label_smoothing)
-            val = evaluate(s.model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
+            test = evaluate(s.eval_model, s.test_batches, recipe.label_smoothing)
+            val = evaluate(s.eval_model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
             if not s.finite_weights():
                 raise _Diverged(f"the weights stopped being finite at epoch {epoch}")
             for name, result in (("test", test), ("validation", val)):
@@ -298,7 +341,7 @@ def _epochs(s: _Session, writer: RunWriter, callback: Callback | None, start_epo
                            round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
                            val.loss if val else None, val.acc if val else None)
         try:
-            best = writer.commit(row, s.model.state_dict(), s.resumable_state())
+            best = writer.commit(row, s.eval_model.state_dict(), s.resumable_state())
         except OSError as exc:
             raise RunError(
                 f"cannot write the results of epoch {epoch} in {writer.run_dir} ({exc.strerror or exc}); "
@@ -318,7 +361,7 @@ def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | Non
     meta = {"model": model_name, "params": s.params, "recipe": s.recipe.to_dict(), "data": s.data.to_dict(),
             "measured_on": s.measured_on, "versions": versions()}
     writer = RunWriter.create(runs_dir, meta, {**meta, "device": str(s.device)},
-                              {"state_dict": s.model.state_dict(), **s.resumable_state()}, run_name)
+                              {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name)
     return _fit(s, writer, callback)
 
 

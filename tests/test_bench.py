@@ -18,7 +18,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
          "--models", "I3", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
-         "--limit", "64", "--cli-repeats", "1", "--json"],
+         "--limit", "64", "--cli-repeats", "1", "--whole-process", "I3", "--whole-repeats", "1", "--json"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
@@ -29,7 +29,16 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     assert r["speedup"] == pytest.approx(r["mnistkit_images_per_s"] / r["reference_images_per_s"], abs=0.011)
     assert len(r["reference_runs"]) == len(r["mnistkit_runs"]) == 2
     assert r["mult_adds"] == 2_179_632  # the model's counted mult-adds, as `mnistkit summary I3` shows
-    assert 0 < r["fraction_of_matmul"] and data["matmul_gflops"] > 0
+    # each step is set against the matmul ceiling of its own precision, measured in this run
+    ceilings = data["matmul_gflops"]
+    assert ceilings["fp32"] > 0 and r["ceiling"] == r["mnistkit_precision"] and ceilings[r["ceiling"]] > 0
+    assert len(data["matmul_samples"]["fp32"]) == 3  # one per repeat, and one after the last
+    for key, gflops, ceiling in (("fraction_of_matmul", r["train_gflops"], ceilings[r["ceiling"]]),
+                                 ("fraction_of_matmul_fp32", r["train_gflops_fp32"], ceilings["fp32"])):
+        assert r[key] is None or r[key] == pytest.approx(gflops / ceiling, abs=0.01) and 0 < r[key] <= 1
+    w = data["whole_process"]
+    assert w["model"] == "I3" and w["mnistkit_seconds"] > 0 and w["reference_seconds"] > 0
+    assert w["speedup"] == pytest.approx(w["reference_seconds"] / w["mnistkit_seconds"], abs=0.02)
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
 
 
@@ -46,3 +55,14 @@ def test_accuracy_benchmark_runs_end_to_end(tmp_path):
     assert [r.split("|")[1].strip() for r in rows] == ["I0", "I3"]
     assert "| 14,500 | 42 | 15 |" in rows[1]  # I3 trained with its own recipe (15 epochs), seed 42
     assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+def test_a_fraction_of_the_ceiling_is_never_above_one():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    assert throughput.fraction(50.0, 200.0) == 0.25
+    assert throughput.fraction(250.0, 200.0) is None  # a disturbed ceiling: no impossible figure
+    assert throughput.fraction(50.0, None) is None

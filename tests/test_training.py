@@ -335,3 +335,57 @@ def test_gradient_clipping_acts_only_above_the_limit():
         states.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(states[0], states[1])  # a limit that is not reached changes nothing, bit for bit
     assert not torch.allclose(states[0], states[2])
+
+
+def test_weight_average_follows_its_formula_and_copies_integer_buffers():
+    from mnistkit.models import get_model
+    from mnistkit.training import WeightAverage
+
+    torch.manual_seed(0)
+    model = get_model("I3")
+    avg = WeightAverage(model, 0.9)
+    before = {k: v.clone() for k, v in avg.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.net.c1.bn.running_mean.add_(2.0)
+        model.net.c1.bn.num_batches_tracked.add_(5)
+    avg.update(100)  # ramp: min(0.9, 101/110) = 0.9
+    live = model.state_dict()
+    for key, old in before.items():
+        got = avg.model.state_dict()[key]
+        if old.is_floating_point():
+            torch.testing.assert_close(got, 0.9 * old + 0.1 * live[key])
+        else:
+            assert torch.equal(got, live[key])
+    assert not any(p.requires_grad for p in avg.model.parameters()) and not avg.model.training
+    avg.update(0)  # the first step's decay is 1/10: the average is mostly the live weights
+    torch.testing.assert_close(avg.model.net.c1.conv.weight,
+                               0.1 * (0.9 * before["net.c1.conv.weight"] + 0.1 * live["net.c1.conv.weight"])
+                               + 0.9 * live["net.c1.conv.weight"])
+
+
+def test_with_a_moving_average_the_average_is_evaluated_saved_and_resumed_exactly(tmp_path):
+    data = DataOptions("synthetic", limit=1500)
+    recipe = small(epochs=3, ema=0.99)
+    full = train("I3", recipe, data, device="cpu", runs_dir=tmp_path / "full")
+    plain = train("I3", small(epochs=3), data, device="cpu", runs_dir=tmp_path / "plain")
+    assert strip_timing(full.metrics) != strip_timing(plain.metrics)
+    # the same training (same live weights), only what is evaluated differs
+    assert [r.train_loss for r in full.metrics] == [r.train_loss for r in plain.metrics]
+    last = load_checkpoint(full.run_dir / "last.pt")
+    assert not torch.equal(last["state_dict"]["net.c1.conv.weight"], last["train_state_dict"]["net.c1.conv.weight"])
+    report = evaluate_checkpoint(full.run_dir / "last.pt", device="cpu")
+    assert report.test_acc == pytest.approx(full.metrics[-1].test_acc, abs=1e-9)
+    with pytest.raises(TrainingInterrupted):
+        train("I3", recipe, data, device="cpu", runs_dir=tmp_path / "cut", callback=StopAfter(1))
+    resumed = resume(next((tmp_path / "cut").iterdir()), device="cpu")
+    assert strip_timing(resumed.metrics) == strip_timing(full.metrics)
+    assert torch.equal(load_checkpoint(resumed.run_dir / "last.pt")["state_dict"]["net.c1.conv.weight"],
+                       last["state_dict"]["net.c1.conv.weight"])
+
+
+def test_moving_average_decay_is_checked():
+    with pytest.raises(UsageError, match="ema must be in"):
+        Recipe(ema=1.0)
+    assert Recipe.from_dict({"ema": 0.999}).ema == 0.999
