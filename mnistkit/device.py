@@ -62,7 +62,13 @@ def seed_everything(seed: int) -> None:
 
 
 def versions() -> dict[str, str]:
-    import torchvision
+    """Recorded with every run. torchvision's version comes from its installed metadata:
+    importing torchvision only to read it cost every training process about a second."""
+    from importlib import metadata
 
-    return {"mnistkit": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+    try:
+        vision = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        vision = "not installed"
+    return {"mnistkit": __version__, "torch": str(torch.__version__), "torchvision": vision,
             "python": platform.python_version()}

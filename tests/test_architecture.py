@@ -59,3 +59,16 @@ def _all_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
     return out
+
+
+def test_a_training_run_does_not_import_torchvision(tmp_path):
+    """torchvision costs a process about a second to import; training needs it only to download."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mnistkit import train, DataOptions, Recipe; "
+            f"train('I3', Recipe(epochs=1, batch_size=128), DataOptions('synthetic', limit=256), device='cpu', "
+            f"runs_dir={str(tmp_path)!r}); print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"
