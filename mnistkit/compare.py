@@ -88,6 +88,7 @@ def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted
                                       None),
         "gap": final.train_acc - final.test_acc,
         "seconds": round(sum(r.seconds for r in metrics), 1),
+        "seconds_per_epoch": round(statistics.median(r.seconds for r in metrics), 2),
         "test_acc_curve": [r.test_acc for r in metrics],
     }
 
@@ -149,6 +150,12 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
         "scheduler": used[0]["scheduler"],
         "train_samples": used[0]["train_samples"],
         "first_epoch_at_target": [r["first_epoch_at_target"] for r in used],
+        # per seed: the final epoch, the last epochs, and the median seconds of an epoch
+        # (training plus its evaluations, as metrics.jsonl records them)
+        "per_seed": [{"seed": r["seed"], "test_acc": r["test_acc"], "last_epochs_test_acc": r["last_epochs_test_acc"],
+                      "consistent": r["consistent"], "seconds_per_epoch": r["seconds_per_epoch"], "run": r["run"]}
+                     for r in used],
+        "seconds_per_epoch": stats([r["seconds_per_epoch"] for r in used]),
         "test_acc_curve": [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves)))],
     }
 

@@ -22,6 +22,31 @@ from mnistkit.runs import EpochMetrics, load_checkpoint, resolve_checkpoint
 EVAL_CHUNK = 256
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` in which every BatchNorm that directly follows a
+    convolution (children ``conv`` then ``bn`` of one ``nn.Sequential``, as ``conv_bn_relu``
+    builds them) is folded into that convolution's weights and bias, with the BatchNorm's
+    running statistics: one pass over the activations instead of two. ``model`` itself is not
+    changed; a model without such pairs comes back as it is."""
+    import copy
+
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    paths = [path for path, m in model.named_modules() if isinstance(m, nn.Sequential)
+             and isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)]
+    if not paths:
+        return model
+    folded = copy.deepcopy(model).eval()
+    for path in paths:
+        block = folded.get_submodule(path)
+        channels_last = block.conv.weight.is_contiguous(memory_format=torch.channels_last)
+        block.conv = fuse_conv_bn_eval(block.conv, block.bn)
+        if channels_last:  # keep the layout the model was built for
+            block.conv = block.conv.to(memory_format=torch.channels_last)
+        block.bn = nn.Identity()
+    return folded
+
+
 @dataclass(frozen=True)
 class SplitResult:
     """Mean loss and accuracy (percent) over ``n`` images."""

@@ -617,6 +617,23 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
         Text(f"Runs used: {report['comparable_means']}.", style="dim"), changelog, measured,
         fit(console, [checklist(check_labels(c, report["consistent_epochs"])), checklist(short)]),
     ]
+    seeds, per_seed = seed_columns(report)
+    if seeds:
+        def seed_table(wide: bool) -> Callable[[], Table]:
+            strip = (lambda v: v) if wide else (lambda v: v.replace("%", "").replace(" ± ", "±"))
+            specs = [("Iter", "fixed", lambda i: per_seed[i][0])]
+            if wide:
+                specs += [("Params", "num", lambda i: per_seed[i][1]), ("Epochs", "num", lambda i: per_seed[i][2])]
+            specs += [(f"Seed {seed}" if wide else f"s{seed}", "num",
+                       (lambda j: lambda i: strip(per_seed[i][3][j]))(j)) for j, seed in enumerate(seeds)]
+            specs += [("Mean ± std", "num", lambda i: strip(per_seed[i][4])),
+                      ("Min", "num", lambda i: strip(per_seed[i][5])),
+                      (f"Last {report['consistent_epochs']} ≥ {target}%" if wide else "Last 3", "mark",
+                       lambda i: per_seed[i][6]), ("s / epoch", "num", lambda i: per_seed[i][7])]
+            title = "Final test accuracy per seed (comparable runs)" + ("" if wide else ", in %")
+            return lambda: _spec_table(title, SEED_CAPTION, specs, len(per_seed))
+
+        parts.append(fit(console, [seed_table(True), seed_table(False)]))
     for row in rows:
         if not row["measured"]:
             parts.append(Text(f"{row['id']}: no comparable run in {report['runs_dir']}; make one with: "
@@ -642,6 +659,30 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
     return Group(*parts)
 
 
+SEED_CAPTION = ("s / epoch: the median seconds of an epoch, training plus its evaluation, over the seeds' runs "
+                "(as metrics.jsonl records them: other work on the machine counts).")
+
+
+def seed_columns(report: dict[str, Any]) -> tuple[list[Any], list[tuple[str, ...]]]:
+    """The per-seed table as text: the seeds any iteration has, and one row per measured
+    iteration (id, params, epochs, a cell per seed, mean ± std, min, last-epochs mark, s/epoch)."""
+    rows = [r for r in report["iterations"] if r["measured"]]
+    seeds = sorted({s["seed"] for r in rows for s in r["measured"]["per_seed"]}, key=lambda v: (str(type(v)), v))
+    out = []
+    for r in rows:
+        m = r["measured"]
+        by_seed = {s["seed"]: s for s in m["per_seed"]}
+        acc, sec = m["test_acc"], m["seconds_per_epoch"]
+        std = f" ± {acc['std']:.2f}" if acc["std"] is not None else ""
+        last = (f"{sum(s['consistent'] for s in m['per_seed'])}/{len(m['per_seed'])}"
+                if m["epochs"] >= report["consistent_epochs"] else f"n/a ({m['epochs']} epoch{'s' * (m['epochs'] > 1)})")
+        out.append((r["id"], fmt_int(r["params"]), str(m["epochs"]),
+                    [fmt_pct(by_seed[s]["test_acc"]) if s in by_seed else "" for s in seeds],
+                    f"{acc['mean']:.2f}{std}%", fmt_pct(acc["min"]), last,
+                    f"{sec['mean']:.1f}" if sec else ""))
+    return seeds, out
+
+
 def compare_markdown(report: dict[str, Any]) -> str:
     c = report["constraints"]
     lines = [
@@ -664,6 +705,15 @@ def compare_markdown(report: dict[str, Any]) -> str:
         marks = [check_cell(row["checks"].get(k))[0].replace("✓", "✅").replace("✗", "❌") for k in keys]
         every = check_cell(overall(row, keys))[0].replace("✓", "✅").replace("✗", "❌")
         lines.append(f"| {row['id']} | " + " | ".join(marks) + f" | {every} |")
+    seeds, per_seed = seed_columns(report)
+    if seeds:
+        target = c.get("min_test_acc")
+        lines += ["", "| Iter | Params | Epochs | " + " | ".join(f"Seed {s}" for s in seeds)
+                  + f" | Mean ± std | Min | Last {report['consistent_epochs']} ≥ {target}% | s / epoch |",
+                  "|---|" + "---:|" * (len(seeds) + 4) + "---|---:|"]
+        for it, params, epochs, cells, mean, low, last, sec in per_seed:
+            lines.append("| " + " | ".join([it, params, epochs, *cells, mean, low, last, sec]) + " |")
+        lines += ["", SEED_CAPTION]
     return "\n".join(lines) + "\n"
 
 

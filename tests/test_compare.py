@@ -160,7 +160,8 @@ def test_exports_hold_the_same_numbers(tmp_path):
     md = render.compare_markdown(report)
     i3 = next(line for line in md.splitlines() if line.startswith("| I3 | gap"))
     assert "99.50 ± 0.03%" in i3 and "| 2 |" in i3
-    assert "✅ 2/2" in md.splitlines()[-1]
+    checklist = next(line for line in md.splitlines() if line.startswith("| I3 | ✅"))
+    assert "✅ 2/2" in checklist
 
 
 def test_cli_compare_formats_and_output(runner, tmp_path):
@@ -306,3 +307,23 @@ def test_a_sweeps_trials_are_seen_by_compare(tmp_path):
     recorded_run(runs / "my-sweep", "I3", wanted(exp, "I3").replace(seed=1), [99.1, 99.5, 99.5, 99.5], name="I3-seed1")
     row = {r["id"]: r for r in compare.build_report(exp, runs)["iterations"]}["I3"]
     assert row["measured"]["seeds"] == [1] and row["measured"]["runs"] == [str(runs / "my-sweep" / "I3-seed1")]
+
+
+def test_the_per_seed_table_lists_each_seeds_final_accuracy_and_epoch_seconds(tmp_path):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    exp = load_experiments(path)
+    runs = tmp_path / "runs"
+    base = wanted(exp, "I3")
+    recorded_run(runs, "I3", base.replace(seed=2), [99.0, 99.45, 99.5, 99.52])
+    recorded_run(runs, "I3", base.replace(seed=42), [99.0, 99.5, 99.3, 99.44])
+    recorded_run(runs, "I1", wanted(exp, "I1").replace(seed=1), [99.1, 99.2])
+    report = compare.build_report(exp, runs)
+    m = {r["id"]: r for r in report["iterations"]}["I3"]["measured"]
+    assert [(s["seed"], s["test_acc"], s["consistent"]) for s in m["per_seed"]] == [(2, 99.52, True), (42, 99.44, False)]
+    assert m["seconds_per_epoch"]["mean"] == 10.0  # recorded_run writes 10 s per epoch
+    text = render.compare_markdown(report)
+    header = next(line for line in text.splitlines() if "| Seed 1 |" in line)
+    assert header.startswith("| Iter | Params | Epochs | Seed 1 | Seed 2 | Seed 42 | Mean ± std | Min |")
+    assert "| I3 | 14,500 | 4 |  | 99.52% | 99.44% | 99.48 ± 0.06% | 99.44% | 1/2 | 10.0 |" in text
+    assert "| I1 | 20,978 | 2 | 99.20% |  |  | 99.20% | 99.20% | n/a (2 epochs) | 10.0 |" in text
