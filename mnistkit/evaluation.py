@@ -61,21 +61,24 @@ def evaluate(model: nn.Module, batches: EvalBatches, label_smoothing: float = 0.
              predictions: list[torch.Tensor] | None = None) -> SplitResult:
     """Mean loss and accuracy over a split; every prediction is appended to ``predictions``
     when a list is given."""
-    was_training = model.training
-    model.eval()
+    # BatchNorm folded into the convolutions: 1.3x (I1) to 2.3x (I3) faster on CPU; the logits
+    # move by rounding only (bench/fold_check.py: no test prediction changes on the trained runs)
+    net = fold_batchnorm(model)
+    was_training = net.training
+    net.eval()
     loss_sum = torch.zeros((), device=batches.y.device)
     correct = torch.zeros((), device=batches.y.device, dtype=torch.long)
     for xb, yb in batches:
         # chunks of EVAL_CHUNK: on CPU a 1024-image batch falls out of cache and runs 2-4x slower;
         # every figure is per image, so the chunking changes no result
         for x, y in zip(xb.split(EVAL_CHUNK), yb.split(EVAL_CHUNK)):
-            out = model(x)
+            out = net(x)
             loss_sum += F.cross_entropy(out, y, reduction="sum", label_smoothing=label_smoothing)
             p = out.argmax(1)
             correct += (p == y).sum()
             if predictions is not None:
                 predictions.append(p)
-    model.train(was_training)
+    net.train(was_training)
     n = len(batches.y)
     return SplitResult(float(loss_sum) / n, 100.0 * int(correct) / n, n)
 

@@ -154,14 +154,14 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
     """Predict every image with the checkpoint of ``target`` (a run folder or a .pt file).
     An image that cannot be used gets ``error`` set; the others are predicted."""
     from mnistkit.device import resolve_device
-    from mnistkit.evaluation import checkpoint_recipe, load_model
+    from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, load_model
     from mnistkit.runs import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    model = load_model(ckpt, recipe).to(dev).eval()
+    model = fold_batchnorm(load_model(ckpt, recipe).to(dev).eval())  # as evaluate computes it
     results, batch = [], []
     for file in image_files(list(images)):
         try:

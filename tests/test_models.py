@@ -92,3 +92,33 @@ def test_i4_meets_its_constraints():
     s = summarize(get_model("I4"), name="I4", budget=5000)
     assert s.trainable_params == 4_964 < 5_000 and s.within_budget
     assert s.has_batchnorm and s.has_dropout and s.gap_head and not s.fc_head and s.rf_global
+
+
+@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4"])
+def test_folding_batchnorm_into_the_convolutions_keeps_the_logits(name):
+    from mnistkit.evaluation import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = get_model(name).to(memory_format=torch.channels_last)
+    with torch.no_grad():  # statistics and affine parameters that are not the identity
+        for _ in range(3):
+            model(torch.randn(64, 1, 28, 28))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0 and model.training  # untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_conv_bn_pairs_is_evaluated_as_it_is():
+    from mnistkit.evaluation import fold_batchnorm
+
+    model = get_model("I0")
+    assert fold_batchnorm(model) is model
