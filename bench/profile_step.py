@@ -59,7 +59,7 @@ def main() -> None:
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.rows]:
             print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / args.steps:.2f} | "
                   f"{100 * e.self_cpu_time_total / total:.1f}% |")
-        print("\n| layer op (input shape) | ms per step | share |\n|---|---:|---:|")
+        print("\n| op (shape of its first input: the layer's input, or its output gradient for a backward op) | ms per step | share |\n|---|---:|---:|")
         by_shape = prof.key_averages(group_by_input_shape=True)
         keep = ("convolution_backward", "mkldnn_convolution", "native_batch_norm", "native_batch_norm_backward")
         for e in sorted((e for e in by_shape if e.key.removeprefix("aten::") in keep),

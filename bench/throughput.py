@@ -248,9 +248,46 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
             "reference_runs": [round(v, 2) for v in times["reference"]]}
 
 
+def print_report(results: dict) -> None:
+    """The results as markdown (what the README quotes)."""
+    m, mm = results["machine"], results["matmul_gflops"]
+    ceil = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in mm.items() if v)
+    print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}")
+    print(f"Matmul ceilings (2048x2048, {m['torch_threads']} threads, median of {len(results['matmul_samples']['fp32'])} "
+          f"samples taken between the training repeats): {ceil}")
+    st = results['settings']
+    print(f"{st['repeats']} alternating repeats of {st['steps']} steps, batch {st['batch_size']}; medians\n")
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.0f}%"
+
+    print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default img/s (speed-up) | "
+          "train GFLOP/s fp32 / default | of fp32 ceiling (fp32 step) | of default's ceiling (default step) "
+          "| eval img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results["models"].items():
+        mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
+        print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
+              f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
+              f"{r['train_gflops_fp32']:.1f} / {r['train_gflops']:.1f} | {pct(r['fraction_of_matmul_fp32'])} | "
+              f"{pct(r['fraction_of_matmul'])} of {r['ceiling']} | {r['eval_images_per_s']:,.0f} |")
+    w = results.get("whole_process")
+    if w:
+        print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
+              f"{len(w['mnistkit_runs'])} alternating): `mnistkit train {w['model']} --epochs 1` "
+              f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
+    for name, r in results.get("reference_full_runs", {}).items():
+        print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
+              f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "
+              f"{r['seconds']:.0f} s", end="")
+    for cmd, sec in results.get("cli_seconds", {}).items():
+        print(f"\n`{cmd}`: {sec:.3f} s (median of {results['settings'].get('cli_repeats', '?')} processes)", end="")
+    print()
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--data-dir", help="folder with the MNIST IDX files (required unless --from-json)")
     ap.add_argument("--models", default="I1,I3")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per repeat and pipeline")
     ap.add_argument("--repeats", type=int, default=5)
@@ -266,7 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time one epoch of MODEL as whole processes: `mnistkit train MODEL --epochs 1` "
                          "against bench/reference_epoch.py")
     ap.add_argument("--whole-repeats", type=int, default=3)
+    ap.add_argument("--from-json", default=None, metavar="FILE",
+                    help="print the report of an earlier --json run instead of measuring")
     args = ap.parse_args(argv)
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        print_report(results)
+        return results
+    if not args.data_dir:
+        ap.error("--data-dir is required to measure")
 
     data_dir = Path(args.data_dir)
     train = load_mnist("train", data_dir, download=False)
@@ -279,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__)},
         "settings": {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
-                     "workers": args.workers},
+                     "workers": args.workers, "cli_repeats": args.cli_repeats},
         "models": {},
     }
     try:
@@ -344,38 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        m, mm = results["machine"], results["matmul_gflops"]
-        ceil = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in mm.items() if v)
-        print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}")
-        print(f"Matmul ceilings (2048x2048, {m['torch_threads']} threads, median of {len(results['matmul_samples']['fp32'])} "
-              f"samples taken between the training repeats): {ceil}")
-        print(f"{args.repeats} alternating repeats of {args.steps} steps, batch {args.batch_size}; medians\n")
-
-        def pct(v):
-            return "n/a" if v is None else f"{100 * v:.0f}%"
-
-        print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default img/s (speed-up) | "
-              "train GFLOP/s fp32 / default | of fp32 ceiling (fp32 step) | of default's ceiling (default step) "
-              "| eval img/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        for name, r in results["models"].items():
-            mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
-            print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
-                  f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
-                  f"{r['train_gflops_fp32']:.1f} / {r['train_gflops']:.1f} | {pct(r['fraction_of_matmul_fp32'])} | "
-                  f"{pct(r['fraction_of_matmul'])} of {r['ceiling']} | {r['eval_images_per_s']:,.0f} |")
-        w = results.get("whole_process")
-        if w:
-            print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
-                  f"{len(w['mnistkit_runs'])} alternating): `mnistkit train {w['model']} --epochs 1` "
-                  f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
-        for name, r in results.get("reference_full_runs", {}).items():
-            print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
-                  f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "
-                  f"{r['seconds']:.0f} s", end="")
-        for cmd, sec in results.get("cli_seconds", {}).items():
-            print(f"\n`{cmd}`: {sec:.3f} s (median of {args.cli_repeats} processes)", end="")
-        print()
+        print_report(results)
     return results
 
 
