@@ -27,8 +27,8 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.runs import (EpochMetrics, RunWriter, Terminated, check_resumable, load_checkpoint, read_config,
                            selected_on, sigterm_as_interrupt, write_outcome)
 
-__all__ = ["train", "resume", "train_one_epoch", "train_step", "WeightAverage", "RunResult", "RunStart", "StepInfo", "Callback",
-           "build_optimizer", "build_scheduler"]
+__all__ = ["train", "resume", "train_one_epoch", "train_step", "WeightAverage", "RunResult", "RunStart", "StepInfo",
+           "Callback", "build_optimizer", "build_scheduler"]
 
 SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
 
@@ -121,11 +121,10 @@ class WeightAverage:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        live, mine = model.state_dict(), self.model.state_dict()
-        self._pairs = [(mine[k], v) for k, v in live.items()]
-        self._float = ([a for a, b in self._pairs if a.is_floating_point()],
-                       [b for a, b in self._pairs if b.is_floating_point()])
-        self._other = [(a, b) for a, b in self._pairs if not a.is_floating_point()]
+        live, mine = model.state_dict(), self.model.state_dict()  # the same tensors, not copies
+        pairs = [(mine[k], v) for k, v in live.items()]
+        self._float = ([a for a, _ in pairs if a.is_floating_point()], [b for _, b in pairs if b.is_floating_point()])
+        self._other = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
