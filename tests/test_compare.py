@@ -239,17 +239,26 @@ def test_sparkline():
 # ---------------------------------------------------------------- schema errors
 
 
+I2_RECIPE = "recipe: {epochs: 12, grad_clip: 5, batch_size: 128, weight_decay: 0.0005}"
+
+
+def i2_recipe(text: str, new: str) -> str:
+    """The shipped change-log with I2's recipe replaced by ``{<new>}``."""
+    assert text.count(I2_RECIPE) == 1, "the shipped change-log changed: update I2_RECIPE"
+    return text.replace(I2_RECIPE, "recipe: {" + new + "}")
+
+
 @pytest.mark.parametrize("edit,needle", [
-    (lambda t: t.replace("recipe: {epochs: 12, grad_clip: 5}", "recipe: {epochs: 12, grad_clip: 5, learning_rate: 3}"),
+    (lambda t: i2_recipe(t, "epochs: 12, learning_rate: 3"),
      r"line \d+: iterations\[2\]\.recipe\.learning_rate: unknown key"),
-    (lambda t: t.replace("recipe: {epochs: 12, grad_clip: 5}", "recipe: {epochs: twelve}"),
+    (lambda t: i2_recipe(t, "epochs: twelve"),
      r"line \d+: iterations\[2\]\.recipe\.epochs: must be int, not str"),
     (lambda t: t.replace("  - id: I2", "  - id: I1"), r"iterations\[2\]\.id: iteration id 'I1' appears twice"),
     (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered; known models: I0, I1, I2, I3, I4"),
     (lambda t: t.replace("  max_params: 20000", "  max_parms: 20000"), r"line \d+: constraints\.max_parms: unknown key"),
     (lambda t: t.replace("train_acc: 99.6, test_acc", "train_acc: high, test_acc"),
      r"reported\.train_acc: must be int or float, not str"),
-    (lambda t: t.replace("recipe: {epochs: 12, grad_clip: 5}", "recipe: {epochs: 12, grad_clip: 5, augment: {degreez: 10}}"),
+    (lambda t: i2_recipe(t, "epochs: 12, augment: {degreez: 10}"),
      r"iterations\[2\]\.recipe\.augment\.degreez: unknown key"),
     (lambda t: t + "defaults: {augment: {degreez: 10}}\n", r"defaults\.augment\.degreez: unknown key"),
     (lambda t: t + "extra: 1\n", r"extra: unknown key"),

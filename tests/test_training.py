@@ -222,8 +222,10 @@ def test_recipes_come_from_experiments_yaml_and_cli_overrides_win():
     i0 = resolve_recipe("I0")
     assert (i0.epochs, i0.lr, i0.scheduler, i0.dropout) == (1, 0.1, "step", 0.0)
     i3 = resolve_recipe("I3", epochs=2, lr=None)
-    assert (i3.epochs, i3.lr, i3.scheduler, i3.batch_size, i3.seed) == (2, 0.2, "onecycle", 256, 42)
+    assert (i3.epochs, i3.lr, i3.scheduler, i3.batch_size, i3.weight_decay, i3.seed) == (2, 0.2, "onecycle", 128,
+                                                                                          0.0005, 42)
     assert i3.augment.degrees == 10 and i3.augment.translate == 0.05
+    assert resolve_recipe("I3", batch_size=256).batch_size == 256  # an option wins over the change-log
 
 
 @pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": -1}, {"lr": 0.0}, {"scheduler": "cosine"}])
