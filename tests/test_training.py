@@ -313,7 +313,7 @@ def test_channels_last_does_not_change_the_mathematics():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("model", ["I0", "I1", "I2", "I3"])
+@pytest.mark.parametrize("model", ["I0", "I1", "I2", "I3", "I4"])
 def test_a_quick_run_of_every_iteration_learns_and_stays_finite(tmp_path, model):
     # 2 epochs of the synthetic set (48 steps): OneCycle reaches lr 0.2 within 10 steps, which
     # drove I1 and I2 (FC heads) to NaN before their recipes clipped the gradient norm at 5
