@@ -667,7 +667,7 @@ def seed_columns(report: dict[str, Any]) -> tuple[list[Any], list[tuple[str, ...
     """The per-seed table as text: the seeds any iteration has, and one row per measured
     iteration (id, params, epochs, a cell per seed, mean ± std, min, last-epochs mark, s/epoch)."""
     rows = [r for r in report["iterations"] if r["measured"]]
-    seeds = sorted({s["seed"] for r in rows for s in r["measured"]["per_seed"]}, key=lambda v: (str(type(v)), v))
+    seeds = sorted({s["seed"] for r in rows for s in r["measured"]["per_seed"]})  # recipe seeds: ints
     out = []
     for r in rows:
         m = r["measured"]

@@ -50,6 +50,13 @@ def recorded_run(runs: Path, model: str, recipe: Recipe, test_accs: list[float],
     return folder
 
 
+def changelog_and_runs(tmp_path: Path):
+    """The small test change-log, loaded, and an (empty) runs folder beside it."""
+    path = tmp_path / "experiments.yaml"
+    path.write_text(CHANGELOG)
+    return load_experiments(path), tmp_path / "runs"
+
+
 @pytest.fixture(scope="module")
 def changelog(tmp_path_factory):
     """A change-log whose I2 reports a wrong parameter count, and tiny synthetic runs of I0, I1, I3
@@ -100,10 +107,7 @@ def test_synthetic_and_shortened_runs_never_turn_a_cell_green(changelog, runner,
 
 
 def test_comparable_runs_are_aggregated_over_seeds(tmp_path):
-    path = tmp_path / "experiments.yaml"
-    path.write_text(CHANGELOG)
-    exp = load_experiments(path)
-    runs = tmp_path / "runs"
+    exp, runs = changelog_and_runs(tmp_path)
     base = wanted(exp, "I3")
     recorded_run(runs, "I3", base.replace(seed=1), [99.0, 99.45, 99.5, 99.5])   # passes, consistent
     recorded_run(runs, "I3", base.replace(seed=2), [99.0, 99.5, 99.3, 99.45])   # passes, not consistent
@@ -143,10 +147,7 @@ def test_params_mismatch_is_flagged(tmp_path):
 
 
 def test_exports_hold_the_same_numbers(tmp_path):
-    path = tmp_path / "experiments.yaml"
-    path.write_text(CHANGELOG)
-    exp = load_experiments(path)
-    runs = tmp_path / "runs"
+    exp, runs = changelog_and_runs(tmp_path)
     for seed, accs in ((1, [99.1, 99.2, 99.41, 99.52]), (2, [99.0, 99.3, 99.44, 99.48])):
         recorded_run(runs, "I3", wanted(exp, "I3").replace(seed=seed), accs)
     report = compare.build_report(exp, runs)
@@ -309,20 +310,14 @@ def test_missing_experiments_file_on_the_cli(runner, tmp_path):
 
 
 def test_a_sweeps_trials_are_seen_by_compare(tmp_path):
-    path = tmp_path / "experiments.yaml"
-    path.write_text(CHANGELOG)
-    exp = load_experiments(path)
-    runs = tmp_path / "runs"
+    exp, runs = changelog_and_runs(tmp_path)
     recorded_run(runs / "my-sweep", "I3", wanted(exp, "I3").replace(seed=1), [99.1, 99.5, 99.5, 99.5], name="I3-seed1")
     row = {r["id"]: r for r in compare.build_report(exp, runs)["iterations"]}["I3"]
     assert row["measured"]["seeds"] == [1] and row["measured"]["runs"] == [str(runs / "my-sweep" / "I3-seed1")]
 
 
 def test_the_per_seed_table_lists_each_seeds_final_accuracy_and_epoch_seconds(tmp_path):
-    path = tmp_path / "experiments.yaml"
-    path.write_text(CHANGELOG)
-    exp = load_experiments(path)
-    runs = tmp_path / "runs"
+    exp, runs = changelog_and_runs(tmp_path)
     base = wanted(exp, "I3")
     recorded_run(runs, "I3", base.replace(seed=2), [99.0, 99.45, 99.5, 99.52])
     recorded_run(runs, "I3", base.replace(seed=42), [99.0, 99.5, 99.3, 99.44])
