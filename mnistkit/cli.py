@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from mnistkit import __version__
-from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Dataset, Precision, Recipe
+from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, BnRelu, Dataset, Precision, Recipe
 
 try:  # Typer that vendors Click: its option errors derive from TyperException
     from typer import TyperException as ClickException
@@ -245,6 +245,9 @@ def train_cmd(
     precision: Optional[Precision] = typer.Option(None, "--precision", case_sensitive=False,
                                                   help="The training step's precision (default: auto = bf16 where "
                                                        "the hardware has it natively)."),
+    bn_relu: Optional[BnRelu] = typer.Option(None, "--bn-relu", case_sensitive=False,
+                                             help="What trains BatchNorm + ReLU: fused (mnistkit's C kernel, CPU), "
+                                                  "torch, or auto (default: fused where it builds)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
     dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
                                     help="mnist, or synthetic (made locally, no download)."),
@@ -287,7 +290,7 @@ def train_cmd(
         given = [name for name, v in (("MODEL", model), ("--all", all_iterations or None), ("--epochs", epochs),
                                       ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed), ("--seeds", seeds),
                                       ("--limit", limit), ("--val", val or None), ("--data-dir", data_dir),
-                                      ("--precision", precision), ("--experiments", experiments))
+                                      ("--precision", precision), ("--bn-relu", bn_relu), ("--experiments", experiments))
                  if v is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
@@ -317,7 +320,8 @@ def train_cmd(
         group = []
         for s in seed_list:
             recipe = resolve_recipe(name, exp, epochs=epochs, batch_size=batch_size, lr=lr, seed=s,
-                                    precision=precision.value if precision else None)
+                                    precision=precision.value if precision else None,
+                                    bn_relu=bn_relu.value if bn_relu else None)
             group.append(run(train, name, recipe, data, runs_dir=runs_dir))
         if len(group) > 1 and not quiet:
             target = exp.constraints.get("min_test_acc")

@@ -27,7 +27,7 @@ CONSISTENT_EPOCHS = 3  # "the target holds in each of the last 3 epochs"
 def _recipe_differences(run: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     diffs = []
     for key, value in wanted.items():
-        if key in _IGNORED or (key == "precision" and value == "auto"):
+        if key in _IGNORED or (key in ("precision", "bn_relu") and value == "auto"):
             continue
         if key == "augment":
             for k, v in value.items():

@@ -50,6 +50,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def resolve_bn_relu(choice: str, device: torch.device, channels_last: bool) -> str:
+    """``auto`` -> ``fused`` where mnistkit's BN+ReLU kernel runs (CPU, channels_last, a C compiler
+    that built it and a passed self-test), else ``torch``; ``fused`` where it cannot run is an error."""
+    if choice == "torch":
+        return "torch"
+    from mnistkit import fused
+
+    why = ("it runs on the CPU only" if device.type != "cpu" else
+           "it needs channels_last" if not channels_last else
+           None if fused.available() else fused.status().removeprefix("PyTorch (").removesuffix(")"))
+    if why is None:
+        return "fused"
+    if choice == "fused":
+        raise UsageError(f"bn_relu 'fused' cannot be used here: {why}; use auto or torch", key="bn_relu")
+    return "torch"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:

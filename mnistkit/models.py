@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mnistkit.errors import UnknownModelError
+from mnistkit.fused import ConvBNReLU
 
 __all__ = ["ModelEntry", "register_model", "get_model", "list_models", "model_info"]
 
@@ -75,9 +76,10 @@ def get_model(name: str, **kwargs) -> nn.Module:
 # --------------------------------------------------------------------------- building blocks
 
 
-def conv_bn_relu(cin: int, cout: int, padding: int = 1, bias: bool = False) -> nn.Sequential:
-    """3x3 convolution, BatchNorm, ReLU. A bias before BN is redundant (BN's shift absorbs it)."""
-    return nn.Sequential(
+def conv_bn_relu(cin: int, cout: int, padding: int = 1, bias: bool = False) -> ConvBNReLU:
+    """3x3 convolution, BatchNorm, ReLU. A bias before BN is redundant (BN's shift absorbs it).
+    An ``nn.Sequential`` whose BN and ReLU the trainer may fuse (mnistkit.fused)."""
+    return ConvBNReLU(
         OrderedDict(
             conv=nn.Conv2d(cin, cout, 3, padding=padding, bias=bias),
             bn=nn.BatchNorm2d(cout),

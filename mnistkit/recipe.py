@@ -16,7 +16,7 @@ from typing import Any
 
 from mnistkit.errors import UsageError
 
-__all__ = ["Dataset", "Precision", "Scheduler", "Optimizer", "Interpolation", "Augment", "Recipe", "DataOptions",
+__all__ = ["Dataset", "Precision", "BnRelu", "Scheduler", "Optimizer", "Interpolation", "Augment", "Recipe", "DataOptions",
            "DEFAULT_BUDGET", "DEFAULT_RUNS_DIR", "choices", "expand_path"]
 
 DEFAULT_BUDGET = 20_000  # the assignment's parameter budget (strictly fewer)
@@ -37,6 +37,12 @@ class Precision(_Choice):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+
+
+class BnRelu(_Choice):
+    auto = "auto"
+    fused = "fused"
+    torch = "torch"
 
 
 class Scheduler(_Choice):
@@ -134,13 +140,20 @@ class Recipe:
     mean: float = 0.1307
     std: float = 0.3081
     seed: int = 42
-    # bf16 autocast for the training step (BN, loss and evaluation stay fp32); "auto" picks bf16
-    # where the hardware computes it natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32
+    # bf16 autocast for the training step (the convolutions and the linear layer compute in bf16,
+    # and BatchNorm then takes and gives bf16 with fp32 statistics; the loss, the weights and
+    # evaluation stay fp32); "auto" picks bf16 where the hardware computes it natively (CUDA,
+    # CPUs with AVX512-BF16/AMX), else fp32
     precision: str = "auto"
     channels_last: bool = True
+    # what trains BatchNorm + ReLU: "fused" (mnistkit's C kernel, CPU and channels_last only; see
+    # mnistkit/fused.py), "torch" (PyTorch's two ops) or "auto" (fused where it can be built);
+    # a run records the resolved value, and runs recorded before 0.4 read as "torch"
+    bn_relu: str = "auto"
 
     def __post_init__(self) -> None:
-        for key, enum in (("optimizer", Optimizer), ("scheduler", Scheduler), ("precision", Precision)):
+        for key, enum in (("optimizer", Optimizer), ("scheduler", Scheduler), ("precision", Precision),
+                          ("bn_relu", BnRelu)):
             object.__setattr__(self, key, check_choice(getattr(self, key), enum, key))
         _check("", [
             ("epochs", self.epochs >= 1, "must be at least 1"),

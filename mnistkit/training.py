@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
-from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
+from mnistkit.device import resolve_bn_relu, resolve_device, resolve_precision, seed_everything, versions
+from mnistkit.fused import use_fused
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
@@ -196,12 +197,14 @@ class _Session:
 def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) -> _Session:
     dev = resolve_device(device)
     # the run records what "auto" meant on this machine (a resolved value resolves to itself)
-    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
+    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev),
+                            bn_relu=resolve_bn_relu(recipe.bn_relu, dev, recipe.channels_last))
     seed_everything(recipe.seed)
     train_split, val_split, test_split = load_splits(data, recipe.seed)
     model = get_model(model_name, dropout=recipe.dropout).to(dev)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    use_fused(model, recipe.bn_relu == "fused")
     generator = torch.Generator(device=dev).manual_seed(recipe.seed)
     batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
     test_batches, val_batches = (

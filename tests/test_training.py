@@ -4,7 +4,7 @@ import signal
 import pytest
 import torch
 
-from mnistkit.device import resolve_device, resolve_precision
+from mnistkit.device import resolve_bn_relu, resolve_device, resolve_precision
 from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate_checkpoint, per_class_report
 from mnistkit.experiments import resolve_recipe
@@ -65,9 +65,11 @@ def test_run_folder_contents(tmp_path):
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
     config = read_config(folder)
     assert config.model == "I3" and config.recipe.epochs == 1 and config.data.limit == 500
-    # reproducible from the folder alone; "auto" precision is recorded as what it meant here
-    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", torch.device("cpu")))
-    assert config.recipe.precision in ("fp32", "bf16")
+    # reproducible from the folder alone; "auto" precision and bn_relu are recorded as what they meant here
+    cpu = torch.device("cpu")
+    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", cpu),
+                                                    bn_relu=resolve_bn_relu("auto", cpu, True))
+    assert config.recipe.precision in ("fp32", "bf16") and config.recipe.bn_relu in ("fused", "torch")
     assert read_metrics(folder) == result.metrics
     ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]
