@@ -16,7 +16,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mnistkit.data import TrainBatches, load_mnist
-from mnistkit.device import resolve_precision
+from mnistkit.device import resolve_bn_relu, resolve_precision
+from mnistkit.fused import use_fused
 from mnistkit.models import get_model
 from mnistkit.recipe import Recipe
 from mnistkit.training import build_optimizer, train_step
@@ -28,15 +29,19 @@ def main() -> None:
     ap.add_argument("--models", default="I1,I3")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--bn-relu", default="auto", choices=["auto", "fused", "torch"],
+                    help="what trains BatchNorm + ReLU (default: as training does)")
     args = ap.parse_args()
-    recipe = Recipe()
+    recipe = Recipe(bn_relu=args.bn_relu)
     device = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, device) == "bf16"
+    bn_relu = resolve_bn_relu(recipe.bn_relu, device, recipe.channels_last)
     train = load_mnist("train", args.data_dir, download=False)
     for name in [m for m in args.models.split(",") if m]:
         model = get_model(name, dropout=recipe.dropout)
         if recipe.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        use_fused(model, bn_relu == "fused")
         opt = build_optimizer(model, recipe)
         batches = TrainBatches(train, recipe.batch_size, device, recipe.augment, torch.Generator().manual_seed(0))
         it = iter(batches)
@@ -53,7 +58,7 @@ def main() -> None:
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         print(f"\n## {name}: {args.steps} steps of batch {recipe.batch_size}, {'bf16' if bf16 else 'fp32'}"
-              f"{' + channels_last' if recipe.channels_last else ''}; {total / 1e3 / args.steps:.1f} ms of "
+              f"{' + channels_last' if recipe.channels_last else ''}, BN+ReLU: {bn_relu}; {total / 1e3 / args.steps:.1f} ms of "
               "self CPU time per step (profiled)\n")
         print("| op | ms per step | share |\n|---|---:|---:|")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.rows]:

@@ -34,7 +34,8 @@ import torch
 from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
 from mnistkit.inspect import summarize
 from mnistkit.models import get_model
-from mnistkit.device import resolve_precision
+from mnistkit.fused import use_fused
+from mnistkit.device import resolve_bn_relu, resolve_precision
 from mnistkit.evaluation import evaluate
 from mnistkit.recipe import Recipe
 from mnistkit.training import build_optimizer, train_step
@@ -113,10 +114,12 @@ def time_reference(model, loader, steps: int) -> float:
     return seen / elapsed
 
 
-def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool) -> float:
+def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool,
+                  fused_bn_relu: bool = False) -> float:
     opt, sched = make_opt(model, steps + 1)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    use_fused(model, fused_bn_relu)
     model.train()
     it = iter(batches)
     t0 = None
@@ -267,10 +270,19 @@ def print_report(results: dict) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
         mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
+        if r.get("mnistkit_bn_relu") == "fused":
+            mode += " + fused BN+ReLU"
         print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
               f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
               f"{r['train_gflops_fp32']:.1f} / {r['train_gflops']:.1f} | {pct(r['fraction_of_matmul_fp32'])} | "
               f"{pct(r['fraction_of_matmul'])} of {r['ceiling']} | {r['eval_images_per_s']:,.0f} |")
+    fused = {n: r for n, r in results["models"].items() if r.get("mnistkit_torch_bn_images_per_s")}
+    if fused:
+        print("\nThe default step with PyTorch's BatchNorm and ReLU instead of the fused kernel (same repeats): " +
+              "; ".join(f"{n} {r['mnistkit_torch_bn_images_per_s']:,.0f} img/s "
+                        f"({r['mnistkit_torch_bn_images_per_s'] / r['reference_images_per_s']:.2f}x the reference; "
+                        f"the kernel gains {r['mnistkit_images_per_s'] / r['mnistkit_torch_bn_images_per_s']:.2f}x)"
+                        for n, r in fused.items()))
     w = results.get("whole_process")
     if w:
         print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
@@ -333,17 +345,22 @@ def main(argv: list[str] | None = None) -> dict:
         ceilings = Ceilings()
         for name in [m for m in args.models.split(",") if m]:
             macs = summarize(get_model(name)).mult_adds
-            ref, mk, mk32 = [], [], []
+            ref, mk, mk32, mk_torch_bn = [], [], [], []
             gen = torch.Generator().manual_seed(0)
             batches = TrainBatches(train, args.batch_size, device, Augment(), gen)
             default = Recipe()
             bf16 = resolve_precision(default.precision, device) == "bf16"
+            fused_on = resolve_bn_relu(default.bn_relu, device, default.channels_last) == "fused"
             for _ in range(args.repeats):  # alternate, so drift hits all alike
                 ceilings.sample()
                 torch.manual_seed(0)
                 ref.append(time_reference(get_model(name), loader, args.steps))
                 torch.manual_seed(0)
-                mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last))
+                mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last, fused_on))
+                if fused_on:  # the same step with PyTorch's BatchNorm and ReLU: what the kernel gains
+                    torch.manual_seed(0)
+                    mk_torch_bn.append(time_mnistkit(get_model(name), batches, args.steps, bf16,
+                                                     default.channels_last, False))
                 torch.manual_seed(0)
                 mk32.append(time_mnistkit(get_model(name), batches, args.steps, False, False))
             model = get_model(name)
@@ -367,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "mnistkit_fp32_images_per_s": round(mk32_ips, 1), "speedup_fp32": round(mk32_ips / ref_ips, 2),
                 "reference_runs": [round(v, 1) for v in ref], "mnistkit_runs": [round(v, 1) for v in mk],
                 "mnistkit_fp32_runs": [round(v, 1) for v in mk32],
+                "mnistkit_bn_relu": "fused" if fused_on else "torch",
+                "mnistkit_torch_bn_images_per_s": round(statistics.median(mk_torch_bn), 1) if mk_torch_bn else None,
+                "mnistkit_torch_bn_runs": [round(v, 1) for v in mk_torch_bn],
                 "train_gflops": round(gflops, 2), "train_gflops_fp32": round(gflops32, 2),
                 "ceiling": precision, "fraction_of_matmul": fraction(gflops, ceilings.rate(precision)),
                 "fraction_of_matmul_fp32": fraction(gflops32, ceilings.rate("fp32")),
