@@ -244,7 +244,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: t
     var = x.var((0, 2, 3), unbiased=False, keepdim=True)
     pre = (x - mean) / torch.sqrt(var + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
     y = torch.relu(pre) if mask is None else pre * mask
-    y.backward(grad.double())
+    (y * grad.double()).sum().backward()  # a scalar's backward: backward(grad) costs a 0.5 s import
     m = x.numel() // x.shape[1]
     return (y.detach(), x.grad, w.grad, b.grad, mean.flatten().detach(), var.flatten().detach() * m / (m - 1),
             pre.detach())
@@ -263,7 +263,7 @@ def check(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias: torch
         bn.bias.copy_(bias)
     xi = x.detach().clone().requires_grad_(True)
     y = _BNReLU.apply(xi, bn.weight, bn.bias, bn)
-    y.backward(grad)
+    (y * grad).sum().backward()  # the gradient reaching y is exactly ``grad``
     got = (y, xi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
     names = ("output", "input grad", "weight grad", "bias grad", "running mean", "running var")
     mask = (y > 0).double()
