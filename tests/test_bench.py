@@ -46,6 +46,17 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_bn_check_runs_end_to_end():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bn_check.py"), "--reps", "1", "--rounds", "1",
+                          "--grad-batch", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| I")]
+    assert [r.split(" | ")[0] for r in rows] == ["| I1", "| I2", "| I3", "| I4"]
+    for row in rows:  # the kernel's gradients are fp32-exact: within 1e-4 of float64
+        assert float(row.strip(" |").split(" | ")[-1]) < 1e-4, row
+
+
+@pytest.mark.slow
 def test_accuracy_benchmark_runs_end_to_end(tmp_path):
     write_fake_mnist(tmp_path / "mnist", n_train=64, n_test=32)
     out = subprocess.run(
