@@ -197,6 +197,7 @@ class _Session:
 def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) -> _Session:
     dev = resolve_device(device)
     # the run records what "auto" meant on this machine (a resolved value resolves to itself)
+    asked = recipe.bn_relu
     recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev),
                             bn_relu=resolve_bn_relu(recipe.bn_relu, dev, recipe.channels_last))
     seed_everything(recipe.seed)
@@ -216,6 +217,11 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
                        val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
                        provenance(data, train_split, val_split, test_split),
                        WeightAverage(model, recipe.ema) if recipe.ema > 0 else None)
+    if asked == "auto" and recipe.bn_relu == "torch" and dev.type == "cpu" and recipe.channels_last:
+        from mnistkit import fused
+
+        session.notes.append(f"BatchNorm + ReLU train with PyTorch's ops, not the fused kernel: "
+                             f"{fused.status().removeprefix('PyTorch (').removesuffix(')')}")
     if per_step and scheduler.total_steps > recipe.epochs * len(batches):
         session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
                              f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "

@@ -155,10 +155,30 @@ def test_a_damaged_cached_library_is_rebuilt(fresh_loader):
     assert [p.name for p in fresh_loader.iterdir()] == [built.name]  # no temporary files left
 
 
-def test_no_compiler_means_pytorch_with_a_reason(fresh_loader, monkeypatch):
+@pytest.mark.slow
+def test_no_compiler_means_pytorch_with_a_reason(fresh_loader, monkeypatch, tmp_path):
     monkeypatch.setattr(fused, "_compiler", lambda: None)
     assert not fused.available()
     assert fused.status() == "PyTorch (no C compiler (cc, gcc or clang) found)"
+    # a run still trains, records what trained it, and says why
+    class Starts:
+        notes = ()
+
+        def on_start(self, start):
+            self.notes = start.notes
+
+        def on_step(self, step):
+            pass
+
+        def on_epoch(self, row, best):
+            pass
+
+    seen = Starts()
+    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256),
+                   device="cpu", runs_dir=tmp_path / "runs", callback=seen)
+    assert read_config(result.run_dir).recipe.bn_relu == "torch"
+    assert "BatchNorm + ReLU train with PyTorch's ops, not the fused kernel: no C compiler (cc, gcc or clang) " \
+           "found" in seen.notes
 
 
 @pytest.mark.slow
