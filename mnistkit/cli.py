@@ -246,8 +246,9 @@ def train_cmd(
                                                   help="The training step's precision (default: auto = bf16 where "
                                                        "the hardware has it natively)."),
     bn_relu: Optional[BnRelu] = typer.Option(None, "--bn-relu", case_sensitive=False,
-                                             help="What trains BatchNorm + ReLU: fused (mnistkit's C kernel, CPU), "
-                                                  "torch, or auto (default: fused where it builds)."),
+                                             help="What trains BatchNorm + ReLU: torch (the default), fused "
+                                                  "(mnistkit's C kernel, CPU: faster, see the README), or auto "
+                                                  "(fused where it builds)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
     dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
                                     help="mnist, or synthetic (made locally, no download)."),

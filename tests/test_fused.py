@@ -174,8 +174,8 @@ def test_no_compiler_means_pytorch_with_a_reason(fresh_loader, monkeypatch, tmp_
             pass
 
     seen = Starts()
-    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256),
-                   device="cpu", runs_dir=tmp_path / "runs", callback=seen)
+    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05, bn_relu="auto"),
+                   DataOptions("synthetic", limit=256), device="cpu", runs_dir=tmp_path / "runs", callback=seen)
     assert read_config(result.run_dir).recipe.bn_relu == "torch"
     assert "BatchNorm + ReLU train with PyTorch's ops, not the fused kernel: no C compiler (cc, gcc or clang) " \
            "found" in seen.notes

@@ -67,9 +67,11 @@ def test_run_folder_contents(tmp_path):
     assert config.model == "I3" and config.recipe.epochs == 1 and config.data.limit == 500
     # reproducible from the folder alone; "auto" precision and bn_relu are recorded as what they meant here
     cpu = torch.device("cpu")
-    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", cpu),
-                                                    bn_relu=resolve_bn_relu("auto", cpu, True))
-    assert config.recipe.precision in ("fp32", "bf16") and config.recipe.bn_relu in ("fused", "torch")
+    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", cpu))
+    assert config.recipe.precision in ("fp32", "bf16") and config.recipe.bn_relu == "torch"
+    auto = train("I3", small(epochs=1, bn_relu="auto"), DataOptions("synthetic", limit=200), device="cpu",
+                 runs_dir=tmp_path / "auto")
+    assert read_config(auto.run_dir).recipe.bn_relu == resolve_bn_relu("auto", cpu, True)
     assert read_metrics(folder) == result.metrics
     ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]
