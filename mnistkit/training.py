@@ -29,7 +29,7 @@ from mnistkit.runs import (EpochMetrics, RunWriter, Terminated, check_resumable,
                            selected_on, sigterm_as_interrupt, write_outcome)
 
 __all__ = ["train", "resume", "train_one_epoch", "train_step", "WeightAverage", "RunResult", "RunStart", "StepInfo",
-           "Callback", "build_optimizer", "build_scheduler"]
+           "Callback", "SGD", "build_optimizer", "build_scheduler"]
 
 SYNC_SECONDS = 0.5  # between host syncs for the progress display (and the NaN check)
 
@@ -73,8 +73,33 @@ class Callback(Protocol):
     def on_epoch(self, row: EpochMetrics, best: bool) -> None: ...
 
 
+def _undecorated(fn: Any) -> Any:
+    return getattr(fn, "__wrapped__", fn)
+
+
+class SGD(torch.optim.SGD):
+    """``torch.optim.SGD`` with the same update, state and state_dict, minus a second of start-up.
+
+    torch wraps ``Optimizer.add_param_group``, ``zero_grad``, ``state_dict``, ``load_state_dict``
+    (``torch._disable_dynamo``) and ``SGD.step`` (a ``torch._dynamo.graph_break`` around the update)
+    for ``torch.compile``; each wrapper imports ``torch._dynamo`` on its first call, which took
+    1.3 s of every training process here. mnistkit never compiles its optimizer, so this class
+    calls the functions underneath (``__wrapped__``; where a torch release has none, torch's own
+    wrapped method is kept, which is only slower to start)."""
+
+    add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
+    zero_grad = _undecorated(torch.optim.Optimizer.zero_grad)
+    state_dict = _undecorated(torch.optim.Optimizer.state_dict)
+    load_state_dict = _undecorated(torch.optim.Optimizer.load_state_dict)
+    _sgd_step = _undecorated(torch.optim.SGD.step)
+
+    def step(self, closure: Any = None) -> Any:
+        with torch.no_grad():   # what the wrapper does for a non-differentiable optimizer
+            return self._sgd_step(closure)
+
+
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+    return SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
 
 

@@ -327,6 +327,33 @@ def test_a_quick_run_of_every_iteration_learns_and_stays_finite(tmp_path, model)
     assert result.metrics[-1].test_acc >= 50.0  # chance is 10%
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_mnistkits_sgd_is_torchs_sgd_bit_for_bit(nesterov):
+    # mnistkit's SGD skips torch's compile wrappers (start-up); the update and the state must not change
+    from mnistkit.models import get_model
+    from mnistkit.training import SGD
+
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    results = []
+    for cls in (torch.optim.SGD, SGD):
+        torch.manual_seed(0)
+        model = get_model("I2", dropout=0.0)
+        opt = cls(model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.state_dict()))
+    assert torch.equal(results[0][0], results[1][0])
+    a, b = results[0][1], results[1][1]
+    assert a["param_groups"] == b["param_groups"]
+    assert all(torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"]) for k in a["state"])
+    opt.load_state_dict(a)  # a torch.optim.SGD state loads into mnistkit's (old runs resume)
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"], a["state"][0]["momentum_buffer"])
+
+
 def test_gradient_clipping_acts_only_above_the_limit():
     from mnistkit.models import get_model
     from mnistkit.training import build_optimizer, train_step
