@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import random
 import shlex
@@ -74,7 +75,9 @@ class Callback(Protocol):
 
 
 def _undecorated(fn: Any) -> Any:
-    return getattr(fn, "__wrapped__", fn)
+    # the innermost function: a torch.optim.SGD made before this module was imported has also
+    # wrapped SGD.step in its profiling hook (Optimizer._patch_step_function)
+    return inspect.unwrap(fn)
 
 
 class SGD(torch.optim.SGD):
@@ -84,8 +87,8 @@ class SGD(torch.optim.SGD):
     (``torch._disable_dynamo``) and ``SGD.step`` (a ``torch._dynamo.graph_break`` around the update)
     for ``torch.compile``; each wrapper imports ``torch._dynamo`` on its first call, which took
     1.3 s of every training process here. mnistkit never compiles its optimizer, so this class
-    calls the functions underneath (``__wrapped__``; where a torch release has none, torch's own
-    wrapped method is kept, which is only slower to start)."""
+    calls the functions underneath (``inspect.unwrap``; where a torch release keeps no ``__wrapped__``,
+    torch's own wrapped method is kept, which is only slower to start)."""
 
     add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
     zero_grad = _undecorated(torch.optim.Optimizer.zero_grad)

@@ -73,3 +73,17 @@ def test_a_training_run_imports_neither_torchvision_nor_dynamo(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_mnistkits_sgd_calls_torchs_update_once_even_after_a_torch_sgd_was_made():
+    # a torch.optim.SGD made first wraps SGD.step in its profiling hook; ours must still reach
+    # the update itself (no double hooks, no dynamo wrapper)
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1); "
+            "from mnistkit.training import SGD; f = SGD._sgd_step; "
+            "print(f.__code__.co_filename.endswith('sgd.py'), getattr(f, 'hooked', False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True False"
