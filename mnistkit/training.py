@@ -74,12 +74,6 @@ class Callback(Protocol):
     def on_epoch(self, row: EpochMetrics, best: bool) -> None: ...
 
 
-def _undecorated(fn: Any) -> Any:
-    # the innermost function: a torch.optim.SGD made before this module was imported has also
-    # wrapped SGD.step in its profiling hook (Optimizer._patch_step_function)
-    return inspect.unwrap(fn)
-
-
 class SGD(torch.optim.SGD):
     """``torch.optim.SGD`` with the same update, state and state_dict, minus a second of start-up.
 
@@ -90,11 +84,13 @@ class SGD(torch.optim.SGD):
     calls the functions underneath (``inspect.unwrap``; where a torch release keeps no ``__wrapped__``,
     torch's own wrapped method is kept, which is only slower to start)."""
 
-    add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
-    zero_grad = _undecorated(torch.optim.Optimizer.zero_grad)
-    state_dict = _undecorated(torch.optim.Optimizer.state_dict)
-    load_state_dict = _undecorated(torch.optim.Optimizer.load_state_dict)
-    _sgd_step = _undecorated(torch.optim.SGD.step)
+    # inspect.unwrap reaches the innermost function: a torch.optim.SGD made before this module
+    # was imported has also wrapped SGD.step in its profiling hook (Optimizer._patch_step_function)
+    add_param_group = inspect.unwrap(torch.optim.Optimizer.add_param_group)
+    zero_grad = inspect.unwrap(torch.optim.Optimizer.zero_grad)
+    state_dict = inspect.unwrap(torch.optim.Optimizer.state_dict)
+    load_state_dict = inspect.unwrap(torch.optim.Optimizer.load_state_dict)
+    _sgd_step = inspect.unwrap(torch.optim.SGD.step)
 
     def step(self, closure: Any = None) -> Any:
         with torch.no_grad():   # what the wrapper does for a non-differentiable optimizer
