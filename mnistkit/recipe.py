@@ -136,6 +136,9 @@ class Recipe:
     # decay of an exponential moving average of the weights (and BN statistics), updated every
     # step; when > 0 the average is what is evaluated, selected and saved (0: off)
     ema: float = 0.0
+    # BatchNorm's running-statistics momentum (PyTorch's default 0.1): each training batch's
+    # weight in the statistics that evaluation uses
+    bn_momentum: float = 0.1
     augment: Augment = field(default_factory=Augment)
     mean: float = 0.1307
     std: float = 0.3081
@@ -173,6 +176,7 @@ class Recipe:
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
             ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0: no moving average)"),
+            ("bn_momentum", 0 < self.bn_momentum <= 1, "must be in (0, 1]"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)

@@ -97,6 +97,14 @@ class SGD(torch.optim.SGD):
             return self._sgd_step(closure)
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> int:
+    """Give every BatchNorm layer of ``model`` this running-statistics momentum; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.momentum = momentum
+    return len(layers)
+
+
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay)
@@ -227,6 +235,7 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
     seed_everything(recipe.seed)
     train_split, val_split, test_split = load_splits(data, recipe.seed)
     model = get_model(model_name, dropout=recipe.dropout).to(dev)
+    set_bn_momentum(model, recipe.bn_momentum)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     use_fused(model, recipe.bn_relu == "fused")

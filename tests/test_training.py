@@ -422,3 +422,26 @@ def test_moving_average_decay_is_checked():
     with pytest.raises(UsageError, match="ema must be in"):
         Recipe(ema=1.0)
     assert Recipe.from_dict({"ema": 0.999}).ema == 0.999
+
+
+def test_bn_momentum_sets_the_running_statistics_weight_of_each_batch(tmp_path):
+    from mnistkit.models import get_model
+    from mnistkit.training import set_bn_momentum
+
+    model = get_model("I3").train()
+    assert set_bn_momentum(model, 1.0) == 6
+    x = torch.randn(16, 1, 28, 28)
+    model(x)  # momentum 1: the running mean is the last batch's mean, exactly
+    bn, conv = model.net.c1.bn, model.net.c1.conv
+    torch.testing.assert_close(bn.running_mean, conv(x).detach().mean((0, 2, 3)))
+    # through a run: only evaluation differs (training uses the batch's statistics), so the
+    # training losses match and the test figures do not
+    data = DataOptions("synthetic", limit=1500)
+    slow = train("I3", small(bn_momentum=0.01), data, device="cpu", runs_dir=tmp_path / "slow")
+    plain = train("I3", small(), data, device="cpu", runs_dir=tmp_path / "plain")
+    assert [r.train_loss for r in slow.metrics] == [r.train_loss for r in plain.metrics]
+    assert [r.test_loss for r in slow.metrics] != [r.test_loss for r in plain.metrics]
+    assert load_checkpoint(slow.run_dir / "last.pt")["state_dict"]["net.c1.bn.num_batches_tracked"] > 0
+    assert read_config(slow.run_dir).recipe.bn_momentum == 0.01
+    with pytest.raises(UsageError, match="bn_momentum must be in"):
+        Recipe(bn_momentum=0.0)
