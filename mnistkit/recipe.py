@@ -122,6 +122,11 @@ class Recipe:
     optimizer: str = "sgd"
     lr: float = 0.2  # the maximum LR for OneCycleLR, the initial LR for StepLR
     momentum: float = 0.9
+    # OneCycleLR cycles the momentum against the LR, between momentum - momentum_cycle (at the
+    # LR's peak) and momentum + momentum_cycle (PyTorch's 0.85-0.95 for 0.9); 0 keeps it constant,
+    # as does momentum 0.
+    # Before 0.6 OneCycleLR silently replaced any recipe momentum with PyTorch's 0.85-0.95.
+    momentum_cycle: float = 0.05
     nesterov: bool = False
     weight_decay: float = 0.0
     scheduler: str = "onecycle"
@@ -172,6 +177,11 @@ class Recipe:
             ("step_size", self.step_size >= 1, "must be at least 1"),
             ("gamma", self.gamma > 0, "must be positive"),
             ("momentum", self.momentum >= 0, "must be >= 0"),
+            ("momentum_cycle", self.momentum_cycle >= 0, "must be >= 0 (0: constant momentum)"),
+            ("momentum_cycle", self.scheduler != "onecycle" or self.momentum == 0 or self.momentum_cycle <= self.momentum,
+             f"must be at most momentum ({self.momentum}): the cycle's low end is momentum - momentum_cycle"),
+            ("momentum", self.scheduler != "onecycle" or self.momentum + self.momentum_cycle < 1,
+             f"plus momentum_cycle ({self.momentum_cycle}) must be below 1: the cycle's high end"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),

@@ -119,6 +119,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=recipe.lr, total_steps=total,
             pct_start=recipe.pct_start, div_factor=recipe.div_factor, final_div_factor=recipe.final_div_factor,
+            cycle_momentum=recipe.momentum_cycle > 0 and recipe.momentum > 0,
+            # rounded so that the default 0.9 +- 0.05 gives exactly PyTorch's 0.85 and 0.95
+            base_momentum=round(recipe.momentum - recipe.momentum_cycle, 12),
+            max_momentum=round(recipe.momentum + recipe.momentum_cycle, 12),
         ), True
     if recipe.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma), False

@@ -445,3 +445,29 @@ def test_bn_momentum_sets_the_running_statistics_weight_of_each_batch(tmp_path):
     assert read_config(slow.run_dir).recipe.bn_momentum == 0.01
     with pytest.raises(UsageError, match="bn_momentum must be in"):
         Recipe(bn_momentum=0.0)
+
+
+def test_onecycle_cycles_the_recipes_momentum_not_pytorchs_default():
+    # Before 0.6, OneCycleLR overwrote the recipe's momentum with its own 0.85-0.95: a momentum
+    # lever in a sweep changed nothing. The recipe's momentum is now the centre of the cycle.
+    from mnistkit.training import build_optimizer, build_scheduler
+
+    def momenta(**kw):
+        recipe = Recipe(epochs=2, **kw)
+        model = torch.nn.Linear(2, 2)
+        opt = build_optimizer(model, recipe)
+        sched, per_step = build_scheduler(opt, recipe, steps_per_epoch=10)
+        seen = [opt.param_groups[0]["momentum"]]
+        for _ in range(19):
+            opt.step()
+            sched.step()
+            seen.append(opt.param_groups[0]["momentum"])
+        return min(seen), max(seen)
+
+    assert momenta() == (0.85, 0.95)  # the default reproduces PyTorch's cycle exactly
+    low, high = momenta(momentum=0.5)
+    assert low == pytest.approx(0.45) and high == pytest.approx(0.55)
+    assert momenta(momentum=0.5, momentum_cycle=0.0) == (0.5, 0.5)
+    assert momenta(momentum=0.0) == (0.0, 0.0)
+    with pytest.raises(UsageError, match="momentum plus momentum_cycle"):
+        Recipe(momentum=0.97)
