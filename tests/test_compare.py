@@ -240,7 +240,7 @@ def test_sparkline():
 # ---------------------------------------------------------------- schema errors
 
 
-I2_RECIPE = "recipe: {epochs: 12, grad_clip: 5, batch_size: 128, weight_decay: 0.0002, augment: {interpolation: bilinear}}"
+I2_RECIPE = "recipe: {epochs: 12, grad_clip: 5, batch_size: 128, weight_decay: 0.0002, augment: {interpolation: bilinear}, nesterov: true, label_smoothing: 0.05}"
 
 
 def i2_recipe(text: str, new: str) -> str:
