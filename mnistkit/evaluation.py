@@ -118,7 +118,7 @@ def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None) -> nn.M
     """Rebuild the registered model of a checkpoint and load its weights."""
     name = checkpoint.get("model")
     recipe = recipe or checkpoint_recipe(checkpoint)
-    model = get_model(str(name), dropout=recipe.dropout)
+    model = get_model(str(name), **recipe.model_kwargs())
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as exc:

@@ -159,6 +159,6 @@ def load_safetensors(path: str | os.PathLike) -> torch.nn.Module:
     if meta.get("format") != "mnistkit-safetensors":
         raise MnistkitError(f"{path} was not exported by mnistkit (no model name in its metadata)")
     recipe = Recipe.from_dict(json.loads(meta["recipe"]))
-    model = get_model(meta["mnistkit_model"], dropout=recipe.dropout)
+    model = get_model(meta["mnistkit_model"], **recipe.model_kwargs())
     model.load_state_dict(state)
     return model.eval()

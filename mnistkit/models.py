@@ -99,12 +99,33 @@ def transition(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, bias=bias)
 
 
+DROPOUT_AT = ("model", "convs")
+
+
+def place_dropout(layers: OrderedDict, at: str, p: float) -> OrderedDict:
+    """Where Dropout sits: ``"model"`` keeps the model's own places; ``"convs"`` removes them and
+    puts one Dropout(p) after every 3x3 conv + BN + ReLU block instead (named ``drop_<block>``).
+    Dropout has no parameters, so the count and the state_dict keys are unchanged either way."""
+    if at not in DROPOUT_AT:
+        raise ValueError(f"dropout_at must be one of {', '.join(DROPOUT_AT)}, not {at!r}")
+    if at == "model":
+        return layers
+    placed: OrderedDict = OrderedDict()
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Dropout):
+            continue
+        placed[name] = layer
+        if isinstance(layer, ConvBNReLU):
+            placed[f"drop_{name}"] = nn.Dropout(p)
+    return placed
+
+
 class _Net(nn.Module):
     """A model is one named ``nn.Sequential``; the names show up in ``mnistkit summary``."""
 
-    def __init__(self, layers: OrderedDict) -> None:
+    def __init__(self, layers: OrderedDict, dropout_at: str = "model", dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(layers)
+        self.net = nn.Sequential(place_dropout(layers, dropout_at, dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -117,7 +138,7 @@ class _Net(nn.Module):
 class I0(_Net):
     """Baseline: plain conv-ReLU stacks, no BatchNorm or Dropout, fully connected head."""
 
-    def __init__(self, dropout: float = 0.0) -> None:  # dropout accepted for a uniform API; unused
+    def __init__(self, dropout: float = 0.0, dropout_at: str = "model") -> None:  # both accepted for a uniform API; unused
         super().__init__(
             OrderedDict(
                 c1=conv_relu(1, 8),
@@ -142,7 +163,7 @@ class I0(_Net):
 class I1(_Net):
     """Adds BatchNorm after each 3x3 conv and Dropout after each 1x1: faster, steadier training."""
 
-    def __init__(self, dropout: float = 0.05) -> None:
+    def __init__(self, dropout: float = 0.05, dropout_at: str = "model") -> None:
         super().__init__(
             OrderedDict(
                 c1=conv_bn_relu(1, 16, bias=True),
@@ -157,7 +178,8 @@ class I1(_Net):
                 drop2=nn.Dropout(dropout),
                 flatten=nn.Flatten(),
                 fc=nn.Linear(20 * 7 * 7, 10),
-            )
+            ),
+            dropout_at, dropout,
         )
 
 
@@ -165,7 +187,7 @@ class I1(_Net):
 class I2(_Net):
     """1x1 transitions and retuned widths; drops the biases BN makes redundant, to fit the budget."""
 
-    def __init__(self, dropout: float = 0.05) -> None:
+    def __init__(self, dropout: float = 0.05, dropout_at: str = "model") -> None:
         super().__init__(
             OrderedDict(
                 c1=conv_bn_relu(1, 8),
@@ -180,7 +202,8 @@ class I2(_Net):
                 drop2=nn.Dropout(dropout),
                 flatten=nn.Flatten(),
                 fc=nn.Linear(10 * 7 * 7, 10),
-            )
+            ),
+            dropout_at, dropout,
         )
 
 
@@ -188,7 +211,7 @@ class I2(_Net):
 class I3(_Net):
     """GAP head with a 1x1 classifier replaces the FC head; the savings buy depth."""
 
-    def __init__(self, dropout: float = 0.05) -> None:
+    def __init__(self, dropout: float = 0.05, dropout_at: str = "model") -> None:
         super().__init__(
             OrderedDict(
                 c1=conv_bn_relu(1, 10, padding=0),
@@ -204,7 +227,8 @@ class I3(_Net):
                 gap=nn.AdaptiveAvgPool2d(1),
                 classifier=nn.Conv2d(20, 10, 1),
                 flatten=nn.Flatten(),
-            )
+            ),
+            dropout_at, dropout,
         )
 
 
@@ -212,7 +236,8 @@ class I3(_Net):
 class I4(_Net):
     """I3's shape at about a third of the parameters: narrower convs, one 1x1 transition, GAP head."""
 
-    def __init__(self, dropout: float = 0.03, widths: tuple[int, ...] = (6, 12, 6, 12, 14, 14)) -> None:
+    def __init__(self, dropout: float = 0.03, widths: tuple[int, ...] = (6, 12, 6, 12, 14, 14),
+                 dropout_at: str = "model") -> None:
         w1, w2, t, w3, w4, w5 = widths
         super().__init__(
             OrderedDict(
@@ -228,5 +253,6 @@ class I4(_Net):
                 gap=nn.AdaptiveAvgPool2d(1),
                 classifier=nn.Conv2d(w5, 10, 1),
                 flatten=nn.Flatten(),
-            )
+            ),
+            dropout_at, dropout,
         )

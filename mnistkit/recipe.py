@@ -136,6 +136,9 @@ class Recipe:
     step_size: int = 1
     gamma: float = 0.1
     dropout: float = 0.05
+    # where Dropout sits: "model" (the model's own places, e.g. after I1's 1x1 transitions) or
+    # "convs" (after every 3x3 conv + BN + ReLU block instead); no parameter changes
+    dropout_at: str = "model"
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # clip the gradients' global norm to this (0: no clipping)
     # decay of an exponential moving average of the weights (and BN statistics), updated every
@@ -171,6 +174,7 @@ class Recipe:
             ("test_batch_size", self.test_batch_size >= 1, "must be at least 1"),
             ("lr", self.lr > 0, "must be a positive number"),
             ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("dropout_at", self.dropout_at in ("model", "convs"), "must be model or convs"),
             ("pct_start", 0 < self.pct_start < 1, "must be in (0, 1)"),
             ("div_factor", self.div_factor > 0, "must be positive"),
             ("final_div_factor", self.final_div_factor > 0, "must be positive"),
@@ -190,6 +194,10 @@ class Recipe:
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """What a registered model's builder takes from the recipe."""
+        return {"dropout": self.dropout, "dropout_at": self.dropout_at}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -238,7 +238,7 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
                             bn_relu=resolve_bn_relu(recipe.bn_relu, dev, recipe.channels_last))
     seed_everything(recipe.seed)
     train_split, val_split, test_split = load_splits(data, recipe.seed)
-    model = get_model(model_name, dropout=recipe.dropout).to(dev)
+    model = get_model(model_name, **recipe.model_kwargs()).to(dev)
     set_bn_momentum(model, recipe.bn_momentum)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)

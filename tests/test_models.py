@@ -122,3 +122,35 @@ def test_a_model_without_conv_bn_pairs_is_evaluated_as_it_is():
 
     model = get_model("I0")
     assert fold_batchnorm(model) is model
+
+
+@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4"])
+def test_dropout_after_every_conv_block_moves_dropout_and_keeps_the_parameters(name):
+    from mnistkit.fused import ConvBNReLU
+
+    default, moved = get_model(name, dropout=0.1), get_model(name, dropout=0.1, dropout_at="convs")
+    layers = list(moved.net.named_children())
+    blocks = [n for n, m in layers if isinstance(m, ConvBNReLU)]
+    drops = [(n, m.p) for n, m in layers if isinstance(m, nn.Dropout)]
+    # one Dropout right after each conv block, none where the model had its own
+    assert drops == [(f"drop_{b}", 0.1) for b in blocks]
+    for i, (n, m) in enumerate(layers):
+        if isinstance(m, ConvBNReLU):
+            assert layers[i + 1][0] == f"drop_{n}"
+    assert not any(n.startswith("drop") and not n.startswith("drop_") for n, _ in layers)
+    assert [n for n, _ in default.net.named_children() if n.startswith("drop")] != [n for n, _ in drops]
+    # Dropout has no parameters: the same count and the same checkpoint keys, so a state loads
+    assert sum(p.numel() for p in moved.parameters()) == EXPECTED_PARAMS[name]
+    moved.load_state_dict(default.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(moved.eval()(x), default.eval()(x))  # no Dropout at evaluation
+
+
+def test_dropout_at_rejects_unknown_places():
+    from mnistkit.errors import UsageError
+    from mnistkit.recipe import Recipe
+
+    with pytest.raises(UsageError, match="dropout_at"):
+        Recipe(dropout_at="everywhere")
+    with pytest.raises(ValueError, match="dropout_at"):
+        get_model("I1", dropout_at="everywhere")

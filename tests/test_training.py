@@ -471,3 +471,14 @@ def test_onecycle_cycles_the_recipes_momentum_not_pytorchs_default():
     assert momenta(momentum=0.0) == (0.0, 0.0)
     with pytest.raises(UsageError, match="momentum plus momentum_cycle"):
         Recipe(momentum=0.97)
+
+
+def test_dropout_placement_reaches_the_trained_model_and_its_checkpoint(tmp_path):
+    data = DataOptions("synthetic", limit=600)
+    moved = train("I1", small(dropout=0.3, dropout_at="convs"), data, device="cpu", runs_dir=tmp_path / "a")
+    default = train("I1", small(dropout=0.3), data, device="cpu", runs_dir=tmp_path / "b")
+    # the same seed and data: only where Dropout sits differs, and training sees it
+    assert strip_timing(moved.metrics) != strip_timing(default.metrics)
+    assert read_config(moved.run_dir).recipe.dropout_at == "convs"
+    report = evaluate_checkpoint(moved.run_dir, device="cpu")
+    assert report.test_acc == pytest.approx(moved.best.test_acc, abs=1e-9)
