@@ -200,7 +200,7 @@ def recipe_cmd(
     name = model_info(model).name
     exp = find_experiments(experiments)
     recipe = resolve_recipe(name, exp)
-    _say(exp.described)
+    # stdout's first line names the change-log (a YAML comment), so it is not said again on stderr
     if exp.iteration_for_model(name) is None:
         _note(f"{name} is not in {exp.path}; it trains with the default recipe")
     sys.stdout.write(render.recipe_text(name, recipe.to_dict(), exp.described))

@@ -211,3 +211,22 @@ def test_missing_mnist_offline_is_one_line(runner, tmp_path, monkeypatch):
     result = runner.invoke(app, ["train", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "could not be downloaded" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_recipe_prints_the_resolved_recipe_as_yaml_naming_the_changelog_once(runner, tmp_path, monkeypatch):
+    import yaml
+
+    from mnistkit.experiments import find_experiments, resolve_recipe
+
+    monkeypatch.chdir(tmp_path)  # no ./experiments.yaml: the shipped change-log
+    result = runner.invoke(app, ["recipe", "I2"])
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.stdout)
+    assert printed == resolve_recipe("I2", find_experiments(None)).to_dict()
+    assert printed["nesterov"] is True and printed["label_smoothing"] == 0.05  # I2's own entry, not the defaults
+    assert result.stdout.splitlines()[0].startswith("# I2: change-log: ")
+    assert "change-log" not in result.stderr  # said once, on stdout, where the YAML keeps it
+
+    unknown = runner.invoke(app, ["recipe", "I9"])
+    assert unknown.exit_code != 0 and unknown.stdout == ""
+    assert len(unknown.stderr.strip().splitlines()) == 1 and "I9" in unknown.stderr
