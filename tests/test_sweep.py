@@ -127,3 +127,16 @@ def test_augmentation_keys_can_vary(tmp_path):
     assert recipe.augment.degrees == 5 and recipe.augment.translate == 0.05 and recipe.batch_size == 128
     with pytest.raises(SweepError, match="augment.degrees must be in"):
         load_spec(write(tmp_path, SPEC.replace("grid: {lr: [0.05, 0.1]}", "grid: {augment.degrees: [500]}")))
+
+
+@pytest.mark.parametrize("spec_path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("sweep-*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_specs_load(spec_path):
+    """The specs the README tells users to run are valid; the results table's spec trains every
+    iteration of the change-log with its own recipe, on the whole training set, at the README's seeds."""
+    spec = load_spec(spec_path)
+    assert spec.trials and spec.data.dataset == "mnist"
+    if spec_path.name == "sweep-readme.yaml":
+        assert [(t.model, t.seed) for t in spec.trials] == [(m, s) for m in ("I0", "I1", "I2", "I3", "I4")
+                                                             for s in (1, 2, 3, 42)]
+        assert spec.recipe == {} and spec.varied == () and spec.data.val == 0
