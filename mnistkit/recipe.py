@@ -160,9 +160,9 @@ class Recipe:
     # what trains BatchNorm + ReLU: "torch" (PyTorch's two ops), "fused" (mnistkit's C kernel, CPU
     # and channels_last only; see mnistkit/fused.py) or "auto" (fused where it can be built); a
     # run records the resolved value, and runs recorded before 0.4 read as "torch". Not fused by
-    # default: I4 trained with the kernel ended 0.054 point lower on the test set over 12 paired
-    # seeds (standard error 0.02) and 0.045 higher on validation over 8 other seeds (0.03), so its
-    # effect is not established, and every published figure is without it (the README's Results)
+    # default: I3 trained with the kernel ended 0.04 point lower on validation over 6 paired seeds
+    # (standard error 0.015, none ahead); I4 0.054 lower on the test set over 12 pairs and 0.045
+    # higher on validation over 8 others; cause not found (the README's Results)
     bn_relu: str = "torch"
 
     def __post_init__(self) -> None:
