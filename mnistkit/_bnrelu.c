@@ -27,7 +27,7 @@
 #define LMAX 1024        /* the longest period: C <= 64 */
 #define CHUNK 16384      /* values per chunk (about), fixed: the summation order depends on it */
 
-int bnr_version(void) { return 2; }
+int bnr_version(void) { return 3; }
 
 static int gcd(int a, int b) { while (b) { int t = a % b; a = b; b = t; } return a; }
 static int period(int C) { return C * 16 / gcd(C, 16); }
@@ -140,30 +140,44 @@ static int setup(ctx_t *c, int64_t M, int C, int with_parts) {
 static int64_t nchunks(const ctx_t *c) { return (c->periods + c->per_chunk - 1) / c->per_chunk; }
 static void done(ctx_t *c) { free(c->part_a); free(c->part_b); }
 
-/* Batch statistics: mean and biased variance per channel. */
-int bnr_stats(const void *x, int bf, int64_t M, int C, float *mean, float *var) {
+/* Per-channel sums of (x - shift) and (x - shift)^2 in double, shift being the first row: what
+ * bnr_stats turns into mean and variance, and what shards of one batch add up (bnr_sums). */
+static int shifted_sums(const void *x, int bf, int64_t M, int C, float *shift, double *s, double *q) {
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
     if (!c) return -2;
     int rc = setup(c, M, C, 1);
     if (rc) { free(c); return rc; }
     c->x = x;
-    float shift[64];
     for (int j = 0; j < C; j++) shift[j] = load_any(x, bf, j);   /* the first row */
     expand(c->sh, shift, C, c->L);
     int64_t n = nchunks(c);
     (bf ? stats_bf16 : stats_f32)(c, 0, n);
-    double s[64] = {0}, q[64] = {0};
+    for (int j = 0; j < C; j++) { s[j] = 0; q[j] = 0; }
     for (int64_t ch = 0; ch < n; ch++)
         for (int j = 0; j < C; j++) { s[j] += c->part_a[ch * C + j]; q[j] += c->part_b[ch * C + j]; }
     for (int64_t i = c->periods * c->L; i < M * C; i++) {
         int j = (int)(i % C); double v = (double)load_any(x, bf, i) - shift[j]; s[j] += v; q[j] += v * v;
     }
+    done(c); free(c);
+    return 0;
+}
+
+/* Batch statistics: mean and biased variance per channel. */
+int bnr_stats(const void *x, int bf, int64_t M, int C, float *mean, float *var) {
+    float shift[64]; double s[64], q[64];
+    int rc = shifted_sums(x, bf, M, C, shift, s, q);
+    if (rc) return rc;
     for (int j = 0; j < C; j++) {
         double m = s[j] / (double)M, v = q[j] / (double)M - m * m;
         mean[j] = (float)(m + shift[j]); var[j] = (float)(v > 0 ? v : 0);
     }
-    done(c); free(c);
     return 0;
+}
+
+/* The same sums for one shard of a batch, for the caller to add up across shards. */
+int bnr_sums(const void *x, int bf, int64_t M, int C, float *shift, double *s, double *q) {
+    if (C < 1 || C > 64) return -1;
+    return shifted_sums(x, bf, M, C, shift, s, q);
 }
 
 /* y = relu(x * scale + shift), scale and shift per channel. */
@@ -183,20 +197,21 @@ int bnr_forward(const void *x, void *y, int bf, int64_t M, int C, const float *s
     return 0;
 }
 
-/* The backward pass: dx from dy, and the sums that make dweight (sum_gx) and dbias (sum_g). */
-int bnr_backward(const void *x, const void *dy, void *dx, int bf, int64_t M, int C, const float *scale,
-                 const float *shift, const float *mean, const float *invstd, const float *weight,
-                 float *sum_g, float *sum_gx) {
+/* The backward pass, first half: per channel, the sums over this tensor of g (the gradient that
+ * passes the ReLU) and of g * xhat, in double. */
+int bnr_backward_sums(const void *x, const void *dy, int bf, int64_t M, int C, const float *scale,
+                      const float *shift, const float *mean, const float *invstd, double *a, double *q) {
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
     if (!c) return -2;
+    if (C > 64) { free(c); return -1; }
     int rc = setup(c, M, C, 1);
     if (rc) { free(c); return rc; }
-    c->x = x; c->dy = dy; c->out = dx;
+    c->x = x; c->dy = dy;
     expand(c->sc, scale, C, c->L); expand(c->of, shift, C, c->L);
     expand(c->mu, mean, C, c->L); expand(c->is, invstd, C, c->L);
     int64_t n = nchunks(c);
     (bf ? bwdr_bf16 : bwdr_f32)(c, 0, n);
-    double a[64] = {0}, q[64] = {0};
+    for (int j = 0; j < C; j++) { a[j] = 0; q[j] = 0; }
     for (int64_t ch = 0; ch < n; ch++)
         for (int j = 0; j < C; j++) { a[j] += c->part_a[ch * C + j]; q[j] += c->part_b[ch * C + j]; }
     for (int64_t i = c->periods * c->L; i < M * C; i++) {
@@ -204,18 +219,46 @@ int bnr_backward(const void *x, const void *dy, void *dx, int bf, int64_t M, int
         float g = t > 0.f ? load_any(dy, bf, i) : 0.f; float xh = (xv - mean[j]) * invstd[j];
         a[j] += g; q[j] += (double)(g * xh);
     }
-    float k1[64], mg[64], mgx[64];
-    for (int j = 0; j < C; j++) {
-        sum_g[j] = (float)a[j]; sum_gx[j] = (float)q[j];
-        k1[j] = weight[j] * invstd[j]; mg[j] = (float)(a[j] / (double)M); mgx[j] = (float)(q[j] / (double)M);
-    }
+    done(c); free(c);
+    return 0;
+}
+
+/* The backward pass, second half: dx = k1 * (g - mg - xhat * mgx), with k1 = weight * invstd and
+ * mg, mgx the means of g and g * xhat over the whole batch (of every shard). */
+int bnr_backward_apply(const void *x, const void *dy, void *dx, int bf, int64_t M, int C, const float *scale,
+                       const float *shift, const float *mean, const float *invstd, const float *k1,
+                       const float *mg, const float *mgx) {
+    ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
+    if (!c) return -2;
+    if (C > 64) { free(c); return -1; }
+    int rc = setup(c, M, C, 0);
+    if (rc) { free(c); return rc; }
+    c->x = x; c->dy = dy; c->out = dx;
+    expand(c->sc, scale, C, c->L); expand(c->of, shift, C, c->L);
+    expand(c->mu, mean, C, c->L); expand(c->is, invstd, C, c->L);
     expand(c->k1, k1, C, c->L); expand(c->mg, mg, C, c->L); expand(c->mgx, mgx, C, c->L);
-    (bf ? bwda_bf16 : bwda_f32)(c, 0, n);
+    (bf ? bwda_bf16 : bwda_f32)(c, 0, nchunks(c));
     for (int64_t i = c->periods * c->L; i < M * C; i++) {
         int j = (int)(i % C); float xv = load_any(x, bf, i); float t = xv * scale[j] + shift[j];
         float g = t > 0.f ? load_any(dy, bf, i) : 0.f; float xh = (xv - mean[j]) * invstd[j];
         store_any(dx, bf, i, k1[j] * (g - mg[j] - xh * mgx[j]));
     }
-    done(c); free(c);
+    free(c);
     return 0;
+}
+
+/* The backward pass of one whole batch: dx from dy, and the sums that make dweight (sum_gx) and
+ * dbias (sum_g). */
+int bnr_backward(const void *x, const void *dy, void *dx, int bf, int64_t M, int C, const float *scale,
+                 const float *shift, const float *mean, const float *invstd, const float *weight,
+                 float *sum_g, float *sum_gx) {
+    double a[64], q[64];
+    int rc = bnr_backward_sums(x, dy, bf, M, C, scale, shift, mean, invstd, a, q);
+    if (rc) return rc;
+    float k1[64], mg[64], mgx[64];
+    for (int j = 0; j < C; j++) {
+        sum_g[j] = (float)a[j]; sum_gx[j] = (float)q[j];
+        k1[j] = weight[j] * invstd[j]; mg[j] = (float)(a[j] / (double)M); mgx[j] = (float)(q[j] / (double)M);
+    }
+    return bnr_backward_apply(x, dy, dx, bf, M, C, scale, shift, mean, invstd, k1, mg, mgx);
 }

@@ -67,6 +67,23 @@ def resolve_bn_relu(choice: str, device: torch.device, channels_last: bool) -> s
     return "torch"
 
 
+def check_shards(shards: int, device: torch.device, channels_last: bool) -> None:
+    """A sharded step (``shards`` > 1) runs on the CPU, in channels_last, with the fused kernel
+    training every BatchNorm (its statistics are summed across shards there); else one line
+    saying why, and that shards 1 works."""
+    if shards == 1:
+        return
+    from mnistkit import fused
+
+    why = ("it runs on the CPU only" if device.type != "cpu" else
+           "it needs channels_last" if not channels_last else
+           None if fused.available() else
+           f"it needs the fused BatchNorm kernel, which is not available here: "
+           f"{fused.status().removeprefix('PyTorch (').removesuffix(')')}")
+    if why is not None:
+        raise UsageError(f"shards {shards} cannot be used here: {why}; use shards 1", key="shards")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     try:

@@ -21,13 +21,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["available", "status", "supports", "bn_relu", "use_fused", "ConvBNReLU"]
+__all__ = ["available", "status", "supports", "bn_relu", "use_fused", "ConvBNReLU", "Rendezvous", "shard"]
 
 _SOURCE = Path(__file__).with_name("_bnrelu.c")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
@@ -118,7 +119,11 @@ def _load() -> Any:
         lib.bnr_stats.argtypes = [vp, i32, i64, i32, fp, fp]
         lib.bnr_forward.argtypes = [vp, vp, i32, i64, i32, fp, fp]
         lib.bnr_backward.argtypes = [vp, vp, vp, i32, i64, i32, fp, fp, fp, fp, fp, fp, fp]
-        for fn in (lib.bnr_stats, lib.bnr_forward, lib.bnr_backward):
+        lib.bnr_sums.argtypes = [vp, i32, i64, i32, fp, fp, fp]
+        lib.bnr_backward_sums.argtypes = [vp, vp, i32, i64, i32, fp, fp, fp, fp, fp, fp]
+        lib.bnr_backward_apply.argtypes = [vp, vp, vp, i32, i64, i32, fp, fp, fp, fp, fp, fp, fp]
+        for fn in (lib.bnr_stats, lib.bnr_forward, lib.bnr_backward, lib.bnr_sums, lib.bnr_backward_sums,
+                   lib.bnr_backward_apply):
             fn.restype = ctypes.c_int
         _lib = lib
         problem = _self_test()
@@ -139,13 +144,18 @@ def status() -> str:
     return "fused C kernel" if available() else f"PyTorch ({_reason})"
 
 
-def supports(x: torch.Tensor, bn: nn.Module) -> bool:
-    """Whether this input and BatchNorm can take the fused path (else PyTorch's is used)."""
+def _can_fuse(x: torch.Tensor, bn: nn.Module) -> bool:
     return (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats
             and bn.momentum is not None and bn.running_mean is not None and x.device.type == "cpu" and x.dim() == 4
             and x.dtype in (torch.float32, torch.bfloat16) and x.shape[1] == bn.num_features
-            and 1 <= x.shape[1] <= _MAX_CHANNELS and (x.shape[1] % 16 != 0 or ALL_CHANNELS) and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and 1 <= x.shape[1] <= _MAX_CHANNELS and x.numel() > 0
             and x.is_contiguous(memory_format=torch.channels_last) and _load() is not None)
+
+
+def supports(x: torch.Tensor, bn: nn.Module) -> bool:
+    """Whether this input and BatchNorm can take the fused path (else PyTorch's is used)."""
+    return (_can_fuse(x, bn) and (x.shape[1] % 16 != 0 or ALL_CHANNELS)
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1)
 
 
 # PyTorch's own channels-last BatchNorm is vectorised (and multi-threaded) where C is a multiple
@@ -199,6 +209,109 @@ class _BNReLU(torch.autograd.Function):
         return dx, sum_gx, sum_g, None
 
 
+class Rendezvous:
+    """Where the shards of one training step (one thread each) meet to add up their BatchNorm
+    sums: ``exchange`` hands in this shard's value and returns every shard's, in shard order.
+
+    Two slot sets alternate: a shard can write exchange k+2 only after every shard has reached
+    exchange k+1, that is after each has read exchange k. An error in one shard must ``abort``,
+    so that the others stop waiting (they get ``threading.BrokenBarrierError``)."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self._barrier = threading.Barrier(parties)
+        self._slots: list[list[Any]] = [[None] * parties, [None] * parties]
+        self._count = [0] * parties
+
+    def reset(self) -> None:
+        """Before a step: every shard starts from exchange 0 (between steps, none is waiting)."""
+        self._count = [0] * self.parties
+
+    def exchange(self, shard: int, value: Any) -> list[Any]:
+        if self.parties == 1:
+            return [value]
+        k = self._count[shard] & 1
+        self._count[shard] += 1
+        self._slots[k][shard] = value
+        self._barrier.wait()
+        return list(self._slots[k])
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+
+# the shard this thread is running in a sharded training step: ``.sync`` (a Rendezvous) and
+# ``.index``; unset outside one (mnistkit.parallel sets and clears them)
+shard = threading.local()
+
+
+class _SyncBNReLU(torch.autograd.Function):
+    """relu(batch_norm(x)) over a batch split into shards, one per thread: each shard computes its
+    sums, the shards add them up (``Rendezvous``) in float64 and in shard order, and each
+    normalises its own rows with the whole batch's statistics, forward and backward; shard 0
+    updates the running statistics. The same BatchNorm as one thread over the whole batch, up to
+    rounding."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d,
+                sync: Rendezvous, index: int) -> torch.Tensor:
+        n, c, h, w = x.shape
+        m = n * h * w
+        bf = int(x.dtype == torch.bfloat16)
+        first, s1, s2 = torch.empty(c), torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        rc = _lib.bnr_sums(_ptr(x), bf, m, c, _ptr(first), _ptr(s1), _ptr(s2))
+        if rc:
+            raise RuntimeError(f"fused BatchNorm failed ({rc})")
+        parts = sync.exchange(index, (m, first, s1, s2))
+        total = sum(p[0] for p in parts)
+        if total < 2:
+            raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {total}")
+        means = [p[2] / p[0] + p[1].double() for p in parts]
+        mean = sum(p[0] * mu for p, mu in zip(parts, means)) / total
+        m2 = sum(p[3] - p[2] * p[2] / p[0] + p[0] * (mu - mean) ** 2 for p, mu in zip(parts, means))
+        mean32, var32 = mean.float(), (m2 / total).clamp_min_(0).float()
+        invstd = (var32 + bn.eps).rsqrt_()
+        weight32, bias32 = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+        scale = weight32 * invstd
+        shift = bias32 - mean32 * scale
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        rc = _lib.bnr_forward(_ptr(x), _ptr(y), bf, m, c, _ptr(scale), _ptr(shift))
+        if rc:
+            raise RuntimeError(f"fused BatchNorm failed ({rc})")
+        if index == 0:
+            with torch.no_grad():
+                momentum = bn.momentum
+                bn.running_mean.mul_(1 - momentum).add_(mean32.to(bn.running_mean.dtype), alpha=momentum)
+                bn.running_var.mul_(1 - momentum).add_((var32 * (total / (total - 1))).to(bn.running_var.dtype),
+                                                       alpha=momentum)
+                bn.num_batches_tracked.add_(1)
+        ctx.sync, ctx.index, ctx.total = sync, index, total
+        ctx.save_for_backward(x, scale, shift, mean32, invstd, weight32)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        x, scale, shift, mean, invstd, weight32 = ctx.saved_tensors
+        n, c, h, w = x.shape
+        bf = int(x.dtype == torch.bfloat16)
+        dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        a, q = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+        rc = _lib.bnr_backward_sums(_ptr(x), _ptr(dy), bf, n * h * w, c, _ptr(scale), _ptr(shift), _ptr(mean),
+                                    _ptr(invstd), _ptr(a), _ptr(q))
+        if rc:
+            raise RuntimeError(f"fused BatchNorm backward failed ({rc})")
+        parts = ctx.sync.exchange(ctx.index, (a, q))
+        mg = (sum(p[0] for p in parts) / ctx.total).float()
+        mgx = (sum(p[1] for p in parts) / ctx.total).float()
+        k1 = weight32 * invstd
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        rc = _lib.bnr_backward_apply(_ptr(x), _ptr(dy), _ptr(dx), bf, n * h * w, c, _ptr(scale), _ptr(shift),
+                                     _ptr(mean), _ptr(invstd), _ptr(k1), _ptr(mg), _ptr(mgx))
+        if rc:
+            raise RuntimeError(f"fused BatchNorm backward failed ({rc})")
+        return dx, q.float(), a.float(), None, None, None
+
+
 def bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """relu(bn(x)) in training mode, fused where ``supports(x, bn)``, else PyTorch's two ops."""
     if supports(x, bn):
@@ -209,17 +322,27 @@ def bn_relu(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
 class ConvBNReLU(nn.Sequential):
     """conv -> bn -> relu, the models' building block: an ``nn.Sequential`` (same names, same
     state_dict, same hooks) whose training forward fuses bn and relu once ``fused`` is set
-    (by ``use_fused``; off by default, so that a model built by hand behaves as PyTorch's)."""
+    (by ``use_fused``; off by default, so that a model built by hand behaves as PyTorch's).
+    Inside a sharded training step (``mnistkit.parallel``) it always takes the kernel's
+    synchronised path: BatchNorm's statistics are the whole batch's, not the shard's."""
 
     fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = getattr(self, "bn", None)
-        if self.fused and len(self) == 3 and isinstance(bn, nn.BatchNorm2d) and bn.training:
-            h = self.conv(x)
-            if supports(h, bn):
-                return _BNReLU.apply(h, bn.weight, bn.bias, bn)
-            return self.relu(bn(h))
+        if len(self) == 3 and isinstance(bn, nn.BatchNorm2d) and bn.training:
+            sync = getattr(shard, "sync", None)
+            if sync is not None:
+                h = self.conv(x)
+                if not _can_fuse(h, bn):
+                    raise RuntimeError("a sharded training step needs the fused kernel for every BatchNorm "
+                                       f"(channels_last, at most {_MAX_CHANNELS} channels); train with shards 1")
+                return _SyncBNReLU.apply(h, bn.weight, bn.bias, bn, sync, shard.index)
+            if self.fused:
+                h = self.conv(x)
+                if supports(h, bn):
+                    return _BNReLU.apply(h, bn.weight, bn.bias, bn)
+                return self.relu(bn(h))
         return super().forward(x)
 
 

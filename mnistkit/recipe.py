@@ -164,6 +164,12 @@ class Recipe:
     # (standard error 0.015, none ahead); I4 0.054 lower on the test set over 12 pairs and 0.045
     # higher on validation over 8 others; cause not found (the README's Results)
     bn_relu: str = "torch"
+    # data-parallel shards per training step on the CPU (mnistkit/parallel.py): each batch is
+    # split into this many row blocks, each trained by its own thread with one intra-op thread,
+    # BatchNorm's statistics taken over the whole batch (with the fused kernel, which it needs);
+    # Dropout's masks come from one generator per shard, so a sharded run is its own run (the
+    # same for the same number of shards). 1: one thread over the whole batch, as before 0.7
+    shards: int = 1
 
     def __post_init__(self) -> None:
         for key, enum in (("optimizer", Optimizer), ("scheduler", Scheduler), ("precision", Precision),
@@ -192,6 +198,7 @@ class Recipe:
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
             ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0: no moving average)"),
             ("bn_momentum", 0 < self.bn_momentum <= 1, "must be in (0, 1]"),
+            ("shards", 1 <= self.shards <= 64, "must be in [1, 64] (1: no sharding)"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 import random
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
-from mnistkit.device import resolve_bn_relu, resolve_device, resolve_precision, seed_everything, versions
+from mnistkit.device import check_shards, resolve_bn_relu, resolve_device, resolve_precision, seed_everything, versions
 from mnistkit.fused import use_fused
+from mnistkit.parallel import step_threads
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
@@ -192,6 +194,7 @@ class _Session:
     measured_on: dict[str, Any]
     average: WeightAverage | None = None
     notes: list[str] = field(default_factory=list)
+    stepper: Any = None  # a parallel.ShardedStep when the recipe has shards > 1
 
     @property
     def eval_model(self) -> nn.Module:
@@ -206,10 +209,11 @@ class _Session:
         # with a moving average, "state_dict" (what evaluate, predict and export read) holds the
         # average and "train_state_dict" the weights that training continues from
         live = {"train_state_dict": self.model.state_dict()} if self.average else {}
+        shards = {"shards": self.stepper.rng_state()} if self.stepper else {}
         return {**live, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                        "data": self.generator.get_state()}}
+                        "data": self.generator.get_state(), **shards}}
 
     def restore(self, state: dict[str, Any]) -> None:
         try:
@@ -225,6 +229,8 @@ class _Session:
             random.setstate(rng["python"])
             torch.set_rng_state(rng["torch"])
             self.generator.set_state(rng["data"])
+            if self.stepper:
+                self.stepper.set_rng_state(rng["shards"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
             raise RunError(f"last.pt cannot be resumed ({reason}); the run folder is damaged") from None
@@ -234,8 +240,10 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
     dev = resolve_device(device)
     # the run records what "auto" meant on this machine (a resolved value resolves to itself)
     asked = recipe.bn_relu
+    check_shards(recipe.shards, dev, recipe.channels_last)
     recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev),
-                            bn_relu=resolve_bn_relu(recipe.bn_relu, dev, recipe.channels_last))
+                            bn_relu="fused" if recipe.shards > 1 else resolve_bn_relu(recipe.bn_relu, dev,
+                                                                                    recipe.channels_last))
     seed_everything(recipe.seed)
     train_split, val_split, test_split = load_splits(data, recipe.seed)
     model = get_model(model_name, **recipe.model_kwargs()).to(dev)
@@ -248,12 +256,21 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
     test_batches, val_batches = (
         EvalBatches(split, recipe.test_batch_size, dev, recipe.mean, recipe.std, channels_last=recipe.channels_last)
         if split is not None else None for split in (test_split, val_split))
+    stepper = None
+    if recipe.shards > 1:
+        from mnistkit.parallel import ShardedStep
+
+        stepper = ShardedStep(model, recipe.shards, recipe.seed, max(1, torch.get_num_threads() // recipe.shards))
     optimizer = build_optimizer(model, recipe)
     scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
     session = _Session(model_name, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
                        val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
                        provenance(data, train_split, val_split, test_split),
-                       WeightAverage(model, recipe.ema) if recipe.ema > 0 else None)
+                       WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, stepper=stepper)
+    if stepper is not None:
+        session.notes.append(f"each batch is split into {recipe.shards} shards trained by {recipe.shards} threads "
+                             f"({stepper.threads} intra-op thread(s) each); BatchNorm + ReLU train with the fused "
+                             "kernel, with the whole batch's statistics")
     if asked == "auto" and recipe.bn_relu == "torch" and dev.type == "cpu" and recipe.channels_last:
         from mnistkit import fused
 
@@ -272,23 +289,26 @@ def train_one_epoch(s: _Session, epoch: int, callback: Callback | None = None) -
     loss_sum = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     seen, steps = 0, len(s.batches)
-    for step, (x, y) in enumerate(s.batches, 1):
-        loss, hits = train_step(s.model, x, y, s.optimizer, s.scheduler if s.per_step else None,
-                                s.recipe.label_smoothing, s.recipe.precision == "bf16", s.recipe.channels_last,
-                                s.recipe.grad_clip)
-        if s.average:
-            s.average.update((epoch - 1) * steps + step - 1)
-        loss_sum += loss * len(y)
-        correct += hits
-        seen += len(y)
-        if step == steps or time.perf_counter() - last_sync >= SYNC_SECONDS:
-            last_sync = time.perf_counter()
-            mean_loss = float(loss_sum) / seen
-            if not math.isfinite(mean_loss):
-                raise _Diverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
-            if callback:
-                callback.on_step(StepInfo(epoch, step, steps, mean_loss, 100.0 * int(correct) / seen,
-                                          s.optimizer.param_groups[0]["lr"], seen))
+    step_fn = s.stepper or functools.partial(train_step, s.model)
+    # a sharded step's threads each take their share of the cores (evaluation keeps them all)
+    with step_threads(s.stepper.threads) if s.stepper else contextlib.nullcontext():
+        for step, (x, y) in enumerate(s.batches, 1):
+            loss, hits = step_fn(x, y, s.optimizer, s.scheduler if s.per_step else None,
+                                 s.recipe.label_smoothing, s.recipe.precision == "bf16", s.recipe.channels_last,
+                                 s.recipe.grad_clip)
+            if s.average:
+                s.average.update((epoch - 1) * steps + step - 1)
+            loss_sum += loss * len(y)
+            correct += hits
+            seen += len(y)
+            if step == steps or time.perf_counter() - last_sync >= SYNC_SECONDS:
+                last_sync = time.perf_counter()
+                mean_loss = float(loss_sum) / seen
+                if not math.isfinite(mean_loss):
+                    raise _Diverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
+                if callback:
+                    callback.on_step(StepInfo(epoch, step, steps, mean_loss, 100.0 * int(correct) / seen,
+                                              s.optimizer.param_groups[0]["lr"], seen))
     return float(loss_sum) / seen, 100.0 * int(correct) / seen, seen
 
 
@@ -356,6 +376,9 @@ def _fit(s: _Session, writer: RunWriter, callback: Callback | None) -> RunResult
             f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}")
         error.exit_code = code
         raise error from None
+    finally:
+        if s.stepper is not None:
+            s.stepper.close()
     return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
                      seconds_before + time.perf_counter() - t_run, str(s.device), recipe.seed, s.measured_on)
 

@@ -1,0 +1,212 @@
+"""Sharded (data-parallel) training steps: the same step as one thread over the whole batch, up to
+rounding; reproducible and resumable; an error in one shard is the caller's error, never a hang."""
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnistkit import fused, get_model
+from mnistkit.device import check_shards
+from mnistkit.errors import TrainingInterrupted, UsageError
+from mnistkit.parallel import ShardDropout, ShardedStep, step_threads
+from mnistkit.recipe import DataOptions, Recipe
+from mnistkit.runs import load_checkpoint, read_config
+from mnistkit.training import SGD, resume, train
+
+needs_kernel = pytest.mark.skipif(not fused.available(), reason=f"no fused kernel here: {fused.status()}")
+CPU = torch.device("cpu")
+
+
+def small(**kw):
+    base = dict(epochs=2, batch_size=64, test_batch_size=500, lr=0.05, seed=3, shards=2)
+    base.update(kw)
+    return Recipe(**base)
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "train_images_per_s")} for r in rows]
+
+
+@needs_kernel
+@pytest.mark.parametrize("name,shards,batch", [("I0", 2, 40), ("I1", 2, 40), ("I2", 3, 37), ("I3", 2, 37),
+                                               ("I4", 4, 40)])
+def test_a_sharded_step_is_the_whole_batch_step_up_to_rounding(name, shards, batch):
+    # fp32, no dropout: loss, every gradient and every running statistic against one float64
+    # step over the whole batch with PyTorch's ops. BatchNorm over each shard alone (what a
+    # sharded step without the exchange would do) misses by far more than the tolerance.
+    torch.manual_seed(0)
+    base = get_model(name, dropout=0.0).train()
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+    ref = copy.deepcopy(base).double()
+    out64 = ref(x.double())
+    loss64 = F.cross_entropy(out64, y)
+    loss64.backward()
+
+    model = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    opt = SGD(model.parameters(), lr=0.0)   # lr 0: the step leaves the weights, the gradients stay
+    step = ShardedStep(model, shards, seed=0)
+    try:
+        with step_threads(1):
+            loss, hits = step(x, y, opt, channels_last=True)
+    finally:
+        step.close()
+    assert loss.item() == pytest.approx(loss64.item(), rel=1e-6)
+    assert hits.item() == (out64.argmax(1) == y).sum().item()
+    grads64 = {k: p.grad for k, p in ref.named_parameters()}
+    top = max(g.abs().max() for g in grads64.values())
+    for k, p in model.named_parameters():
+        g = grads64[k]
+        if g.abs().max() > 1e-6 * top:
+            assert (p.grad.double() - g).abs().max() <= 2e-5 * g.abs().max(), k
+    for k, v in ref.state_dict().items():   # running statistics, num_batches_tracked
+        assert torch.allclose(model.state_dict()[k].double(), v.double(), rtol=1e-5, atol=1e-6), k
+
+
+@needs_kernel
+def test_bf16_sharded_step_stays_within_bf16_rounding_of_the_unsharded_one():
+    # against the fp32 step: a sharded bf16 step is off by what an unsharded bf16 step is off by
+    torch.manual_seed(1)
+    base = get_model("I3", dropout=0.0).train().to(memory_format=torch.channels_last)
+    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (128,))
+
+    def grads(bf16, shards):
+        model = copy.deepcopy(base)
+        fused.use_fused(model)
+        opt = SGD(model.parameters(), lr=0.0)
+        if shards == 1:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        else:
+            step = ShardedStep(model, shards, seed=0)
+            try:
+                with step_threads(1):
+                    step(x, y, opt, bf16=bf16, channels_last=True)
+            finally:
+                step.close()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = grads(False, 1)
+    errors = {shards: ((grads(True, shards) - exact).norm() / exact.norm()).item() for shards in (1, 2)}
+    assert 0 < errors[2] < 2 * errors[1], errors
+
+
+@needs_kernel
+def test_dropout_draws_from_the_shards_generators_only():
+    model = get_model("I3", dropout=0.3).train().to(memory_format=torch.channels_last)
+    step = ShardedStep(model, 2, seed=5)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    assert all(type(m) is not torch.nn.Dropout for m in model.modules())
+    assert sum(isinstance(m, ShardDropout) for m in model.modules()) == 2
+    try:
+        before = torch.get_rng_state()
+        states = step.rng_state()
+        with step_threads(1):
+            step(x, y, SGD(model.parameters(), lr=0.0), channels_last=True)
+        assert torch.equal(torch.get_rng_state(), before)   # the global generator is untouched
+        assert all(not torch.equal(a, b) for a, b in zip(states, step.rng_state()))
+        # outside a sharded step, ShardDropout is nn.Dropout: same global stream, same mask
+        drop, z = ShardDropout(0.3), torch.ones(1000)
+        torch.manual_seed(9)
+        a = drop(z)
+        torch.manual_seed(9)
+        assert torch.equal(a, torch.nn.Dropout(0.3)(z))
+    finally:
+        step.close()
+
+
+@needs_kernel
+def test_an_error_in_one_shard_is_the_callers_error_and_the_next_step_works():
+    model = get_model("I3", dropout=0.0).train().to(memory_format=torch.channels_last)
+    step = ShardedStep(model, 2, seed=0)
+    opt = SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    replica = step.replicas[0]
+    real = replica.forward
+
+    def broken(inp):
+        raise RuntimeError("shard 1 broke")
+
+    replica.forward = broken
+    done = {}
+
+    def call():
+        try:
+            with step_threads(1):
+                step(x, y, opt, channels_last=True)
+        except RuntimeError as exc:
+            done["error"] = str(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    t.join(timeout=60)
+    try:
+        assert not t.is_alive(), "a failing shard left the step waiting"
+        assert done.get("error") == "shard 1 broke"   # not the BrokenBarrierError it caused in shard 0
+        replica.forward = real
+        with step_threads(1):
+            loss, _ = step(x, y, opt, channels_last=True)
+        assert torch.isfinite(loss)
+    finally:
+        step.close()
+
+
+@needs_kernel
+def test_a_batch_too_small_to_split_trains_whole_in_shard_zero():
+    model = get_model("I3", dropout=0.1).train().to(memory_format=torch.channels_last)
+    step = ShardedStep(model, 2, seed=0)
+    try:
+        with step_threads(1):
+            loss, hits = step(torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,)),
+                              SGD(model.parameters(), lr=0.01), channels_last=True)
+        assert torch.isfinite(loss) and 0 <= hits.item() <= 3
+    finally:
+        step.close()
+
+
+@needs_kernel
+def test_sharded_runs_repeat_exactly_and_resume_exactly(tmp_path):
+    data = DataOptions("synthetic", limit=1000)
+
+    class StopAfter:
+        def on_start(self, start): pass
+        def on_step(self, step): pass
+        def on_epoch(self, row, best):
+            raise KeyboardInterrupt
+
+    a = train("I3", small(), data, device="cpu", runs_dir=tmp_path / "a")
+    b = train("I3", small(), data, device="cpu", runs_dir=tmp_path / "b")
+    assert strip_timing(a.metrics) == strip_timing(b.metrics)
+    config = read_config(a.run_dir)
+    assert config.recipe.shards == 2 and config.recipe.bn_relu == "fused"
+    with pytest.raises(TrainingInterrupted):
+        train("I3", small(), data, device="cpu", runs_dir=tmp_path / "cut", callback=StopAfter())
+    cut = next((tmp_path / "cut").iterdir())
+    assert len(load_checkpoint(cut / "last.pt")["rng"]["shards"]) == 2
+    resumed = resume(cut, device="cpu")
+    assert strip_timing(resumed.metrics) == strip_timing(a.metrics)
+    wa = load_checkpoint(a.run_dir / "last.pt")["state_dict"]
+    wc = load_checkpoint(cut / "last.pt")["state_dict"]
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    # and a sharded run is a run of its own: one thread over the whole batch ends elsewhere
+    one = train("I3", small(shards=1, bn_relu="fused"), data, device="cpu", runs_dir=tmp_path / "one")
+    assert strip_timing(one.metrics) != strip_timing(a.metrics)
+
+
+def test_where_shards_cannot_run_it_is_one_clear_error(monkeypatch):
+    check_shards(1, torch.device("cuda"), False)   # one shard runs anywhere
+    with pytest.raises(UsageError, match=r"^shards 2 cannot be used here: it runs on the CPU only; use shards 1$"):
+        check_shards(2, torch.device("cuda"), True)
+    with pytest.raises(UsageError, match="it needs channels_last"):
+        check_shards(2, CPU, False)
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_tried", True)
+    monkeypatch.setattr(fused, "_reason", "no C compiler (cc, gcc or clang) found")
+    with pytest.raises(UsageError, match="needs the fused BatchNorm kernel, which is not available here: no C compiler"):
+        check_shards(2, CPU, True)
+    with pytest.raises(UsageError, match="shards"):
+        Recipe(shards=0)
