@@ -5,7 +5,8 @@
 reference: torchvision.datasets.MNIST + DataLoader(batch_size=256, shuffle=True, num_workers=2)
            + Compose([RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02)), ToTensor(),
            Normalize((0.1307,), (0.3081,))]) + a plain SGD/OneCycleLR loop with loss.item() per step.
-mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.train_step.
+mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.train_step;
+           with --shards N also the sharded step (mnistkit.parallel: N threads, one shard each).
 
 The two are timed alternately (same model, same steps, same batch size, same augmentation),
 and the figure for each is the median images/s over the repeats. It also measures this
@@ -17,6 +18,7 @@ time of `mnistkit --help` and `mnistkit summary I3` as whole processes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -37,6 +39,7 @@ from mnistkit.models import get_model
 from mnistkit.fused import use_fused
 from mnistkit.device import resolve_bn_relu, resolve_precision
 from mnistkit.evaluation import evaluate
+from mnistkit.parallel import ShardedStep, step_threads
 from mnistkit.recipe import Recipe
 from mnistkit.training import build_optimizer, train_step
 
@@ -115,29 +118,36 @@ def time_reference(model, loader, steps: int) -> float:
 
 
 def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool,
-                  fused_bn_relu: bool = False) -> float:
+                  fused_bn_relu: bool = False, shards: int = 1) -> float:
     opt, sched = make_opt(model, steps + 1)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     use_fused(model, fused_bn_relu)
     model.train()
+    sharded = ShardedStep(model, shards, 0, max(1, torch.get_num_threads() // shards)) if shards > 1 else None
+    step_fn = sharded or (lambda *a, **k: train_step(model, *a, **k))
     it = iter(batches)
     t0 = None
     seen = 0
     loss_sum = torch.zeros(())
-    for step in range(steps + 1):
-        if step == 1:
-            t0, seen = time.perf_counter(), 0
-        try:
-            x, y = next(it)
-        except StopIteration:
-            it = iter(batches)
-            x, y = next(it)
-        loss, _ = train_step(model, x, y, opt, sched, bf16=bf16, channels_last=channels_last)
-        loss_sum += loss
-        seen += len(y)
-    float(loss_sum)  # one sync at the end, as the trainer syncs only every SYNC_SECONDS
-    return seen / (time.perf_counter() - t0)
+    try:
+        with step_threads(sharded.threads) if sharded else contextlib.nullcontext():
+            for step in range(steps + 1):
+                if step == 1:
+                    t0, seen = time.perf_counter(), 0
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    it = iter(batches)
+                    x, y = next(it)
+                loss, _ = step_fn(x, y, opt, sched, bf16=bf16, channels_last=channels_last)
+                loss_sum += loss
+                seen += len(y)
+            float(loss_sum)  # one sync at the end, as the trainer syncs only every SYNC_SECONDS
+            return seen / (time.perf_counter() - t0)
+    finally:
+        if sharded:
+            sharded.close()
 
 
 def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, experiments: str) -> dict:
@@ -222,7 +232,7 @@ def time_process(args: list[str], repeats: int = 5) -> float:
 
 
 def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats: int,
-                  limit: int | None = None) -> dict:
+                  limit: int | None = None, shards: int = 1) -> dict:
     """Seconds from process start to exit for one epoch of ``model`` with its test evaluation:
     ``mnistkit train MODEL --epochs 1`` against ``bench/reference_epoch.py``, alternating,
     medians of ``repeats``."""
@@ -235,6 +245,8 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
         "reference": [sys.executable, str(Path(__file__).with_name("reference_epoch.py")), str(root), model,
                       "--workers", str(workers), *extra],
     }
+    if shards > 1:
+        commands["sharded"] = [*commands["mnistkit"], "--shards", str(shards)]
     times: dict[str, list[float]] = {k: [] for k in commands}
     try:
         for _ in range(repeats):
@@ -245,10 +257,15 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": model, "epochs": 1, "mnistkit_seconds": round(med["mnistkit"], 2),
-            "reference_seconds": round(med["reference"], 2), "speedup": round(med["reference"] / med["mnistkit"], 2),
-            "mnistkit_runs": [round(v, 2) for v in times["mnistkit"]],
-            "reference_runs": [round(v, 2) for v in times["reference"]]}
+    out = {"model": model, "epochs": 1, "mnistkit_seconds": round(med["mnistkit"], 2),
+           "reference_seconds": round(med["reference"], 2), "speedup": round(med["reference"] / med["mnistkit"], 2),
+           "mnistkit_runs": [round(v, 2) for v in times["mnistkit"]],
+           "reference_runs": [round(v, 2) for v in times["reference"]]}
+    if shards > 1:
+        out.update({"shards": shards, "sharded_seconds": round(med["sharded"], 2),
+                    "sharded_speedup": round(med["reference"] / med["sharded"], 2),
+                    "sharded_runs": [round(v, 2) for v in times["sharded"]]})
+    return out
 
 
 def print_report(results: dict) -> None:
@@ -285,11 +302,21 @@ def print_report(results: dict) -> None:
               f"{fused_ips / torch_ips:.2f}x", end="")
     if others:
         print()
+    sharded = {n: r for n, r in results["models"].items() if r.get("sharded_images_per_s")}
+    if sharded:
+        print(f"\n| model | sharded step ({results['settings']['shards']} shards) img/s | vs reference | vs default step "
+              "| train GFLOP/s | of default's ceiling |\n|---|---:|---:|---:|---:|---:|")
+        for n, r in sharded.items():
+            print(f"| {n} | {r['sharded_images_per_s']:,.0f} | {r['sharded_speedup']:.2f}x | "
+                  f"{r['sharded_images_per_s'] / r['mnistkit_images_per_s']:.2f}x | {r['train_gflops_sharded']:.1f} | "
+                  f"{pct(r['fraction_of_matmul_sharded'])} of {r['ceiling']} |")
     w = results.get("whole_process")
     if w:
         print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
               f"{len(w['mnistkit_runs'])} alternating): `mnistkit train {w['model']} --epochs 1` "
               f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
+        if w.get("sharded_seconds"):
+            print(f"; with --shards {w['shards']} {w['sharded_seconds']:.1f} s ({w['sharded_speedup']:.2f}x)", end="")
     for name, r in results.get("reference_full_runs", {}).items():
         print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
               f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "
@@ -317,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time one epoch of MODEL as whole processes: `mnistkit train MODEL --epochs 1` "
                          "against bench/reference_epoch.py")
     ap.add_argument("--whole-repeats", type=int, default=3)
+    ap.add_argument("--shards", type=int, default=1, help="also time the sharded step with N shards (N > 1), "
+                                                         "and with --whole-process the epoch with --shards N")
     ap.add_argument("--from-json", default=None, metavar="FILE",
                     help="print the report of an earlier --json run instead of measuring")
     args = ap.parse_args(argv)
@@ -338,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__)},
         "settings": {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
-                     "workers": args.workers, "cli_repeats": args.cli_repeats},
+                     "workers": args.workers, "cli_repeats": args.cli_repeats, "shards": args.shards},
         "models": {},
     }
     try:
@@ -347,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         ceilings = Ceilings()
         for name in [m for m in args.models.split(",") if m]:
             macs = summarize(get_model(name)).mult_adds
-            ref, mk, mk32, mk_other = [], [], [], []
+            ref, mk, mk32, mk_other, mk_sharded = [], [], [], [], []
             gen = torch.Generator().manual_seed(0)
             batches = TrainBatches(train, args.batch_size, device, Augment(), gen)
             default = Recipe()
@@ -366,6 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.manual_seed(0)
                     mk_other.append(time_mnistkit(get_model(name), batches, args.steps, bf16,
                                                   default.channels_last, other == "fused"))
+                if args.shards > 1:
+                    torch.manual_seed(0)
+                    mk_sharded.append(time_mnistkit(get_model(name), batches, args.steps, bf16, True,
+                                                    shards=args.shards))
                 torch.manual_seed(0)
                 mk32.append(time_mnistkit(get_model(name), batches, args.steps, False, False))
             model = get_model(name)
@@ -397,12 +430,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "fraction_of_matmul_fp32": fraction(gflops32, ceilings.rate("fp32")),
                 "eval_images_per_s": round(statistics.median(ev), 1),
             }
+            if mk_sharded:
+                sh_ips = statistics.median(mk_sharded)
+                results["models"][name].update({
+                    "sharded_images_per_s": round(sh_ips, 1), "sharded_speedup": round(sh_ips / ref_ips, 2),
+                    "sharded_runs": [round(v, 1) for v in mk_sharded],
+                    "train_gflops_sharded": round(sh_ips * 6 * macs / 1e9, 2),
+                    "fraction_of_matmul_sharded": fraction(sh_ips * 6 * macs / 1e9, ceilings.rate(precision))})
         results["matmul_gflops"] = {k: round(v, 1) if v else None for k in ("fp32", "bf16")
                                     for v in [ceilings.rate(k)]}
         results["matmul_samples"] = {k: [round(v, 1) for v in vs] for k, vs in ceilings.samples.items()}
         if args.whole_process:
             results["whole_process"] = whole_process(args.whole_process, root, data_dir, args.workers,
-                                                     args.whole_repeats, args.limit)
+                                                     args.whole_repeats, args.limit, args.shards)
         for name in [m for m in args.full_run.split(",") if m]:
             results.setdefault("reference_full_runs", {})[name] = full_reference_run(
                 name, root, data_dir, args.workers, args.experiments)

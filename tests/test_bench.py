@@ -9,6 +9,8 @@ from pathlib import Path
 
 from helpers import write_fake_mnist
 
+from mnistkit import fused
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -18,7 +20,8 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
          "--models", "I3", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
-         "--limit", "64", "--cli-repeats", "1", "--whole-process", "I3", "--whole-repeats", "1", "--json"],
+         "--limit", "64", "--cli-repeats", "1", "--whole-process", "I3", "--whole-repeats", "1", "--json",
+         *(["--shards", "2"] if fused.available() else [])],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
@@ -45,6 +48,10 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     assert w["model"] == "I3" and w["mnistkit_seconds"] > 0 and w["reference_seconds"] > 0
     assert w["speedup"] == pytest.approx(w["reference_seconds"] / w["mnistkit_seconds"], abs=0.02)
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
+    if fused.available():   # the sharded step, measured in the same repeats, and its whole process
+        assert len(r["sharded_runs"]) == 2 and r["sharded_images_per_s"] > 0
+        assert r["sharded_speedup"] == pytest.approx(r["sharded_images_per_s"] / r["reference_images_per_s"], abs=0.011)
+        assert w["shards"] == 2 and w["sharded_seconds"] > 0 and len(w["sharded_runs"]) == 1
 
 
 @pytest.mark.slow
