@@ -7,8 +7,13 @@
    parameter's largest gradient, for PyTorch's channels_last ops, PyTorch's NCHW ops and the
    kernel (channels_last). Parameters whose true gradient is 0 (I1's conv biases before BN)
    are left out.
+3. With ``--trained RUN --data-dir DIR``: layer by layer in bf16 on a trained model's own
+   activations (one batch of training images, the default step's precision and layout), the
+   output, input gradient, weight gradient and bias gradient of PyTorch's BN + ReLU and of the
+   kernel, each against the float64 formula on the same bf16 input (relative L2 error).
 
     .venv/bin/python bench/bn_check.py
+    .venv/bin/python bench/bn_check.py --trained runs-readme/readme/I3-seed1 --data-dir ../shared/mnist
 """
 from __future__ import annotations
 
@@ -64,12 +69,62 @@ def grad_errors(name: str, batch: int) -> dict[str, float]:
             "fused channels_last": err(grads(torch.float32, True, True))}
 
 
+def trained_layers(run: str, data_dir: str, batch: int) -> None:
+    from mnistkit.data import load_mnist
+    from mnistkit.runs import load_checkpoint, read_config
+
+    config = read_config(run)
+    model = get_model(config.model, dropout=0.0)
+    model.load_state_dict(load_checkpoint(run)["state_dict"])
+    model.train().to(memory_format=torch.channels_last)
+    train = load_mnist("train", data_dir, download=False)
+    idx = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))[:batch]
+    x = ((train.images[idx].float() / 255 - config.recipe.mean) / config.recipe.std).unsqueeze(1)
+    x, y = x.contiguous(memory_format=torch.channels_last), train.labels[idx].long()
+    seen = []   # (block, conv output, ReLU output) of every ConvBNReLU, in order
+    for block in (m for m in model.modules() if isinstance(m, fused.ConvBNReLU)):
+        def keep(mod, inp, out, block=block):
+            out.retain_grad()
+            seen.append([block, out])
+        block.conv.register_forward_hook(keep)
+        def keep_relu(mod, inp, out):
+            out.retain_grad()
+            seen[-1].append(out)
+        block.relu.register_forward_hook(keep_relu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    F.cross_entropy(out.float(), y).backward()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    print(f"\n{config.model} ({run}), bf16 layer by layer, batch {batch}: relative L2 error against float64\n")
+    print("| layer input | PyTorch: out / dx / dw / db | fused: out / dx / dw / db |\n|---|---|---|")
+    for block, h, r in seen:
+        hb, g, bn = h.detach(), r.grad.detach(), block.bn
+        ref = fused.reference(hb, bn.weight, bn.bias, g, bn.eps)
+        cells = []
+        for use in (False, True):
+            b2 = copy.deepcopy(bn)
+            xi = hb.clone().requires_grad_(True)
+            yy = fused._BNReLU.apply(xi, b2.weight, b2.bias, b2) if use else torch.relu(b2(xi))
+            yy.backward(g)
+            cells.append(" / ".join(f"{rel(a, b):.1e}" for a, b in
+                                    ((yy, ref[0]), (xi.grad, ref[1]), (b2.weight.grad, ref[2]), (b2.bias.grad, ref[3]))))
+        print(f"| {list(hb.shape)} | {cells[0]} | {cells[1]} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--grad-batch", type=int, default=64)
+    ap.add_argument("--trained", metavar="RUN", help="also check a trained run's layers in bf16 (needs --data-dir)")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args()
+    if args.trained and not args.data_dir:
+        ap.error("--trained needs --data-dir")
     if not fused.available():
         raise SystemExit(f"the fused kernel is not available here: {fused.status()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernel: {fused.status()}\n")
@@ -87,6 +142,8 @@ def main() -> None:
     for name in ("I1", "I2", "I3", "I4"):
         e = grad_errors(name, args.grad_batch)
         print(f"| {name} | {e['torch channels_last']:.1e} | {e['torch NCHW']:.1e} | {e['fused channels_last']:.1e} |")
+    if args.trained:
+        trained_layers(args.trained, args.data_dir, args.batch)
 
 
 if __name__ == "__main__":
