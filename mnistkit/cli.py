@@ -225,6 +225,18 @@ def parse_seeds(text: str) -> list[int]:
     return values
 
 
+def parse_shards(text: str) -> int | str:
+    """``--shards``: ``auto`` or a whole number from 1 to 64."""
+    from mnistkit.errors import UsageError
+
+    value = text.strip().lower()
+    if value == "auto":
+        return value
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= 64:
+        return int(value)
+    raise UsageError(f"--shards must be auto or a whole number from 1 to 64, not {text!r}")
+
+
 @app.command("train", epilog=examples(
     "mnistkit train I3                                 an iteration with its change-log recipe",
     "mnistkit train I1 --seeds 3 --data-dir ../mnist   seeds 1, 2, 3; mean ± std at the end",
@@ -249,10 +261,10 @@ def train_cmd(
                                              help="What trains BatchNorm + ReLU: torch (the default), fused "
                                                   "(mnistkit's C kernel, CPU: faster, see the README), or auto "
                                                   "(fused where it builds)."),
-    shards: Optional[int] = typer.Option(None, "--shards", min=1, max=64,
-                                         help="Split each batch into N shards trained by N threads (CPU; "
-                                              "BatchNorm over the whole batch with the fused kernel). 2 on a "
-                                              "2-core machine: about 2x faster; a run of its own (see the README)."),
+    shards: Optional[str] = typer.Option(None, "--shards", metavar="N|auto",
+                                         help="Split each batch into N shards, one thread each (CPU; BatchNorm "
+                                              "over the whole batch, with the fused kernel). Default auto: 2 where "
+                                              "the process has 2+ threads, else 1. See the README's Speed."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
     dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
                                     help="mnist, or synthetic (made locally, no download)."),
@@ -306,6 +318,7 @@ def train_cmd(
         return
     if seed is not None and seeds is not None:
         raise UsageError("give --seed or --seeds, not both")
+    shard_count = parse_shards(shards) if shards is not None else None
     seed_list = parse_seeds(seeds) if seeds is not None else [seed]
     if all_iterations and model is not None:
         raise UsageError("--all trains every iteration; drop MODEL")
@@ -327,7 +340,7 @@ def train_cmd(
         for s in seed_list:
             recipe = resolve_recipe(name, exp, epochs=epochs, batch_size=batch_size, lr=lr, seed=s,
                                     precision=precision.value if precision else None,
-                                    bn_relu=bn_relu.value if bn_relu else None, shards=shards)
+                                    bn_relu=bn_relu.value if bn_relu else None, shards=shard_count)
             group.append(run(train, name, recipe, data, runs_dir=runs_dir))
         if len(group) > 1 and not quiet:
             target = exp.constraints.get("min_test_acc")

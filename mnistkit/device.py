@@ -67,12 +67,13 @@ def resolve_bn_relu(choice: str, device: torch.device, channels_last: bool) -> s
     return "torch"
 
 
-def check_shards(shards: int, device: torch.device, channels_last: bool) -> None:
-    """A sharded step (``shards`` > 1) runs on the CPU, in channels_last, with the fused kernel
-    training every BatchNorm (its statistics are summed across shards there); else one line
-    saying why, and that shards 1 works."""
+def resolve_shards(shards: int | str, device: torch.device, channels_last: bool) -> int:
+    """The number of shards a training step is split into (``mnistkit.parallel``). ``auto`` -> 2
+    where that runs and the process has 2 or more threads, else 1. A number above 1 where it
+    cannot run is one line saying why, and that shards 1 works: a sharded step runs on the CPU,
+    in channels_last, with the fused kernel training every BatchNorm."""
     if shards == 1:
-        return
+        return 1
     from mnistkit import fused
 
     why = ("it runs on the CPU only" if device.type != "cpu" else
@@ -80,8 +81,11 @@ def check_shards(shards: int, device: torch.device, channels_last: bool) -> None
            None if fused.available() else
            f"it needs the fused BatchNorm kernel, which is not available here: "
            f"{fused.status().removeprefix('PyTorch (').removesuffix(')')}")
+    if shards == "auto":
+        return 2 if why is None and torch.get_num_threads() >= 2 else 1
     if why is not None:
         raise UsageError(f"shards {shards} cannot be used here: {why}; use shards 1", key="shards")
+    return int(shards)
 
 
 def seed_everything(seed: int) -> None:

@@ -165,11 +165,13 @@ class Recipe:
     # higher on validation over 8 others; cause not found (the README's Results)
     bn_relu: str = "torch"
     # data-parallel shards per training step on the CPU (mnistkit/parallel.py): each batch is
-    # split into this many row blocks, each trained by its own thread with one intra-op thread,
-    # BatchNorm's statistics taken over the whole batch (with the fused kernel, which it needs);
-    # Dropout's masks come from one generator per shard, so a sharded run is its own run (the
-    # same for the same number of shards). 1: one thread over the whole batch, as before 0.7
-    shards: int = 1
+    # split into this many row blocks, each trained by its own thread with a share of the
+    # intra-op threads, BatchNorm's statistics taken over the whole batch (in the fused kernel,
+    # which it needs); Dropout's masks come from one generator per shard, so a sharded run is its
+    # own run (the same for the same number of shards and threads). "auto": 2 where the process
+    # has 2 or more threads, the device is the CPU, channels_last is on and the kernel builds,
+    # else 1 (one thread over the whole batch, as before 0.7); a run records the resolved number
+    shards: int | str = "auto"
 
     def __post_init__(self) -> None:
         for key, enum in (("optimizer", Optimizer), ("scheduler", Scheduler), ("precision", Precision),
@@ -198,7 +200,8 @@ class Recipe:
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
             ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0: no moving average)"),
             ("bn_momentum", 0 < self.bn_momentum <= 1, "must be in (0, 1]"),
-            ("shards", 1 <= self.shards <= 64, "must be in [1, 64] (1: no sharding)"),
+            ("shards", self.shards == "auto" or (isinstance(self.shards, int) and not isinstance(self.shards, bool)
+                        and 1 <= self.shards <= 64), "must be auto or a whole number in [1, 64] (1: no sharding)"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)
@@ -226,6 +229,8 @@ class Recipe:
                 out[name] = value
                 continue
             expected = type(default)
+            if name in _INT_OR_AUTO and isinstance(value, int) and not isinstance(value, bool):
+                expected = int
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
@@ -253,6 +258,10 @@ class Recipe:
     def replace(self, **changes: Any) -> "Recipe":
         """A copy with ``changes`` applied; ``None`` values are ignored (an option not given)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# recipe keys that take a whole number or "auto" (their default)
+_INT_OR_AUTO = {"shards"}
 
 
 @dataclass(frozen=True)

@@ -186,8 +186,9 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
         raise RunError(f"{path} is not a mnistkit run config (it needs a model name and a recipe); "
                        "the run folder is damaged")
     try:
-        # runs recorded before 0.4 lack bn_relu: they trained with PyTorch's BatchNorm and ReLU
-        recipe = Recipe.from_dict({"bn_relu": "torch", **data["recipe"]}, where=f"{path} recipe")
+        # runs recorded before 0.4 lack bn_relu: they trained with PyTorch's BatchNorm and ReLU;
+        # runs recorded before 0.7 lack shards: one thread trained each whole batch
+        recipe = Recipe.from_dict({"bn_relu": "torch", "shards": 1, **data["recipe"]}, where=f"{path} recipe")
         options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
     except (UsageError, TypeError) as exc:  # a damaged file, not a bad option
         raise RunError(f"{exc}; the run folder is damaged") from None

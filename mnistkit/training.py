@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
-from mnistkit.device import check_shards, resolve_bn_relu, resolve_device, resolve_precision, seed_everything, versions
+from mnistkit.device import resolve_bn_relu, resolve_shards, resolve_device, resolve_precision, seed_everything, versions
 from mnistkit.fused import use_fused
 from mnistkit.parallel import step_threads
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted
@@ -240,10 +240,10 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
     dev = resolve_device(device)
     # the run records what "auto" meant on this machine (a resolved value resolves to itself)
     asked = recipe.bn_relu
-    check_shards(recipe.shards, dev, recipe.channels_last)
-    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev),
-                            bn_relu="fused" if recipe.shards > 1 else resolve_bn_relu(recipe.bn_relu, dev,
-                                                                                    recipe.channels_last))
+    shards = resolve_shards(recipe.shards, dev, recipe.channels_last)
+    recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev), shards=shards,
+                            bn_relu="fused" if shards > 1 else resolve_bn_relu(recipe.bn_relu, dev,
+                                                                              recipe.channels_last))
     seed_everything(recipe.seed)
     train_split, val_split, test_split = load_splits(data, recipe.seed)
     model = get_model(model_name, **recipe.model_kwargs()).to(dev)

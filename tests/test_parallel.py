@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistkit import fused, get_model
-from mnistkit.device import check_shards
+from mnistkit.device import resolve_shards
 from mnistkit.errors import TrainingInterrupted, UsageError
 from mnistkit.parallel import ShardDropout, ShardedStep, step_threads
 from mnistkit.recipe import DataOptions, Recipe
@@ -197,16 +197,57 @@ def test_sharded_runs_repeat_exactly_and_resume_exactly(tmp_path):
     assert strip_timing(one.metrics) != strip_timing(a.metrics)
 
 
-def test_where_shards_cannot_run_it_is_one_clear_error(monkeypatch):
-    check_shards(1, torch.device("cuda"), False)   # one shard runs anywhere
+def test_what_auto_resolves_to_and_where_shards_cannot_run(monkeypatch):
+    assert resolve_shards(1, torch.device("cuda"), False) == 1   # one shard runs anywhere
+    assert resolve_shards("auto", torch.device("cuda"), True) == 1
+    assert resolve_shards("auto", CPU, False) == 1
     with pytest.raises(UsageError, match=r"^shards 2 cannot be used here: it runs on the CPU only; use shards 1$"):
-        check_shards(2, torch.device("cuda"), True)
+        resolve_shards(2, torch.device("cuda"), True)
     with pytest.raises(UsageError, match="it needs channels_last"):
-        check_shards(2, CPU, False)
+        resolve_shards(2, CPU, False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert resolve_shards("auto", CPU, True) == 1   # one thread: nothing to split across
+        torch.set_num_threads(2)
+        assert resolve_shards("auto", CPU, True) == (2 if fused.available() else 1)
+        assert resolve_shards(3, CPU, True) == 3 or not fused.available()
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setattr(fused, "_lib", None)
     monkeypatch.setattr(fused, "_tried", True)
     monkeypatch.setattr(fused, "_reason", "no C compiler (cc, gcc or clang) found")
+    assert resolve_shards("auto", CPU, True) == 1
     with pytest.raises(UsageError, match="needs the fused BatchNorm kernel, which is not available here: no C compiler"):
-        check_shards(2, CPU, True)
-    with pytest.raises(UsageError, match="shards"):
-        Recipe(shards=0)
+        resolve_shards(2, CPU, True)
+    for bad in (0, 65, 2.0, True, "two"):
+        with pytest.raises(UsageError, match="shards"):
+            Recipe(shards=bad)
+    assert Recipe.from_dict({"shards": 2}).shards == 2 and Recipe.from_dict({"shards": "auto"}).shards == "auto"
+
+
+def test_runs_written_before_shards_read_as_one_shard(tmp_path):
+    import yaml
+
+    result = train("I0", Recipe(epochs=1, batch_size=128, lr=0.01, shards=1), DataOptions("synthetic", limit=300),
+                   device="cpu", runs_dir=tmp_path)
+    path = result.run_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data["recipe"]["shards"] == 1
+    del data["recipe"]["shards"]   # as 0.6 wrote it
+    path.write_text(yaml.safe_dump(data))
+    assert read_config(result.run_dir).recipe.shards == 1
+
+
+def test_cli_shards_option(tmp_path):
+    from typer.testing import CliRunner
+
+    from mnistkit.cli import app
+
+    runner = CliRunner()
+    for bad in ("0", "65", "x", "²", "-1"):
+        out = runner.invoke(app, ["train", "I3", "--shards", bad, "--dataset", "synthetic", "--limit", "200",
+                                  "--runs-dir", str(tmp_path)])
+        assert out.exit_code == 2 and "--shards must be auto or a whole number from 1 to 64" in out.output, bad
+        assert "Traceback" not in out.output
+    assert not any(tmp_path.iterdir())   # nothing half-written
