@@ -89,3 +89,13 @@ def test_a_fraction_of_the_ceiling_is_never_above_one():
     assert throughput.fraction(50.0, 200.0) == 0.25
     assert throughput.fraction(250.0, 200.0) is None  # a disturbed ceiling: no impossible figure
     assert throughput.fraction(50.0, None) is None
+
+
+@pytest.mark.slow
+def test_threads_benchmark_runs_end_to_end(tmp_path):
+    write_fake_mnist(tmp_path / "mnist", n_train=512, n_test=32)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "threads.py"), "--data-dir", str(tmp_path / "mnist"),
+                          "--steps", "2", "--batch-size", "16", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "round 1: one process, 2 threads:" in out.stdout and "two processes of 1 thread" in out.stdout
