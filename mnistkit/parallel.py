@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Iterator
 
 import torch
@@ -140,8 +140,15 @@ class ShardedStep:
                                        label_smoothing, bf16)
             except BaseException as exc:  # noqa: BLE001 - re-raised below, once every shard has stopped
                 errors.append(exc)
+            while True:   # every shard has stopped before this step ends, whatever happened
+                try:
+                    wait(futures)
+                    break
+                except BaseException as exc:  # noqa: BLE001 - Ctrl-C while waiting: stop the others too
+                    errors.insert(0, exc)
+                    self._sync.abort()
             results = []
-            for f in futures:   # wait for every shard, whatever happened to the others
+            for f in futures:
                 try:
                     results.append(f.result())
                 except BaseException as exc:  # noqa: BLE001
