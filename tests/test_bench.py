@@ -21,7 +21,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
          "--models", "I3", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
          "--limit", "64", "--cli-repeats", "1", "--whole-process", "I3", "--whole-repeats", "1", "--json",
-         *(["--shards", "2"] if fused.available() else [])],
+         *(["--shards", "2", "--whole-shards", "1"] if fused.available() else [])],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
@@ -51,7 +51,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     if fused.available():   # the sharded step, measured in the same repeats, and its whole process
         assert len(r["sharded_runs"]) == 2 and r["sharded_images_per_s"] > 0
         assert r["sharded_speedup"] == pytest.approx(r["sharded_images_per_s"] / r["reference_images_per_s"], abs=0.011)
-        assert w["shards"] == 2 and w["sharded_seconds"] > 0 and len(w["sharded_runs"]) == 1
+        assert w["shards"] == 1 and w["sharded_seconds"] > 0 and len(w["sharded_runs"]) == 1
 
 
 @pytest.mark.slow
