@@ -50,7 +50,8 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
     if fused.available():   # the sharded step, measured in the same repeats, and its whole process
         assert len(r["sharded_runs"]) == 2 and r["sharded_images_per_s"] > 0
-        assert r["sharded_speedup"] == pytest.approx(r["sharded_images_per_s"] / r["reference_images_per_s"], abs=0.011)
+        assert r["sharded_speedup"] == pytest.approx(r["sharded_images_per_s"] / r["reference_images_per_s"],
+                                                     rel=0.005, abs=0.011)   # from unrounded rates
         assert w["shards"] == 1 and w["sharded_seconds"] > 0 and len(w["sharded_runs"]) == 1
 
 

@@ -174,7 +174,7 @@ def test_no_compiler_means_pytorch_with_a_reason(fresh_loader, monkeypatch, tmp_
             pass
 
     seen = Starts()
-    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05, bn_relu="auto"),
+    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05, bn_relu="auto", shards=1),
                    DataOptions("synthetic", limit=256), device="cpu", runs_dir=tmp_path / "runs", callback=seen)
     assert read_config(result.run_dir).recipe.bn_relu == "torch"
     assert "BatchNorm + ReLU train with PyTorch's ops, not the fused kernel: no C compiler (cc, gcc or clang) " \
@@ -183,7 +183,7 @@ def test_no_compiler_means_pytorch_with_a_reason(fresh_loader, monkeypatch, tmp_
 
 @pytest.mark.slow
 def test_a_run_records_its_kernel_and_older_runs_read_as_torch(tmp_path):
-    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05, bn_relu="torch"),
+    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05, bn_relu="torch", shards=1),
                    DataOptions("synthetic", limit=256), device="cpu", runs_dir=tmp_path)
     path = result.run_dir / "config.yaml"
     assert read_config(result.run_dir).recipe.bn_relu == "torch"
