@@ -168,6 +168,31 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _normalize(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d,
+               mean: torch.Tensor, var: torch.Tensor, count: int, update: bool) -> torch.Tensor:
+    """The forward pass after the statistics: y = relu(x * scale + shift) with the batch's
+    ``mean`` and biased ``var`` over ``count`` values per channel; the running statistics
+    moved (when ``update``); what the backward pass needs saved on ``ctx``."""
+    invstd = (var + bn.eps).rsqrt_()
+    weight32, bias32 = weight.detach().float().contiguous(), bias.detach().float().contiguous()
+    scale = weight32 * invstd
+    shift = bias32 - mean * scale
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    rc = _lib.bnr_forward(_ptr(x), _ptr(y), int(x.dtype == torch.bfloat16), n * h * w, c, _ptr(scale), _ptr(shift))
+    if rc:
+        raise RuntimeError(f"fused BatchNorm failed ({rc})")
+    if update:
+        with torch.no_grad():
+            momentum = bn.momentum
+            bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_((var * (count / (count - 1))).to(bn.running_var.dtype),
+                                                   alpha=momentum)
+            bn.num_batches_tracked.add_(1)
+    ctx.save_for_backward(x, scale, shift, mean, invstd, weight32)
+    return y
+
+
 class _BNReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -178,21 +203,7 @@ class _BNReLU(torch.autograd.Function):
         rc = _lib.bnr_stats(_ptr(x), bf, m, c, _ptr(mean), _ptr(var))
         if rc:
             raise RuntimeError(f"fused BatchNorm failed ({rc})")
-        invstd = (var + bn.eps).rsqrt_()
-        weight32, bias32 = weight.detach().float().contiguous(), bias.detach().float().contiguous()
-        scale = weight32 * invstd
-        shift = bias32 - mean * scale
-        y = torch.empty_like(x, memory_format=torch.channels_last)
-        rc = _lib.bnr_forward(_ptr(x), _ptr(y), bf, m, c, _ptr(scale), _ptr(shift))
-        if rc:
-            raise RuntimeError(f"fused BatchNorm failed ({rc})")
-        with torch.no_grad():
-            momentum = bn.momentum
-            bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-            bn.running_var.mul_(1 - momentum).add_((var * (m / (m - 1))).to(bn.running_var.dtype), alpha=momentum)
-            bn.num_batches_tracked.add_(1)
-        ctx.save_for_backward(x, scale, shift, mean, invstd, weight32)
-        return y
+        return _normalize(ctx, x, weight, bias, bn, mean, var, m, update=True)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
@@ -269,25 +280,10 @@ class _SyncBNReLU(torch.autograd.Function):
         means = [p[2] / p[0] + p[1].double() for p in parts]
         mean = sum(p[0] * mu for p, mu in zip(parts, means)) / total
         m2 = sum(p[3] - p[2] * p[2] / p[0] + p[0] * (mu - mean) ** 2 for p, mu in zip(parts, means))
-        mean32, var32 = mean.float(), (m2 / total).clamp_min_(0).float()
-        invstd = (var32 + bn.eps).rsqrt_()
-        weight32, bias32 = weight.detach().float().contiguous(), bias.detach().float().contiguous()
-        scale = weight32 * invstd
-        shift = bias32 - mean32 * scale
-        y = torch.empty_like(x, memory_format=torch.channels_last)
-        rc = _lib.bnr_forward(_ptr(x), _ptr(y), bf, m, c, _ptr(scale), _ptr(shift))
-        if rc:
-            raise RuntimeError(f"fused BatchNorm failed ({rc})")
-        if index == 0:
-            with torch.no_grad():
-                momentum = bn.momentum
-                bn.running_mean.mul_(1 - momentum).add_(mean32.to(bn.running_mean.dtype), alpha=momentum)
-                bn.running_var.mul_(1 - momentum).add_((var32 * (total / (total - 1))).to(bn.running_var.dtype),
-                                                       alpha=momentum)
-                bn.num_batches_tracked.add_(1)
         ctx.sync, ctx.index, ctx.total = sync, index, total
-        ctx.save_for_backward(x, scale, shift, mean32, invstd, weight32)
-        return y
+        # the batch's statistics; shard 0 alone moves the running statistics
+        return _normalize(ctx, x, weight, bias, bn, mean.float(), (m2 / total).clamp_min_(0).float(), total,
+                          update=index == 0)
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:

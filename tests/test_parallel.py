@@ -1,5 +1,6 @@
 """Sharded (data-parallel) training steps: the same step as one thread over the whole batch, up to
 rounding; reproducible and resumable; an error in one shard is the caller's error, never a hang."""
+import contextlib
 import copy
 import threading
 
@@ -25,6 +26,21 @@ def small(**kw):
     return Recipe(**base)
 
 
+@contextlib.contextmanager
+def sharded(model, shards=2, seed=0):
+    step = ShardedStep(model, shards, seed)
+    try:
+        yield step
+    finally:
+        step.close()
+
+
+def run(step, x, y, opt, **kw):
+    """One sharded step as the trainer runs it: one intra-op thread per shard."""
+    with step_threads(1):
+        return step(x, y, opt, channels_last=True, **kw)
+
+
 def strip_timing(rows):
     return [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "train_images_per_s")} for r in rows]
 
@@ -47,12 +63,8 @@ def test_a_sharded_step_is_the_whole_batch_step_up_to_rounding(name, shards, bat
 
     model = copy.deepcopy(base).to(memory_format=torch.channels_last)
     opt = SGD(model.parameters(), lr=0.0)   # lr 0: the step leaves the weights, the gradients stay
-    step = ShardedStep(model, shards, seed=0)
-    try:
-        with step_threads(1):
-            loss, hits = step(x, y, opt, channels_last=True)
-    finally:
-        step.close()
+    with sharded(model, shards) as step:
+        loss, hits = run(step, x, y, opt)
     assert loss.item() == pytest.approx(loss64.item(), rel=1e-6)
     assert hits.item() == (out64.argmax(1) == y).sum().item()
     grads64 = {k: p.grad for k, p in ref.named_parameters()}
@@ -82,12 +94,8 @@ def test_bf16_sharded_step_stays_within_bf16_rounding_of_the_unsharded_one():
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
         else:
-            step = ShardedStep(model, shards, seed=0)
-            try:
-                with step_threads(1):
-                    step(x, y, opt, bf16=bf16, channels_last=True)
-            finally:
-                step.close()
+            with sharded(model, shards) as step:
+                run(step, x, y, opt, bf16=bf16)
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     exact = grads(False, 1)
@@ -98,74 +106,60 @@ def test_bf16_sharded_step_stays_within_bf16_rounding_of_the_unsharded_one():
 @needs_kernel
 def test_dropout_draws_from_the_shards_generators_only():
     model = get_model("I3", dropout=0.3).train().to(memory_format=torch.channels_last)
-    step = ShardedStep(model, 2, seed=5)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    assert all(type(m) is not torch.nn.Dropout for m in model.modules())
-    assert sum(isinstance(m, ShardDropout) for m in model.modules()) == 2
-    try:
+    with sharded(model, seed=5) as step:
+        assert all(type(m) is not torch.nn.Dropout for m in model.modules())
+        assert sum(isinstance(m, ShardDropout) for m in model.modules()) == 2
         before = torch.get_rng_state()
         states = step.rng_state()
-        with step_threads(1):
-            step(x, y, SGD(model.parameters(), lr=0.0), channels_last=True)
+        run(step, x, y, SGD(model.parameters(), lr=0.0))
         assert torch.equal(torch.get_rng_state(), before)   # the global generator is untouched
         assert all(not torch.equal(a, b) for a, b in zip(states, step.rng_state()))
-        # outside a sharded step, ShardDropout is nn.Dropout: same global stream, same mask
-        drop, z = ShardDropout(0.3), torch.ones(1000)
-        torch.manual_seed(9)
-        a = drop(z)
-        torch.manual_seed(9)
-        assert torch.equal(a, torch.nn.Dropout(0.3)(z))
-    finally:
-        step.close()
+    # outside a sharded step, ShardDropout is nn.Dropout: same global stream, same mask
+    drop, z = ShardDropout(0.3), torch.ones(1000)
+    torch.manual_seed(9)
+    a = drop(z)
+    torch.manual_seed(9)
+    assert torch.equal(a, torch.nn.Dropout(0.3)(z))
 
 
 @needs_kernel
 def test_an_error_in_one_shard_is_the_callers_error_and_the_next_step_works():
     model = get_model("I3", dropout=0.0).train().to(memory_format=torch.channels_last)
-    step = ShardedStep(model, 2, seed=0)
     opt = SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    replica = step.replicas[0]
-    real = replica.forward
+    with sharded(model) as step:
+        replica = step.replicas[0]
+        real = replica.forward
 
-    def broken(inp):
-        raise RuntimeError("shard 1 broke")
+        def broken(inp):
+            raise RuntimeError("shard 1 broke")
 
-    replica.forward = broken
-    done = {}
+        replica.forward = broken
+        done = {}
 
-    def call():
-        try:
-            with step_threads(1):
-                step(x, y, opt, channels_last=True)
-        except RuntimeError as exc:
-            done["error"] = str(exc)
+        def call():
+            try:
+                run(step, x, y, opt)
+            except RuntimeError as exc:
+                done["error"] = str(exc)
 
-    t = threading.Thread(target=call)
-    t.start()
-    t.join(timeout=60)
-    try:
+        t = threading.Thread(target=call)
+        t.start()
+        t.join(timeout=60)
         assert not t.is_alive(), "a failing shard left the step waiting"
         assert done.get("error") == "shard 1 broke"   # not the BrokenBarrierError it caused in shard 0
         replica.forward = real
-        with step_threads(1):
-            loss, _ = step(x, y, opt, channels_last=True)
+        loss, _ = run(step, x, y, opt)
         assert torch.isfinite(loss)
-    finally:
-        step.close()
 
 
 @needs_kernel
 def test_a_batch_too_small_to_split_trains_whole_in_shard_zero():
     model = get_model("I3", dropout=0.1).train().to(memory_format=torch.channels_last)
-    step = ShardedStep(model, 2, seed=0)
-    try:
-        with step_threads(1):
-            loss, hits = step(torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,)),
-                              SGD(model.parameters(), lr=0.01), channels_last=True)
-        assert torch.isfinite(loss) and 0 <= hits.item() <= 3
-    finally:
-        step.close()
+    with sharded(model) as step:
+        loss, hits = run(step, torch.randn(3, 1, 28, 28), torch.randint(0, 10, (3,)), SGD(model.parameters(), lr=0.01))
+    assert torch.isfinite(loss) and 0 <= hits.item() <= 3
 
 
 @needs_kernel
