@@ -234,7 +234,8 @@ class Recipe:
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-                detail = f"must be {expected.__name__}, not {type(value).__name__} ({value!r})"
+                kind = "auto or a whole number" if name in _INT_OR_AUTO else expected.__name__
+                detail = f"must be {kind}, not {type(value).__name__} ({value!r})"
                 raise UsageError(f"{where}: {key} {detail}", key=key, detail=detail)
             out[name] = value
         return out

@@ -218,6 +218,9 @@ def test_what_auto_resolves_to_and_where_shards_cannot_run(monkeypatch):
         with pytest.raises(UsageError, match="shards"):
             Recipe(shards=bad)
     assert Recipe.from_dict({"shards": 2}).shards == 2 and Recipe.from_dict({"shards": "auto"}).shards == "auto"
+    for bad in (True, 2.5, None, [2]):   # as a change-log or a sweep spec might hold them
+        with pytest.raises(UsageError, match=r"shards must be auto or a whole number, not"):
+            Recipe.from_dict({"shards": bad})
 
 
 def test_runs_written_before_shards_read_as_one_shard(tmp_path):
