@@ -71,7 +71,8 @@ class ShardedStep:
     """Train ``model`` with each batch split into ``shards`` row blocks (sizes differ by at most
     one), shard 0 on the calling thread and the others on a pool of threads, each thread with
     ``threads`` intra-op threads. Call it like ``training.train_step``; the caller runs it inside
-    ``step_threads(threads)``."""
+    ``step_threads(threads)``. The model's ``nn.Dropout`` modules become ``ShardDropout`` (no
+    parameters or buffers change); ``close`` stops the thread pool."""
 
     def __init__(self, model: nn.Module, shards: int, seed: int, threads: int = 1) -> None:
         if shards < 2:
