@@ -258,9 +258,10 @@ def train_cmd(
                                                   help="The training step's precision (default: auto = bf16 where "
                                                        "the hardware has it natively)."),
     bn_relu: Optional[BnRelu] = typer.Option(None, "--bn-relu", case_sensitive=False,
-                                             help="What trains BatchNorm + ReLU: torch (the default), fused "
-                                                  "(mnistkit's C kernel, CPU: faster, see the README), or auto "
-                                                  "(fused where it builds)."),
+                                             help="What trains BatchNorm + ReLU in an unsharded step: torch (the "
+                                                  "default), fused (mnistkit's C kernel, CPU: faster, see the "
+                                                  "README), or auto (fused where it builds). A sharded step "
+                                                  "always uses the kernel."),
     shards: Optional[str] = typer.Option(None, "--shards", metavar="N|auto",
                                          help="Split each batch into N shards, one thread each (CPU; BatchNorm "
                                               "over the whole batch, with the fused kernel). Default auto: 2 where "
