@@ -14,36 +14,26 @@ import argparse
 import statistics
 import subprocess
 import sys
-import time
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from throughput import time_mnistkit   # the same timed loop as the throughput benchmark
+
     from mnistkit import fused
     from mnistkit.data import TrainBatches, load_mnist
     from mnistkit.device import resolve_precision
     from mnistkit.models import get_model
     from mnistkit.recipe import Recipe
-    from mnistkit.training import build_optimizer, train_step
 
     recipe = Recipe()
     bf16 = resolve_precision(recipe.precision, torch.device("cpu")) == "bf16"
-    model = get_model(args.model, dropout=recipe.dropout).to(memory_format=torch.channels_last)
-    fused.use_fused(model, fused.available())
-    opt = build_optimizer(model, recipe)
     train = load_mnist("train", args.data_dir, download=False)
-    it = iter(TrainBatches(train, args.batch_size, torch.device("cpu"), recipe.augment,
-                           torch.Generator().manual_seed(0)))
-    for _ in range(5):
-        x, y = next(it)
-        train_step(model, x, y, opt, None, 0.0, bf16, True)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        x, y = next(it)
-        train_step(model, x, y, opt, None, 0.0, bf16, True)
-    print(args.steps * args.batch_size / (time.perf_counter() - t0))
+    batches = TrainBatches(train, args.batch_size, torch.device("cpu"), recipe.augment, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    print(time_mnistkit(get_model(args.model), batches, args.steps, bf16, True, fused.available()))
 
 
 def main() -> None:
