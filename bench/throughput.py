@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -125,7 +126,7 @@ def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels
     use_fused(model, fused_bn_relu)
     model.train()
     sharded = ShardedStep(model, shards, 0, max(1, torch.get_num_threads() // shards)) if shards > 1 else None
-    step_fn = sharded or (lambda *a, **k: train_step(model, *a, **k))
+    step_fn = sharded or functools.partial(train_step, model)
     it = iter(batches)
     t0 = None
     seen = 0

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
-from mnistkit.device import resolve_bn_relu, resolve_shards, resolve_device, resolve_precision, seed_everything, versions
+from mnistkit.device import resolve_bn_relu, resolve_device, resolve_precision, resolve_shards, seed_everything, versions
 from mnistkit.fused import use_fused
-from mnistkit.parallel import step_threads
+from mnistkit.parallel import ShardedStep, step_threads
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
@@ -258,8 +258,6 @@ def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) ->
         if split is not None else None for split in (test_split, val_split))
     stepper = None
     if recipe.shards > 1:
-        from mnistkit.parallel import ShardedStep
-
         stepper = ShardedStep(model, recipe.shards, recipe.seed, max(1, torch.get_num_threads() // recipe.shards))
     optimizer = build_optimizer(model, recipe)
     scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
