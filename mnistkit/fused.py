@@ -36,6 +36,8 @@ _MAX_CHANNELS = 64       # the kernel's period lcm(C, 16) must fit its buffers
 _lib: Any = None
 _reason: str | None = None   # why the kernel is not available (None: not tried yet, or it is)
 _tried = False
+_loading: int | None = None   # the thread loading the kernel right now (its self-test calls back in)
+_load_lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
@@ -91,10 +93,25 @@ def _build(source: bytes, cc: str, target: Path) -> None:
 
 
 def _load() -> Any:
-    global _lib, _reason, _tried
-    if _tried:
-        return _lib
-    _tried = True
+    """The kernel's library, built, loaded and self-tested on the first call; None where it is not
+    available (``_reason`` says why). Safe from several threads: the first call loads, the others
+    wait for its result (the shards of a training step may be the first to ask)."""
+    global _loading, _tried
+    if _tried and (_loading is None or _loading == threading.get_ident()):
+        return _lib   # loaded or given up; or this thread's own self-test, mid-load
+    with _load_lock:
+        if _tried:
+            return _lib
+        _loading = threading.get_ident()   # before _tried: another thread never sees a half-made load
+        _tried = True
+        try:
+            return _load_once()
+        finally:
+            _loading = None
+
+
+def _load_once() -> Any:
+    global _lib, _reason
     if os.environ.get("MNISTKIT_FUSED", "1") == "0":
         _reason = "turned off by MNISTKIT_FUSED=0"
         return None

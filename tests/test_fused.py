@@ -3,6 +3,8 @@ a training step with it agrees with PyTorch's."""
 import copy
 import shutil
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ def fresh_loader(monkeypatch, tmp_path):
     monkeypatch.setattr(fused, "_lib", None)
     monkeypatch.setattr(fused, "_tried", False)
     monkeypatch.setattr(fused, "_reason", None)
+    monkeypatch.setattr(fused, "_loading", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     return tmp_path / "mnistkit"
 
@@ -153,6 +156,49 @@ def test_a_damaged_cached_library_is_rebuilt(fresh_loader):
     assert fused.available(), fused.status()
     assert built.stat().st_size > 1000
     assert [p.name for p in fresh_loader.iterdir()] == [built.name]  # no temporary files left
+
+
+@needs_kernel
+def test_threads_asking_at_once_all_get_the_loaded_and_self_tested_kernel(fresh_loader, monkeypatch):
+    # the two shards of a sharded step may be the first to ask for the kernel: the second must wait
+    # for the first's load (it was told "not available" while the first compiled), and must never
+    # see a kernel before its self-test has passed
+    compiler, self_test = fused._compiler, fused._self_test
+    in_self_test = threading.Event()
+
+    def slow_compiler():
+        time.sleep(0.3)
+        return compiler()
+
+    def failing_self_test():
+        in_self_test.set()
+        assert fused._lib is not None and fused.available()   # the loading thread's own calls go through
+        time.sleep(0.3)
+        return "made to fail"
+
+    def ask(results, i):
+        results[i] = fused.available()
+
+    for test, expected in ((self_test, True), (failing_self_test, False)):
+        monkeypatch.setattr(fused, "_tried", False)
+        monkeypatch.setattr(fused, "_lib", None)
+        monkeypatch.setattr(fused, "_compiler", slow_compiler)
+        monkeypatch.setattr(fused, "_self_test", test)
+        results = [None] * 3
+        first = threading.Thread(target=ask, args=(results, 0))
+        first.start()
+        time.sleep(0.1)   # the first is compiling (or about to)
+        others = [threading.Thread(target=ask, args=(results, i)) for i in (1, 2)]
+        for t in others:
+            t.start()
+        if not expected:
+            assert in_self_test.wait(5)
+            assert fused._lib is not None   # loaded, under test: nobody else may use it yet
+        for t in [first, *others]:
+            t.join(10)
+        assert results == [expected] * 3, results
+        assert fused.available() is expected
+    assert "made to fail" in fused.status()
 
 
 @pytest.mark.slow
