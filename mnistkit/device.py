@@ -67,6 +67,17 @@ def resolve_bn_relu(choice: str, device: torch.device, channels_last: bool) -> s
     return "torch"
 
 
+def why_not_sharded(device: torch.device, channels_last: bool) -> str | None:
+    """Why a sharded step cannot run here (None: it can)."""
+    from mnistkit import fused
+
+    return ("it runs on the CPU only" if device.type != "cpu" else
+            "it needs channels_last" if not channels_last else
+            None if fused.available() else
+            f"it needs the fused BatchNorm kernel, which is not available here: "
+            f"{fused.status().removeprefix('PyTorch (').removesuffix(')')}")
+
+
 def resolve_shards(shards: int | str, device: torch.device, channels_last: bool) -> int:
     """The number of shards a training step is split into (``mnistkit.parallel``). ``auto`` -> 2
     where that runs and the process has 2 or more threads, else 1. A number above 1 where it
@@ -74,13 +85,7 @@ def resolve_shards(shards: int | str, device: torch.device, channels_last: bool)
     in channels_last, with the fused kernel training every BatchNorm."""
     if shards == 1:
         return 1
-    from mnistkit import fused
-
-    why = ("it runs on the CPU only" if device.type != "cpu" else
-           "it needs channels_last" if not channels_last else
-           None if fused.available() else
-           f"it needs the fused BatchNorm kernel, which is not available here: "
-           f"{fused.status().removeprefix('PyTorch (').removesuffix(')')}")
+    why = why_not_sharded(device, channels_last)
     if shards == "auto":
         return 2 if why is None and torch.get_num_threads() >= 2 else 1
     if why is not None:

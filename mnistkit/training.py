@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
-from mnistkit.device import resolve_bn_relu, resolve_device, resolve_precision, resolve_shards, seed_everything, versions
+from mnistkit.device import (resolve_bn_relu, resolve_device, resolve_precision, resolve_shards, seed_everything,
+                             versions, why_not_sharded)
 from mnistkit.fused import use_fused
 from mnistkit.parallel import ShardedStep, step_threads
-from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted
+from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model, model_info
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
@@ -442,6 +443,13 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
     check_resumable(state, last)
     if state["model"] != model_name:
         raise RunError(f"{last} holds model {state['model']!r}, the run is {model_name!r}; the run folder is damaged")
+    shards = config.recipe.shards
+    if isinstance(shards, int) and shards > 1:   # the run's own step: resume cannot change it
+        why = why_not_sharded(resolve_device(device), config.recipe.channels_last)
+        if why is not None:
+            raise UsageError(f"{run_dir} was trained with {shards} shards per step and resumes only with them, "
+                             f"and a sharded step {why.removeprefix('it ')}; resume it where they run "
+                             f"(for the kernel: a C compiler), or start a new run with --shards 1", key="shards")
     s = _session(model_name, config.recipe, config.data, device)
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)

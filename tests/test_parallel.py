@@ -163,7 +163,7 @@ def test_a_batch_too_small_to_split_trains_whole_in_shard_zero():
 
 
 @needs_kernel
-def test_sharded_runs_repeat_exactly_and_resume_exactly(tmp_path):
+def test_sharded_runs_repeat_exactly_and_resume_exactly(tmp_path, monkeypatch):
     data = DataOptions("synthetic", limit=1000)
 
     class StopAfter:
@@ -181,6 +181,23 @@ def test_sharded_runs_repeat_exactly_and_resume_exactly(tmp_path):
         train("I3", small(), data, device="cpu", runs_dir=tmp_path / "cut", callback=StopAfter())
     cut = next((tmp_path / "cut").iterdir())
     assert len(load_checkpoint(cut / "last.pt")["rng"]["shards"]) == 2
+    # where its step cannot run, the run cannot be resumed: one line that says so and what to do,
+    # naming neither "use shards 1" (a resumed run keeps its recipe) nor touching the folder
+    before = {p.name: p.read_bytes() for p in cut.iterdir()}
+    with monkeypatch.context() as m:
+        m.setattr(fused, "_lib", None)
+        m.setattr(fused, "_tried", True)
+        m.setattr(fused, "_reason", "no C compiler (cc, gcc or clang) found")
+        with pytest.raises(UsageError, match=r"was trained with 2 shards per step and resumes only with them, and a sharded step "
+                           r"needs the fused BatchNorm kernel, which is not available here: no C compiler .*; resume "
+                           r"it where they run \(for the kernel: a C compiler\), or start a new run with --shards 1$"):
+            resume(cut, device="cpu")
+        from typer.testing import CliRunner
+
+        from mnistkit.cli import app
+        out = CliRunner().invoke(app, ["train", "--resume", str(cut)])
+        assert out.exit_code == 2 and "resumes only with them" in out.output and "Traceback" not in out.output
+    assert {p.name: p.read_bytes() for p in cut.iterdir()} == before
     resumed = resume(cut, device="cpu")
     assert strip_timing(resumed.metrics) == strip_timing(a.metrics)
     wa = load_checkpoint(a.run_dir / "last.pt")["state_dict"]
