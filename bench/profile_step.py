@@ -56,7 +56,7 @@ def median_ms(fn: Callable[[], object], repeats: int = 15) -> float:
     return 1e3 * statistics.median(times)
 
 
-def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool) -> list[tuple[str, float]]:
+def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool, repeats: int) -> list[tuple[str, float]]:
     """(layer, ms) for each convolution's forward + backward and each BN + ReLU forward + backward,
     alone, on ``rows`` random images, in the step's precision and channels_last."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -90,7 +90,7 @@ def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool) -> list[
             torch.ops.aten.convolution_backward(g, x, w, None if b is None else [w.shape[0]], list(conv.stride),
                                                 list(conv.padding), [1, 1], False, [0, 0], 1, mask)
 
-        rows_out.append((f"conv {name} {list(x.shape)}", median_ms(fwd_bwd)))
+        rows_out.append((f"conv {name} {list(x.shape)}", median_ms(fwd_bwd, repeats)))
         first = False
         parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
         bn = getattr(parent, "bn", None) if isinstance(parent, fused.ConvBNReLU) else None
@@ -106,7 +106,7 @@ def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool) -> list[
                 def bn_fwd_bwd():
                     fused.bn_relu(h, bn).backward(gh)
 
-            rows_out.append((f"BN + ReLU {name.rsplit('.', 1)[0]} {list(y.shape)}", median_ms(bn_fwd_bwd)))
+            rows_out.append((f"BN + ReLU {name.rsplit('.', 1)[0]} {list(y.shape)}", median_ms(bn_fwd_bwd, repeats)))
     return rows_out
 
 
@@ -116,11 +116,14 @@ def main() -> None:
     ap.add_argument("--models", default="I1,I3")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
+    ap.add_argument("--floor-repeats", type=int, default=15, help="timings per layer for the floor (median)")
     ap.add_argument("--bn-relu", default="auto", choices=["auto", "fused", "torch"],
                     help="what trains BatchNorm + ReLU in an unsharded step (default: as training does)")
     ap.add_argument("--shards", default="auto", help="auto (as training does) or N (1: the unsharded step)")
     args = ap.parse_args()
-    recipe = Recipe(bn_relu=args.bn_relu, shards=args.shards if args.shards == "auto" else int(args.shards))
+    recipe = Recipe(bn_relu=args.bn_relu, shards=args.shards if args.shards == "auto" else int(args.shards),
+                    **({"batch_size": args.batch_size} if args.batch_size else {}))
     device = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, device) == "bf16"
     bn_relu = resolve_bn_relu(recipe.bn_relu, device, recipe.channels_last)
@@ -196,7 +199,7 @@ def main() -> None:
                 print(f"| {k} | {1e3 * v / measured:.2f} |")
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 steps()
-            floor = layer_floor(model, recipe.batch_size // shards, bf16, sharded is not None)
+            floor = layer_floor(model, recipe.batch_size // shards, bf16, sharded is not None, args.floor_repeats)
         if sharded:
             sharded.close()
         events = prof.key_averages()
@@ -219,11 +222,11 @@ def main() -> None:
         conv_ms = sum(ms for k, ms in floor if k.startswith("conv"))
         bn_ms = sum(ms for k, ms in floor if k.startswith("BN"))
         print(f"\nThe floor: each layer alone, forward + backward, {recipe.batch_size // shards} rows, "
-              f"{threads} thread(s), median of 15\n\n| layer | ms |\n|---|---:|")
+              f"{threads} thread(s), median of {args.floor_repeats}\n\n| layer | ms |\n|---|---:|")
         for k, ms in floor:
             print(f"| {k} | {ms:.2f} |")
-        print(f"| **convolutions** | **{conv_ms:.1f}** |\n| **BN + ReLU** | **{bn_ms:.1f}** |\n"
-              f"| **floor of the step** (their sum; the shards run at once) | **{conv_ms + bn_ms:.1f}** "
+        print(f"| **convolutions** | **{conv_ms:.2f}** |\n| **BN + ReLU** | **{bn_ms:.2f}** |\n"
+              f"| **floor of the step** (their sum; the shards run at once) | **{conv_ms + bn_ms:.2f}** "
               f"({recipe.batch_size / (conv_ms + bn_ms) * 1e3:,.0f} img/s; the step: {wall:.1f} ms) |")
 
 

@@ -100,3 +100,31 @@ def test_threads_benchmark_runs_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "round 1: one process, 2 threads:" in out.stdout and "two processes of 1 thread" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", ["auto", "1"])
+def test_profile_benchmark_runs_end_to_end(tmp_path, shards):
+    write_fake_mnist(tmp_path / "mnist", n_train=128, n_test=32)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--data-dir", str(tmp_path / "mnist"),
+                          "--models", "I3", "--steps", "2", "--batch-size", "32", "--floor-repeats", "1", "--shards", shards],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    sharded = "2 shards of 16 rows" in text
+    assert sharded == (shards == "auto" and fused.available() and "unsharded, 1 threads" not in text)
+    assert "## I3: batch 32" in text and "wall time" in text and "| batch preparation |" in text
+    assert ("| shard 1: of which waiting in the exchange |" in text) == sharded
+    assert ("_SyncBNReLU" in text) == sharded   # the calling thread's ops: shard 0's
+    # the floor: one row per convolution (8) and per BatchNorm (6) of I3, and their sums
+    rows = {line.split(" | ")[0].lstrip("| "): float(line.split(" | ")[1].split()[0].strip("*"))
+            for line in text.splitlines() if line.startswith(("| conv ", "| BN + ReLU ", "| **"))}
+    convs = [v for k, v in rows.items() if k.startswith("conv ")]
+    bns = [v for k, v in rows.items() if k.startswith("BN + ReLU ")]
+    assert len(convs) == 8 and len(bns) == 6
+    rows16 = " [16, " if sharded else " [32, "
+    assert all(rows16 in k for k in rows if k.startswith(("conv ", "BN ")))
+    assert rows["**convolutions**"] == pytest.approx(sum(convs), abs=0.08)
+    assert rows["**BN + ReLU**"] == pytest.approx(sum(bns), abs=0.08)
+    assert rows["**floor of the step** (their sum; the shards run at once)"] == pytest.approx(
+        rows["**convolutions**"] + rows["**BN + ReLU**"], abs=0.08)
