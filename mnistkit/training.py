@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
-from mnistkit.device import (resolve_bn_relu, resolve_device, resolve_precision, resolve_shards, seed_everything,
-                             versions, why_not_sharded)
+from mnistkit.device import (keep_freed_memory, release_memory, resolve_bn_relu, resolve_device, resolve_precision,
+                             resolve_shards, seed_everything, versions, why_not_sharded)
 from mnistkit.fused import use_fused
 from mnistkit.parallel import ShardedStep, step_threads
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
@@ -239,6 +239,7 @@ class _Session:
 
 def _session(model_name: str, recipe: Recipe, data: DataOptions, device: str) -> _Session:
     dev = resolve_device(device)
+    keep_freed_memory()   # no results change: each step's buffers are reused instead of faulted in anew
     # the run records what "auto" meant on this machine (a resolved value resolves to itself)
     asked = recipe.bn_relu
     shards = resolve_shards(recipe.shards, dev, recipe.channels_last)
@@ -429,7 +430,11 @@ def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | Non
             "measured_on": s.measured_on, "versions": versions()}
     writer = RunWriter.create(runs_dir, meta, {**meta, "device": str(s.device)},
                               {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name)
-    return _fit(s, writer, callback)
+    try:
+        return _fit(s, writer, callback)
+    finally:
+        s = None   # noqa: F841 - the session's tensors freed, then the kept memory given back
+        release_memory()
 
 
 def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None = None) -> RunResult:
@@ -455,4 +460,8 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
     s.restore(state)
     meta = {"model": model_name, "params": s.params, "recipe": s.recipe.to_dict(), "data": s.data.to_dict(),
             "measured_on": s.measured_on, "versions": versions()}
-    return _fit(s, RunWriter(run_dir, meta, metrics), callback)
+    try:
+        return _fit(s, RunWriter(run_dir, meta, metrics), callback)
+    finally:
+        s = None   # noqa: F841 - as in train
+        release_memory()
