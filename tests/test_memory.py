@@ -1,5 +1,6 @@
 """Training keeps freed memory for reuse (glibc's malloc), so steps do not fault their buffers in anew."""
 
+import json
 import os
 import platform
 import subprocess
@@ -63,7 +64,8 @@ def test_kept_memory_ends_the_page_faults_of_each_step_and_is_given_back_after()
 @glibc
 def test_the_users_own_allocator_settings_are_left_alone():
     for name in ("MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
-        status, _, _ = run_steps({name: "glibc.malloc.trim_threshold=1000000" if name == "GLIBC_TUNABLES" else "1000000"})
+        value = "glibc.malloc.trim_threshold=1000000" if name == "GLIBC_TUNABLES" else "1000000"
+        status, _, _ = run_steps({name: value})
         assert status == f"off (the allocator is set by {name})"
 
 
@@ -74,3 +76,23 @@ def test_training_keeps_freed_memory_and_gives_it_back_at_the_end(tmp_path, monk
     training.train("I4", Recipe(epochs=1, batch_size=64, shards=1), DataOptions("synthetic", limit=128),
                    device="cpu", runs_dir=tmp_path)
     assert calls == ["keep", "release"]
+
+
+@glibc
+@pytest.mark.slow
+@pytest.mark.parametrize("shards", ["1", "auto"])
+def test_kept_memory_changes_no_result(tmp_path, shards):
+    # reused blocks hold old values where fresh pages held zeros: a read of memory that was never
+    # written would show here as a different run
+    metrics = []
+    for keep in ("0", "1"):
+        out = subprocess.run([sys.executable, "-m", "mnistkit", "train", "I3", "--dataset", "synthetic",
+                              "--limit", "600", "--epochs", "2", "--shards", shards, "--runs-dir",
+                              str(tmp_path / keep)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "MNISTKIT_KEEP_MEMORY": keep})
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / keep).iterdir()
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metrics.append([{k: v for k, v in r.items() if k not in ("seconds", "train_images_per_s")} for r in rows])
+    assert len(metrics[0]) == 2 and metrics[0] == metrics[1]
