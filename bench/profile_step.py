@@ -5,7 +5,7 @@ the floor its convolutions and BatchNorm put under it.
     .venv/bin/python bench/profile_step.py --data-dir ../shared/mnist --models I1,I3 [--steps 20] [--shards auto|N]
 
 Runs the default mode (the precision, memory format, BatchNorm kernel and shards of ``Recipe()``,
-resolved as training resolves them) on real batches with the recipe's augmentation, after
+resolved as training resolves them, with freed memory kept for reuse as training keeps it) on real batches with the recipe's augmentation, after
 warm-up steps. Prints, per model:
 
 - the wall time of a step, unprofiled (median of 5 timings of ``--steps`` steps);
@@ -37,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mnistkit import fused
 from mnistkit.data import TrainBatches, load_mnist
-from mnistkit.device import resolve_bn_relu, resolve_precision, resolve_shards
+from mnistkit.device import keep_freed_memory, resolve_bn_relu, resolve_precision, resolve_shards
 from mnistkit.fused import use_fused
 from mnistkit.models import get_model
 from mnistkit.parallel import ShardedStep, step_threads
@@ -100,11 +100,12 @@ def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool, repeats:
             if sharded:
                 one = fused.Rendezvous(1)
 
-                def bn_fwd_bwd():
-                    fused._SyncBNReLU.apply(h, bn.weight, bn.bias, bn, one, 0).backward(gh)
+                def bn_fwd_bwd():   # gradients returned, not accumulated into .grad (as inside a step)
+                    torch.autograd.grad(fused._SyncBNReLU.apply(h, bn.weight, bn.bias, bn, one, 0),
+                                        [h, bn.weight, bn.bias], gh)
             else:
                 def bn_fwd_bwd():
-                    fused.bn_relu(h, bn).backward(gh)
+                    torch.autograd.grad(fused.bn_relu(h, bn), [h, bn.weight, bn.bias], gh)
 
             rows_out.append((f"BN + ReLU {name.rsplit('.', 1)[0]} {list(y.shape)}", median_ms(bn_fwd_bwd, repeats)))
     return rows_out
@@ -122,6 +123,7 @@ def main() -> None:
                     help="what trains BatchNorm + ReLU in an unsharded step (default: as training does)")
     ap.add_argument("--shards", default="auto", help="auto (as training does) or N (1: the unsharded step)")
     args = ap.parse_args()
+    print(f"Freed memory kept for reuse, as training does: {keep_freed_memory()}")
     recipe = Recipe(bn_relu=args.bn_relu, shards=args.shards if args.shards == "auto" else int(args.shards),
                     **({"batch_size": args.batch_size} if args.batch_size else {}))
     device = torch.device("cpu")

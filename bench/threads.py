@@ -24,10 +24,11 @@ def worker(args: argparse.Namespace) -> None:
 
     from mnistkit import fused
     from mnistkit.data import TrainBatches, load_mnist
-    from mnistkit.device import resolve_precision
+    from mnistkit.device import keep_freed_memory, resolve_precision
     from mnistkit.models import get_model
     from mnistkit.recipe import Recipe
 
+    keep_freed_memory()   # as training does
     recipe = Recipe()
     bf16 = resolve_precision(recipe.precision, torch.device("cpu")) == "bf16"
     train = load_mnist("train", args.data_dir, download=False)

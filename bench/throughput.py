@@ -38,7 +38,7 @@ from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
 from mnistkit.inspect import summarize
 from mnistkit.models import get_model
 from mnistkit.fused import use_fused
-from mnistkit.device import resolve_bn_relu, resolve_precision
+from mnistkit.device import keep_freed_memory, resolve_bn_relu, resolve_precision
 from mnistkit.evaluation import evaluate
 from mnistkit.parallel import ShardedStep, step_threads
 from mnistkit.recipe import Recipe
@@ -274,6 +274,9 @@ def print_report(results: dict) -> None:
     m, mm = results["machine"], results["matmul_gflops"]
     ceil = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in mm.items() if v)
     print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}")
+    if "kept_memory" in m:   # runs from 0.8 on
+        print(f"Freed memory kept for reuse (both pipelines in this process, as mnistkit's training does): "
+              f"{m['kept_memory']}")
     print(f"Matmul ceilings (2048x2048, {m['torch_threads']} threads, median of {len(results['matmul_samples']['fp32'])} "
           f"samples taken between the training repeats): {ceil}")
     st = results['settings']
@@ -359,6 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.data_dir:
         ap.error("--data-dir is required to measure")
 
+    # as training does: freed memory kept for reuse. Process-wide, so the reference pipeline timed
+    # in this process gets it too (its ratio is the lower for it); its whole process does not.
+    allocator = keep_freed_memory()
     data_dir = Path(args.data_dir)
     train = load_mnist("train", data_dir, download=False)
     test = load_mnist("test", data_dir, download=False)
@@ -368,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mnistkit-bench-"))
     results: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__)},
+                    "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
+                    "kept_memory": allocator},
         "settings": {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
                      "workers": args.workers, "cli_repeats": args.cli_repeats, "shards": args.shards},
         "models": {},
