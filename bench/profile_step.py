@@ -5,8 +5,8 @@ the floor its convolutions and BatchNorm put under it.
     .venv/bin/python bench/profile_step.py --data-dir ../shared/mnist --models I1,I3 [--steps 20] [--shards auto|N]
 
 Runs the default mode (the precision, memory format, BatchNorm kernel and shards of ``Recipe()``,
-resolved as training resolves them, with freed memory kept for reuse as training keeps it) on real batches with the recipe's augmentation, after
-warm-up steps. Prints, per model:
+resolved as training resolves them, with freed memory kept for reuse as training keeps it) on
+real batches with the recipe's augmentation, after warm-up steps. Prints, per model:
 
 - the wall time of a step, unprofiled (median of 5 timings of ``--steps`` steps);
 - a sharded step's phases (batch preparation, each shard's forward + backward, the time each
@@ -56,9 +56,10 @@ def median_ms(fn: Callable[[], object], repeats: int = 15) -> float:
     return 1e3 * statistics.median(times)
 
 
-def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool, repeats: int) -> list[tuple[str, float]]:
+def layer_floor(model: nn.Module, rows: int, bf16: bool, bn_relu: str, repeats: int) -> list[tuple[str, float]]:
     """(layer, ms) for each convolution's forward + backward and each BN + ReLU forward + backward,
-    alone, on ``rows`` random images, in the step's precision and channels_last."""
+    alone, on ``rows`` random images, in the step's precision and channels_last; BN + ReLU as the
+    step trains it (``bn_relu``: sharded, fused or torch)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str) -> Callable:
@@ -97,15 +98,18 @@ def layer_floor(model: nn.Module, rows: int, bf16: bool, sharded: bool, repeats:
         if bn is not None:
             h = y.detach().clone().requires_grad_()
             gh = torch.randn_like(y)
-            if sharded:
+            if bn_relu == "sharded":
                 one = fused.Rendezvous(1)
 
                 def bn_fwd_bwd():   # gradients returned, not accumulated into .grad (as inside a step)
                     torch.autograd.grad(fused._SyncBNReLU.apply(h, bn.weight, bn.bias, bn, one, 0),
                                         [h, bn.weight, bn.bias], gh)
-            else:
+            elif bn_relu == "fused":
                 def bn_fwd_bwd():
                     torch.autograd.grad(fused.bn_relu(h, bn), [h, bn.weight, bn.bias], gh)
+            else:
+                def bn_fwd_bwd():
+                    torch.autograd.grad(torch.relu(bn(h)), [h, bn.weight, bn.bias], gh)
 
             rows_out.append((f"BN + ReLU {name.rsplit('.', 1)[0]} {list(y.shape)}", median_ms(bn_fwd_bwd, repeats)))
     return rows_out
@@ -119,13 +123,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
     ap.add_argument("--floor-repeats", type=int, default=15, help="timings per layer for the floor (median)")
-    ap.add_argument("--bn-relu", default="auto", choices=["auto", "fused", "torch"],
-                    help="what trains BatchNorm + ReLU in an unsharded step (default: as training does)")
+    ap.add_argument("--bn-relu", default=None, choices=["auto", "fused", "torch"],
+                    help="what trains BatchNorm + ReLU in an unsharded step (default: the recipe's, as "
+                         "training does)")
     ap.add_argument("--shards", default="auto", help="auto (as training does) or N (1: the unsharded step)")
     args = ap.parse_args()
     print(f"Freed memory kept for reuse, as training does: {keep_freed_memory()}")
-    recipe = Recipe(bn_relu=args.bn_relu, shards=args.shards if args.shards == "auto" else int(args.shards),
-                    **({"batch_size": args.batch_size} if args.batch_size else {}))
+    recipe = Recipe(shards=args.shards if args.shards == "auto" else int(args.shards),
+                    **({"batch_size": args.batch_size} if args.batch_size else {}),
+                    **({"bn_relu": args.bn_relu} if args.bn_relu else {}))
     device = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, device) == "bf16"
     bn_relu = resolve_bn_relu(recipe.bn_relu, device, recipe.channels_last)
@@ -201,7 +207,8 @@ def main() -> None:
                 print(f"| {k} | {1e3 * v / measured:.2f} |")
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 steps()
-            floor = layer_floor(model, recipe.batch_size // shards, bf16, sharded is not None, args.floor_repeats)
+            floor = layer_floor(model, recipe.batch_size // shards, bf16, "sharded" if sharded else bn_relu,
+                                args.floor_repeats)
         if sharded:
             sharded.close()
         events = prof.key_averages()
@@ -228,7 +235,8 @@ def main() -> None:
         for k, ms in floor:
             print(f"| {k} | {ms:.2f} |")
         print(f"| **convolutions** | **{conv_ms:.2f}** |\n| **BN + ReLU** | **{bn_ms:.2f}** |\n"
-              f"| **floor of the step** (their sum; the shards run at once) | **{conv_ms + bn_ms:.2f}** "
+              f"| **floor of the step** (their sum{'; the shards run at once' if sharded else ''}) | "
+              f"**{conv_ms + bn_ms:.2f}** "
               f"({recipe.batch_size / (conv_ms + bn_ms) * 1e3:,.0f} img/s; the step: {wall:.1f} ms) |")
 
 
