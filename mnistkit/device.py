@@ -120,8 +120,8 @@ def versions() -> dict[str, str]:
 
 
 # glibc's malloc gives a freed block of 128 KiB or more back to the system (munmap, or trimming
-# the heap), so every training step's activations (a few MiB each) came back as fresh pages:
-# 2,000-4,900 page faults per I3 step, 6-14 ms of system time per step on 2 cores. Keeping freed
+# the heap), so every training step's activations (a few MiB each) came back as fresh pages: up
+# to 6,200 page faults and 15 ms of system time per step of I1 or I3 on 2 cores. Keeping freed
 # memory for reuse (what jemalloc and tcmalloc do, which PyTorch's CPU tuning guide suggests
 # preloading) removes them. The blocks a process holds stay at its peak until ``release_memory``.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
