@@ -1,4 +1,4 @@
-"""Training throughput: mnistkit's pipeline against the usual PyTorch one, in one process.
+"""Training throughput: mnistkit's pipeline against the usual PyTorch one, alternating.
 
     .venv/bin/python bench/throughput.py --data-dir ../shared/mnist [--models I1,I3] [--steps 60] [--repeats 5]
 
@@ -9,7 +9,9 @@ mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.traini
            with --shards N also the sharded step (mnistkit.parallel: N threads, one shard each).
 
 The two are timed alternately (same model, same steps, same batch size, same augmentation),
-and the figure for each is the median images/s over the repeats. It also measures this
+and the figure for each is the median images/s over the repeats. mnistkit's pipelines run in
+this process, which keeps freed memory for reuse as mnistkit's training does; the reference runs
+in a process of its own (started once), with the C library's malloc as a user's script has it. It also measures this
 machine's fp32 matrix-multiply rate, the achieved training GFLOP/s (6 x the model's counted
 mult-adds per image: forward, and twice that backward), evaluation images/s, and the start-up
 time of `mnistkit --help` and `mnistkit summary I3` as whole processes.
@@ -72,6 +74,43 @@ def reference_loader(root: Path, batch_size: int, workers: int, limit: int | Non
     if limit:
         ds = Subset(ds, range(limit))
     return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+
+
+class ReferenceProcess:
+    """The reference pipeline timed in a process of its own, as a user's script runs: with the C
+    library's malloc as it comes. (mnistkit's training keeps freed memory for reuse, process-wide;
+    timed in mnistkit's process, the reference would get that too.) One process for the whole
+    benchmark, started once; each call times one model and returns images/s."""
+
+    def __init__(self, root: Path, batch_size: int, workers: int, limit: int | None) -> None:
+        cmd = [sys.executable, __file__, "--reference-worker", str(root), "--batch-size", str(batch_size),
+               "--workers", str(workers), *(["--limit", str(limit)] if limit else [])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def time(self, name: str, steps: int) -> float:
+        self.proc.stdin.write(f"{name} {steps}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the reference process ended (exit code {self.proc.wait()})")
+        return float(line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def reference_worker(root: str, batch_size: int, workers: int, limit: int | None) -> None:
+    """The other end of ``ReferenceProcess``: one line ``MODEL STEPS`` in, images/s out."""
+    loader = reference_loader(Path(root), batch_size, workers, limit)
+    for line in sys.stdin:
+        name, steps = line.split()
+        torch.manual_seed(0)
+        print(time_reference(get_model(name), loader, int(steps)), flush=True)
 
 
 def make_opt(model, steps: int):
@@ -153,7 +192,9 @@ def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels
 
 def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, experiments: str) -> dict:
     """Train ``name`` for its whole recipe (epochs, LR, OneCycleLR, batch 256) with the reference
-    pipeline, evaluating on the test set after every epoch: the accuracy to set beside mnistkit's."""
+    pipeline, evaluating on the test set after every epoch: the accuracy to set beside mnistkit's.
+    It runs in this process, so its seconds are with freed memory kept (the speed comparison is
+    the timed repeats, where the reference has a process of its own)."""
     from mnistkit.experiments import resolve_recipe
 
     recipe = resolve_recipe(name, experiments)
@@ -274,9 +315,9 @@ def print_report(results: dict) -> None:
     m, mm = results["machine"], results["matmul_gflops"]
     ceil = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in mm.items() if v)
     print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}")
-    if "kept_memory" in m:   # runs from 0.8 on
-        print(f"Freed memory kept for reuse (both pipelines in this process, as mnistkit's training does): "
-              f"{m['kept_memory']}")
+    if m.get("reference_process") == "own":   # runs from 0.8 on
+        print(f"Freed memory kept for reuse in mnistkit's process, as its training does: {m['kept_memory']}; "
+              "the reference timed in a process of its own (malloc as it comes), alternating")
     print(f"Matmul ceilings (2048x2048, {m['torch_threads']} threads, median of {len(results['matmul_samples']['fp32'])} "
           f"samples taken between the training repeats): {ceil}")
     st = results['settings']
@@ -354,7 +395,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "beside the default's auto)")
     ap.add_argument("--from-json", default=None, metavar="FILE",
                     help="print the report of an earlier --json run instead of measuring")
+    ap.add_argument("--reference-worker", default=None, metavar="ROOT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.reference_worker:
+        reference_worker(args.reference_worker, args.batch_size, args.workers, args.limit)
+        return {}
     if args.from_json:
         results = json.loads(Path(args.from_json).read_text())
         print_report(results)
@@ -362,8 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.data_dir:
         ap.error("--data-dir is required to measure")
 
-    # as training does: freed memory kept for reuse. Process-wide, so the reference pipeline timed
-    # in this process gets it too (its ratio is the lower for it); its whole process does not.
+    # as training does: freed memory kept for reuse (process-wide: the reference runs in its own)
     allocator = keep_freed_memory()
     data_dir = Path(args.data_dir)
     train = load_mnist("train", data_dir, download=False)
@@ -375,14 +419,15 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
-                    "kept_memory": allocator},
+                    "kept_memory": allocator, "reference_process": "own"},
         "settings": {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
                      "workers": args.workers, "cli_repeats": args.cli_repeats, "shards": args.shards},
         "models": {},
     }
+    reference = None
     try:
         root = torchvision_root(data_dir, work)
-        loader = reference_loader(root, args.batch_size, args.workers, args.limit)
+        reference = ReferenceProcess(root, args.batch_size, args.workers, args.limit)
         ceilings = Ceilings()
         for name in [m for m in args.models.split(",") if m]:
             macs = summarize(get_model(name)).mult_adds
@@ -397,8 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
                      if resolve_bn_relu("auto", device, default.channels_last) == "fused" else None)
             for _ in range(args.repeats):  # alternate, so drift hits all alike
                 ceilings.sample()
-                torch.manual_seed(0)
-                ref.append(time_reference(get_model(name), loader, args.steps))
+                ref.append(reference.time(name, args.steps))
                 torch.manual_seed(0)
                 mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last, fused_on))
                 if other:  # the same step with the other BatchNorm + ReLU: what the kernel gains
@@ -457,6 +501,8 @@ def main(argv: list[str] | None = None) -> dict:
             results.setdefault("reference_full_runs", {})[name] = full_reference_run(
                 name, root, data_dir, args.workers, args.experiments)
     finally:
+        if reference is not None:
+            reference.close()
         shutil.rmtree(work, ignore_errors=True)
     if args.cli_repeats:
         results["cli_seconds"] = {"mnistkit --help": round(time_process(["--help"], args.cli_repeats), 3),

@@ -37,6 +37,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     data = json.loads(out.stdout)
     r = data["models"]["I3"]
     assert r["reference_images_per_s"] > 0 and r["mnistkit_images_per_s"] > 0
+    assert data["machine"]["reference_process"] == "own"   # timed with malloc as a user's script has it
     # the speedup is computed from unrounded rates; the printed rates are rounded to 0.1 img/s
     assert r["speedup"] == pytest.approx(r["mnistkit_images_per_s"] / r["reference_images_per_s"], abs=0.011)
     assert len(r["reference_runs"]) == len(r["mnistkit_runs"]) == 2
