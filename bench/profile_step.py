@@ -26,6 +26,8 @@ times over.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import time
 from typing import Callable
@@ -167,7 +169,7 @@ def main() -> None:
                     phases[f"shard {index}: of which waiting in the exchange"] += time.perf_counter() - t
 
             sharded._run, sharded._sync.exchange = timed_run, timed_exchange
-        step_fn = sharded or (lambda *a, **k: train_step(model, *a, **k))
+        step_fn = sharded or functools.partial(train_step, model)   # as the trainer does
         it = iter(batches)
 
         def step():
@@ -188,7 +190,7 @@ def main() -> None:
         mode = (f"{'bf16' if bf16 else 'fp32'}{' + channels_last' if recipe.channels_last else ''}, "
                 + (f"{shards} shards of {recipe.batch_size // shards} rows, {threads} thread(s) each, BN+ReLU: fused"
                    if sharded else f"unsharded, {torch.get_num_threads()} threads, BN+ReLU: {bn_relu}"))
-        with step_threads(threads) if sharded else step_threads(torch.get_num_threads()):
+        with step_threads(threads) if sharded else contextlib.nullcontext():
             for _ in range(5):
                 step()
             for k in phases:
