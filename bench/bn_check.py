@@ -71,7 +71,8 @@ def grad_errors(name: str, batch: int) -> dict[str, float]:
 
 def trained_layers(run: str, data_dir: str, batch: int) -> None:
     from mnistkit.data import load_mnist
-    from mnistkit.runs import load_checkpoint, read_config
+    from mnistkit.checkpoint import load_checkpoint
+    from mnistkit.runs import read_config
 
     config = read_config(run)
     model = get_model(config.model, dropout=0.0)

@@ -17,7 +17,8 @@ import torch
 
 from mnistkit.data import EvalBatches, load_mnist
 from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, load_model
-from mnistkit.runs import find_runs, load_checkpoint
+from mnistkit.checkpoint import load_checkpoint
+from mnistkit.runs import find_runs
 
 
 @torch.inference_mode()

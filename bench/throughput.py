@@ -1,17 +1,21 @@
 """Training throughput: mnistkit's pipeline against the usual PyTorch one, alternating.
 
     .venv/bin/python bench/throughput.py --data-dir ../shared/mnist [--models I1,I3] [--steps 60] [--repeats 5]
+        [--baseline DIR]   # also an older mnistkit's default step (a source tree, e.g. `git archive v0.8`)
 
 reference: torchvision.datasets.MNIST + DataLoader(batch_size=256, shuffle=True, num_workers=2)
            + Compose([RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02)), ToTensor(),
            Normalize((0.1307,), (0.3081,))]) + a plain SGD/OneCycleLR loop with loss.item() per step.
-mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.train_step;
-           with --shards N also the sharded step (mnistkit.parallel: N threads, one shard each).
+mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.train_step with
+           the default backend (and the other one beside it, where the fused kernel runs).
+baseline:  with --baseline DIR, the default step of the mnistkit in DIR, timed by its own
+           bench/throughput.py in a process of its own (so "before" and "after" share one run).
 
 The two are timed alternately (same model, same steps, same batch size, same augmentation),
 and the figure for each is the median images/s over the repeats. mnistkit's pipelines run in
-this process, which keeps freed memory for reuse as mnistkit's training does; the reference runs
-in a process of its own (started once), with the C library's malloc as a user's script has it. It also measures this
+this process, which keeps freed memory for reuse as the `mnistkit` command does; the reference
+runs in a process of its own (started once), with the C library's malloc as a user's script has
+it, and so does a baseline (with its own version's memory setting). It also measures this
 machine's fp32 matrix-multiply rate, the achieved training GFLOP/s (6 x the model's counted
 mult-adds per image: forward, and twice that backward), evaluation images/s, and the start-up
 time of `mnistkit --help` and `mnistkit summary I3` as whole processes.
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gzip
 import json
 import os
@@ -36,15 +39,16 @@ from pathlib import Path
 
 import torch
 
+from mnistkit import backends
+from mnistkit.backends.memory import keep_freed_memory
 from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
-from mnistkit.inspect import summarize
-from mnistkit.models import get_model
-from mnistkit.fused import use_fused
-from mnistkit.device import keep_freed_memory, resolve_bn_relu, resolve_precision
+from mnistkit.device import resolve_precision
 from mnistkit.evaluation import evaluate
-from mnistkit.parallel import ShardedStep, step_threads
+from mnistkit.models import get_model
+from mnistkit.optim import build_optimizer
 from mnistkit.recipe import Recipe
-from mnistkit.training import build_optimizer, train_step
+from mnistkit.summary import summarize
+from mnistkit.training import train_step
 
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
@@ -82,9 +86,10 @@ class ReferenceProcess:
     timed in mnistkit's process, the reference would get that too.) One process for the whole
     benchmark, started once; each call times one model and returns images/s."""
 
-    def __init__(self, root: Path, batch_size: int, workers: int, limit: int | None) -> None:
-        cmd = [sys.executable, __file__, "--reference-worker", str(root), "--batch-size", str(batch_size),
-               "--workers", str(workers), *(["--limit", str(limit)] if limit else [])]
+    def __init__(self, root: Path, batch_size: int, workers: int, limit: int | None,
+                 cmd: list[str] | None = None) -> None:
+        cmd = cmd or [sys.executable, __file__, "--reference-worker", str(root), "--batch-size", str(batch_size),
+                      "--workers", str(workers), *(["--limit", str(limit)] if limit else [])]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def time(self, name: str, steps: int) -> float:
@@ -92,7 +97,7 @@ class ReferenceProcess:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the reference process ended (exit code {self.proc.wait()})")
+            raise RuntimeError(f"the worker process ended (exit code {self.proc.wait()})")
         return float(line)
 
     def close(self) -> None:
@@ -158,36 +163,38 @@ def time_reference(model, loader, steps: int) -> float:
 
 
 def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool,
-                  fused_bn_relu: bool = False, shards: int = 1) -> float:
-    opt, sched = make_opt(model, steps + 1)
+                  backend: str = "torch") -> float:
+    """Images/s of mnistkit's training step with ``backend`` (prepared as the trainer does)."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    use_fused(model, fused_bn_relu)
+    model = backends.prepare(model, backend, torch.device("cpu"), channels_last).model
+    opt, sched = make_opt(model, steps + 1)
     model.train()
-    sharded = ShardedStep(model, shards, 0, max(1, torch.get_num_threads() // shards)) if shards > 1 else None
-    step_fn = sharded or functools.partial(train_step, model)
     it = iter(batches)
     t0 = None
     seen = 0
     loss_sum = torch.zeros(())
-    try:
-        with step_threads(sharded.threads) if sharded else contextlib.nullcontext():
-            for step in range(steps + 1):
-                if step == 1:
-                    t0, seen = time.perf_counter(), 0
-                try:
-                    x, y = next(it)
-                except StopIteration:
-                    it = iter(batches)
-                    x, y = next(it)
-                loss, _ = step_fn(x, y, opt, sched, bf16=bf16, channels_last=channels_last)
-                loss_sum += loss
-                seen += len(y)
-            float(loss_sum)  # one sync at the end, as the trainer syncs only every SYNC_SECONDS
-            return seen / (time.perf_counter() - t0)
-    finally:
-        if sharded:
-            sharded.close()
+    for step in range(steps + 1):
+        if step == 1:
+            t0, seen = time.perf_counter(), 0
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(batches)
+            x, y = next(it)
+        loss, _ = train_step(model, x, y, opt, sched, bf16=bf16, channels_last=channels_last)
+        loss_sum += loss
+        seen += len(y)
+    float(loss_sum)  # one sync at the end, as the trainer syncs only every SYNC_SECONDS
+    return seen / (time.perf_counter() - t0)
+
+
+def default_rate(name: str, batches: TrainBatches, steps: int) -> float:
+    """Images/s of ``name``'s default training step (default recipe's precision, layout and
+    backend): what a baseline worker calls on this version (see baseline_worker.py)."""
+    recipe, cpu = Recipe(), torch.device("cpu")
+    bf16 = resolve_precision(recipe.precision, cpu) == "bf16"
+    return time_mnistkit(get_model(name), batches, steps, bf16, recipe.channels_last, recipe.backend)
 
 
 def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, experiments: str) -> dict:
@@ -274,39 +281,36 @@ def time_process(args: list[str], repeats: int = 5) -> float:
 
 
 def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats: int,
-                  limit: int | None = None, shards: int = 1) -> dict:
+                  limit: int | None = None, baseline: str | None = None) -> dict:
     """Seconds from process start to exit for one epoch of ``model`` with its test evaluation:
-    ``mnistkit train MODEL --epochs 1`` against ``bench/reference_epoch.py``, alternating,
-    medians of ``repeats``."""
-    exe = shutil.which("mnistkit") or str(Path(sys.executable).parent / "mnistkit")
+    ``python -m mnistkit train MODEL --epochs 1`` against ``bench/reference_epoch.py`` (and the
+    mnistkit in ``baseline``, by PYTHONPATH), alternating, medians of ``repeats``."""
     runs = Path(tempfile.mkdtemp(prefix="mnistkit-bench-runs-"))
     extra = ["--limit", str(limit)] if limit else []
-    commands = {
-        "mnistkit": [exe, "train", model, "--epochs", "1", "--data-dir", str(data_dir), "--runs-dir", str(runs),
-                     "--quiet", *extra],
-        "reference": [sys.executable, str(Path(__file__).with_name("reference_epoch.py")), str(root), model,
-                      "--workers", str(workers), *extra],
-    }
-    if shards:
-        commands["sharded"] = [*commands["mnistkit"], "--shards", str(shards)]
+    train = [sys.executable, "-m", "mnistkit", "train", model, "--epochs", "1", "--data-dir", str(data_dir),
+             "--runs-dir", str(runs), "--quiet", *extra]
+    commands = {"mnistkit": (train, None),
+                "reference": ([sys.executable, str(Path(__file__).with_name("reference_epoch.py")), str(root), model,
+                               "--workers", str(workers), *extra], None)}
+    if baseline:
+        commands["baseline"] = (train, {**os.environ, "PYTHONPATH": str(Path(baseline).resolve())})
     times: dict[str, list[float]] = {k: [] for k in commands}
     try:
         for _ in range(repeats):
-            for key, cmd in commands.items():
+            for key, (cmd, env) in commands.items():
                 t0 = time.perf_counter()
-                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=env)
                 times[key].append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"model": model, "epochs": 1, "mnistkit_seconds": round(med["mnistkit"], 2),
-           "reference_seconds": round(med["reference"], 2), "speedup": round(med["reference"] / med["mnistkit"], 2),
-           "mnistkit_runs": [round(v, 2) for v in times["mnistkit"]],
-           "reference_runs": [round(v, 2) for v in times["reference"]]}
-    if shards:
-        out.update({"shards": shards, "sharded_seconds": round(med["sharded"], 2),
-                    "sharded_speedup": round(med["reference"] / med["sharded"], 2),
-                    "sharded_runs": [round(v, 2) for v in times["sharded"]]})
+    out = {"model": model, "epochs": 1}
+    for key in commands:
+        out[f"{key}_seconds"] = round(med[key], 2)
+        out[f"{key}_runs"] = [round(v, 2) for v in times[key]]
+    out["speedup"] = round(med["reference"] / med["mnistkit"], 2)
+    if baseline:
+        out["baseline_speedup"] = round(med["reference"] / med["baseline"], 2)
     return out
 
 
@@ -326,14 +330,13 @@ def print_report(results: dict) -> None:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.0f}%"
 
-    print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit unsharded, default precision img/s "
+    print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default step img/s "
           "(speed-up) | train GFLOP/s fp32 / default precision | of fp32 ceiling (fp32 step) | of its precision's "
           "ceiling | eval img/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
         mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
-        if r.get("mnistkit_bn_relu") == "fused":
-            mode += " + fused BN+ReLU"
+        mode += f" + backend {r['mnistkit_backend']}"
         print(f"| {name} | {r['reference_images_per_s']:,.0f} | {r['mnistkit_fp32_images_per_s']:,.0f} "
               f"({r['speedup_fp32']:.2f}x) | {r['mnistkit_images_per_s']:,.0f} ({r['speedup']:.2f}x, {mode}) | "
               f"{r['train_gflops_fp32']:.1f} / {r['train_gflops']:.1f} | {pct(r['fraction_of_matmul_fp32'])} | "
@@ -341,27 +344,26 @@ def print_report(results: dict) -> None:
     others = {n: r for n, r in results["models"].items() if r.get("mnistkit_other_images_per_s")}
     for n, r in others.items():
         alt, default = r["mnistkit_other_images_per_s"], r["mnistkit_images_per_s"]
-        fused_ips, torch_ips = (alt, default) if r["mnistkit_other_bn_relu"] == "fused" else (default, alt)
-        print(f"\n{n}, the unsharded step with --bn-relu {r['mnistkit_other_bn_relu']} (same repeats): {alt:,.0f} img/s "
+        fused_ips, torch_ips = (alt, default) if r["mnistkit_other_backend"] == "fused" else (default, alt)
+        print(f"\n{n}, the step with --backend {r['mnistkit_other_backend']} (same repeats): {alt:,.0f} img/s "
               f"({alt / r['reference_images_per_s']:.2f}x the reference); the fused kernel gains "
               f"{fused_ips / torch_ips:.2f}x", end="")
     if others:
         print()
-    sharded = {n: r for n, r in results["models"].items() if r.get("sharded_images_per_s")}
-    if sharded:
-        print(f"\n| model | sharded step ({results['settings']['shards']} shards) img/s | vs reference | vs unsharded step "
-              "| train GFLOP/s | of its precision's ceiling |\n|---|---:|---:|---:|---:|---:|")
-        for n, r in sharded.items():
-            print(f"| {n} | {r['sharded_images_per_s']:,.0f} | {r['sharded_speedup']:.2f}x | "
-                  f"{r['sharded_images_per_s'] / r['mnistkit_images_per_s']:.2f}x | {r['train_gflops_sharded']:.1f} | "
-                  f"{pct(r['fraction_of_matmul_sharded'])} of {r['ceiling']} |")
+    based = {n: r for n, r in results["models"].items() if r.get("baseline_images_per_s")}
+    if based:
+        print(f"\n| model | baseline ({results['settings']['baseline']}) default step img/s | vs reference | "
+              "this version's default step img/s | vs reference | this / baseline |\n|---|---:|---:|---:|---:|---:|")
+        for n, r in based.items():
+            print(f"| {n} | {r['baseline_images_per_s']:,.0f} | {r['baseline_speedup']:.2f}x | "
+                  f"{r['mnistkit_images_per_s']:,.0f} | {r['speedup']:.2f}x | {r['vs_baseline']:.2f}x |")
     w = results.get("whole_process")
     if w:
         print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
               f"{len(w['mnistkit_runs'])} alternating): `mnistkit train {w['model']} --epochs 1` "
               f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
-        if w.get("sharded_seconds"):
-            print(f"; with --shards {w['shards']} {w['sharded_seconds']:.1f} s ({w['sharded_speedup']:.2f}x)", end="")
+        if w.get("baseline_seconds"):
+            print(f"; baseline {w['baseline_seconds']:.1f} s ({w['baseline_speedup']:.2f}x)", end="")
     for name, r in results.get("reference_full_runs", {}).items():
         print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
               f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "
@@ -389,10 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time one epoch of MODEL as whole processes: `mnistkit train MODEL --epochs 1` "
                          "against bench/reference_epoch.py")
     ap.add_argument("--whole-repeats", type=int, default=3)
-    ap.add_argument("--shards", type=int, default=1, help="also time the sharded step with N shards (N > 1)")
-    ap.add_argument("--whole-shards", type=int, default=0, metavar="N",
-                    help="with --whole-process, also time the epoch with --shards N (1: the unsharded step, "
-                         "beside the default's auto)")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also time the default step (and --whole-process epoch) of the mnistkit source tree in DIR")
     ap.add_argument("--from-json", default=None, metavar="FILE",
                     help="print the report of an earlier --json run instead of measuring")
     ap.add_argument("--reference-worker", default=None, metavar="ROOT", help=argparse.SUPPRESS)
@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.data_dir:
         ap.error("--data-dir is required to measure")
 
-    # as training does: freed memory kept for reuse (process-wide: the reference runs in its own)
+    # as the mnistkit command does: freed memory kept for reuse (process-wide: the reference and a
+    # baseline run in processes of their own)
     allocator = keep_freed_memory()
     data_dir = Path(args.data_dir)
     train = load_mnist("train", data_dir, download=False)
@@ -421,38 +422,40 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
                     "kept_memory": allocator, "reference_process": "own"},
         "settings": {"steps": args.steps, "repeats": args.repeats, "batch_size": args.batch_size,
-                     "workers": args.workers, "cli_repeats": args.cli_repeats, "shards": args.shards},
+                     "workers": args.workers, "cli_repeats": args.cli_repeats, "baseline": args.baseline},
         "models": {},
     }
-    reference = None
+    reference = baseline = None
     try:
         root = torchvision_root(data_dir, work)
         reference = ReferenceProcess(root, args.batch_size, args.workers, args.limit)
+        if args.baseline:
+            baseline = ReferenceProcess(root, args.batch_size, args.workers, args.limit, cmd=[
+                sys.executable, str(Path(__file__).with_name("baseline_worker.py")), args.baseline, str(data_dir),
+                "--batch-size", str(args.batch_size), *(["--limit", str(args.limit)] if args.limit else [])])
         ceilings = Ceilings()
         for name in [m for m in args.models.split(",") if m]:
             macs = summarize(get_model(name)).mult_adds
-            ref, mk, mk32, mk_other, mk_sharded = [], [], [], [], []
+            ref, mk, mk32, mk_other, base = [], [], [], [], []
             gen = torch.Generator().manual_seed(0)
             batches = TrainBatches(train, args.batch_size, device, Augment(), gen)
             default = Recipe()
             bf16 = resolve_precision(default.precision, device) == "bf16"
-            fused_on = resolve_bn_relu(default.bn_relu, device, default.channels_last) == "fused"
-            # the other BN+ReLU beside the default, where the fused kernel runs here
-            other = ("torch" if fused_on else "fused"
-                     if resolve_bn_relu("auto", device, default.channels_last) == "fused" else None)
+            backend = backends.resolve(default.backend, device, default.channels_last)[0]
+            # the other backend beside the default, where the fused kernel runs here
+            other = ("torch" if backend == "fused" else "fused"
+                     if backends.resolve("auto", device, default.channels_last)[0] == "fused" else None)
             for _ in range(args.repeats):  # alternate, so drift hits all alike
                 ceilings.sample()
                 ref.append(reference.time(name, args.steps))
                 torch.manual_seed(0)
-                mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last, fused_on))
+                mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last, backend))
                 if other:  # the same step with the other BatchNorm + ReLU: what the kernel gains
                     torch.manual_seed(0)
                     mk_other.append(time_mnistkit(get_model(name), batches, args.steps, bf16,
-                                                  default.channels_last, other == "fused"))
-                if args.shards > 1:
-                    torch.manual_seed(0)
-                    mk_sharded.append(time_mnistkit(get_model(name), batches, args.steps, bf16, True,
-                                                    shards=args.shards))
+                                                  default.channels_last, other))
+                if baseline:
+                    base.append(baseline.time(name, args.steps))
                 torch.manual_seed(0)
                 mk32.append(time_mnistkit(get_model(name), batches, args.steps, False, False))
             model = get_model(name)
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "mnistkit_fp32_images_per_s": round(mk32_ips, 1), "speedup_fp32": round(mk32_ips / ref_ips, 2),
                 "reference_runs": [round(v, 1) for v in ref], "mnistkit_runs": [round(v, 1) for v in mk],
                 "mnistkit_fp32_runs": [round(v, 1) for v in mk32],
-                "mnistkit_bn_relu": "fused" if fused_on else "torch", "mnistkit_other_bn_relu": other,
+                "mnistkit_backend": backend, "mnistkit_other_backend": other,
                 "mnistkit_other_images_per_s": round(statistics.median(mk_other), 1) if mk_other else None,
                 "mnistkit_other_runs": [round(v, 1) for v in mk_other],
                 "train_gflops": round(gflops, 2), "train_gflops_fp32": round(gflops32, 2),
@@ -484,25 +487,24 @@ def main(argv: list[str] | None = None) -> dict:
                 "fraction_of_matmul_fp32": fraction(gflops32, ceilings.rate("fp32")),
                 "eval_images_per_s": round(statistics.median(ev), 1),
             }
-            if mk_sharded:
-                sh_ips = statistics.median(mk_sharded)
+            if base:
+                base_ips = statistics.median(base)
                 results["models"][name].update({
-                    "sharded_images_per_s": round(sh_ips, 1), "sharded_speedup": round(sh_ips / ref_ips, 2),
-                    "sharded_runs": [round(v, 1) for v in mk_sharded],
-                    "train_gflops_sharded": round(sh_ips * 6 * macs / 1e9, 2),
-                    "fraction_of_matmul_sharded": fraction(sh_ips * 6 * macs / 1e9, ceilings.rate(precision))})
+                    "baseline_images_per_s": round(base_ips, 1), "baseline_speedup": round(base_ips / ref_ips, 2),
+                    "baseline_runs": [round(v, 1) for v in base], "vs_baseline": round(mk_ips / base_ips, 2)})
         results["matmul_gflops"] = {k: round(v, 1) if v else None for k in ("fp32", "bf16")
                                     for v in [ceilings.rate(k)]}
         results["matmul_samples"] = {k: [round(v, 1) for v in vs] for k, vs in ceilings.samples.items()}
         if args.whole_process:
             results["whole_process"] = whole_process(args.whole_process, root, data_dir, args.workers,
-                                                     args.whole_repeats, args.limit, args.whole_shards)
+                                                     args.whole_repeats, args.limit, args.baseline)
         for name in [m for m in args.full_run.split(",") if m]:
             results.setdefault("reference_full_runs", {})[name] = full_reference_run(
                 name, root, data_dir, args.workers, args.experiments)
     finally:
-        if reference is not None:
-            reference.close()
+        for worker in (reference, baseline):
+            if worker is not None:
+                worker.close()
         shutil.rmtree(work, ignore_errors=True)
     if args.cli_repeats:
         results["cli_seconds"] = {"mnistkit --help": round(time_process(["--help"], args.cli_repeats), 3),

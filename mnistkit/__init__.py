@@ -19,7 +19,7 @@ _LAZY = {
     "get_model": "mnistkit.models",
     "list_models": "mnistkit.models",
     "model_info": "mnistkit.models",
-    "summarize": "mnistkit.inspect",
+    "summarize": "mnistkit.summary",
     "Recipe": "mnistkit.recipe",
     "Augment": "mnistkit.recipe",
     "DataOptions": "mnistkit.recipe",

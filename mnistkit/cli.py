@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from mnistkit import __version__
-from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, BnRelu, Dataset, Precision, Recipe
+from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Backend, Dataset, Precision, Recipe
 
 try:  # Typer that vendors Click: its option errors derive from TyperException
     from typer import TyperException as ClickException
@@ -135,7 +135,7 @@ JSON = typer.Option(False, "--json", help="Print one JSON object on stdout inste
 
 def _models_overview(as_json: bool, budget: int) -> None:
     from mnistkit import render
-    from mnistkit.inspect import summarize
+    from mnistkit.summary import summarize
     from mnistkit.models import get_model, list_models, model_info
 
     rows = [(summarize(get_model(name), name=name, budget=budget), model_info(name).description)
@@ -159,7 +159,7 @@ def summary(
         _models_overview(as_json, budget)
         return
     from mnistkit import render
-    from mnistkit.inspect import summarize
+    from mnistkit.summary import summarize
     from mnistkit.models import get_model, model_info
 
     entry = model_info(model)
@@ -206,37 +206,6 @@ def recipe_cmd(
     sys.stdout.write(render.recipe_text(name, recipe.to_dict(), exp.described))
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``3`` means seeds 1, 2, 3; ``1,2,42`` is an explicit list."""
-    from mnistkit.errors import UsageError
-
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise UsageError(f"seeds must be a count (3 means seeds 1, 2, 3) or a comma-separated list of seeds, "
-                         f"not {text!r}") from None
-    if len(values) == 1:
-        if not 1 <= values[0] <= 100:
-            raise UsageError(f"a seed count must be 1 to 100, not {values[0]}")
-        return list(range(1, values[0] + 1))
-    if any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise UsageError(f"seeds must be distinct non-negative integers, not {text!r}")
-    return values
-
-
-def parse_shards(text: str) -> int | str:
-    """``--shards``: ``auto`` or a whole number from 1 to 64."""
-    from mnistkit.errors import UsageError
-
-    value = text.strip().lower()
-    if value == "auto":
-        return value
-    if value.isascii() and value.isdigit() and 1 <= int(value) <= 64:
-        return int(value)
-    raise UsageError(f"--shards must be auto or a whole number from 1 to 64, not {text!r}")
-
-
 @app.command("train", epilog=examples(
     "mnistkit train I3                                 an iteration with its change-log recipe",
     "mnistkit train I1 --seeds 3 --data-dir ../mnist   seeds 1, 2, 3; mean ± std at the end",
@@ -257,15 +226,10 @@ def train_cmd(
     precision: Optional[Precision] = typer.Option(None, "--precision", case_sensitive=False,
                                                   help="The training step's precision (default: auto = bf16 where "
                                                        "the hardware has it natively)."),
-    bn_relu: Optional[BnRelu] = typer.Option(None, "--bn-relu", case_sensitive=False,
-                                             help="What trains BatchNorm + ReLU in an unsharded step: torch (the "
-                                                  "default), fused (mnistkit's C kernel, CPU: faster, see the "
-                                                  "README), or auto (fused where it builds). A sharded step "
-                                                  "always uses the kernel."),
-    shards: Optional[str] = typer.Option(None, "--shards", metavar="N|auto",
-                                         help="Split each batch into N shards, one thread each (CPU; BatchNorm "
-                                              "over the whole batch, with the fused kernel). Default auto: 2 where "
-                                              "the process has 2+ threads, else 1. See the README's Speed."),
+    backend: Optional[Backend] = typer.Option(None, "--backend", case_sensitive=False,
+                                              help="How the step computes: auto (the default: fused where mnistkit's "
+                                                   "C kernel builds, else torch), torch (PyTorch's ops) or fused "
+                                                   "(BatchNorm + ReLU in the kernel; CPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
     dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
                                     help="mnist, or synthetic (made locally, no download)."),
@@ -284,74 +248,63 @@ def train_cmd(
 ) -> None:
     """Train a registered model with its iteration's recipe from the change-log."""
     from mnistkit import render
+    from mnistkit.backends.memory import keep_freed_memory, release_memory
     from mnistkit.errors import UsageError
-    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.experiments import find_experiments
+    from mnistkit.plan import make_plan, parse_seeds, train_plan
     from mnistkit.recipe import DataOptions
-    from mnistkit.training import resume as resume_run, train
+    from mnistkit.training import resume as resume_run
 
     console = render.stderr() if as_json else render.stdout()
-
     pending: list[str] = []  # said on stderr once training starts, so that an error stays one line
 
     def run(call: Callable, *args: Any, **kwargs: Any) -> dict:
         display = render.TrainDisplay(console, quiet=quiet, preamble=list(pending))
         pending.clear()
         try:
-            result = call(*args, device=device, callback=display, **kwargs).to_dict()
+            result = call(*args, callback=display, **kwargs).to_dict()
         finally:
             display.close()
         if not quiet:
             console.print(render.train_result(result), highlight=False)
         return result
 
+    def seeds_done(name: str, group: list[dict]) -> None:
+        if len(group) > 1 and not quiet:
+            console.print(render.seeds_table(group, plan.experiments.constraints.get("min_test_acc")))
+
     if resume is not None:
         given = [name for name, v in (("MODEL", model), ("--all", all_iterations or None), ("--epochs", epochs),
                                       ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed), ("--seeds", seeds),
                                       ("--limit", limit), ("--val", val or None), ("--data-dir", data_dir),
-                                      ("--precision", precision), ("--bn-relu", bn_relu), ("--shards", shards),
+                                      ("--precision", precision), ("--backend", backend),
                                       ("--experiments", experiments))
                  if v is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
-        result = run(resume_run, resume)
-        if as_json:
-            _print_json(result)
-        return
-    if seed is not None and seeds is not None:
+    elif seed is not None and seeds is not None:
         raise UsageError("give --seed or --seeds, not both")
-    shard_count = parse_shards(shards) if shards is not None else None
-    seed_list = parse_seeds(seeds) if seeds is not None else [seed]
-    if all_iterations and model is not None:
+    elif all_iterations and model is not None:
         raise UsageError("--all trains every iteration; drop MODEL")
-    exp = find_experiments(experiments)
-    pending.append(exp.described)
-    data = DataOptions(dataset.value, data_dir, limit, val)
-    if all_iterations:
-        models = [it.model for it in exp.iterations]
-    else:
-        from mnistkit.models import list_models, model_info
-
-        models = [model_info(model).name if model else (exp.iterations[-1].model if exp.iterations else list_models()[-1])]
-    for name in models:
-        if exp.iteration_for_model(name) is None:
-            pending.append(f"note: {name} is not in {exp.path}; it trains with the default recipe")
-    results = []
-    for name in models:
-        group = []
-        for s in seed_list:
-            recipe = resolve_recipe(name, exp, epochs=epochs, batch_size=batch_size, lr=lr, seed=s,
-                                    precision=precision.value if precision else None,
-                                    bn_relu=bn_relu.value if bn_relu else None, shards=shard_count)
-            group.append(run(train, name, recipe, data, runs_dir=runs_dir))
-        if len(group) > 1 and not quiet:
-            target = exp.constraints.get("min_test_acc")
-            console.print(render.seeds_table(group, target))
-        results += group
+    keep_freed_memory()   # the CLI's process only: each step's buffers are reused, not faulted in anew
+    try:
+        if resume is not None:
+            result = run(resume_run, resume, device=device)
+            if as_json:
+                _print_json(result)
+            return
+        plan = make_plan(find_experiments(experiments), model, all_iterations,
+                         parse_seeds(seeds) if seeds is not None else [seed])
+        pending += [plan.experiments.described, *plan.notes]
+        overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                     "precision": precision.value if precision else None, "backend": backend.value if backend else None}
+        results = train_plan(plan, DataOptions(dataset.value, data_dir, limit, val), overrides, device, runs_dir,
+                             run=run, on_group=seeds_done)
+    finally:
+        release_memory()
     if as_json:
-        if len(results) == 1:
-            _print_json({**results[0], "experiments": str(exp.path)})
-        else:
-            _print_json({"experiments": str(exp.path), "runs": results})
+        path = str(plan.experiments.path)
+        _print_json({**results[0], "experiments": path} if len(results) == 1 else {"experiments": path, "runs": results})
 
 
 @app.command("evaluate", epilog=examples("mnistkit evaluate runs/I3-20261125-101500",
@@ -374,7 +327,7 @@ def evaluate_cmd(
     """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
     from mnistkit import render
     from mnistkit.evaluation import evaluate_checkpoint
-    from mnistkit.runs import check_output, write_output
+    from mnistkit.outputs import check_output, write_output
 
     for path in (errors, confusion):
         if path:
@@ -479,7 +432,7 @@ def compare_cmd(
     from mnistkit import compare, render
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.runs import check_output, write_output
+    from mnistkit.outputs import check_output, write_output
 
     formats = ("table", "markdown", "json", "csv")
     if as_json and fmt not in (None, "json"):
@@ -571,7 +524,7 @@ def sweep_cmd(
         t0 = time.perf_counter()
         try:
             last_records = run_sweep(spec, runs_dir, workers=workers, ray=ray, device=device, resume=resume,
-                                     on_result=said)
+                                     on_result=said, keep_memory=True)
         except KeyboardInterrupt:
             fail(f"interrupted; run only what is missing with: mnistkit sweep {spec_file} --resume", 130)
         seconds = time.perf_counter() - t0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mnistkit.errors import DataError, UsageError
-from mnistkit.recipe import Augment, DataOptions, choices, Dataset, expand_path
+from mnistkit.recipe import MEAN, STD, Augment, DataOptions, choices, Dataset, expand_path
 
 __all__ = [
     "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",
@@ -33,7 +33,6 @@ __all__ = [
     "TrainBatches", "EvalBatches",
 ]
 
-MEAN, STD = 0.1307, 0.3081
 DATASETS = choices(Dataset)
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -16,34 +16,51 @@ from mnistkit.data import EvalBatches, load_dataset, resolve_data_dir
 from mnistkit.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
 from mnistkit.models import get_model
-from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.runs import EpochMetrics, load_checkpoint, resolve_checkpoint
+from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
+from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
+from mnistkit.metrics import EpochMetrics
 
 EVAL_CHUNK = 256
 
 
+def _fold_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(Sequential path, conv child, BatchNorm child) for every Conv2d directly followed by a
+    BatchNorm2d with running statistics, in a plain ``nn.Sequential``."""
+    pairs = []
+    for path, seq in model.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.running_mean is not None):
+                pairs.append((path, a, b))
+    return pairs
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An inference copy of ``model`` in which every BatchNorm that directly follows a
-    convolution (children ``conv`` then ``bn`` of one ``nn.Sequential``, as ``conv_bn_relu``
-    builds them) is folded into that convolution's weights and bias, with the BatchNorm's
-    running statistics: one pass over the activations instead of two. ``model`` itself is not
-    changed; a model without such pairs comes back as it is."""
+    convolution in a plain ``nn.Sequential`` is folded into that convolution's weights and bias,
+    with the BatchNorm's running statistics: one pass over the activations instead of two.
+    ``model`` itself is not changed; a model without such pairs comes back as it is. A
+    BatchNorm that applies its ReLU itself (a backend's fused block: ``includes_relu``) leaves
+    its ReLU in its place."""
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    paths = [path for path, m in model.named_modules() if isinstance(m, nn.Sequential)
-             and isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)]
-    if not paths:
+    pairs = _fold_pairs(model)
+    if not pairs:
         return model
     folded = copy.deepcopy(model).eval()
-    for path in paths:
-        block = folded.get_submodule(path)
-        channels_last = block.conv.weight.is_contiguous(memory_format=torch.channels_last)
-        block.conv = fuse_conv_bn_eval(block.conv, block.bn)
-        if channels_last:  # keep the layout the model was built for
-            block.conv = block.conv.to(memory_format=torch.channels_last)
-        block.bn = nn.Identity()
+    for path, a, b in pairs:
+        seq = folded.get_submodule(path)
+        conv, bn = seq._modules[a], seq._modules[b]
+        channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last)
+        conv = fuse_conv_bn_eval(conv, bn)
+        seq._modules[a] = conv.to(memory_format=torch.channels_last) if channels_last else conv
+        seq._modules[b] = nn.ReLU() if getattr(bn, "includes_relu", False) else nn.Identity()
     return folded
 
 
@@ -109,7 +126,7 @@ def checkpoint_recipe(checkpoint: dict[str, Any], where: str = "checkpoint") -> 
     if not isinstance(recipe, dict):
         raise RunError(f"{where} holds no readable recipe; it is not a mnistkit checkpoint")
     try:
-        return Recipe.from_dict(recipe, where=f"{where} recipe")
+        return Recipe.from_dict(upgrade_recorded(recipe)[0], where=f"{where} recipe")
     except UsageError as exc:  # a damaged file, not a bad option: exit code 1
         raise RunError(str(exc)) from None
 

@@ -67,7 +67,7 @@ class ExportResult:
 
 def _load(target: str | os.PathLike) -> tuple[Path, dict[str, Any], Any, torch.nn.Module]:
     from mnistkit.evaluation import checkpoint_recipe, load_model
-    from mnistkit.runs import load_checkpoint, resolve_checkpoint
+    from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
@@ -104,7 +104,7 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
     """Write the checkpoint of ``target`` as ``fmt`` (onnx or safetensors) to ``output``
     (default: beside the checkpoint, ``model.onnx`` / ``model.safetensors``). An ONNX file is
     checked on the run's own test set unless ``check`` is off."""
-    from mnistkit.runs import check_output, write_output
+    from mnistkit.outputs import check_output, write_output
 
     if fmt not in FORMATS:
         from mnistkit.errors import UsageError

@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from mnistkit.errors import UnknownModelError
-from mnistkit.fused import ConvBNReLU
 
 __all__ = ["ModelEntry", "register_model", "get_model", "list_models", "model_info"]
 
@@ -76,10 +75,9 @@ def get_model(name: str, **kwargs) -> nn.Module:
 # --------------------------------------------------------------------------- building blocks
 
 
-def conv_bn_relu(cin: int, cout: int, padding: int = 1, bias: bool = False) -> ConvBNReLU:
-    """3x3 convolution, BatchNorm, ReLU. A bias before BN is redundant (BN's shift absorbs it).
-    An ``nn.Sequential`` whose BN and ReLU the trainer may fuse (mnistkit.fused)."""
-    return ConvBNReLU(
+def conv_bn_relu(cin: int, cout: int, padding: int = 1, bias: bool = False) -> nn.Sequential:
+    """3x3 convolution, BatchNorm, ReLU. A bias before BN is redundant (BN's shift absorbs it)."""
+    return nn.Sequential(
         OrderedDict(
             conv=nn.Conv2d(cin, cout, 3, padding=padding, bias=bias),
             bn=nn.BatchNorm2d(cout),
@@ -115,7 +113,7 @@ def place_dropout(layers: OrderedDict, at: str, p: float) -> OrderedDict:
         if isinstance(layer, nn.Dropout):
             continue
         placed[name] = layer
-        if isinstance(layer, ConvBNReLU):
+        if isinstance(layer, nn.Sequential) and isinstance(getattr(layer, "bn", None), nn.BatchNorm2d):
             placed[f"drop_{name}"] = nn.Dropout(p)
     return placed
 

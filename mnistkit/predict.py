@@ -155,7 +155,7 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
     An image that cannot be used gets ``error`` set; the others are predicted."""
     from mnistkit.device import resolve_device
     from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, load_model
-    from mnistkit.runs import load_checkpoint, resolve_checkpoint
+    from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)

@@ -16,11 +16,12 @@ from typing import Any
 
 from mnistkit.errors import UsageError
 
-__all__ = ["Dataset", "Precision", "BnRelu", "Scheduler", "Optimizer", "Interpolation", "Augment", "Recipe", "DataOptions",
-           "DEFAULT_BUDGET", "DEFAULT_RUNS_DIR", "choices", "expand_path"]
+__all__ = ["Dataset", "Precision", "Backend", "Scheduler", "Interpolation", "Augment", "Recipe", "DataOptions",
+           "DEFAULT_BUDGET", "DEFAULT_RUNS_DIR", "MEAN", "STD", "choices", "expand_path", "upgrade_recorded"]
 
 DEFAULT_BUDGET = 20_000  # the assignment's parameter budget (strictly fewer)
 DEFAULT_RUNS_DIR = "runs"
+MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel mean and standard deviation
 
 
 class _Choice(str, Enum):
@@ -39,20 +40,16 @@ class Precision(_Choice):
     bf16 = "bf16"
 
 
-class BnRelu(_Choice):
+class Backend(_Choice):
     auto = "auto"
-    fused = "fused"
     torch = "torch"
+    fused = "fused"
 
 
 class Scheduler(_Choice):
     onecycle = "onecycle"
     step = "step"
     none = "none"
-
-
-class Optimizer(_Choice):
-    sgd = "sgd"
 
 
 class Interpolation(_Choice):
@@ -119,7 +116,6 @@ class Recipe:
     epochs: int = 15
     batch_size: int = 256
     test_batch_size: int = 1024
-    optimizer: str = "sgd"
     lr: float = 0.2  # the maximum LR for OneCycleLR, the initial LR for StepLR
     momentum: float = 0.9
     # OneCycleLR cycles the momentum against the LR, between momentum - momentum_cycle (at the
@@ -148,8 +144,8 @@ class Recipe:
     # weight in the statistics that evaluation uses
     bn_momentum: float = 0.1
     augment: Augment = field(default_factory=Augment)
-    mean: float = 0.1307
-    std: float = 0.3081
+    mean: float = MEAN
+    std: float = STD
     seed: int = 42
     # bf16 autocast for the training step (the convolutions and the linear layer compute in bf16,
     # and BatchNorm then takes and gives bf16 with fp32 statistics; the loss, the weights and
@@ -157,25 +153,14 @@ class Recipe:
     # CPUs with AVX512-BF16/AMX), else fp32
     precision: str = "auto"
     channels_last: bool = True
-    # what trains BatchNorm + ReLU in an unsharded step: "torch" (PyTorch's two ops), "fused"
-    # (mnistkit's C kernel, CPU and channels_last only; see mnistkit/fused.py) or "auto" (fused
-    # where it can be built); a run records the resolved value, and runs recorded before 0.4 read
-    # as "torch". A sharded step (shards > 1) always uses the kernel, and records "fused". On the
-    # validation split the kernel's accuracy did not differ from PyTorch's beyond noise (I3, 12
-    # paired seeds: -0.015 point, standard error 0.016; I4, 8 pairs: +0.045, SE 0.030)
-    bn_relu: str = "torch"
-    # data-parallel shards per training step on the CPU (mnistkit/parallel.py): each batch is
-    # split into this many row blocks, each trained by its own thread with a share of the
-    # intra-op threads, BatchNorm's statistics taken over the whole batch (in the fused kernel,
-    # which it needs); Dropout's masks come from one generator per shard, so a sharded run is its
-    # own run (the same for the same number of shards and threads). "auto": 2 where the process
-    # has 2 or more threads, the device is the CPU, channels_last is on and the kernel builds,
-    # else 1 (one thread over the whole batch, as before 0.7); a run records the resolved number
-    shards: int | str = "auto"
+    # how the training step computes (mnistkit/backends): "torch" (PyTorch's own ops), "fused"
+    # (BatchNorm -> ReLU pairs trained by mnistkit's C kernel; CPU, channels_last) or "auto"
+    # (fused where the kernel builds and passes its self-test, else torch). The run records the
+    # resolved one. No figure depends on it beyond rounding: the same network, the same step
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for key, enum in (("optimizer", Optimizer), ("scheduler", Scheduler), ("precision", Precision),
-                          ("bn_relu", BnRelu)):
+        for key, enum in (("scheduler", Scheduler), ("precision", Precision), ("backend", Backend)):
             object.__setattr__(self, key, check_choice(getattr(self, key), enum, key))
         _check("", [
             ("epochs", self.epochs >= 1, "must be at least 1"),
@@ -200,8 +185,6 @@ class Recipe:
             ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0: no clipping)"),
             ("ema", 0 <= self.ema < 1, "must be in [0, 1) (0: no moving average)"),
             ("bn_momentum", 0 < self.bn_momentum <= 1, "must be in (0, 1]"),
-            ("shards", self.shards == "auto" or (isinstance(self.shards, int) and not isinstance(self.shards, bool)
-                        and 1 <= self.shards <= 64), "must be auto or a whole number in [1, 64] (1: no sharding)"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
         ], self)
@@ -220,6 +203,9 @@ class Recipe:
         out = {}
         for name, value in data.items():
             key = prefix + str(name)
+            if name in REPLACED:
+                detail = REPLACED[name]
+                raise UsageError(f"{where}: {key} {detail}", key=key, detail=detail)
             if name not in fields:
                 detail = f"unknown key; known keys: {', '.join(sorted(fields))}"
                 raise UsageError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}",
@@ -229,13 +215,10 @@ class Recipe:
                 out[name] = value
                 continue
             expected = type(default)
-            if name in _INT_OR_AUTO and isinstance(value, int) and not isinstance(value, bool):
-                expected = int
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-                kind = "auto or a whole number" if name in _INT_OR_AUTO else expected.__name__
-                detail = f"must be {kind}, not {type(value).__name__} ({value!r})"
+                detail = f"must be {expected.__name__}, not {type(value).__name__} ({value!r})"
                 raise UsageError(f"{where}: {key} {detail}", key=key, detail=detail)
             out[name] = value
         return out
@@ -261,8 +244,25 @@ class Recipe:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-# recipe keys that take a whole number or "auto" (their default)
-_INT_OR_AUTO = {"shards"}
+def upgrade_recorded(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """A recipe as a run recorded it (config.yaml, a checkpoint) in today's keys, and the number
+    of shards per step it trained with (0.7 and 0.8 split batches; 1 otherwise). Runs before 0.4
+    lack bn_relu (PyTorch's ops), runs before 0.7 lack shards (one thread, the whole batch)."""
+    data = dict(data)
+    bn_relu, shards = data.pop("bn_relu", "torch"), data.pop("shards", 1)
+    data.pop("optimizer", None)
+    shards = shards if isinstance(shards, int) and not isinstance(shards, bool) and shards > 0 else 1
+    data.setdefault("backend", "fused" if bn_relu == "fused" or shards > 1 else "torch")
+    return data, shards
+
+
+# recipe keys of earlier versions, and what took their place (a change-log or sweep spec that
+# still has one gets this line; run folders that recorded them are read by runs.read_config)
+REPLACED = {
+    "bn_relu": "was replaced by backend in 0.9 (auto, torch or fused); rename the key",
+    "shards": "was removed in 0.9 (sharded steps are gone; backend auto is faster); delete the key",
+    "optimizer": "was removed in 0.9 (it was never read: the optimizer is SGD); delete the key",
+}
 
 
 @dataclass(frozen=True)

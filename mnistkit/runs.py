@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
-import math
 import os
-import pickle
-import re
 import signal
-import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -28,105 +22,11 @@ import yaml
 
 from mnistkit import strictjson
 from mnistkit.errors import RunError, UsageError
-from mnistkit.recipe import DataOptions, Recipe
+from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
+from mnistkit.checkpoint import checkpoint_bytes, save_checkpoint
+from mnistkit.metrics import EpochMetrics, best_row, check_epochs, metrics_text, selected_on
+from mnistkit.outputs import atomic_write, atomic_write_all
 from mnistkit.safeio import load_yaml_bounded, read_text_bounded
-
-CHECKPOINT_FORMAT = "mnistkit-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-def _umask_mode() -> int:
-    """The mode an ordinary ``open(path, "w")`` gives a new file under the current umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _stage(path: Path, raw: bytes) -> str:
-    """Write ``raw`` to a temporary file beside ``path``, fsynced, with the mode an ordinary
-    ``open()`` would give (a replaced file keeps its own), not mkstemp's 0600. Returns its name."""
-    try:
-        mode = path.stat().st_mode & 0o7777 if path.is_file() else _umask_mode()
-    except OSError:
-        mode = _umask_mode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``: readers
-    see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = _stage(path, data.encode() if isinstance(data, str) else data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
-    """Several files, all or none: every one is staged (the step that needs disk space and can
-    fail) before any is renamed into place, in the order given."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, raw in files:
-            staged.append((_stage(path, raw), path))
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-
-
-def check_output(path: str | os.PathLike) -> None:
-    """Refuse, before anything is written, an output path that cannot be written: a folder, a
-    missing parent folder, a symlink loop. (A command writing two outputs checks both first.)"""
-    path = Path(path)
-    try:
-        if path.is_dir():
-            raise RunError(f"cannot write {path}: it is a folder; give a file name")
-        parent = Path(os.path.realpath(path)).parent
-        if not parent.is_dir():
-            raise RunError(f"cannot write {path}: the folder {parent} does not exist; create it or choose another path")
-    except OSError as exc:
-        raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
-
-
-def write_output(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write a file the user named (a report, a plot). A regular file, or a new one, is replaced
-    atomically; a symlink is followed and its target written (the link stays a link); anything
-    else that exists (a device, a pipe, /dev/stdout) is written directly, never replaced."""
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    try:
-        try:
-            st = os.stat(path)  # follows symlinks
-        except FileNotFoundError:
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode):
-            raise RunError(f"cannot write {path}: it is a folder; give a file name")
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            with open(path, "wb") as fh:
-                fh.write(raw)
-            return
-        atomic_write(Path(os.path.realpath(path)), raw)
-    except OSError as exc:
-        raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
-
 
 def new_run_dir(runs_dir: str | os.PathLike, model: str, name: str | None = None) -> Path:
     """A new, empty run folder: ``<model>-<timestamp>``, or exactly ``name`` (a sweep's trial),
@@ -173,6 +73,7 @@ class RunConfig:
     recipe: Recipe
     data: DataOptions
     measured_on: dict[str, Any]  # empty for runs recorded before mnistkit checked its data
+    shards: int = 1  # rows blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -186,9 +87,8 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
         raise RunError(f"{path} is not a mnistkit run config (it needs a model name and a recipe); "
                        "the run folder is damaged")
     try:
-        # runs recorded before 0.4 lack bn_relu: they trained with PyTorch's BatchNorm and ReLU;
-        # runs recorded before 0.7 lack shards: one thread trained each whole batch
-        recipe = Recipe.from_dict({"bn_relu": "torch", "shards": 1, **data["recipe"]}, where=f"{path} recipe")
+        recorded, shards = upgrade_recorded(data["recipe"])
+        recipe = Recipe.from_dict(recorded, where=f"{path} recipe")
         options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
     except (UsageError, TypeError) as exc:  # a damaged file, not a bad option
         raise RunError(f"{exc}; the run folder is damaged") from None
@@ -200,46 +100,7 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
 
     if not isinstance(measured_on, dict) or (measured_on and any(wrong(k, t) for k, t in MEASURED_ON.items())):
         raise RunError(f"{path}: measured_on is not what mnistkit writes; the run folder is damaged")
-    return RunConfig(path, data["model"], recipe, options, dict(measured_on))
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    """One line of metrics.jsonl: what one finished epoch measured. Accuracies in percent."""
-
-    epoch: int
-    train_loss: float
-    train_acc: float
-    test_loss: float
-    test_acc: float
-    lr: float
-    seconds: float
-    train_images_per_s: float
-    val_loss: float | None = None  # only when the run holds out a validation split
-    val_acc: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "metrics") -> "EpochMetrics":
-        if not isinstance(data, dict):
-            raise RunError(f"{where} is not a metrics row; the run folder is damaged")
-        values = {}
-        for f in dataclasses.fields(cls):
-            value = data.get(f.name)
-            if value is None and f.default is None:
-                continue
-            ok = isinstance(value, int) if f.type == "int" else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok or not math.isfinite(value):
-                raise RunError(f"{where}: {f.name} is {value!r}, not a finite number; the run folder is damaged")
-            values[f.name] = value
-        return cls(**values)
-
-
-def metrics_text(rows: list[EpochMetrics]) -> str:
-    """metrics.jsonl: one strict-JSON line per epoch."""
-    return "".join(strictjson.dumps(r.to_dict()) + "\n" for r in rows)
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards)
 
 
 def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:
@@ -260,26 +121,6 @@ def read_metrics(run_dir: Path) -> list[EpochMetrics]:
             rows.append(EpochMetrics.from_dict(data, where=f"{path}:{n}"))
     check_epochs(rows, str(path))
     return rows
-
-
-def check_epochs(rows: list[EpochMetrics], where: str) -> None:
-    if [r.epoch for r in rows] != list(range(1, len(rows) + 1)):
-        raise RunError(f"{where} lists epochs {[r.epoch for r in rows][:10]}, not 1, 2, 3, ...; the run folder "
-                       "is damaged")
-
-
-def selected_on(metrics: list[EpochMetrics]) -> str:
-    """Which split chooses the best epoch: ``validation`` when the run holds one out, else
-    ``test`` (then "best" is optimistic by construction, and every display says so)."""
-    return "validation" if metrics and metrics[0].val_acc is not None else "test"
-
-
-def best_row(metrics: list[EpochMetrics]) -> EpochMetrics:
-    """The epoch best.pt holds: the highest validation accuracy when the run has a validation
-    split, else the highest test accuracy; the earliest on ties."""
-    if selected_on(metrics) == "validation":
-        return max(metrics, key=lambda r: (r.val_acc if r.val_acc is not None else -1.0, -r.epoch))
-    return max(metrics, key=lambda r: (r.test_acc, -r.epoch))
 
 
 class Terminated(KeyboardInterrupt):
@@ -386,143 +227,6 @@ class RunWriter:
             atomic_write_all(files)  # metrics.jsonl last: whatever it lists, the checkpoints hold
             self.metrics = metrics
         return is_best
-
-
-def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, **payload}, buffer)
-    return buffer.getvalue()
-
-
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    atomic_write(path, checkpoint_bytes(payload))
-
-
-def resolve_checkpoint(target: str | os.PathLike) -> Path:
-    """A run folder means its ``best.pt`` (else ``last.pt``); a file means itself."""
-    path = Path(target)
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                return path / name
-        raise RunError(f"{path} has no checkpoint (best.pt or last.pt); is it a run folder?")
-    if not path.exists():
-        raise RunError(f"{path} does not exist; pass a run folder (e.g. runs/I3-...) or a .pt checkpoint")
-    return path
-
-
-def load_checkpoint(target: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a mnistkit checkpoint safely (``weights_only=True``: no code can run)."""
-    import torch
-
-    path = resolve_checkpoint(target)
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's weights-only unpickler refused the file: whatever its payload (a call to exec,
-        # os.system, an old pickle protocol's opcodes), it is not a plain weights file
-        named = re.search(r"GLOBAL (\S+)", str(exc))
-        call = named.group(1) if named else (_foreign_call(path) if "Weights only load failed" in str(exc) else None)
-        if call:
-            raise RunError(f"{path} was refused as unsafe: it asks to call {call} while loading, which could run "
-                           "code; a mnistkit checkpoint holds only tensors and plain values") from None
-        raise RunError(f"{path} is truncated or corrupt (not a readable checkpoint); use another checkpoint "
-                       "or re-run training") from None
-    except PermissionError:
-        raise RunError(f"cannot read {path}: permission denied; check its permissions") from None
-    except Exception as exc:  # any other failure to parse an untrusted file means the same to a user
-        raise RunError(f"{path} is truncated or corrupt ({type(exc).__name__}); use another checkpoint "
-                       "or re-run training") from None
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"{path} is not a mnistkit checkpoint (a foreign file?)")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise RunError(f"{path} has checkpoint format version {version}, newer than this mnistkit "
-                       f"understands ({CHECKPOINT_VERSION}); upgrade mnistkit")
-    _check_checkpoint(data, path)
-    return data
-
-
-_SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
-
-
-def _foreign_call(path: Path) -> str | None:
-    """The first callable outside torch's own that a pickle asks for, found by parsing its
-    opcodes (never by running them): every pickle protocol, raw or inside a torch zip file."""
-    import pickletools
-    import zipfile
-
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                raw = zf.read(name)[: 64 << 20] if name else b""
-        else:
-            with open(path, "rb") as fh:
-                raw = fh.read(64 << 20)
-    except (OSError, zipfile.BadZipFile, KeyError):
-        return None
-    strings: list[str] = []
-    start = 0
-    while start < len(raw):  # torch's legacy format is several pickles one after another
-        try:
-            end = start
-            for op, arg, pos in pickletools.genops(raw[start:]):
-                end = start + pos
-                if isinstance(arg, str):
-                    strings.append(arg)
-                name = None
-                if op.name in ("GLOBAL", "INST"):
-                    name = str(arg).replace(" ", ".")
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    name = f"{strings[-2]}.{strings[-1]}"
-                if name and not name.startswith(_SAFE_MODULES):
-                    return name
-        except Exception:  # not (or no longer) a pickle
-            return None
-        start = end + 1
-    return None
-
-
-def _check_checkpoint(data: dict[str, Any], path: Path) -> None:
-    """Shape and types of what every mnistkit checkpoint holds; a damaged one is one error."""
-    import torch
-
-    def bad(what: str) -> RunError:
-        return RunError(f"{path} is damaged: {what}; use another checkpoint or re-run training")
-
-    if not isinstance(data.get("model"), str):
-        raise bad("it names no model")
-    epoch = data.get("epoch")
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise bad(f"its epoch is {epoch!r}")
-    state = data.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise bad("its weights are not a mapping of names to tensors")
-    metrics = data.get("metrics")
-    if not isinstance(metrics, list):
-        raise bad("it holds no metrics")
-    rows = [EpochMetrics.from_dict(r, where=f"{path} metrics") for r in metrics]
-    check_epochs(rows, f"{path} metrics")
-    if len(rows) < epoch:
-        raise bad(f"it is at epoch {epoch} but lists {len(rows)} epochs of metrics")
-
-
-def check_resumable(data: dict[str, Any], path: Path) -> None:
-    """What ``last.pt`` needs beyond the weights to resume exactly: optimizer, scheduler, RNG."""
-    import torch
-
-    rng = data.get("rng")
-    ok = (isinstance(data.get("optimizer"), dict) and (data.get("scheduler") is None or isinstance(data["scheduler"], dict))
-          and isinstance(rng, dict) and isinstance(rng.get("python"), (tuple, list))
-          and isinstance(rng.get("torch"), torch.Tensor) and isinstance(rng.get("data"), torch.Tensor)
-          and len(data.get("metrics") or []) == data.get("epoch"))
-    if not ok:
-        raise RunError(f"{path} cannot be resumed: its optimizer, scheduler or random-number state is missing or "
-                       "damaged; start a new run")
 
 
 def find_runs(runs_dir: str | os.PathLike) -> list[Path]:

@@ -200,11 +200,23 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     skip it if it finished. Never raises for a trial's own failure: it is recorded."""
     import torch
 
+    if payload.get("keep_memory"):   # what the CLI asks for its own process, asked here by its worker
+        from mnistkit.backends.memory import keep_freed_memory
+
+        keep_freed_memory()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(payload["threads"])
+    try:
+        return _run_trial(payload)
+    finally:
+        torch.set_num_threads(threads)   # a trial run in the caller's process leaves its threads as they were
+
+
+def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     from mnistkit.experiments import find_experiments
     from mnistkit.runs import summarize_run
     from mnistkit.training import resume, train
 
-    torch.set_num_threads(payload["threads"])
     trial: Trial = payload["trial"]
     root = Path(payload["root"])
     folder = root / trial.name
@@ -257,10 +269,12 @@ def default_workers() -> int:
 
 def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, workers: int | None = None,
               ray: str | None = None, device: str = "cpu", resume: bool = False,
-              on_result: Callable[[dict[str, Any], int], None] | None = None) -> list[dict[str, Any]]:
+              on_result: Callable[[dict[str, Any], int], None] | None = None,
+              keep_memory: bool = False) -> list[dict[str, Any]]:
     """Run every trial of ``spec`` (those not finished yet when ``resume``); returns one record
     per trial, in the spec's order. Local workers by default; ``ray`` = ``auto``, an address,
-    or ``local`` (an embedded Ray on this machine) runs them as Ray tasks."""
+    or ``local`` (an embedded Ray on this machine) runs them as Ray tasks. ``keep_memory``:
+    each worker keeps freed memory for reuse (``backends.memory``; the CLI asks for it)."""
     root = Path(runs_dir) / spec.name
     if root.exists() and any(root.iterdir()) and not resume:
         raise UsageError(f"{root} already holds trials of this sweep; add --resume to run only what is missing, "
@@ -271,7 +285,7 @@ def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, w
         raise UsageError("workers must be at least 1")
     threads = max(1, (os.cpu_count() or 1) // workers)
     base = {"root": str(root), "recipe": spec.recipe, "data": spec.data.to_dict(), "device": device,
-            "experiments": spec.experiments, "threads": threads}
+            "experiments": spec.experiments, "threads": threads, "keep_memory": keep_memory}
     payloads = [{**base, "trial": t} for t in spec.trials]
     done: dict[str, dict[str, Any]] = {}
 
@@ -330,7 +344,7 @@ def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: 
     except ImportError:
         raise MnistkitError("running trials on Ray needs ray, which is not installed; install it with "
                             "pip install 'mnistkit[ray]' (or pip install ray)") from None
-    from mnistkit.runs import atomic_write
+    from mnistkit.outputs import atomic_write
 
     if not ray.is_initialized():
         try:

@@ -14,7 +14,8 @@ from mnistkit.cli import app
 from mnistkit.errors import ExperimentsError
 from mnistkit.experiments import find_experiments, load_experiments
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.runs import EpochMetrics, write_metrics
+from mnistkit.metrics import EpochMetrics
+from mnistkit.runs import write_metrics
 from mnistkit.training import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,8 @@ import torch
 from mnistkit.cli import app
 from mnistkit.errors import RunError
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.runs import CHECKPOINT_VERSION, load_checkpoint, read_metrics, save_checkpoint
+from mnistkit.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from mnistkit.runs import read_metrics
 from mnistkit.training import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,7 +24,7 @@ import yaml
 
 from mnistkit.cli import app
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.runs import load_checkpoint
+from mnistkit.checkpoint import load_checkpoint
 from mnistkit.training import train
 
 from helpers import write_fake_mnist

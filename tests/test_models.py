@@ -87,7 +87,7 @@ def test_public_api_is_lazy_and_complete():
 
 
 def test_i4_meets_its_constraints():
-    from mnistkit.inspect import summarize
+    from mnistkit.summary import summarize
 
     s = summarize(get_model("I4"), name="I4", budget=5000)
     assert s.trainable_params == 4_964 < 5_000 and s.within_budget

@@ -9,7 +9,8 @@ from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate_checkpoint, per_class_report
 from mnistkit.experiments import resolve_recipe
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.runs import load_checkpoint, read_config, read_metrics
+from mnistkit.checkpoint import load_checkpoint
+from mnistkit.runs import read_config, read_metrics
 from mnistkit.training import resume, train
 
 SYN = DataOptions("synthetic")

@@ -135,7 +135,7 @@ def test_safetensors_round_trip_without_pickle(runner, trained, tmp_path):
     pytest.importorskip("safetensors")
     from mnistkit.evaluation import load_model
     from mnistkit.export import load_safetensors
-    from mnistkit.runs import load_checkpoint
+    from mnistkit.checkpoint import load_checkpoint
 
     out = tmp_path / "i3.safetensors"
     assert runner.invoke(app, ["export", str(trained), "-f", "safetensors", "-o", str(out)]).exit_code == 0

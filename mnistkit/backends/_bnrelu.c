@@ -16,7 +16,7 @@
  * -ffp-contract=off so that the forward pass and the backward pass compute the same
  * pre-activation, bit for bit, and agree on the ReLU mask.
  *
- * Loaded with ctypes by mnistkit/fused.py, which falls back to PyTorch's own BatchNorm and ReLU
+ * Loaded with ctypes by mnistkit/backends/fused.py, which falls back to PyTorch's own BatchNorm and ReLU
  * when no C compiler is there or a shape is not supported.
  */
 #include <math.h>
@@ -26,8 +26,6 @@
 
 #define LMAX 1024        /* the longest period: C <= 64 */
 #define CHUNK 16384      /* values per chunk (about), fixed: the summation order depends on it */
-
-int bnr_version(void) { return 3; }
 
 static int gcd(int a, int b) { while (b) { int t = a % b; a = b; b = t; } return a; }
 static int period(int C) { return C * 16 / gcd(C, 16); }
@@ -141,7 +139,7 @@ static int64_t nchunks(const ctx_t *c) { return (c->periods + c->per_chunk - 1) 
 static void done(ctx_t *c) { free(c->part_a); free(c->part_b); }
 
 /* Per-channel sums of (x - shift) and (x - shift)^2 in double, shift being the first row: what
- * bnr_stats turns into mean and variance, and what shards of one batch add up (bnr_sums). */
+ * bnr_stats turns into mean and variance. */
 static int shifted_sums(const void *x, int bf, int64_t M, int C, float *shift, double *s, double *q) {
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
     if (!c) return -2;
@@ -174,12 +172,6 @@ int bnr_stats(const void *x, int bf, int64_t M, int C, float *mean, float *var) 
     return 0;
 }
 
-/* The same sums for one shard of a batch, for the caller to add up across shards. */
-int bnr_sums(const void *x, int bf, int64_t M, int C, float *shift, double *s, double *q) {
-    if (C < 1 || C > 64) return -1;
-    return shifted_sums(x, bf, M, C, shift, s, q);
-}
-
 /* y = relu(x * scale + shift), scale and shift per channel. */
 int bnr_forward(const void *x, void *y, int bf, int64_t M, int C, const float *scale, const float *shift) {
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
@@ -199,8 +191,8 @@ int bnr_forward(const void *x, void *y, int bf, int64_t M, int C, const float *s
 
 /* The backward pass, first half: per channel, the sums over this tensor of g (the gradient that
  * passes the ReLU) and of g * xhat, in double. */
-int bnr_backward_sums(const void *x, const void *dy, int bf, int64_t M, int C, const float *scale,
-                      const float *shift, const float *mean, const float *invstd, double *a, double *q) {
+static int backward_sums(const void *x, const void *dy, int bf, int64_t M, int C, const float *scale,
+                         const float *shift, const float *mean, const float *invstd, double *a, double *q) {
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
     if (!c) return -2;
     if (C > 64) { free(c); return -1; }
@@ -224,10 +216,10 @@ int bnr_backward_sums(const void *x, const void *dy, int bf, int64_t M, int C, c
 }
 
 /* The backward pass, second half: dx = k1 * (g - mg - xhat * mgx), with k1 = weight * invstd and
- * mg, mgx the means of g and g * xhat over the whole batch (of every shard). */
-int bnr_backward_apply(const void *x, const void *dy, void *dx, int bf, int64_t M, int C, const float *scale,
-                       const float *shift, const float *mean, const float *invstd, const float *k1,
-                       const float *mg, const float *mgx) {
+ * mg, mgx the means of g and g * xhat over the whole batch. */
+static int backward_apply(const void *x, const void *dy, void *dx, int bf, int64_t M, int C, const float *scale,
+                          const float *shift, const float *mean, const float *invstd, const float *k1,
+                          const float *mg, const float *mgx) {
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
     if (!c) return -2;
     if (C > 64) { free(c); return -1; }
@@ -253,12 +245,12 @@ int bnr_backward(const void *x, const void *dy, void *dx, int bf, int64_t M, int
                  const float *shift, const float *mean, const float *invstd, const float *weight,
                  float *sum_g, float *sum_gx) {
     double a[64], q[64];
-    int rc = bnr_backward_sums(x, dy, bf, M, C, scale, shift, mean, invstd, a, q);
+    int rc = backward_sums(x, dy, bf, M, C, scale, shift, mean, invstd, a, q);
     if (rc) return rc;
     float k1[64], mg[64], mgx[64];
     for (int j = 0; j < C; j++) {
         sum_g[j] = (float)a[j]; sum_gx[j] = (float)q[j];
         k1[j] = weight[j] * invstd[j]; mg[j] = (float)(a[j] / (double)M); mgx[j] = (float)(q[j] / (double)M);
     }
-    return bnr_backward_apply(x, dy, dx, bf, M, C, scale, shift, mean, invstd, k1, mg, mgx);
+    return backward_apply(x, dy, dx, bf, M, C, scale, shift, mean, invstd, k1, mg, mgx);
 }

@@ -19,10 +19,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from mnistkit.recipe import DEFAULT_BUDGET
+
 __all__ = ["LayerInfo", "ModelSummary", "summarize", "DEFAULT_INPUT_SIZE", "DEFAULT_BUDGET"]
 
 DEFAULT_INPUT_SIZE = (1, 1, 28, 28)
-DEFAULT_BUDGET = 20_000
 
 
 @dataclass

@@ -1,0 +1,108 @@
+"""Writing files safely: atomically (a temporary file in the same folder, fsynced, then renamed),
+several at once all or none, and outputs the user named (which may be a symlink, a device or on
+a full disk)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from mnistkit.errors import RunError
+
+__all__ = ["atomic_write", "atomic_write_all", "check_output", "write_output"]
+
+
+def _umask_mode() -> int:
+    """The mode an ordinary ``open(path, "w")`` gives a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _stage(path: Path, raw: bytes) -> str:
+    """Write ``raw`` to a temporary file beside ``path``, fsynced, with the mode an ordinary
+    ``open()`` would give (a replaced file keeps its own), not mkstemp's 0600. Returns its name."""
+    try:
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else _umask_mode()
+    except OSError:
+        mode = _umask_mode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: readers
+    see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = _stage(path, data.encode() if isinstance(data, str) else data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
+    """Several files, all or none: every one is staged (the step that needs disk space and can
+    fail) before any is renamed into place, in the order given."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, raw in files:
+            staged.append((_stage(path, raw), path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse, before anything is written, an output path that cannot be written: a folder, a
+    missing parent folder, a symlink loop. (A command writing two outputs checks both first.)"""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise RunError(f"cannot write {path}: it is a folder; give a file name")
+        parent = Path(os.path.realpath(path)).parent
+        if not parent.is_dir():
+            raise RunError(f"cannot write {path}: the folder {parent} does not exist; create it or choose another path")
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
+
+
+def write_output(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write a file the user named (a report, a plot). A regular file, or a new one, is replaced
+    atomically; a symlink is followed and its target written (the link stays a link); anything
+    else that exists (a device, a pipe, /dev/stdout) is written directly, never replaced."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        try:
+            st = os.stat(path)  # follows symlinks
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise RunError(f"cannot write {path}: it is a folder; give a file name")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            with open(path, "wb") as fh:
+                fh.write(raw)
+            return
+        atomic_write(Path(os.path.realpath(path)), raw)
+    except OSError as exc:
+        raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None

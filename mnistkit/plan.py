@@ -1,0 +1,83 @@
+"""Several trainings in one call, as ``mnistkit train --seeds`` and ``--all`` do them: every seed
+of a list, for one model or for every iteration of the change-log, each with its iteration's
+recipe. The CLI renders; Python users call ``train_plan`` directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mnistkit.errors import UsageError
+from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions
+
+__all__ = ["parse_seeds", "Plan", "make_plan", "train_plan"]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``3`` means seeds 1, 2, 3; ``1,2,42`` is an explicit list."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"seeds must be a count (3 means seeds 1, 2, 3) or a comma-separated list of seeds, "
+                         f"not {text!r}") from None
+    if len(values) == 1:
+        if not 1 <= values[0] <= 100:
+            raise UsageError(f"a seed count must be 1 to 100, not {values[0]}")
+        return list(range(1, values[0] + 1))
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise UsageError(f"seeds must be distinct non-negative integers, not {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which models train, with which seeds (``None``: the recipe's), from which change-log."""
+
+    experiments: Any
+    models: tuple[str, ...]
+    seeds: tuple[int | None, ...]
+    notes: tuple[str, ...]   # e.g. a model the change-log does not list (it trains with the default recipe)
+
+
+def make_plan(experiments: Any, model: str | None = None, all_iterations: bool = False,
+              seeds: list[int | None] | None = None) -> Plan:
+    """``model`` (default: the change-log's final iteration), or every iteration of it."""
+    from mnistkit.models import list_models, model_info
+
+    if all_iterations and model is not None:
+        raise UsageError("all_iterations trains every iteration; give no model")
+    exp = experiments
+    if all_iterations:
+        models = [it.model for it in exp.iterations]
+    else:
+        models = [model_info(model).name if model else (exp.iterations[-1].model if exp.iterations
+                                                        else list_models()[-1])]
+    notes = tuple(f"note: {name} is not in {exp.path}; it trains with the default recipe"
+                  for name in models if exp.iteration_for_model(name) is None)
+    return Plan(exp, tuple(models), tuple(seeds or [None]), notes)
+
+
+def train_plan(plan: Plan, data: DataOptions | None = None, overrides: dict[str, Any] | None = None,
+               device: str = "auto", runs_dir: str | Path = DEFAULT_RUNS_DIR,
+               run: Callable[..., Any] | None = None,
+               on_group: Callable[[str, list[Any]], None] | None = None) -> list[Any]:
+    """Train every model of ``plan`` once per seed, each with its iteration's recipe and
+    ``overrides`` (recipe keys; ``None`` values ignored). ``run(train, *args, **kwargs)`` makes
+    each training (default: calls it; the CLI wraps a progress display around it);
+    ``on_group(model, results)`` is told when a model's seeds are done. Returns every result."""
+    from mnistkit.experiments import resolve_recipe
+    from mnistkit.training import train
+
+    run = run or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    results: list[Any] = []
+    for name in plan.models:
+        group = []
+        for seed in plan.seeds:
+            recipe = resolve_recipe(name, plan.experiments, **{**(overrides or {}), "seed": seed})
+            group.append(run(train, name, recipe, data or DataOptions(), device=device, runs_dir=runs_dir))
+        if on_group:
+            on_group(name, group)
+        results += group
+    return results

@@ -1,0 +1,205 @@
+"""Consoles, widths and number formats shared by every command's rendering."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from mnistkit import strictjson
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mnistkit.summary import LayerInfo
+
+
+WIDTH_OFF_TTY = 120  # tables are complete at 120 columns; a pipe or file gets that width
+
+
+def stdout() -> Console:
+    """Console for results, created per call so that redirected streams (tests, pipes) are
+    honoured. Off a terminal there is no width to respect: use the width every table is complete
+    at (COLUMNS still wins)."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=WIDTH_OFF_TTY)
+    return console
+
+
+def stderr() -> Console:
+    return Console(stderr=True)
+
+
+def error_line(message: str) -> Text:
+    """The one line an error gets; the message is user text and never read as markup."""
+    return Text.assemble(("error: ", "bold red"), message)
+
+
+def note_line(message: str) -> Text:
+    return Text.assemble(("note: ", "yellow"), message)
+
+
+def json_text(data: Any) -> str:
+    """Strict JSON (no NaN or Infinity: a figure that does not exist is null)."""
+    return strictjson.dumps(data, indent=2) + "\n"
+
+
+def plain(cell: Any) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+def required_width(renderable: RenderableType) -> int:
+    """The narrowest width at which a table shows every cell whole: numbers and other no-wrap
+    cells at full length, wrapping text at its longest word. Rich would go narrower by cutting
+    or folding cells; ``fit`` uses this to choose a layout that never has to."""
+    if isinstance(renderable, Group):
+        return max((required_width(r) for r in renderable.renderables), default=0)
+    if not isinstance(renderable, Table):
+        return 0
+    total = len(renderable.columns) + 1  # vertical borders
+    for column in renderable.columns:
+        cells = [plain(c) for c in column._cells]
+        words = [w for text in cells + [plain(column.header)] for line in text.splitlines() for w in line.split()]
+        longest_word = max((len(w) for w in words), default=0)
+        if column.no_wrap:  # shown whole, header included
+            need = max(len(line) for text in cells + [plain(column.header)] for line in text.splitlines() or [""])
+        elif column.justify == "center":  # marks: short cells under a header kept whole
+            need = max(len(line) for text in cells + [plain(column.header)] for line in text.splitlines() or [""])
+        elif column.justify == "right":  # numbers: whole; their header may wrap between words
+            need = max([longest_word] + [len(line) for text in cells for line in text.splitlines()])
+        else:
+            need = max(longest_word, column.min_width or 0)
+        total += need + 2  # padding
+    return total
+
+
+def fit(console: Console, layouts: Sequence[Callable[[], RenderableType]]) -> RenderableType:
+    """The first layout (widest first) that shows every cell whole at the console's width;
+    else the last (the narrowest)."""
+    built = None
+    for make in layouts:
+        built = make()
+        if required_width(built) <= console.width:
+            return built
+    return built
+
+
+def num_column(table: Table, name: str, **kw: Any) -> None:
+    table.add_column(name, justify="right", no_wrap=False, overflow="fold", **kw)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def fmt_mult_adds(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} G"
+    if n >= 1e6:
+        return f"{n / 1e6:.2f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} K"
+    return str(n)
+
+
+def fmt_pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}%"
+
+
+def fmt_shape(shape: Iterable[int] | None, batch: bool = False) -> str:
+    """``[1, 16, 28, 28]`` -> ``16x28x28`` (per image: the batch dimension is dropped)."""
+    if shape is None:
+        return "-"
+    dims = list(shape) if batch else list(shape)[1:]
+    return "x".join(str(d) for d in dims) or "scalar"
+
+
+def fmt_geometry(layer: "LayerInfo") -> str:
+    if layer.kernel is None:
+        return ""
+    k, s, p = layer.kernel, layer.stride or [1], layer.padding or [0]
+    kernel = f"{k[0]}x{k[1]}" if len(k) > 1 else str(k[0])
+    return f"{kernel}/{s[0]}/{p[0]}"
+
+
+def fmt_rf(layer_or_summary: Any) -> str:
+    if layer_or_summary.rf_global:
+        return "global"
+    return f"{layer_or_summary.rf} (j{layer_or_summary.jump})"
+
+
+def yes_no(flag: bool) -> Text:
+    return Text("yes", style="green") if flag else Text("no", style="dim")
+
+
+def mean_std(stats: dict[str, Any] | None, digits: int = 2) -> str:
+    if not stats:
+        return "-"
+    if stats.get("std") is None:
+        return f"{stats['mean']:.{digits}f}%"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}%"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def pyplot() -> Any:
+    from mnistkit.errors import MnistkitError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MnistkitError("drawing a picture needs matplotlib, which is not installed; install it with "
+                            "pip install 'mnistkit[plot]' (or pip install matplotlib)") from None
+    return plt
+
+
+def png_bytes(fig: Any, plt: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def spec_table(title: str, caption: str | None, specs: list[tuple[str, str, Callable[[int], Any]]],
+                n_rows: int) -> Table:
+    """A table from column specs ``(header, kind, cell(i))``; kind: ``text`` (wraps), ``num``
+    (right-aligned, folds rather than truncates), ``fixed`` (never wraps), ``mark`` (centred)."""
+    t = Table(title=Text(title), title_justify="left", caption=Text(caption) if caption else None,
+              caption_justify="left")
+    for header, kind, _ in specs:
+        if kind == "num":
+            num_column(t, header)
+        elif kind == "mark":
+            t.add_column(header, justify="center", overflow="fold")
+        elif kind == "fixed":
+            t.add_column(header, no_wrap=True)
+        else:
+            t.add_column(header, min_width=10, overflow="fold")
+    for i in range(n_rows):
+        t.add_row(*(v if isinstance(v := cell(i), Text) else Text(str(v)) for _, _, cell in specs))
+    for column, (header, kind, _) in zip(t.columns, specs):
+        if kind == "num":  # a fixed width: Rich narrows only the text columns, never a number
+            cells = [plain(c) for c in column._cells]
+            column.width = max([len(w) for w in header.split()] + [len(c) for c in cells])
+    return t

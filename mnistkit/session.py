@@ -1,0 +1,113 @@
+"""One training session: the model, data, optimizer, schedule and random state a fit needs, built
+the same way for a new run and a resumed one; and what a resumable checkpoint holds of it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnistkit import backends
+from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
+from mnistkit.device import resolve_device, resolve_precision, seed_everything
+from mnistkit.errors import RunError
+from mnistkit.models import get_model
+from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, set_bn_momentum
+from mnistkit.recipe import DataOptions, Recipe
+
+__all__ = ["Session"]
+
+
+@dataclass
+class Session:
+    model_name: str
+    recipe: Recipe          # resolved: precision and backend as this machine runs them
+    data: DataOptions
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_step: bool          # OneCycleLR steps every batch, StepLR every epoch
+    batches: TrainBatches
+    test_batches: EvalBatches
+    val_batches: EvalBatches | None
+    generator: torch.Generator
+    params: int
+    measured_on: dict[str, Any]
+    average: WeightAverage | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, model_name: str, recipe: Recipe, data: DataOptions, device: str) -> "Session":
+        dev = resolve_device(device)
+        recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
+        seed_everything(recipe.seed)
+        train_split, val_split, test_split = load_splits(data, recipe.seed)
+        model = get_model(model_name, **recipe.model_kwargs()).to(dev)
+        set_bn_momentum(model, recipe.bn_momentum)
+        if recipe.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        prepared = backends.prepare(model, recipe.backend, dev, recipe.channels_last)
+        recipe = recipe.replace(backend=prepared.backend)   # the run records what "auto" meant here
+        generator = torch.Generator(device=dev).manual_seed(recipe.seed)
+        batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
+        test_batches, val_batches = (
+            EvalBatches(split, recipe.test_batch_size, dev, recipe.mean, recipe.std, channels_last=recipe.channels_last)
+            if split is not None else None for split in (test_split, val_split))
+        optimizer = build_optimizer(model, recipe)
+        scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
+        session = cls(model_name, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
+                      val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      provenance(data, train_split, val_split, test_split),
+                      WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, [prepared.note])
+        if per_step and scheduler.total_steps > recipe.epochs * len(batches):
+            session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
+                                 f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
+                                 "LR will not finish annealing")
+        return session
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated, selected and saved: the moving average when the recipe keeps one."""
+        return self.average.model if self.average else self.model
+
+    def meta(self) -> dict[str, Any]:
+        """What config.yaml and every checkpoint record of the run."""
+        from mnistkit.device import versions
+
+        return {"model": self.model_name, "params": self.params, "recipe": self.recipe.to_dict(),
+                "data": self.data.to_dict(), "measured_on": self.measured_on, "versions": versions()}
+
+    def finite_weights(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for m in {self.model, self.eval_model}
+                   for t in m.state_dict().values() if t.is_floating_point())
+
+    def resumable_state(self) -> dict[str, Any]:
+        # with a moving average, "state_dict" (what evaluate, predict and export read) holds the
+        # average and "train_state_dict" the weights that training continues from
+        live = {"train_state_dict": self.model.state_dict()} if self.average else {}
+        return {**live, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "data": self.generator.get_state()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        try:
+            if self.average:
+                self.model.load_state_dict(state["train_state_dict"])
+                self.average.model.load_state_dict(state["state_dict"])
+            else:
+                self.model.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["data"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise RunError(f"last.pt cannot be resumed ({reason}); the run folder is damaged") from None
