@@ -5,6 +5,9 @@ import pytest
 # Tests must behave the same on any terminal: no colour, a fixed width.
 os.environ.setdefault("NO_COLOR", "1")
 os.environ.setdefault("COLUMNS", "200")
+# The core tests pin the plain backend: backend auto resolves to torch (PyTorch's own ops) in this
+# process and in every process a test starts. tests/test_backends.py turns the kernel back on.
+os.environ["MNISTKIT_FUSED"] = "0"
 
 
 @pytest.fixture

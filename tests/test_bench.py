@@ -10,7 +10,6 @@ import pytest
 
 from helpers import write_fake_mnist
 
-from mnistkit import fused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +29,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
          "--models", "I3", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
          "--limit", "64", "--cli-repeats", "1", "--whole-process", "I3", "--whole-repeats", "1", "--json",
-         *(["--shards", "2", "--whole-shards", "1"] if fused.available() else [])],
+         "--baseline", str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
@@ -41,11 +40,10 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     # the speedup is computed from unrounded rates; the printed rates are rounded to 0.1 img/s
     assert r["speedup"] == pytest.approx(r["mnistkit_images_per_s"] / r["reference_images_per_s"], abs=0.011)
     assert len(r["reference_runs"]) == len(r["mnistkit_runs"]) == 2
-    # where the fused kernel runs, the step with the other BN+ReLU is measured beside the default
-    assert r["mnistkit_bn_relu"] == "torch"  # the default
-    assert r["mnistkit_other_bn_relu"] in ("fused", None)
-    assert len(r["mnistkit_other_runs"]) == (2 if r["mnistkit_other_bn_relu"] else 0)
-    assert (r["mnistkit_other_images_per_s"] is None) == (r["mnistkit_other_bn_relu"] is None)
+    # the default backend, resolved (the tests turn the kernel off: torch), and the other one
+    # beside it only where the kernel runs
+    assert r["mnistkit_backend"] == "torch" and r["mnistkit_other_backend"] is None
+    assert r["mnistkit_other_runs"] == [] and r["mnistkit_other_images_per_s"] is None
     assert r["mult_adds"] == 2_179_632  # the model's counted mult-adds, as `mnistkit summary I3` shows
     # each step is set against the matmul ceiling of its own precision, measured in this run
     ceilings = data["matmul_gflops"]
@@ -58,11 +56,14 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     assert w["model"] == "I3" and w["mnistkit_seconds"] > 0 and w["reference_seconds"] > 0
     assert w["speedup"] == pytest.approx(w["reference_seconds"] / w["mnistkit_seconds"], abs=0.02)
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
-    if fused.available():   # the sharded step, measured in the same repeats, and its whole process
-        assert len(r["sharded_runs"]) == 2 and r["sharded_images_per_s"] > 0
-        assert r["sharded_speedup"] == pytest.approx(r["sharded_images_per_s"] / r["reference_images_per_s"],
-                                                     rel=0.005, abs=0.011)   # from unrounded rates
-        assert w["shards"] == 1 and w["sharded_seconds"] > 0 and len(w["sharded_runs"]) == 1
+    # a baseline (here this very tree) timed in its own process, in the same repeats
+    assert data["settings"]["baseline"] == str(ROOT)
+    assert len(r["baseline_runs"]) == 2 and r["baseline_images_per_s"] > 0
+    assert r["baseline_speedup"] == pytest.approx(r["baseline_images_per_s"] / r["reference_images_per_s"],
+                                                  rel=0.005, abs=0.011)   # from unrounded rates
+    assert r["vs_baseline"] == pytest.approx(r["mnistkit_images_per_s"] / r["baseline_images_per_s"], rel=0.005,
+                                             abs=0.011)
+    assert w["baseline_seconds"] > 0 and len(w["baseline_runs"]) == 1
 
 
 @pytest.mark.slow
@@ -98,14 +99,6 @@ def test_a_fraction_of_the_ceiling_is_never_above_one():
     assert throughput.fraction(50.0, 200.0) == 0.25
     assert throughput.fraction(250.0, 200.0) is None  # a disturbed ceiling: no impossible figure
     assert throughput.fraction(50.0, None) is None
-
-
-@pytest.mark.slow
-def test_threads_benchmark_runs_end_to_end(tmp_path):
-    write_fake_mnist(tmp_path / "mnist", n_train=512, n_test=32)
-    text = run_bench("threads.py", "--data-dir", str(tmp_path / "mnist"), "--steps", "2", "--batch-size", "16",
-                     "--rounds", "1")
-    assert "round 1: one process, 2 threads:" in text and "two processes of 1 thread" in text
 
 
 @pytest.mark.slow

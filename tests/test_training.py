@@ -4,7 +4,7 @@ import signal
 import pytest
 import torch
 
-from mnistkit.device import resolve_shards, resolve_bn_relu, resolve_device, resolve_precision
+from mnistkit.device import resolve_device, resolve_precision
 from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate_checkpoint, per_class_report
 from mnistkit.experiments import resolve_recipe
@@ -66,16 +66,12 @@ def test_run_folder_contents(tmp_path):
     assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
     config = read_config(folder)
     assert config.model == "I3" and config.recipe.epochs == 1 and config.data.limit == 500
-    # reproducible from the folder alone; "auto" precision, shards and bn_relu are recorded as what
-    # they meant here (a sharded step always trains BatchNorm with the kernel)
+    # reproducible from the folder alone; "auto" precision and backend are recorded as what they
+    # meant here (the tests turn the kernel off: auto is torch; tests/test_backends.py has fused)
     cpu = torch.device("cpu")
-    shards = resolve_shards("auto", cpu, True)
-    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", cpu), shards=shards,
-                                                    bn_relu="fused" if shards > 1 else "torch")
-    assert config.recipe.precision in ("fp32", "bf16") and isinstance(config.recipe.shards, int)
-    auto = train("I3", small(epochs=1, bn_relu="auto", shards=1), DataOptions("synthetic", limit=200), device="cpu",
-                 runs_dir=tmp_path / "auto")
-    assert read_config(auto.run_dir).recipe.bn_relu == resolve_bn_relu("auto", cpu, True)
+    assert small(epochs=1).backend == "auto"
+    assert config.recipe == small(epochs=1).replace(precision=resolve_precision("auto", cpu), backend="torch")
+    assert config.recipe.precision in ("fp32", "bf16")
     assert read_metrics(folder) == result.metrics
     ckpt = load_checkpoint(folder / "last.pt")
     assert ckpt["epoch"] == 1 and ckpt["params"] == 14_500 and "torch" in ckpt["versions"]

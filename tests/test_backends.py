@@ -1,0 +1,347 @@
+"""The backend seam: plain models in, the fused kernel only where it can train a BatchNorm exactly,
+the same statistics and state_dict whichever backend trains; the kernel against the formula.
+
+Kernel tests run wherever a C compiler is, and fail there (never skip) when the kernel does not
+build or pass its self-test. (conftest.py turns the kernel off for every other test.)
+"""
+import copy
+import shutil
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from mnistkit import backends, get_model
+from mnistkit.backends import fused, kernel
+from mnistkit.errors import UsageError
+from mnistkit.evaluation import fold_batchnorm
+from mnistkit.optim import SGD
+from mnistkit.recipe import DataOptions, Recipe
+from mnistkit.runs import read_config
+from mnistkit.training import resume, train, train_step
+
+CPU = torch.device("cpu")
+COMPILER = kernel._compiler() if sys.platform.startswith("linux") else None
+
+
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture
+def kernel_on(monkeypatch):
+    """The kernel, for a test that needs it: where a C compiler is, it must build and pass."""
+    monkeypatch.delenv("MNISTKIT_FUSED", raising=False)
+    if COMPILER is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    assert kernel.available(), kernel.status()
+    return kernel
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader's module state reset (restored afterwards), the cache in a temporary folder."""
+    monkeypatch.delenv("MNISTKIT_FUSED", raising=False)
+    monkeypatch.setattr(kernel, "_lib", None)
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_reason", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "mnistkit"
+
+
+class PlainNet(nn.Module):
+    """What a user writes: plain nn.BatchNorm2d layers, one in a Sequential before a ReLU (fusable),
+    one before a Dropout (not), one used with F.relu in forward (not), and one with 16 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(6, 10, 3, bias=False), nn.BatchNorm2d(10), nn.Dropout(0.0))
+        self.conv3 = nn.Conv2d(10, 12, 3, bias=False)
+        self.bn3 = nn.BatchNorm2d(12)
+        self.wide = nn.Sequential(nn.Conv2d(12, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        x = self.mid(self.block(x))
+        return self.head(self.wide(F.relu(self.bn3(self.conv3(x)))))
+
+
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_plain_batchnorm_trains_on_the_whole_batch_through_every_backend(backend, request):
+    # the must-show of the core seam: whichever backend trains it, every BatchNorm of a user's plain
+    # model moves its running statistics by the statistics of the whole batch, not of a part of it
+    if backend == "fused":
+        request.getfixturevalue("kernel_on")
+    torch.manual_seed(0)
+    model = cl(PlainNet())
+    keys = list(model.state_dict())
+    prepared = backends.prepare(model, backend, CPU, channels_last=True)
+    assert prepared.backend == backend and list(model.state_dict()) == keys
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert len(bns) == 4
+    inputs = {}
+    for name, bn in bns.items():
+        bn.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach().clone()))
+    x, y = torch.randn(64, 1, 20, 20), torch.randint(0, 10, (64,))
+    optimizer = SGD(model.parameters(), lr=0.1)
+    train_step(model, x, y, optimizer, channels_last=True)
+    for name, bn in bns.items():
+        h = inputs[name].double()
+        assert h.shape[0] == 64, name   # the whole batch reached this BatchNorm
+        n = h.numel() // h.shape[1]
+        mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False) * n / (n - 1)
+        assert torch.allclose(bn.running_mean.double(), 0.1 * mean, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(bn.running_var.double(), 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6), name
+        assert int(bn.num_batches_tracked) == 1, name
+    fused_here = {n for n, m in bns.items() if isinstance(m, fused.FusedBatchNormReLU)}
+    assert fused_here == ({"block.1"} if backend == "fused" else set())
+
+
+def test_the_fused_backend_touches_only_what_it_can_fuse(kernel_on):
+    model = PlainNet()
+    prepared = backends.prepare(model, "fused", CPU, channels_last=True)
+    assert prepared.note.startswith("backend fused: 1 of 4 BatchNorm layers train with the fused BN+ReLU kernel; "
+                                    "3 keep PyTorch's (")
+    for name in ("mid.1", "bn3", "wide.1"):
+        assert name in prepared.note
+    assert type(model.mid[1]) is nn.BatchNorm2d and type(model.bn3) is nn.BatchNorm2d
+    assert type(model.wide[1]) is nn.BatchNorm2d and isinstance(model.wide[2], nn.ReLU)
+    assert isinstance(model.block[1], fused.FusedBatchNormReLU) and isinstance(model.block[2], nn.Identity)
+    assert fused.why_not(nn.BatchNorm2d(10, affine=False)) and fused.why_not(nn.BatchNorm2d(65))
+    assert fused.why_not(nn.BatchNorm2d(10, momentum=None)) and fused.why_not(nn.SyncBatchNorm(10))
+    assert fused.why_not(nn.BatchNorm2d(10)) is None
+    # a Sequential subclass may have its own forward: never touched
+    class Mine(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+    m = Mine(nn.BatchNorm2d(6), nn.ReLU())
+    assert backends.prepare(m, "fused", CPU, True).note.endswith("not in a plain nn.Sequential followed by an nn.ReLU: 0)")
+    assert type(m[0]) is nn.BatchNorm2d
+
+
+def test_the_registered_models_are_plain_pytorch():
+    import mnistkit.models as models
+
+    assert "backends" not in open(models.__file__).read()
+    for name in ("I1", "I2", "I3", "I4"):
+        kinds = {type(m) for m in get_model(name).modules()}
+        assert kinds <= {models.I1, models.I2, models.I3, models.I4, nn.Sequential, nn.Conv2d, nn.BatchNorm2d,
+                         nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear}, kinds
+
+
+@pytest.mark.parametrize("name,fused_layers", [("I1", 2), ("I2", 3), ("I3", 6), ("I4", 5)])
+def test_fusing_a_model_keeps_its_parameters_keys_and_evaluation(kernel_on, name, fused_layers):
+    torch.manual_seed(0)
+    plain = get_model(name).eval()
+    model = copy.deepcopy(plain).train()
+    params = [id(p) for p in model.parameters()]
+    note = backends.prepare(model, "fused", CPU, True).note
+    assert note.startswith(f"backend fused: {fused_layers} of ")
+    assert [id(p) for p in model.parameters()] == params   # the same tensors: the optimizer sees them
+    assert list(model.state_dict()) == list(plain.state_dict())
+    model.eval()
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.allclose(model(x), plain(x), atol=1e-5)
+    assert torch.allclose(fold_batchnorm(model)(x), plain(x), atol=1e-4)   # folding keeps the fused ReLU
+    reloaded = get_model(name)
+    reloaded.load_state_dict(model.state_dict())   # a checkpoint of a fused run loads into the plain model
+
+
+def test_auto_the_off_switch_and_fused_where_it_cannot_run(monkeypatch):
+    monkeypatch.setenv("MNISTKIT_FUSED", "0")
+    assert not kernel.available() and "MNISTKIT_FUSED=0" in kernel.status()
+    assert backends.resolve("auto", CPU, True) == ("torch", "turned off by MNISTKIT_FUSED=0")
+    assert backends.resolve("torch", CPU, True) == ("torch", None)
+    with pytest.raises(UsageError, match="backend 'fused' cannot be used here: turned off by MNISTKIT_FUSED=0"):
+        backends.resolve("fused", CPU, True)
+    model = get_model("I3")
+    note = backends.prepare(model, "auto", CPU, True).note
+    assert note == "backend torch: PyTorch's own ops (the fused kernel: turned off by MNISTKIT_FUSED=0)"
+    assert all(type(m) is nn.BatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_auto_takes_the_kernel_on_the_cpu_with_channels_last(kernel_on):
+    assert backends.resolve("auto", CPU, True) == ("fused", None)
+    assert backends.resolve("auto", CPU, False) == ("torch", "it needs channels_last")
+    assert backends.resolve("auto", torch.device("meta"), True) == ("torch", "it runs on the CPU only")
+    with pytest.raises(UsageError, match="needs channels_last"):
+        backends.resolve("fused", CPU, False)
+
+
+def test_the_kernel_is_built_wherever_a_c_compiler_is(kernel_on):
+    assert kernel.status() == "available"
+
+
+@pytest.mark.parametrize("channels", [1, 6, 10, 17, 26, 64])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 4e-3)])
+def test_kernel_matches_the_float64_formula(kernel_on, channels, dtype, tol):
+    # 5*9*11 = 495 rows: for most channel counts the flat array ends with a partial period
+    gen = torch.Generator().manual_seed(channels)
+    x = cl((torch.randn(5, channels, 9, 11, generator=gen) * 3 + 2).to(dtype))
+    g = cl(torch.randn(5, channels, 9, 11, generator=gen).to(dtype))
+    errors = fused.check(x, g, torch.rand(channels, generator=gen) + 0.5, torch.rand(channels, generator=gen) - 0.5)
+    # bf16 output and input grad carry one bf16 rounding (2^-8); sums and statistics stay fp32-exact
+    assert errors["output"] <= tol and errors["input grad"] <= tol, errors
+    for name in ("weight grad", "bias grad", "running mean", "running var"):
+        assert errors[name] <= 1e-5, (name, errors)
+    assert errors["mask flips"] == 0
+
+
+def test_a_batch_over_many_chunks_with_a_large_offset(kernel_on):
+    # 64*26*26 rows of 10 channels (many fixed chunks); a mean 50x the spread tests the shifted sums
+    gen = torch.Generator().manual_seed(1)
+    x = cl(torch.randn(64, 10, 26, 26, generator=gen) * 0.5 + 25)
+    g = cl(torch.randn(64, 10, 26, 26, generator=gen))
+    errors = fused.check(x, g, torch.linspace(0.5, 2, 10), torch.linspace(-1, 1, 10))
+    assert max(errors.values()) <= 1e-4, errors
+
+
+def test_inputs_the_kernel_does_not_take_go_to_pytorch(kernel_on):
+    bn = fused.FusedBatchNormReLU(10).train()
+    x = torch.randn(4, 10, 6, 6)
+    for t in (x, x.double(), cl(torch.randn(1, 10, 1, 1))):   # NCHW, float64, one value per channel
+        ref = nn.BatchNorm2d(10).train()
+        assert torch.allclose(bn(t), torch.relu(ref(t)).to(t.dtype), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4"])
+def test_a_training_step_with_the_kernel_is_as_exact_as_float64_allows(kernel_on, name):
+    # one fp32 channels_last step, fused, against the same step in float64 with PyTorch's ops; no
+    # dropout. Conv biases before BN (I1) have a true gradient of 0 and are left out.
+    torch.manual_seed(0)
+    base = get_model(name, dropout=0.0).train()
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+
+    def step(dtype, on):
+        model = copy.deepcopy(base).to(dtype)
+        if on:
+            model = backends.prepare(model.to(memory_format=torch.channels_last), "fused", CPU, True).model
+        loss = F.cross_entropy(model(cl(x.to(dtype)) if on else x.to(dtype)), y)
+        loss.backward()
+        return loss.item(), {k: p.grad.double() for k, p in model.named_parameters()}, model.state_dict()
+
+    loss64, grads64, state64 = step(torch.float64, False)
+    loss32, grads32, state32 = step(torch.float32, True)
+    assert loss32 == pytest.approx(loss64, rel=1e-6)
+    top = max(g.abs().max() for g in grads64.values())
+    for k, g in grads64.items():
+        if g.abs().max() > 1e-6 * top:
+            assert (grads32[k] - g).abs().max() <= 2e-5 * g.abs().max(), k
+    for k in state64:  # running statistics and num_batches_tracked move the same way
+        assert torch.allclose(state32[k].double(), state64[k].double(), rtol=1e-5, atol=1e-6), k
+
+
+def test_a_damaged_cached_library_is_rebuilt(fresh_loader):
+    if COMPILER is None:
+        pytest.skip("no C compiler here")
+    built = kernel.library_path()
+    assert built.parent == fresh_loader
+    built.parent.mkdir(mode=0o700, parents=True)
+    built.write_bytes(b"not a shared library")  # e.g. a disk that filled up mid-write
+    built.chmod(0o600)
+    assert kernel.available(), kernel.status()
+    assert built.stat().st_size > 1000
+    assert [p.name for p in fresh_loader.iterdir()] == [built.name]  # no temporary files left
+
+
+def test_a_library_others_could_have_planted_is_never_loaded(fresh_loader):
+    if COMPILER is None:
+        pytest.skip("no C compiler here")
+    built = kernel.library_path()
+    built.parent.mkdir(mode=0o700, parents=True)
+    built.write_bytes(b"planted")
+    built.chmod(0o666)   # writable by anyone: it may not be ours
+    assert not kernel.available()
+    assert "is not private to this user" in kernel.status() and built.read_bytes() == b"planted"
+    kernel._tried = False
+    built.unlink()
+    fresh_loader.chmod(0o777)   # a cache folder anyone can write to
+    assert not kernel.available() and "not private" in kernel.status()
+    assert not built.exists()
+
+
+def test_threads_asking_at_once_all_get_the_self_tested_kernel(fresh_loader, monkeypatch):
+    if COMPILER is None:
+        pytest.skip("no C compiler here")
+    compiler = kernel._compiler
+
+    def slow_compiler():
+        time.sleep(0.3)
+        return compiler()
+
+    monkeypatch.setattr(kernel, "_compiler", slow_compiler)
+    results = [None] * 3
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, kernel.available())) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [True] * 3, results
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(fused, "self_test", lambda: "made to fail")
+    assert not kernel.available() and "made to fail" in kernel.status() and kernel._lib is None
+
+
+class Starts:
+    notes = ()
+
+    def on_start(self, start):
+        self.notes = start.notes
+
+    def on_step(self, step):
+        pass
+
+    def on_epoch(self, row, best):
+        pass
+
+
+@pytest.mark.slow
+def test_no_compiler_means_pytorch_and_the_run_says_why(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel, "_compiler", lambda: None)
+    assert not kernel.available() and kernel.status() == "no C compiler (cc, gcc or clang) found"
+    seen = Starts()
+    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256), device="cpu",
+                   runs_dir=tmp_path / "runs", callback=seen)
+    assert read_config(result.run_dir).recipe.backend == "torch"
+    assert "backend torch: PyTorch's own ops (the fused kernel: no C compiler (cc, gcc or clang) found)" in seen.notes
+
+
+@pytest.mark.slow
+def test_a_run_records_its_backend_and_older_runs_read_as_theirs(kernel_on, tmp_path):
+    seen = Starts()
+    result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256), device="cpu",
+                   runs_dir=tmp_path, callback=seen)
+    assert read_config(result.run_dir).recipe.backend == "fused"   # what auto meant here
+    assert seen.notes[0].startswith("backend fused: 5 of 5 BatchNorm layers train with the fused BN+ReLU kernel")
+    path = result.run_dir / "config.yaml"
+    data = yaml.safe_load(path.read_text())
+    for recorded, backend, shards in (({}, "torch", 1),                                   # before 0.4
+                                      ({"bn_relu": "fused", "shards": 1, "optimizer": "sgd"}, "fused", 1),
+                                      ({"bn_relu": "torch"}, "torch", 1),
+                                      ({"bn_relu": "fused", "shards": 2, "optimizer": "sgd"}, "fused", 2)):
+        recipe = {k: v for k, v in data["recipe"].items() if k != "backend"}
+        path.write_text(yaml.safe_dump({**data, "recipe": {**recipe, **recorded}}))
+        config = read_config(result.run_dir)
+        assert (config.recipe.backend, config.shards) == (backend, shards)
+    with pytest.raises(UsageError, match="was trained with 2 shards per step, which mnistkit 0.9 no longer has: "
+                                         "resume it with mnistkit 0.8, or start a new run"):
+        resume(result.run_dir)
+
+
+def test_a_change_log_with_the_old_keys_is_told_what_replaced_them():
+    for key, says in (("bn_relu", "was replaced by backend in 0.9"), ("shards", "was removed in 0.9"),
+                      ("optimizer", "was removed in 0.9")):
+        with pytest.raises(UsageError, match=f"recipe: {key} {says}"):
+            Recipe.from_dict({key: "auto"})
+
+
+def test_no_compiler_found_skips_only_the_kernel_tests():
+    # the kernel tests above skip only where there is no C compiler; here is one, so they ran
+    if sys.platform.startswith("linux") and shutil.which("cc"):
+        assert COMPILER is not None
