@@ -31,7 +31,11 @@ def main() -> None:
 
     if not str(Path(mnistkit.__file__).resolve()).startswith(str(tree)):
         raise SystemExit(f"{tree} is not a mnistkit source tree (imported {mnistkit.__file__})")
-    from mnistkit.data import Augment, TrainBatches, load_mnist
+    from mnistkit.data import Augment, load_mnist
+    try:
+        from mnistkit.batches import TrainBatches
+    except ImportError:   # before 0.9
+        from mnistkit.data import TrainBatches
     from mnistkit.models import get_model
 
     train = load_mnist("train", Path(args.data_dir), download=False)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mnistkit.data import EvalBatches, load_mnist
+from mnistkit.batches import EvalBatches
+from mnistkit.data import load_mnist
 from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, load_model
 from mnistkit.checkpoint import load_checkpoint
 from mnistkit.runs import find_runs

@@ -41,7 +41,8 @@ import torch
 
 from mnistkit import backends
 from mnistkit.backends.memory import keep_freed_memory
-from mnistkit.data import Augment, EvalBatches, TrainBatches, load_mnist
+from mnistkit.batches import EvalBatches, TrainBatches
+from mnistkit.data import Augment, load_mnist
 from mnistkit.device import resolve_precision
 from mnistkit.evaluation import evaluate
 from mnistkit.models import get_model

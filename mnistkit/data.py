@@ -19,18 +19,17 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mnistkit.errors import DataError, UsageError
-from mnistkit.recipe import MEAN, STD, Augment, DataOptions, choices, Dataset, expand_path
+from mnistkit.augment import affine_theta, augment_batch
+from mnistkit.recipe import Augment, DataOptions, Dataset, choices, expand_path
 
 __all__ = [
     "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",
-    "load_mnist", "make_synthetic", "load_dataset", "load_splits", "provenance", "hold_out", "affine_theta", "sample_affine", "augment_batch",
-    "TrainBatches", "EvalBatches",
+    "load_mnist", "make_synthetic", "load_dataset", "load_splits", "provenance", "hold_out",
 ]
 
 DATASETS = choices(Dataset)
@@ -338,92 +337,3 @@ def provenance(data: DataOptions, train: Split, val: Split | None, test: Split) 
 
 
 # --------------------------------------------------------------------------- batched augmentation
-
-
-def affine_theta(angle: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, scale: torch.Tensor,
-                 shear: torch.Tensor | None, height: int, width: int) -> torch.Tensor:
-    """``[B, 2, 3]`` matrices for ``F.affine_grid(..., align_corners=False)`` that reproduce
-    ``torchvision.transforms.functional.affine`` on tensors (centre of the image, angle in
-    degrees clockwise-positive as torchvision has it, translation in pixels, shear along x)."""
-    rot = torch.deg2rad(angle)
-    sx = torch.deg2rad(shear) if shear is not None else torch.zeros_like(rot)
-    # torchvision's _get_inverse_affine_matrix with sy = 0 and centre (0, 0)
-    a, c = torch.cos(rot), torch.sin(rot)
-    b = -torch.cos(rot) * torch.tan(sx) - torch.sin(rot)
-    d = -torch.sin(rot) * torch.tan(sx) + torch.cos(rot)
-    m0, m1, m3, m4 = d / scale, -b / scale, -c / scale, a / scale
-    m2 = -(m0 * tx + m1 * ty)
-    m5 = -(m3 * tx + m4 * ty)
-    # pixel coordinates (centred) -> normalised coordinates of affine_grid
-    theta = torch.stack([
-        torch.stack([m0, m1 * height / width, m2 * 2 / width], -1),
-        torch.stack([m3 * width / height, m4, m5 * 2 / height], -1),
-    ], 1)
-    return theta
-
-
-def sample_affine(n: int, aug: Augment, size: int, generator: torch.Generator,
-                  device: torch.device) -> torch.Tensor:
-    """Per-sample random parameters drawn like ``RandomAffine.get_params`` (translations
-    rounded to whole pixels), returned as affine_grid matrices ``[n, 2, 3]``."""
-    u = torch.rand(4, n, generator=generator, device=device)
-    angle = (u[0] * 2 - 1) * aug.degrees
-    max_d = aug.translate * size
-    tx = torch.round((u[1] * 2 - 1) * max_d)
-    ty = torch.round((u[2] * 2 - 1) * max_d)
-    scale = aug.scale_min + u[3] * (aug.scale_max - aug.scale_min)
-    return affine_theta(angle, tx, ty, scale, None, size, size)
-
-
-def augment_batch(x: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
-    """Warp a batch ``[B, C, H, W]`` with per-sample matrices; pixels from outside are 0."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
-
-
-class TrainBatches:
-    """Shuffled, augmented, normalised training batches from a dataset held on ``device``.
-
-    One permutation per epoch and one warp per batch, both drawn from ``generator``, so a
-    seed fixes every batch; its state is part of a resumable checkpoint.
-    """
-
-    def __init__(self, split: Split, batch_size: int, device: torch.device, augment: Augment,
-                 generator: torch.Generator, mean: float = MEAN, std: float = STD) -> None:
-        self.x = split.images.to(device).unsqueeze(1).float().div_(255)
-        self.y = split.labels.to(device)
-        self.batch_size, self.augment, self.generator = batch_size, augment, generator
-        self.mean, self.std = mean, std
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, device = len(self.y), self.y.device
-        perm = torch.randperm(n, generator=self.generator, device=device)
-        for start in range(0, n, self.batch_size):
-            idx = perm[start:start + self.batch_size]
-            xb = self.x[idx]
-            if self.augment.enabled:
-                theta = sample_affine(len(idx), self.augment, xb.shape[-1], self.generator, device)
-                xb = augment_batch(xb, theta, self.augment.interpolation)
-            yield xb.sub_(self.mean).div_(self.std), self.y[idx]
-
-
-class EvalBatches:
-    """Normalised, unshuffled batches for evaluation; normalised once, up front."""
-
-    def __init__(self, split: Split, batch_size: int, device: torch.device,
-                 mean: float = MEAN, std: float = STD, channels_last: bool = False) -> None:
-        self.x = split.images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
-        if channels_last:
-            self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.y = split.labels.to(device)
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.y) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(self.y), self.batch_size):
-            yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistkit.data import EvalBatches, load_dataset, resolve_data_dir
+from mnistkit.batches import EvalBatches
+from mnistkit.data import load_dataset, resolve_data_dir
 from mnistkit.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
 from mnistkit.models import get_model

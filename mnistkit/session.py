@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from mnistkit import backends
-from mnistkit.data import EvalBatches, TrainBatches, load_splits, provenance
+from mnistkit.batches import EvalBatches, TrainBatches
+from mnistkit.data import load_splits, provenance
 from mnistkit.device import resolve_device, resolve_precision, seed_everything
 from mnistkit.errors import RunError
 from mnistkit.models import get_model

@@ -1,4 +1,5 @@
-"""The shape of the code, checked: data flows cli -> library -> render, never back, and the
+"""The shape of the code, checked: data flows cli -> library -> render, never back; speed lives
+behind one seam (mnistkit.backends, asked only by the session); no module is a big room; and the
 library's module-level imports form no cycle."""
 
 import ast
@@ -13,25 +14,60 @@ def imports(path: Path, top_level_only: bool) -> set[str]:
     found = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnistkit"):
-            if node.module == "mnistkit":
-                found |= {f"mnistkit.{a.name}" for a in node.names}
-            else:
-                found.add(node.module)
+            for a in node.names:   # ``from mnistkit.cli import models`` imports the module mnistkit.cli.models
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if module_path(sub) is not None else node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("mnistkit")}
-    return {m for m in found if (PKG / (m.split(".", 1)[1] + ".py")).exists()} if found else set()
+    return {m for m in found if module_path(m) is not None}
+
+
+def module_path(name: str) -> Path | None:
+    rel = PKG.joinpath(*name.split(".")[1:])
+    for path in (rel.with_suffix(".py"), rel / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(PKG.rglob("*.py"))
 
 
 def test_no_library_module_imports_cli_or_render():
-    for path in PKG.glob("*.py"):
-        if path.stem in ("cli", "__main__", "render"):
+    for path in MODULES:
+        name = module_name(path)
+        if name.startswith(("mnistkit.cli", "mnistkit.render")) or name == "mnistkit.__main__":
             continue
-        bad = imports(path, top_level_only=False) & {"mnistkit.cli", "mnistkit.render"}
+        bad = {m for m in imports(path, top_level_only=False) if m == "mnistkit.cli" or m.startswith("mnistkit.render")}
         assert not bad, f"{path.name} imports {bad}"
 
 
+def test_speed_lives_behind_one_seam():
+    # the core reaches a backend only through mnistkit.backends.prepare, called by the session;
+    # the CLI alone asks for kept memory; the models are plain PyTorch
+    for path in MODULES:
+        name = module_name(path)
+        if name.startswith("mnistkit.backends"):
+            continue
+        used = {m for m in imports(path, top_level_only=False) if m.startswith("mnistkit.backends")}
+        allowed = {"mnistkit.session": {"mnistkit.backends"}, "mnistkit.cli.training": {"mnistkit.backends.memory"},
+                   "mnistkit.sweep": {"mnistkit.backends.memory"}}.get(name, set())
+        assert used <= allowed, f"{name} imports {used - allowed}"
+
+
+def test_no_module_is_over_400_lines_and_training_reads_in_one_sitting():
+    sizes = {module_name(p): len(p.read_text().splitlines()) for p in MODULES}
+    assert max(sizes.values()) <= 400, {k: v for k, v in sizes.items() if v > 400}
+    assert sizes["mnistkit.training"] <= 300
+
+
 def test_module_level_imports_have_no_cycle():
-    graph = {f"mnistkit.{p.stem}": imports(p, top_level_only=True) for p in PKG.glob("*.py")}
+    graph = {module_name(p): imports(p, top_level_only=True) for p in MODULES}
     state: dict[str, int] = {}
 
     def visit(node, stack):
@@ -82,7 +118,7 @@ def test_mnistkits_sgd_calls_torchs_update_once_even_after_a_torch_sgd_was_made(
     import sys
 
     code = ("import torch; torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1); "
-            "from mnistkit.training import SGD; f = SGD._sgd_step; "
+            "from mnistkit.optim import SGD; f = SGD._sgd_step; "
             "print(f.__code__.co_filename.endswith('sgd.py'), getattr(f, 'hooked', False))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

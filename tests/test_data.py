@@ -7,8 +7,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from mnistkit import data as D
-from mnistkit.data import (Augment, DataError, TrainBatches, affine_theta, augment_batch, load_mnist,
-                           make_synthetic, read_idx, sample_affine)
+from mnistkit.augment import affine_theta, augment_batch, sample_affine
+from mnistkit.batches import TrainBatches
+from mnistkit.data import Augment, DataError, load_mnist, make_synthetic, read_idx
+from mnistkit.recipe import MEAN, STD
 
 from helpers import idx_bytes, write_fake_mnist
 
@@ -145,5 +147,5 @@ def test_train_batches_cover_the_dataset_once_per_epoch_and_normalise():
     xs, ys = zip(*batches)
     assert [len(y) for y in ys] == [256, 256, 88] and len(batches) == 3
     assert sorted(torch.cat(ys).tolist()) == sorted(split.labels.tolist())
-    background = (0 - D.MEAN) / D.STD
+    background = (0 - MEAN) / STD
     assert math.isclose(float(torch.cat(xs).min()), background, rel_tol=1e-5)

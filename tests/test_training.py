@@ -116,7 +116,7 @@ def test_ctrl_c_while_an_epoch_is_being_saved_leaves_consistent_files(tmp_path, 
     # and last.pt): the epoch's files must still be written whole and agree with each other.
     import os
 
-    import mnistkit.runs as runs
+    import mnistkit.outputs as runs
 
     real_stage = runs._stage
     staged = []
@@ -331,7 +331,7 @@ def test_a_quick_run_of_every_iteration_learns_and_stays_finite(tmp_path, model)
 def test_mnistkits_sgd_is_torchs_sgd_bit_for_bit(nesterov):
     # mnistkit's SGD skips torch's compile wrappers (start-up); the update and the state must not change
     from mnistkit.models import get_model
-    from mnistkit.training import SGD
+    from mnistkit.optim import SGD
 
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     results = []
@@ -356,7 +356,8 @@ def test_mnistkits_sgd_is_torchs_sgd_bit_for_bit(nesterov):
 
 def test_gradient_clipping_acts_only_above_the_limit():
     from mnistkit.models import get_model
-    from mnistkit.training import build_optimizer, train_step
+    from mnistkit.optim import build_optimizer
+    from mnistkit.training import train_step
 
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     states = []
@@ -372,7 +373,7 @@ def test_gradient_clipping_acts_only_above_the_limit():
 
 def test_weight_average_follows_its_formula_and_copies_integer_buffers():
     from mnistkit.models import get_model
-    from mnistkit.training import WeightAverage
+    from mnistkit.optim import WeightAverage
 
     torch.manual_seed(0)
     model = get_model("I3")
@@ -426,7 +427,7 @@ def test_moving_average_decay_is_checked():
 
 def test_bn_momentum_sets_the_running_statistics_weight_of_each_batch(tmp_path):
     from mnistkit.models import get_model
-    from mnistkit.training import set_bn_momentum
+    from mnistkit.optim import set_bn_momentum
 
     model = get_model("I3").train()
     assert set_bn_momentum(model, 1.0) == 6
@@ -450,7 +451,7 @@ def test_bn_momentum_sets_the_running_statistics_weight_of_each_batch(tmp_path):
 def test_onecycle_cycles_the_recipes_momentum_not_pytorchs_default():
     # Before 0.6, OneCycleLR overwrote the recipe's momentum with its own 0.85-0.95: a momentum
     # lever in a sweep changed nothing. The recipe's momentum is now the centre of the cycle.
-    from mnistkit.training import build_optimizer, build_scheduler
+    from mnistkit.optim import build_optimizer, build_scheduler
 
     def momenta(**kw):
         recipe = Recipe(epochs=2, **kw)

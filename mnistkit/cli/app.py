@@ -1,0 +1,143 @@
+"""The application and what every command shares: one-line errors, the options several commands
+take, the printers. The commands live beside it, one module per family.
+
+torch is imported inside the commands, never at module level: ``mnistkit --help`` and
+``mnistkit --version`` stay fast. Every error a user can cause, from a bad option value (Click)
+to a damaged file (the library), is printed by ``fail`` as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import typer
+from typer.core import TyperGroup
+
+from mnistkit import __version__
+from mnistkit.recipe import DEFAULT_BUDGET, Recipe
+
+try:  # Typer that vendors Click: its option errors derive from TyperException
+    from typer import TyperException as ClickException
+except ImportError:  # pragma: no cover - older Typer with Click installed beside it
+    from click.exceptions import ClickException
+Abort = typer.Abort
+
+_state = {"debug": False}
+DEFAULTS = Recipe()  # the one owner of recipe defaults; help texts read them from here
+
+
+def fail(message: str, code: int = 1) -> None:
+    """The one error printer: one line on stderr, then exit with ``code``."""
+    from mnistkit import render
+
+    render.stderr().print(render.error_line(message), highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's own errors (a bad option value, an unknown option) as one line too, instead of
+    a usage box: ``error: Invalid value for '--budget': 0 is not in the range x>=1; see
+    'mnistkit summary --help'``."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except ClickException as exc:
+                ctx = getattr(exc, "ctx", None)
+                hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+                fail(exc.format_message().rstrip(".") + hint, exc.exit_code)
+            except Abort:
+                fail("aborted", 1)
+        except typer.Exit as exc:
+            code = exc.exit_code
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    name="mnistkit",
+    cls=_OneLineErrors,
+    help="Design, train, inspect and compare tiny CNNs on MNIST.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can cause into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mnistkit.errors import MnistkitError
+
+        try:
+            return fn(*args, **kwargs)
+        except MnistkitError as exc:
+            if _state["debug"]:
+                raise
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            fail("interrupted", 130)
+
+    return wrapper
+
+
+def examples(*lines: str) -> str:
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+def print_json(data: Any) -> None:
+    from mnistkit import render
+
+    sys.stdout.write(render.json_text(data))
+
+
+def note(message: str) -> None:
+    from mnistkit import render
+
+    render.stderr().print(render.note_line(message), highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    from mnistkit import render
+    from rich.text import Text
+
+    render.stderr().print(Text(message, style="dim"), highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mnistkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    """Design, train, inspect and compare tiny CNNs on MNIST."""
+    _state["debug"] = debug
+
+
+BUDGET = typer.Option(DEFAULT_BUDGET, "--budget", min=1, help="Parameter budget for the check (strictly fewer).")
+JSON = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
+EXPERIMENTS = typer.Option(None, "--experiments", metavar="FILE",
+                           help="The change-log (default: ./experiments.yaml when present, else the one "
+                                "shipped with mnistkit).")
+
+
+
+def main() -> None:
+    app()

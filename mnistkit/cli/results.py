@@ -1,0 +1,177 @@
+"""`evaluate`, `predict`, `export`, `runs`, `compare`: what the runs measured."""
+
+from __future__ import annotations
+
+import io
+import sys
+from typing import List, Optional
+
+import typer
+
+from mnistkit.cli.app import app, handles_errors, examples, print_json, say, JSON, EXPERIMENTS
+from mnistkit.recipe import DEFAULT_RUNS_DIR, Dataset
+
+
+@app.command("evaluate", epilog=examples("mnistkit evaluate runs/I3-20261125-101500",
+                                         "mnistkit evaluate runs/I3-20261125-101500/last.pt --json",
+                                         "mnistkit evaluate runs/I3-20261125-101500 --errors errors.png "
+                                         "--confusion confusion.png"))
+@handles_errors
+def evaluate_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    dataset: Optional[Dataset] = typer.Option(None, "--dataset", case_sensitive=False,
+                                              help="mnist or synthetic (default: the run's)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files (default: the run's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    errors: Optional[str] = typer.Option(None, "--errors", metavar="PNG",
+                                         help="Draw the misclassified test digits, most confident first."),
+    confusion: Optional[str] = typer.Option(None, "--confusion", metavar="PNG",
+                                            help="Draw the confusion matrix as a heat map with counts."),
+    as_json: bool = JSON,
+) -> None:
+    """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
+    from mnistkit import render
+    from mnistkit.evaluation import evaluate_checkpoint
+    from mnistkit.outputs import check_output, write_output
+
+    for path in (errors, confusion):
+        if path:
+            check_output(path)
+    report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device)
+    pictures = [(path, draw(report)) for path, draw in ((errors, render.errors_png), (confusion, render.confusion_png))
+                if path]  # drawn before any is written: all or nothing
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        render.stdout().print(render.evaluation(report))
+    for path, png in pictures:
+        write_output(path, png)
+        say(f"wrote {path}")
+
+
+@app.command("predict", epilog=examples("mnistkit predict runs/I3-20261125-101500 examples/three.png",
+                                        "mnistkit predict runs/I3-20261125-101500 my-digits/ --show",
+                                        "mnistkit predict runs/I3-20261125-101500/best.pt photo.jpg --json"))
+@handles_errors
+def predict_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...) or folders of them."),
+    show: bool = typer.Option(False, "--show", help="Also draw each 28x28 input as the model saw it."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    as_json: bool = JSON,
+) -> None:
+    """Predict your own digit images: prepared as MNIST was (inverted, cropped, 20 px, centred by mass)."""
+    from mnistkit import render
+    from mnistkit.predict import predict
+
+    result = predict(target, images, device=device)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render.stdout().print(render.predictions(result, show))
+    failed = [r for r in result.predictions if r.error]
+    for r in failed:
+        render.stderr().print(render.error_line(r.error), highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("export", epilog=examples("mnistkit export runs/I3-20261125-101500 --format onnx",
+                                       "mnistkit export runs/I3-20261125-101500 --format safetensors -o i3.safetensors"))
+@handles_errors
+def export_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    fmt: str = typer.Option(..., "--format", "-f", help="onnx or safetensors."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The file to write (default: beside the checkpoint)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="ONNX: compare with PyTorch on the whole test set."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Test data for the check (default: the run's)."),
+    as_json: bool = JSON,
+) -> None:
+    """Export a trained model to ONNX (checked with ONNX Runtime) or safetensors (no pickle)."""
+    from mnistkit import render
+    from mnistkit.export import export
+
+    result = export(target, fmt.lower(), output, check=check, data_dir=data_dir)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render.stdout().print(render.export_result(result), highlight=False)
+
+
+@app.command("runs", epilog=examples("mnistkit runs", "mnistkit runs --runs-dir runs-bench --json"))
+@handles_errors
+def runs_cmd(
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
+    as_json: bool = JSON,
+) -> None:
+    """List the run folders: model, data, seed, epochs, accuracy, state (finished, resumable, diverged, damaged), age."""
+    import time
+
+    from mnistkit import render
+    from mnistkit.runs import list_runs
+
+    runs = list_runs(runs_dir)
+    if as_json:
+        print_json({"runs_dir": runs_dir, "runs": [r.to_dict() for r in runs]})
+        return
+    if not runs:
+        say(f"no run folders in {runs_dir}; make one with: mnistkit train")
+        return
+    out = render.stdout()
+    out.print(render.runs_table(runs, runs_dir, time.time(), out))
+
+
+@app.command("compare", epilog=examples("mnistkit compare", "mnistkit compare --all-runs",
+                                        "mnistkit compare --format markdown --output results.md --plot acc.png"))
+@handles_errors
+def compare_cmd(
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
+    experiments: Optional[str] = EXPERIMENTS,
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table (default), markdown, json or csv."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
+    all_runs: bool = typer.Option(False, "--all-runs", help="Also list the runs that are not comparable (never counted)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    plot: Optional[str] = typer.Option(None, "--plot", metavar="PNG", help="Also draw every iteration's test accuracy to this PNG."),
+) -> None:
+    """The change-log: reported figures beside measured ones (comparable runs, over seeds), deltas, and the assignment checks."""
+    from mnistkit import compare, render
+    from mnistkit.errors import UsageError
+    from mnistkit.experiments import find_experiments
+    from mnistkit.outputs import check_output, write_output
+
+    formats = ("table", "markdown", "json", "csv")
+    if as_json and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} disagree; give one")
+    fmt = "json" if as_json else (fmt or "table").lower()
+    if fmt not in formats:
+        raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+    for path in (output, plot):
+        if path:
+            check_output(path)
+    exp = find_experiments(experiments)
+    report = compare.build_report(exp, runs_dir)
+    if fmt == "table":
+        if output:
+            from rich.console import Console
+
+            console = Console(record=True, width=render.WIDTH_OFF_TTY, file=io.StringIO())
+            console.print(render.compare_tables(report, console, all_runs))
+            text = console.export_text()
+        else:
+            out = render.stdout()
+            out.print(render.compare_tables(report, out, all_runs))
+            text = None
+    else:
+        text = {"markdown": render.compare_markdown, "json": render.json_text, "csv": render.compare_csv}[fmt](report)
+    png = render.compare_plot(report) if plot else None  # before any file is written: all or nothing
+    if text is not None:
+        if output:
+            write_output(output, text)
+        else:
+            sys.stdout.write(text)
+    if plot:
+        write_output(plot, png)
+    say(exp.described)  # last, so that an error before it stays one line
+    for path in (output, plot):
+        if path:
+            say(f"wrote {path}")

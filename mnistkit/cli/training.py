@@ -1,0 +1,111 @@
+"""`train`: one run, several seeds, every iteration, or a resumed run."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import typer
+
+from mnistkit.cli.app import app, handles_errors, examples, print_json, DEFAULTS, EXPERIMENTS
+from mnistkit.recipe import DEFAULT_RUNS_DIR, Backend, Dataset, Precision
+
+
+@app.command("train", epilog=examples(
+    "mnistkit train I3                                 an iteration with its change-log recipe",
+    "mnistkit train I1 --seeds 3 --data-dir ../mnist   seeds 1, 2, 3; mean ± std at the end",
+    "mnistkit train I3 --val 10000                     best epoch chosen on 10,000 held-out images",
+    "mnistkit train --resume runs/I3-20261125-101500   continue an interrupted run"))
+@handles_errors
+def train_cmd(
+    model: Optional[str] = typer.Argument(None, help="Model to train; default: the change-log's final iteration."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs (default: the iteration's recipe)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
+                                             help=f"Training batch size (default: the recipe's; {DEFAULTS.batch_size} "
+                                                  "unless the change-log says otherwise)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Maximum learning rate (OneCycleLR) or initial LR (StepLR)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help=f"Random seed (default: {DEFAULTS.seed})."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", metavar="N|LIST",
+                                        help="Train once per seed: a count (3 = seeds 1, 2, 3) or a list (1,2,42); "
+                                             "ends with mean ± std."),
+    precision: Optional[Precision] = typer.Option(None, "--precision", case_sensitive=False,
+                                                  help="The training step's precision (default: auto = bf16 where "
+                                                       "the hardware has it natively)."),
+    backend: Optional[Backend] = typer.Option(None, "--backend", case_sensitive=False,
+                                              help="How the step computes: auto (the default: fused where mnistkit's "
+                                                   "C kernel builds, else torch), torch (PyTorch's ops) or fused "
+                                                   "(BatchNorm + ReLU in the kernel; CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
+    dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
+                                    help="mnist, or synthetic (made locally, no download)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files "
+                                           "(default: $MNISTKIT_DATA, else ~/.cache/mnistkit; downloaded if absent)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N training images "
+                                        "(a shortened run: compare never counts it)."),
+    val: int = typer.Option(0, "--val", min=0, help="Hold out N training images (a fixed draw) to choose the best "
+                                                     "epoch on; the test set is then only reported."),
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are written."),
+    experiments: Optional[str] = EXPERIMENTS,
+    resume: Optional[str] = typer.Option(None, "--resume", metavar="RUN", help="Continue an interrupted run from its folder."),
+    all_iterations: bool = typer.Option(False, "--all", help="Train every iteration of the change-log, each with its own recipe."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
+) -> None:
+    """Train a registered model with its iteration's recipe from the change-log."""
+    from mnistkit import render
+    from mnistkit.backends.memory import keep_freed_memory, release_memory
+    from mnistkit.errors import UsageError
+    from mnistkit.experiments import find_experiments
+    from mnistkit.plan import make_plan, parse_seeds, train_plan
+    from mnistkit.recipe import DataOptions
+    from mnistkit.training import resume as resume_run
+
+    console = render.stderr() if as_json else render.stdout()
+    pending: list[str] = []  # said on stderr once training starts, so that an error stays one line
+
+    def run(call: Callable, *args: Any, **kwargs: Any) -> dict:
+        display = render.TrainDisplay(console, quiet=quiet, preamble=list(pending))
+        pending.clear()
+        try:
+            result = call(*args, callback=display, **kwargs).to_dict()
+        finally:
+            display.close()
+        if not quiet:
+            console.print(render.train_result(result), highlight=False)
+        return result
+
+    def seeds_done(name: str, group: list[dict]) -> None:
+        if len(group) > 1 and not quiet:
+            console.print(render.seeds_table(group, plan.experiments.constraints.get("min_test_acc")))
+
+    if resume is not None:
+        given = [name for name, v in (("MODEL", model), ("--all", all_iterations or None), ("--epochs", epochs),
+                                      ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed), ("--seeds", seeds),
+                                      ("--limit", limit), ("--val", val or None), ("--data-dir", data_dir),
+                                      ("--precision", precision), ("--backend", backend),
+                                      ("--experiments", experiments))
+                 if v is not None]
+        if given:
+            raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
+    elif seed is not None and seeds is not None:
+        raise UsageError("give --seed or --seeds, not both")
+    elif all_iterations and model is not None:
+        raise UsageError("--all trains every iteration; drop MODEL")
+    keep_freed_memory()   # the CLI's process only: each step's buffers are reused, not faulted in anew
+    try:
+        if resume is not None:
+            result = run(resume_run, resume, device=device)
+            if as_json:
+                print_json(result)
+            return
+        plan = make_plan(find_experiments(experiments), model, all_iterations,
+                         parse_seeds(seeds) if seeds is not None else [seed])
+        pending += [plan.experiments.described, *plan.notes]
+        overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
+                     "precision": precision.value if precision else None, "backend": backend.value if backend else None}
+        results = train_plan(plan, DataOptions(dataset.value, data_dir, limit, val), overrides, device, runs_dir,
+                             run=run, on_group=seeds_done)
+    finally:
+        release_memory()
+    if as_json:
+        path = str(plan.experiments.path)
+        print_json({**results[0], "experiments": path} if len(results) == 1 else {"experiments": path, "runs": results})

@@ -1,0 +1,177 @@
+"""A sweep spec (YAML): which models, seeds, and grid or random search of recipe keys; loaded,
+bounded and validated into the list of trials before anything runs (see mnistkit/sweep.py)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnistkit.errors import MnistkitError, SweepError, UsageError
+from mnistkit.recipe import Augment, DataOptions, Recipe
+from mnistkit.safeio import load_yaml_bounded
+
+MAX_SPEC_BYTES = 1 << 16
+MAX_TRIALS = 1000
+_SPEC_KEYS = {"name", "model", "models", "seeds", "grid", "random", "recipe", "data", "experiments"}
+_AUGMENT_KEYS = {f"augment.{f}" for f in Augment.__dataclass_fields__}
+_RECIPE_KEYS = ({f for f in Recipe.__dataclass_fields__} - {"seed", "augment"}) | _AUGMENT_KEYS
+
+
+def trial_recipe(exp: Any, model: str, fixed: dict[str, Any], overrides: dict[str, Any], seed: int) -> Recipe:
+    """The iteration's recipe, then the spec's fixed keys, then the trial's varied ones;
+    ``augment.KEY`` (or a fixed ``augment:`` mapping) changes one field of the augmentation."""
+    import dataclasses
+
+    from mnistkit.experiments import resolve_recipe
+
+    values = {**fixed, **overrides}
+    augment = dict(values.pop("augment", None) or {})
+    augment.update({k.split(".", 1)[1]: values.pop(k) for k in list(values) if k.startswith("augment.")})
+    recipe = resolve_recipe(model, exp, **{**values, "seed": seed})
+    if augment:
+        try:
+            recipe = recipe.replace(augment=dataclasses.replace(recipe.augment, **augment))
+        except TypeError as exc:
+            raise UsageError(f"augment: {exc}") from None
+    return recipe
+
+
+@dataclass(frozen=True)
+class Trial:
+    model: str
+    seed: int
+    overrides: tuple[tuple[str, Any], ...]  # the varied recipe keys, sorted
+
+    @property
+    def config(self) -> str:
+        """The configuration this trial is one seed of (model and varied values)."""
+        return " ".join([self.model] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in self.overrides])
+
+    @property
+    def name(self) -> str:
+        """The run folder's name: deterministic, so that --resume finds it."""
+        parts = [self.model] + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in self.overrides]
+        return "-".join(parts + [f"seed{self.seed}"]).replace("/", "_").replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    path: Path
+    name: str
+    trials: tuple[Trial, ...]
+    recipe: dict[str, Any]
+    data: DataOptions
+    experiments: str | None = None
+    varied: tuple[str, ...] = ()
+
+
+def _fail(path: Path, message: str) -> SweepError:
+    return SweepError(f"{path}: {message}")
+
+
+def load_spec(path: str | os.PathLike) -> SweepSpec:
+    """Read and check a sweep spec, and expand its trials; every trial's recipe is built (and
+    so validated) here, before anything runs."""
+    from mnistkit.experiments import find_experiments
+    from mnistkit.models import model_info
+
+    path = Path(path)
+    data, _ = load_yaml_bounded(path, MAX_SPEC_BYTES, SweepError, "a sweep spec")
+    if not isinstance(data, dict):
+        raise _fail(path, "a sweep spec is a mapping (name, models, seeds, grid or random, recipe, data)")
+    unknown = set(data) - _SPEC_KEYS
+    if unknown:
+        raise _fail(path, f"unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(_SPEC_KEYS))}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
+        raise _fail(path, "name must be a folder name, e.g. name: i3-lr")
+    models = data.get("models", [data["model"]] if "model" in data else None)
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise _fail(path, "models must be a list of model names, e.g. models: [I3]")
+    try:
+        models = [model_info(m).name for m in models]
+    except MnistkitError as exc:
+        raise _fail(path, str(exc)) from None
+    seeds = data.get("seeds", [42])
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= 100:
+        seeds = list(range(1, seeds + 1))
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                           for s in seeds) or len(set(seeds)) != len(seeds):
+        raise _fail(path, "seeds must be a count (1 to 100) or a list of distinct non-negative integers")
+    fixed = data.get("recipe") or {}
+    if not isinstance(fixed, dict):
+        raise _fail(path, "recipe must be a mapping of recipe keys to values")
+    grid, search = data.get("grid"), data.get("random")
+    if grid is not None and search is not None:
+        raise _fail(path, "give grid or random, not both")
+    configs = [()]
+    varied: tuple[str, ...] = ()
+    if grid is not None:
+        if not isinstance(grid, dict) or not grid:
+            raise _fail(path, "grid must map recipe keys to lists of values, e.g. grid: {lr: [0.1, 0.2]}")
+        for key, values in grid.items():
+            if key not in _RECIPE_KEYS:
+                raise _fail(path, f"grid: {key!r} is not a recipe key that can vary; known: "
+                                  f"{', '.join(sorted(_RECIPE_KEYS))}")
+            if not isinstance(values, list) or not values:
+                raise _fail(path, f"grid: {key} must be a non-empty list")
+        varied = tuple(sorted(grid))
+        configs = [tuple(zip(varied, combo)) for combo in itertools.product(*(grid[k] for k in varied))]
+    elif search is not None:
+        configs, varied = _random_configs(path, search)
+    trials = tuple(Trial(m, s, c) for m in models for c in configs for s in seeds)
+    if len(trials) > MAX_TRIALS:
+        raise _fail(path, f"{len(trials):,} trials; a sweep runs at most {MAX_TRIALS:,}")
+    try:
+        options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
+    except (UsageError, TypeError) as exc:
+        raise _fail(path, f"data: {exc}") from None
+    experiments = data.get("experiments")
+    if experiments is not None and not isinstance(experiments, str):
+        raise _fail(path, "experiments must be the path of a change-log file")
+    if experiments is not None and not os.path.isabs(experiments):
+        experiments = str(path.parent / experiments)
+    exp = find_experiments(experiments)
+    for t in trials:  # every recipe is built now: a bad value is one line before anything runs
+        try:
+            trial_recipe(exp, t.model, fixed, dict(t.overrides), t.seed)
+        except (UsageError, TypeError) as exc:
+            raise _fail(path, f"trial {t.name}: {exc}") from None
+    return SweepSpec(path, name, trials, dict(fixed), options, experiments, varied)
+
+
+def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ...]]:
+    if not isinstance(search, dict) or not isinstance(search.get("n"), int) or not 1 <= search["n"] <= MAX_TRIALS:
+        raise _fail(path, "random needs n (1 to 1000) and ranges, e.g. random: {n: 4, lr: {min: 0.05, max: 0.4}}")
+    rng = random.Random(search.get("seed", 0))
+    ranges = {k: v for k, v in search.items() if k not in ("n", "seed")}
+    if not ranges:
+        raise _fail(path, "random: give at least one range, e.g. lr: {min: 0.05, max: 0.4, log: true}")
+    for key, r in ranges.items():
+        ok = (key in _RECIPE_KEYS and isinstance(r, dict) and all(isinstance(r.get(b), (int, float)) for b in ("min", "max"))
+              and r["min"] <= r["max"] and (not r.get("log") or r["min"] > 0))
+        if not ok:
+            raise _fail(path, f"random: {key} must be a recipe key with a range {{min: A, max: B}} (log: true needs A > 0)")
+    varied = tuple(sorted(ranges))
+    configs = []
+    for _ in range(search["n"]):
+        values = []
+        for key in varied:
+            r = ranges[key]
+            if r.get("log"):
+                v = math.exp(rng.uniform(math.log(r["min"]), math.log(r["max"])))
+            else:
+                v = rng.uniform(r["min"], r["max"])
+            if key in Recipe.__dataclass_fields__ and isinstance(Recipe.__dataclass_fields__[key].default, int):
+                v = int(round(v))
+            else:
+                v = float(f"{v:.4g}")
+            values.append((key, v))
+        configs.append(tuple(values))
+    return configs, varied
