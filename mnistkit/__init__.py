@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.8.0"
+__version__ = "0.9.0"
 
 # public name -> module that defines it
 _LAZY = {
@@ -26,6 +26,9 @@ _LAZY = {
     "find_experiments": "mnistkit.experiments",
     "resolve_recipe": "mnistkit.experiments",
     "train": "mnistkit.training",
+    "make_plan": "mnistkit.plan",
+    "train_plan": "mnistkit.plan",
+    "prepare": "mnistkit.backends",
     "resume": "mnistkit.training",
     "evaluate_checkpoint": "mnistkit.evaluation",
     "build_report": "mnistkit.compare",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mnistkit.cli import app
-from mnistkit.errors import TrainingDiverged, TrainingInterrupted
+from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.predict import preprocess, read_image
 from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs import list_runs
@@ -198,3 +198,22 @@ def test_runs_lists_states(runner, tmp_path):
     assert [r["modified"] for r in listed] == sorted((r["modified"] for r in listed), reverse=True)
     i2 = next(r for r in listed if r["model"] == "I2")
     assert (i2["epochs_done"], i2["epochs_planned"], i2["seed"], i2["train_samples"]) == (1, 3, 42, 300)
+
+
+def test_several_seeds_and_iterations_from_python(tmp_path):
+    # what `mnistkit train --seeds 2` and `--all` do, as a library call
+    from mnistkit import make_plan, train_plan
+    from mnistkit.experiments import find_experiments
+
+    exp = find_experiments(None)
+    plan = make_plan(exp, "i4", seeds=[1, 2])
+    assert plan.models == ("I4",) and plan.seeds == (1, 2) and plan.notes == ()
+    groups = []
+    results = train_plan(plan, DataOptions("synthetic", limit=128), {"epochs": 1, "batch_size": 64}, device="cpu",
+                         runs_dir=tmp_path, on_group=lambda name, group: groups.append((name, len(group))))
+    assert [r.seed for r in results] == [1, 2] and groups == [("I4", 2)]
+    assert all(r.epochs == 1 and r.run_dir.parent == tmp_path for r in results)
+    every = make_plan(exp, all_iterations=True)
+    assert every.models == tuple(it.model for it in exp.iterations) and every.seeds == (None,)
+    with pytest.raises(UsageError, match="give no model"):
+        make_plan(exp, "I3", all_iterations=True)
