@@ -1,9 +1,6 @@
-"""MNIST from a local folder or torchvision's download, synthetic digits, and the fast batch pipeline.
-
-The training pipeline keeps the whole dataset as one tensor on the training device and
-augments whole batches at once (one ``affine_grid`` + ``grid_sample`` per batch), with the
-same geometry as torchvision's ``RandomAffine`` on tensors: there is no per-sample Python
-work in the step loop.
+"""The data: MNIST's IDX files from a local folder or torchvision's download (bounded, validated
+reads and the official-MNIST check), synthetic digits, the validation draw, and what a run
+records of them. The batches are made in ``batches.py``, augmented in ``augment.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Run directories: resolved config, metrics.jsonl, checkpoints; all written atomically.
+"""Run folders: the config reader, metrics.jsonl, the one writer that commits an epoch and owns
+"best", listing runs and their state. (The checkpoint format is ``checkpoint.py``; safe writes
+``outputs.py``.)
 
 A run folder ``runs/<model>-<timestamp>/`` holds everything needed to reproduce and audit a
 run: ``config.yaml`` (model, resolved recipe, data), ``metrics.jsonl`` (one line per epoch),
