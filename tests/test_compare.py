@@ -285,12 +285,12 @@ def test_nested_aliases_and_endless_files_are_refused_quickly(tmp_path):
         laughs += f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join(f"*{chr(96 + i)}" for _ in range(10)) + "]\n"
     path = tmp_path / "laughs.yaml"
     path.write_text(laughs + "iterations: []\n")
-    t0 = time.perf_counter()
+    # no clock here: expanded, these files would never end (10**11 nodes, an endless device),
+    # so a refusal at all is the proof that neither was expanded or read to its end
     with pytest.raises(ExperimentsError, match="more than 20,000 YAML nodes"):
         load_experiments(path)
     with pytest.raises(ExperimentsError, match="larger than"):
         load_experiments("/dev/zero")
-    assert time.perf_counter() - t0 < 5
 
 
 def test_the_shipped_changelog_is_valid_and_exact():
