@@ -5,8 +5,8 @@
 2. One training step (fp32, no dropout, batch 64 by default) of each model, the gradients of every
    parameter against the same step in float64: the largest error relative to each
    parameter's largest gradient, for PyTorch's channels_last ops, PyTorch's NCHW ops and the
-   kernel (channels_last). Parameters whose true gradient is 0 (I1's conv biases before BN)
-   are left out.
+   fused backend (channels_last; a BatchNorm it does not fuse keeps PyTorch's ops). Parameters
+   whose true gradient is 0 (I1's conv biases before BN) are left out.
 3. With ``--trained RUN --data-dir DIR``: layer by layer in bf16 on a trained model's own
    activations (one batch of training images, the default step's precision and layout), the
    output, input gradient, weight gradient and bias gradient of PyTorch's BN + ReLU and of the
@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistkit import fused, get_model
+from mnistkit import backends, get_model
+from mnistkit.backends import fused, kernel
+
+CPU = torch.device("cpu")
 
 
 def time_layer(shape: tuple[int, ...], use_fused: bool, reps: int) -> float:
@@ -48,25 +51,25 @@ def grad_errors(name: str, batch: int) -> dict[str, float]:
     base = get_model(name, dropout=0.0).train()
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
 
-    def grads(dtype: torch.dtype, channels_last: bool, on: bool) -> dict[str, torch.Tensor]:
+    def grads(dtype: torch.dtype, channels_last: bool, backend: str) -> dict[str, torch.Tensor]:
         model = copy.deepcopy(base).to(dtype)
         xx = x.to(dtype)
         if channels_last:
             model, xx = model.to(memory_format=torch.channels_last), xx.contiguous(memory_format=torch.channels_last)
-        fused.use_fused(model, on)
+        model = backends.prepare(model, backend, CPU, channels_last).model
         F.cross_entropy(model(xx), y).backward()
         return {k: p.grad.double() for k, p in model.named_parameters()}
 
-    ref = grads(torch.float64, False, False)
+    ref = grads(torch.float64, False, "torch")
     top = max(g.abs().max() for g in ref.values())
     keep = [k for k, g in ref.items() if g.abs().max() > 1e-6 * top]
 
     def err(g: dict[str, torch.Tensor]) -> float:
         return max(((g[k] - ref[k]).abs().max() / ref[k].abs().max()).item() for k in keep)
 
-    return {"torch channels_last": err(grads(torch.float32, True, False)),
-            "torch NCHW": err(grads(torch.float32, False, False)),
-            "fused channels_last": err(grads(torch.float32, True, True))}
+    return {"torch channels_last": err(grads(torch.float32, True, "torch")),
+            "torch NCHW": err(grads(torch.float32, False, "torch")),
+            "fused channels_last": err(grads(torch.float32, True, "fused"))}
 
 
 def trained_layers(run: str, data_dir: str, batch: int) -> None:
@@ -82,8 +85,8 @@ def trained_layers(run: str, data_dir: str, batch: int) -> None:
     idx = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(0))[:batch]
     x = ((train.images[idx].float() / 255 - config.recipe.mean) / config.recipe.std).unsqueeze(1)
     x, y = x.contiguous(memory_format=torch.channels_last), train.labels[idx].long()
-    seen = []   # (block, conv output, ReLU output) of every ConvBNReLU, in order
-    for block in (m for m in model.modules() if isinstance(m, fused.ConvBNReLU)):
+    seen = []   # (block, conv output, ReLU output) of every conv/bn/relu block, in order
+    for block in (m for m in model.modules() if isinstance(m, nn.Sequential) and "bn" in m._modules):
         def keep(mod, inp, out, block=block):
             out.retain_grad()
             seen.append([block, out])
@@ -126,9 +129,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.trained and not args.data_dir:
         ap.error("--trained needs --data-dir")
-    if not fused.available():
-        raise SystemExit(f"the fused kernel is not available here: {fused.status()}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernel: {fused.status()}\n")
+    if not kernel.available():
+        raise SystemExit(f"the fused kernel is not available here: {kernel.status()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; kernel: {kernel.status()}\n")
     print("| BN + ReLU, bf16 channels_last, fwd + bwd | PyTorch ms | fused ms | speed-up |\n|---|---:|---:|---:|")
     for shape in [(256, 10, 26, 26), (256, 26, 24, 24), (256, 18, 10, 10), (256, 20, 6, 6), (256, 6, 26, 26),
                   (256, 12, 24, 24), (256, 24, 14, 14), (256, 16, 28, 28)]:

@@ -3,10 +3,11 @@
 
     .venv/bin/python bench/kept_memory.py --data-dir ../shared/mnist [--model I3] [--pairs 8] [--steps 40]
 
-Each process times ``--steps`` steps of the default step (sharded where training would shard),
-after warm-up, with the throughput benchmark's timed loop, and counts the page faults and system
-time of those steps (``getrusage``). Prints each pair, then the medians and the median of the
-pairs' ratios: the machine's speed drifts between processes, the ratio of neighbours less.
+Each process times ``--steps`` steps of the default step (the precision, memory format and
+backend of ``Recipe()``, resolved as training resolves them), after warm-up, with the throughput
+benchmark's timed loop, and counts the page faults and system time of those steps
+(``getrusage``). Prints each pair, then the medians and the median of the pairs' ratios: the
+machine's speed drifts between processes, the ratio of neighbours less.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from throughput import time_mnistkit   # the same timed loop as the throughput benchmark
 
-    from mnistkit.data import TrainBatches, load_mnist
-    from mnistkit.device import keep_freed_memory, resolve_bn_relu, resolve_precision, resolve_shards
+    from mnistkit import backends
+    from mnistkit.backends.memory import keep_freed_memory
+    from mnistkit.batches import TrainBatches
+    from mnistkit.data import load_mnist
+    from mnistkit.device import resolve_precision
     from mnistkit.models import get_model
     from mnistkit.recipe import Recipe
 
@@ -33,17 +37,16 @@ def worker(args: argparse.Namespace) -> None:
     recipe = Recipe()
     cpu = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, cpu) == "bf16"
-    shards = resolve_shards(recipe.shards, cpu, recipe.channels_last)
-    kernel = shards > 1 or resolve_bn_relu(recipe.bn_relu, cpu, recipe.channels_last) == "fused"
+    backend = backends.resolve(recipe.backend, cpu, recipe.channels_last)[0]
     train = load_mnist("train", args.data_dir, download=False)
     batches = TrainBatches(train, args.batch_size, cpu, recipe.augment, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    time_mnistkit(get_model(args.model), batches, 5, bf16, True, kernel, shards)   # warm-up
+    time_mnistkit(get_model(args.model), batches, 5, bf16, recipe.channels_last, backend)   # warm-up
     before = resource.getrusage(resource.RUSAGE_SELF)
-    rate = time_mnistkit(get_model(args.model), batches, args.steps, bf16, True, kernel, shards)
+    rate = time_mnistkit(get_model(args.model), batches, args.steps, bf16, recipe.channels_last, backend)
     after = resource.getrusage(resource.RUSAGE_SELF)
     steps = args.steps + 1   # time_mnistkit runs one untimed step first
-    print(json.dumps({"kept": status, "shards": shards, "ms_per_step": 1e3 * args.batch_size / rate,
+    print(json.dumps({"kept": status, "backend": backend, "ms_per_step": 1e3 * args.batch_size / rate,
                       "faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
                       "sys_ms_per_step": 1e3 * (after.ru_stime - before.ru_stime) / steps}))
 
@@ -75,7 +78,7 @@ def main() -> None:
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("ms_per_step", "faults_per_step", "sys_ms_per_step")}
            for k, v in rows.items()}
     ratios = [a["ms_per_step"] / b["ms_per_step"] for a, b in zip(rows["0"], rows["1"])]
-    print(f"\n{args.model}, batch {args.batch_size}, {rows['1'][0]['shards']} shard(s), medians of {args.pairs} pairs: "
+    print(f"\n{args.model}, batch {args.batch_size}, backend {rows['1'][0]['backend']}, medians of {args.pairs} pairs: "
           f"glibc's default {med['0']['ms_per_step']:.1f} ms/step, {med['0']['faults_per_step']:,.0f} faults, "
           f"{med['0']['sys_ms_per_step']:.1f} ms system; kept {med['1']['ms_per_step']:.1f} ms/step, "
           f"{med['1']['faults_per_step']:,.0f} faults, {med['1']['sys_ms_per_step']:.1f} ms system; "

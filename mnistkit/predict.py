@@ -24,6 +24,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 FIELD, BOX = 28, 20  # MNIST: the digit's longer side is 20 pixels in a 28x28 field
 
 
+# what Pillow may decode, by content: raster formats only (PPM covers PBM and PGM). Pillow opens
+# by content, not name, and would hand an EPS or PDF to Ghostscript
+RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+
 class ImageError(MnistkitError):
     """An image file that cannot be read or holds no digit."""
 
@@ -46,7 +51,7 @@ def image_files(paths: list[str | os.PathLike]) -> list[Path]:
 def read_image(path: str | os.PathLike) -> Any:
     """Decode an image file with Pillow, bounded; returns a PIL image in mode L (grayscale) on
     a white background where it had transparency."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -65,7 +70,7 @@ def read_image(path: str | os.PathLike) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=RASTER_FORMATS) as img:   # never EPS (Ghostscript), PDF, ...
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageError(f"{path} is {img.width}x{img.height} pixels, too large for a digit image "
                                      f"({MAX_PIXELS:,} pixels at most)")
@@ -77,6 +82,9 @@ def read_image(path: str | os.PathLike) -> Any:
                 return img.convert("L")
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not a {', '.join(RASTER_FORMATS[:-1])} or {RASTER_FORMATS[-1]} image (whatever "
+                         "its name says); only raster images are read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{path} decodes to too many pixels; it is not a digit image") from None
     except Exception as exc:  # Pillow raises many types for a damaged or foreign file

@@ -260,7 +260,7 @@ def upgrade_recorded(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
 # still has one gets this line; run folders that recorded them are read by runs.read_config)
 REPLACED = {
     "bn_relu": "was replaced by backend in 0.9 (auto, torch or fused); rename the key",
-    "shards": "was removed in 0.9 (sharded steps are gone; backend auto is faster); delete the key",
+    "shards": "was removed in 0.9 (sharded steps are gone: they were no faster; see the README's Speed); delete the key",
     "optimizer": "was removed in 0.9 (it was never read: the optimizer is SGD); delete the key",
 }
 

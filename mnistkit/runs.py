@@ -75,7 +75,7 @@ class RunConfig:
     recipe: Recipe
     data: DataOptions
     measured_on: dict[str, Any]  # empty for runs recorded before mnistkit checked its data
-    shards: int = 1  # rows blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
+    shards: int = 1  # row blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:

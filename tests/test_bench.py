@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny data, so they cannot rot."""
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -9,15 +10,26 @@ from pathlib import Path
 import pytest
 
 from helpers import write_fake_mnist
+from mnistkit.backends import kernel
 
 
 ROOT = Path(__file__).resolve().parent.parent
+COMPILER = kernel._compiler() if sys.platform.startswith("linux") else None
 
 
-def run_bench(script: str, *args: str) -> str:
-    """Run ``bench/SCRIPT`` with ``args`` from the repository root; its stdout, once it succeeded."""
+def kernel_env() -> dict[str, str]:
+    """This process's environment without conftest's MNISTKIT_FUSED=0: the child may use the kernel
+    (where a C compiler is, it must build and pass; the tests that need it skip only without one)."""
+    if COMPILER is None:
+        pytest.skip("no C compiler here: the kernel cannot be built")
+    return {k: v for k, v in os.environ.items() if k != "MNISTKIT_FUSED"}
+
+
+def run_bench(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``bench/SCRIPT`` with ``args`` from the repository root (in ``env``, default this
+    process's environment); its stdout, once it succeeded."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+                         timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -68,7 +80,8 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_bn_check_runs_end_to_end():
-    text = run_bench("bn_check.py", "--reps", "1", "--rounds", "1", "--grad-batch", "4")
+    text = run_bench("bn_check.py", "--reps", "1", "--rounds", "1", "--grad-batch", "4", env=kernel_env())
+    assert "kernel: available" in text
     rows = [line for line in text.splitlines() if line.startswith("| I")]
     assert [r.split(" | ")[0] for r in rows] == ["| I1", "| I2", "| I3", "| I4"]
     for row in rows:  # the kernel's gradients are fp32-exact: within 1e-4 of float64
@@ -102,24 +115,23 @@ def test_a_fraction_of_the_ceiling_is_never_above_one():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shards", ["auto", "1"])
-def test_profile_benchmark_runs_end_to_end(tmp_path, shards):
+@pytest.mark.parametrize("backend", ["torch", "fused"])
+def test_profile_benchmark_runs_end_to_end(tmp_path, backend):
     write_fake_mnist(tmp_path / "mnist", n_train=128, n_test=32)
     text = run_bench("profile_step.py", "--data-dir", str(tmp_path / "mnist"), "--models", "I3", "--steps", "2",
-                     "--batch-size", "32", "--floor-repeats", "1", "--shards", shards)
-    sharded = "2 shards of 16 rows" in text
-    assert sharded == (shards == "auto" and fused.available() and "unsharded, 1 threads" not in text)
-    assert "## I3: batch 32" in text and "wall time" in text and "| batch preparation |" in text
-    assert ("| shard 1: of which waiting in the exchange |" in text) == sharded
-    assert ("_SyncBNReLU" in text) == sharded   # the calling thread's ops: shard 0's
+                     "--batch-size", "32", "--floor-repeats", "1", "--backend", backend,
+                     env=kernel_env() if backend == "fused" else None)
+    head = next(line for line in text.splitlines() if line.startswith("## I3: batch 32"))
+    assert f"backend {backend}:" in head   # the backend as prepared, and its note
+    assert "wall time" in text and "| batch preparation |" in text
+    assert ("| _BNReLU |" in text) == (backend == "fused")   # the kernel's forward among the ops
     # the floor: one row per convolution (8) and per BatchNorm (6) of I3, and their sums
     rows = {line.split(" | ")[0].lstrip("| "): float(line.split(" | ")[1].split()[0].strip("*"))
             for line in text.splitlines() if line.startswith(("| conv ", "| BN + ReLU ", "| **"))}
     convs = [v for k, v in rows.items() if k.startswith("conv ")]
     bns = [v for k, v in rows.items() if k.startswith("BN + ReLU ")]
     assert len(convs) == 8 and len(bns) == 6
-    rows16 = " [16, " if sharded else " [32, "
-    assert all(rows16 in k for k in rows if k.startswith(("conv ", "BN ")))
+    assert all(" [32, " in k for k in rows if k.startswith(("conv ", "BN ")))   # the step's shapes
     assert rows["**convolutions**"] == pytest.approx(sum(convs), abs=0.08)
     assert rows["**BN + ReLU**"] == pytest.approx(sum(bns), abs=0.08)
     floor = next(v for k, v in rows.items() if k.startswith("**floor of the step** (their sum"))
@@ -135,4 +147,4 @@ def test_kept_memory_benchmark_runs_end_to_end(tmp_path):
     assert "pair 1: glibc's default" in text and "kept" in text
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert "[on]" in text   # the worker with MNISTKIT_KEEP_MEMORY=1 kept memory
-    assert "medians of 1 pairs" in text and "(kept faster in " in text
+    assert "backend torch, medians of 1 pairs" in text and "(kept faster in " in text   # conftest: no kernel

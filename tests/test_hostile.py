@@ -533,3 +533,20 @@ def test_memory_of_the_bombs_is_bounded(tmp_path):
     bomb_gz = peak(common + ["--data-dir", str(tmp_path / "bomb")])
     print(f"peak RSS MiB: yaml {base_yaml:.0f} -> {bomb_yaml:.0f}; gzip {base_gz:.0f} -> {bomb_gz:.0f}")
     assert bomb_yaml - base_yaml < 300 and bomb_gz - base_gz < 300
+
+
+def test_predict_never_hands_a_disguised_postscript_file_to_ghostscript(tmp_path, monkeypatch):
+    # issue 29, item 4: Pillow opens by content; an EPS named x.png went to Ghostscript
+    from PIL import EpsImagePlugin
+
+    from mnistkit.predict import ImageError, read_image
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a) or (_ for _ in ()).throw(
+        OSError("ghostscript was asked")))
+    path = tmp_path / "x.png"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nnewpath 0 0 moveto 28 28 lineto stroke\n"
+                    "showpage\n%%EOF\n")
+    with pytest.raises(ImageError, match="is not a PNG, JPEG, BMP, GIF, TIFF, WEBP or PPM image .*only raster"):
+        read_image(path)
+    assert called == []
