@@ -38,17 +38,18 @@ class ParityCheck:
     dataset: str
     images: int
     same_predictions: int
-    max_abs_logit_difference: float
+    max_abs_logit_difference: float   # infinite where either side's logits are not finite
     tolerance: float = LOGIT_TOLERANCE
+    finite: bool = True   # every logit of both sides a finite number
 
     @property
     def passed(self) -> bool:
-        return self.same_predictions == self.images and self.max_abs_logit_difference <= self.tolerance
+        return self.finite and self.same_predictions == self.images and self.max_abs_logit_difference <= self.tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "images": self.images, "same_predictions": self.same_predictions,
                 "max_abs_logit_difference": self.max_abs_logit_difference, "tolerance": self.tolerance,
-                "passed": self.passed}
+                "finite": self.finite, "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,16 @@ def onnx_parity(data: bytes, model: torch.nn.Module, images: torch.Tensor, datas
     """Run ``images`` (normalised ``[N, 1, 28, 28]``) through ONNX Runtime and PyTorch (fp32)."""
     ort = _need("onnxruntime", "onnxruntime")
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    same, worst = 0, 0.0
+    same, worst, finite = 0, 0.0, True
     with torch.inference_mode():
         for chunk in images.split(1000):
             theirs = torch.from_numpy(session.run(["logits"], {"images": chunk.numpy()})[0])
             ours = model(chunk).float()
             same += int((theirs.argmax(1) == ours.argmax(1)).sum())
-            worst = max(worst, float((theirs - ours).abs().max()))
-    return ParityCheck(dataset, len(images), same, worst)
+            finite = finite and bool(torch.isfinite(theirs).all() and torch.isfinite(ours).all())
+            # NaN compares false with everything: max(worst, nan) would keep worst
+            worst = max(worst, float((theirs - ours).abs().nan_to_num(float("inf")).max()))
+    return ParityCheck(dataset, len(images), same, worst, finite=finite)
 
 
 def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None, check: bool = True,
@@ -128,6 +131,9 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
             test = load_dataset(saved.dataset, "test", data_dir or saved.data_dir, seed=recipe.seed)
             x = (test.images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std
             parity = onnx_parity(data, model, x, saved.dataset)
+            if not parity.finite:
+                raise MnistkitError(f"{path}'s model gives logits that are not finite numbers (NaN or infinite "
+                                    "weights?), so no export can agree with it; nothing was written")
             if not parity.passed:  # never leave a file that disagrees with the model
                 raise MnistkitError(
                     f"the ONNX export disagrees with PyTorch: {parity.same_predictions:,} of {parity.images:,} "

@@ -217,3 +217,19 @@ def test_several_seeds_and_iterations_from_python(tmp_path):
     assert every.models == tuple(it.model for it in exp.iterations) and every.seeds == (None,)
     with pytest.raises(UsageError, match="give no model"):
         make_plan(exp, "I3", all_iterations=True)
+
+
+def test_an_export_of_nan_weights_is_refused_not_passed(runner, trained, tmp_path):
+    # issue 29, item 14: max(worst, nan) kept worst, and a NaN model "passed" its parity check
+    pytest.importorskip("onnxruntime")
+    from mnistkit.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(trained / "best.pt")
+    name = next(k for k in ckpt["state_dict"] if k.endswith("conv.weight"))
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", ckpt)
+    out = tmp_path / "nan.onnx"
+    result = runner.invoke(app, ["export", str(tmp_path / "nan.pt"), "-f", "onnx", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "not finite numbers" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
