@@ -298,4 +298,8 @@ class DataOptions:
         if not isinstance(data, dict):
             raise UsageError(f"{where} must be a mapping")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:   # a typo (vall: 50) would otherwise train on data nobody asked for
+            detail = f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+            raise UsageError(f"{where}: {detail}", key=unknown[0], detail=detail)
+        return cls(**data)

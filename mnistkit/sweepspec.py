@@ -129,9 +129,9 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     if len(trials) > MAX_TRIALS:
         raise _fail(path, f"{len(trials):,} trials; a sweep runs at most {MAX_TRIALS:,}")
     try:
-        options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
+        options = DataOptions.from_dict(data.get("data") or {}, where="data")
     except (UsageError, TypeError) as exc:
-        raise _fail(path, f"data: {exc}") from None
+        raise _fail(path, str(exc) if str(exc).startswith("data:") else f"data: {exc}") from None
     experiments = data.get("experiments")
     if experiments is not None and not isinstance(experiments, str):
         raise _fail(path, "experiments must be the path of a change-log file")

@@ -44,6 +44,9 @@ def strip(rows):
     (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "random: {n: 2}"), "give at least one range"),
     (lambda s: s + "random: {n: 2, lr: {min: 0.1, max: 0.2}}\n", "grid or random, not both"),
     (lambda s: s.replace("dataset: synthetic", "dataset: cifar"), "dataset must be one of"),
+    # issue 29, item 10: typos under data: were silently ignored
+    (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, vall: 50"), "data: unknown key 'vall'; known keys"),
+    (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, limt: 100"), "data: unknown key 'limt'"),
     (lambda s: "a: [\n", "not valid YAML"),
 ])
 def test_a_bad_spec_is_one_line_before_anything_runs(runner, tmp_path, edit, needle):
