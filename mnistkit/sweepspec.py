@@ -50,14 +50,18 @@ class Trial:
     @property
     def config(self) -> str:
         """The configuration this trial is one seed of (model and varied values)."""
-        return " ".join([self.model] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in self.overrides])
+        return " ".join([self.model] + [f"{k}={_text(v)}" for k, v in self.overrides])
 
     @property
     def name(self) -> str:
-        """The run folder's name: deterministic, so that --resume finds it."""
-        parts = [self.model] + [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in self.overrides]
+        """The run folder's name: deterministic, so that --resume finds it, and as exact as the
+        values (a float's shortest round-trip form: 0.1 and 0.1000001 are two folders)."""
+        parts = [self.model] + [f"{k}{_text(v)}" for k, v in self.overrides]
         return "-".join(parts + [f"seed{self.seed}"]).replace("/", "_").replace(" ", "_")
+
+
+def _text(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,10 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         raise _fail(path, "give grid or random, not both")
     configs = [()]
     varied: tuple[str, ...] = ()
+    if isinstance(grid, dict) and all(isinstance(v, list) for v in grid.values()):
+        count = len(models) * len(seeds) * math.prod(len(v) for v in grid.values())
+        if count > MAX_TRIALS:   # counted before anything is built: a 4 KB spec can ask for 10**100
+            raise _fail(path, f"{count:,} trials; a sweep runs at most {MAX_TRIALS:,}")
     if grid is not None:
         if not isinstance(grid, dict) or not grid:
             raise _fail(path, "grid must map recipe keys to lists of values, e.g. grid: {lr: [0.1, 0.2]}")
@@ -138,11 +146,21 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     if experiments is not None and not os.path.isabs(experiments):
         experiments = str(path.parent / experiments)
     exp = find_experiments(experiments)
+    seen: dict[Any, Trial] = {}
+    names: dict[str, Trial] = {}
     for t in trials:  # every recipe is built now: a bad value is one line before anything runs
         try:
-            trial_recipe(exp, t.model, fixed, dict(t.overrides), t.seed)
+            recipe = trial_recipe(exp, t.model, fixed, dict(t.overrides), t.seed)
         except (UsageError, TypeError) as exc:
             raise _fail(path, f"trial {t.name}: {exc}") from None
+        key = (t.model, recipe)   # the settings the trial trains with, whatever their spelling (1 == 1.0)
+        if key in seen:
+            raise _fail(path, f"trials {seen[key].config} and {t.config} (seed {t.seed}) train the same recipe; "
+                              "give each value once")
+        if t.name in names:
+            raise _fail(path, f"trials {names[t.name].config} and {t.config} would share the run folder {t.name}; "
+                              "make their values differ in what they print")
+        seen[key], names[t.name] = t, t
     return SweepSpec(path, name, trials, dict(fixed), options, experiments, varied)
 
 

@@ -44,6 +44,15 @@ def strip(rows):
     (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "random: {n: 2}"), "give at least one range"),
     (lambda s: s + "random: {n: 2, lr: {min: 0.1, max: 0.2}}\n", "grid or random, not both"),
     (lambda s: s.replace("dataset: synthetic", "dataset: cifar"), "dataset must be one of"),
+    # issue 29, item 3: two trials of one folder name, or of one recipe spelled twice
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {lr: [1, 1.0]}"), "train the same recipe"),
+    (lambda s: s.replace("models: [I3]", "models: [I3, i3]"), "train the same recipe"),
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {epochs: [1, 2], lr: [0.1, 0.1]}"), "train the same recipe"),
+    # issue 29, item 9: counted before anything is built (this grid is 10**6 trials)
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {" + ", ".join(
+        f"{k}: [{', '.join(str(0.01 * (i + 1)) for i in range(10))}]"
+        for k in ("lr", "weight_decay", "label_smoothing", "dropout", "ema", "grad_clip")) + "}"),
+     "2,000,000 trials; a sweep runs at most 1,000"),
     # issue 29, item 10: typos under data: were silently ignored
     (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, vall: 50"), "data: unknown key 'vall'; known keys"),
     (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, limt: 100"), "data: unknown key 'limt'"),
@@ -143,3 +152,11 @@ def test_example_specs_load(spec_path):
         assert [(t.model, t.seed) for t in spec.trials] == [(m, s) for m in ("I0", "I1", "I2", "I3", "I4")
                                                              for s in (1, 2, 3, 42)]
         assert spec.recipe == {} and spec.varied == () and spec.data.val == 0
+
+
+def test_trials_close_in_value_get_folders_of_their_own(tmp_path):
+    # issue 29, item 3: lr 0.1 and 0.1000001 were both I3-lr0.1-seed1: one never trained
+    spec = load_spec(write(tmp_path, SPEC.replace("grid: {lr: [0.05, 0.1]}", "grid: {lr: [0.1, 0.1000001]}")))
+    names = [t.name for t in spec.trials]
+    assert len(set(names)) == len(names) == 4
+    assert "I3-lr0.1-seed1" in names and "I3-lr0.1000001-seed1" in names
