@@ -550,3 +550,13 @@ def test_predict_never_hands_a_disguised_postscript_file_to_ghostscript(tmp_path
     with pytest.raises(ImageError, match="is not a PNG, JPEG, BMP, GIF, TIFF, WEBP or PPM image .*only raster"):
         read_image(path)
     assert called == []
+
+
+@pytest.mark.parametrize("columns", ["0", "10"])
+def test_a_tiny_or_zero_terminal_width_still_shows_the_figures(runner, columns):
+    # issue 29, item 16: COLUMNS=0 printed nothing (exit 0), COLUMNS=10 tables of empty cells
+    from mnistkit.cli import app
+
+    result = runner.invoke(app, ["summary", "I3"], env={"COLUMNS": columns})
+    assert result.exit_code == 0, result.output
+    assert "14,500" in result.stdout and "c1" in result.stdout and "Budget" in result.stdout

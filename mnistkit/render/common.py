@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 WIDTH_OFF_TTY = 120  # tables are complete at 120 columns; a pipe or file gets that width
+MIN_WIDTH = 40       # a narrower width (COLUMNS=0, a tiny pane) is taken as this one
 
 
 def stdout() -> Console:
@@ -26,11 +27,14 @@ def stdout() -> Console:
     console = Console()
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=WIDTH_OFF_TTY)
+    elif console.width < MIN_WIDTH:   # COLUMNS=0 printed nothing, COLUMNS=10 tables of empty cells
+        console = Console(width=MIN_WIDTH)
     return console
 
 
 def stderr() -> Console:
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    return Console(stderr=True, width=MIN_WIDTH) if console.width < MIN_WIDTH else console
 
 
 def error_line(message: str) -> Text:
