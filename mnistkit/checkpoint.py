@@ -75,7 +75,24 @@ def load_checkpoint(target: str | os.PathLike, map_location: Any = "cpu") -> dic
         raise RunError(f"{path} has checkpoint format version {version}, newer than this mnistkit "
                        f"understands ({CHECKPOINT_VERSION}); upgrade mnistkit")
     _check_checkpoint(data, path)
+    _check_against_its_run(data, path)
     return data
+
+
+def _check_against_its_run(data: dict[str, Any], path: Path) -> None:
+    """A checkpoint inside a run folder must be of the model that folder trained: a best.pt
+    swapped for another run's is refused, not evaluated or exported as this run's."""
+    if not (path.parent / "config.yaml").is_file():
+        return   # a checkpoint on its own
+    from mnistkit.runs import read_config   # runs imports this module
+
+    try:
+        config = read_config(path.parent)
+    except RunError:
+        return   # a damaged config: the commands that read it say so
+    if str(data["model"]).lower() != config.model.lower():
+        raise RunError(f"{path} holds model {data['model']!r}, but its run folder {path.parent} trained "
+                       f"{config.model!r}: the file was replaced; use the run's own checkpoint or re-run training")
 
 
 _SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")

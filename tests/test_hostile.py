@@ -252,7 +252,7 @@ CASES = [
                                               ["train", "I3", *SYN, "--runs-dir", str(t / "f" / "[/]x")])[1],
          1, "[/]x"),
     Case("checkpoint-model-markup", damaged_evaluate(lambda r: edit_ckpt(r / "best.pt", lambda d: d.update(model="[/]")),
-                                                     "best.pt"), 1, "unknown model '[/]'"),
+                                                     "best.pt"), 1, "holds model '[/]', but its run folder"),
     Case("experiments-path-markup", lambda t, g, mp: ["compare", "--experiments", str(t / "[v2] exp.yaml")], 1,
          "[v2] exp.yaml not found"),
     Case("data-dir-markup", lambda t, g, mp: (t.joinpath("[red]f").write_text("x"),
@@ -279,7 +279,7 @@ CASES = [
         "cannot be resumed"),
     Case("last-model-differs-from-config", damaged_resume(lambda r: edit_ckpt(r / "last.pt",
                                                                               lambda d: d.update(model="I1"))),
-         1, "holds model 'I1', the run is 'I3'"),
+         1, "holds model 'I1', but its run folder"),
     Case("last-optimizer-missing", damaged_resume(lambda r: edit_ckpt(r / "last.pt", lambda d: d.pop("optimizer"))),
          1, "cannot be resumed"),
     Case("config-missing-recipe", damaged_resume(lambda r: edit_config(r, lambda d: d.pop("recipe"))), 1,
@@ -299,7 +299,7 @@ CASES = [
     Case("config-measured-on-damaged", damaged_resume(lambda r: edit_config(
         r, lambda d: d["measured_on"].update(train_samples="many"))), 1, "measured_on is not what mnistkit writes"),
     Case("best-weights-do-not-fit", damaged_evaluate(lambda r: edit_ckpt(
-        r / "best.pt", lambda d: d.update(model="I1"))), 1, "do not fit model I1"),
+        r / "best.pt", lambda d: d.update(model="I1"))), 1, "holds model 'I1', but its run folder"),
     Case("best-truncated", damaged_evaluate(lambda r: (r / "best.pt").write_bytes((r / "best.pt").read_bytes()[:2000])),
          1, "truncated or corrupt"),
     Case("best-empty", damaged_evaluate(lambda r: (r / "best.pt").write_bytes(b"")), 1, "truncated or corrupt"),
@@ -560,3 +560,25 @@ def test_a_tiny_or_zero_terminal_width_still_shows_the_figures(runner, columns):
     result = runner.invoke(app, ["summary", "I3"], env={"COLUMNS": columns})
     assert result.exit_code == 0, result.output
     assert "14,500" in result.stdout and "c1" in result.stdout and "Budget" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_checkpoint_swapped_for_another_models_is_refused(runner, tmp_path):
+    # issue 29, item 13: export, evaluate and predict used a best.pt of another model without a word
+    import shutil
+
+    from mnistkit.cli import app
+    from mnistkit.recipe import DataOptions, Recipe
+    from mnistkit.training import train
+
+    data = DataOptions("synthetic", limit=64)
+    i3 = train("I3", Recipe(epochs=1, batch_size=64), data, device="cpu", runs_dir=tmp_path).run_dir
+    i4 = train("I4", Recipe(epochs=1, batch_size=64), data, device="cpu", runs_dir=tmp_path).run_dir
+    shutil.copy(i4 / "best.pt", i3 / "best.pt")
+    for args in (["evaluate", str(i3)], ["export", str(i3), "-f", "safetensors", "-o", str(tmp_path / "x.st")],
+                 ["predict", str(i3), str(Path(__file__).parent.parent / "examples" / "three.png")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        line = result.stderr.strip().splitlines()
+        assert len(line) == 1 and "holds model 'I4', but its run folder" in line[0] and "trained 'I3'" in line[0]
+    assert not (tmp_path / "x.st").exists()

@@ -106,7 +106,7 @@ def test_bad_images_are_one_line_each_and_the_others_still_predicted(runner, tra
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 6 and all(line.startswith("error: ") for line in lines), result.stderr
-    for name, needle in (("text.png", "not a readable image"), ("empty.png", "is empty"),
+    for name, needle in (("text.png", "only raster images are read"), ("empty.png", "is empty"),
                          ("cut.png", "not a readable image"), ("blank.png", "no digit found"),
                          ("huge.png", "too large"), ("missing.png", "does not exist")):
         assert any(name in line and needle in line for line in lines), (name, result.stderr)
