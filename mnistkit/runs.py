@@ -76,6 +76,7 @@ class RunConfig:
     data: DataOptions
     measured_on: dict[str, Any]  # empty for runs recorded before mnistkit checked its data
     shards: int = 1  # row blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
+    threads: int | None = None  # torch's intra-op threads it trained with (None: not recorded, before 0.9)
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -102,7 +103,10 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
 
     if not isinstance(measured_on, dict) or (measured_on and any(wrong(k, t) for k, t in MEASURED_ON.items())):
         raise RunError(f"{path}: measured_on is not what mnistkit writes; the run folder is damaged")
-    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards)
+    threads = data.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096):
+        raise RunError(f"{path}: threads is {threads!r}, not a number of threads; the run folder is damaged")
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads)
 
 
 def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:

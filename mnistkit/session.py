@@ -80,7 +80,8 @@ class Session:
         from mnistkit.device import versions
 
         return {"model": self.model_name, "params": self.params, "recipe": self.recipe.to_dict(),
-                "data": self.data.to_dict(), "measured_on": self.measured_on, "versions": versions()}
+                "data": self.data.to_dict(), "measured_on": self.measured_on, "versions": versions(),
+                "threads": torch.get_num_threads()}   # results depend on it in the last digits
 
     def finite_weights(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for m in {self.model, self.eval_model}

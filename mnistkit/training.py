@@ -11,7 +11,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -254,4 +254,18 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
                          "(a C compiler), or start a new run", key="backend") from None
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
-    return _fit(s, RunWriter(run_dir, s.meta(), metrics), callback)
+    with _threads(config.threads):   # the run's own thread count: the same sums, the same run
+        return _fit(s, RunWriter(run_dir, s.meta(), metrics), callback)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (when given), then put back."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

@@ -483,3 +483,29 @@ def test_dropout_placement_reaches_the_trained_model_and_its_checkpoint(tmp_path
     assert read_config(moved.run_dir).recipe.dropout_at == "convs"
     report = evaluate_checkpoint(moved.run_dir, device="cpu")
     assert report.test_acc == pytest.approx(moved.best.test_acc, abs=1e-9)
+
+
+def test_a_run_resumes_with_the_threads_it_trained_with(tmp_path):
+    # issue 29, item 8: a sweep trial trained with 1 thread was resumed with 2, and ended elsewhere
+    data = DataOptions("synthetic", limit=600)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(TrainingInterrupted):
+            train("I3", small(epochs=2), data, device="cpu", runs_dir=tmp_path, callback=StopAfter(1))
+    finally:
+        torch.set_num_threads(before)
+    (run,) = tmp_path.iterdir()
+    assert read_config(run).threads == 1
+
+    class Threads(StopAfter):
+        def on_start(self, start):
+            self.threads = torch.get_num_threads()
+
+    seen = Threads(99)
+    torch.set_num_threads(2)
+    try:
+        resume(run, device="cpu", callback=seen)
+        assert seen.threads == 1 and torch.get_num_threads() == 2   # the run's threads, then the caller's again
+    finally:
+        torch.set_num_threads(before)
