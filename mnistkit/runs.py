@@ -26,6 +26,7 @@ from mnistkit import strictjson
 from mnistkit.errors import RunError, UsageError
 from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
 from mnistkit.checkpoint import checkpoint_bytes, save_checkpoint
+from mnistkit.lock import LOCK_NAME, FolderLock, holder
 from mnistkit.metrics import EpochMetrics, best_row, check_epochs, metrics_text, selected_on
 from mnistkit.outputs import atomic_write, atomic_write_all
 from mnistkit.safeio import load_yaml_bounded, read_text_bounded
@@ -180,21 +181,30 @@ class RunWriter:
     checkpoints already hold), all while Ctrl-C is held back.
     """
 
-    def __init__(self, run_dir: Path, meta: dict[str, Any], metrics: list[EpochMetrics] | None = None) -> None:
-        self.run_dir, self.meta = Path(run_dir), meta
+    def __init__(self, run_dir: Path, meta: dict[str, Any], metrics: list[EpochMetrics] | None = None,
+                 lock: FolderLock | None = None) -> None:
+        self.run_dir, self.meta, self.lock = Path(run_dir), meta, lock   # the folder's lock, held while writing
         self.metrics: list[EpochMetrics] = list(metrics or [])
+
+    def close(self) -> None:
+        """Give the folder's lock back (the run ended, however)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, meta: dict[str, Any], config: dict[str, Any],
                state: dict[str, Any], name: str | None = None) -> "RunWriter":
         with sigint_deferred():
             run_dir = new_run_dir(runs_dir, meta["model"], name)
+            lock = FolderLock.acquire(run_dir)   # a new, empty folder: nobody else holds it
             try:
                 write_config(run_dir, config)
-                writer = cls(run_dir, meta)
+                writer = cls(run_dir, meta, lock=lock)
                 writer._save_last(0, state)
             except OSError as exc:  # a full disk: leave no folder that cannot be resumed
-                for name in ("last.pt", "config.yaml"):
+                lock.release()
+                for name in ("last.pt", "config.yaml", LOCK_NAME):
                     with contextlib.suppress(OSError):
                         (run_dir / name).unlink()
                 with contextlib.suppress(OSError):
@@ -268,7 +278,7 @@ class RunSummary:
     """One run folder as ``mnistkit runs`` lists it."""
 
     run: str
-    state: str  # finished, interrupted (resumable), diverged, damaged, empty
+    state: str  # finished, interrupted (resumable), training (a process holds it), diverged, damaged, empty
     model: str | None = None
     dataset: str | None = None
     train_samples: int | None = None
@@ -296,6 +306,7 @@ def summarize_run(run: Path) -> RunSummary:
     except RunError as exc:
         return RunSummary(str(run), "damaged", modified=modified, why=str(exc))
     on = config.measured_on
+    pid = holder(run)
     base = dict(run=str(run), model=config.model, dataset=config.data.dataset,
                 train_samples=on.get("train_samples") or config.data.limit, seed=config.recipe.seed,
                 epochs_done=len(metrics), epochs_planned=config.recipe.epochs, modified=modified)
@@ -311,6 +322,8 @@ def summarize_run(run: Path) -> RunSummary:
                 return RunSummary(**base, state="diverged", why=str(data.get("reason", ""))[:300])
         except (RunError, ValueError):
             return RunSummary(**base, state="damaged", why=f"{outcome} is not readable")
+    if pid is not None:   # a process holds the folder: it is training now, whatever its files say
+        return RunSummary(**base, state="training", why=f"PID {pid}" if pid > 0 else "another process")
     if len(metrics) >= config.recipe.epochs:
         return RunSummary(**base, state="finished")
     if not (run / "last.pt").is_file():

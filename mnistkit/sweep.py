@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mnistkit.errors import MnistkitError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.lock import LOCK_NAME, FolderLock
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions
 from mnistkit.sweepspec import MAX_TRIALS, SweepSpec, Trial, load_spec, trial_recipe  # noqa: F401 (the sweep API)
 
@@ -91,7 +92,8 @@ def _ray_trial(payload: dict[str, Any]) -> dict[str, Any]:
                 (scratch / trial.name / name).write_bytes(raw)
         record = run_trial({**payload, "root": str(scratch), "existing": None})
         folder = scratch / trial.name
-        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+        files = ({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != LOCK_NAME}
+                 if folder.is_dir() else {})
         return {**record, "files": files}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -110,10 +112,19 @@ def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, w
     or ``local`` (an embedded Ray on this machine) runs them as Ray tasks. ``keep_memory``:
     each worker keeps freed memory for reuse (``backends.memory``; the CLI asks for it)."""
     root = Path(runs_dir) / spec.name
-    if root.exists() and any(root.iterdir()) and not resume:
+    if root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()) and not resume:
         raise UsageError(f"{root} already holds trials of this sweep; add --resume to run only what is missing, "
                          "or --report to see them")
     root.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock.acquire(root, "sweep")   # two sweeps of one folder at once trained trials twice
+    try:
+        return _sweep(spec, root, workers, ray, device, on_result, keep_memory)
+    finally:
+        lock.release()
+
+
+def _sweep(spec: SweepSpec, root: Path, workers: int | None, ray: str | None, device: str,
+           on_result: Callable[[dict[str, Any], int], None] | None, keep_memory: bool) -> list[dict[str, Any]]:
     workers = workers or default_workers()
     if workers < 1:
         raise UsageError("workers must be at least 1")
@@ -193,7 +204,8 @@ def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: 
     refs = {}
     for p in payloads:
         folder = root / p["trial"].name
-        existing = ({q.name: q.read_bytes() for q in folder.iterdir() if q.is_file()} if folder.is_dir() else None)
+        existing = ({q.name: q.read_bytes() for q in folder.iterdir() if q.is_file() and q.name != LOCK_NAME}
+                    if folder.is_dir() else None)
         refs[remote.remote({**p, "existing": existing})] = p
     pending = list(refs)
     while pending:

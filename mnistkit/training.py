@@ -19,6 +19,7 @@ from torch import nn
 
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate
+from mnistkit.lock import FolderLock
 from mnistkit.models import model_info
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.checkpoint import check_resumable, load_checkpoint
@@ -227,7 +228,10 @@ def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | Non
     meta = s.meta()
     writer = RunWriter.create(runs_dir, meta, {**meta, "device": str(s.device)},
                               {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name)
-    return _fit(s, writer, callback)
+    try:
+        return _fit(s, writer, callback)
+    finally:
+        writer.close()
 
 
 def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None = None) -> RunResult:
@@ -235,6 +239,16 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
     the same as an uninterrupted run's."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    # one writer per folder, taken before last.pt is read: a resume that read the state while
+    # another process finished the run rolled it back to the older epoch
+    lock = FolderLock.acquire(run_dir)
+    try:
+        return _resume(run_dir, config, device, callback, lock)
+    finally:
+        lock.release()
+
+
+def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, lock: FolderLock) -> RunResult:
     model_name = model_info(config.model).name
     if config.shards > 1:
         raise UsageError(f"{run_dir} was trained with {config.shards} shards per step, which mnistkit 0.9 no longer "
@@ -255,7 +269,7 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
     with _threads(config.threads):   # the run's own thread count: the same sums, the same run
-        return _fit(s, RunWriter(run_dir, s.meta(), metrics), callback)
+        return _fit(s, RunWriter(run_dir, s.meta(), metrics, lock=lock), callback)
 
 
 @contextlib.contextmanager

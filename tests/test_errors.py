@@ -192,7 +192,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(run_dir, tmp_pat
     monkeypatch.undo()
     assert (copy / "last.pt").read_bytes() == before
     assert load_checkpoint(copy / "last.pt")["epoch"] == 1
-    assert sorted(p.name for p in copy.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in copy.iterdir()) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
 
 
 # ---------------------------------------------------------------- a real Ctrl-C

@@ -582,3 +582,61 @@ def test_a_checkpoint_swapped_for_another_models_is_refused(runner, tmp_path):
         line = result.stderr.strip().splitlines()
         assert len(line) == 1 and "holds model 'I4', but its run folder" in line[0] and "trained 'I3'" in line[0]
     assert not (tmp_path / "x.st").exists()
+
+
+def test_one_writer_per_run_folder(runner, tmp_path):
+    # issue 29, item 1: a resume that loaded its state while another process finished the run rolled
+    # it back; two resumes at once were both accepted; runs listed a training run as resumable
+    from mnistkit.cli import app
+    from mnistkit.errors import RunError
+    from mnistkit.lock import FolderLock, holder
+    from mnistkit.recipe import DataOptions, Recipe
+    from mnistkit.runs import summarize_run
+    from mnistkit.training import resume, train
+    from mnistkit.errors import TrainingInterrupted
+
+    class Stop:
+        def on_start(self, start): pass
+        def on_step(self, step): pass
+        def on_epoch(self, row, best): raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train("I4", Recipe(epochs=2, batch_size=64), DataOptions("synthetic", limit=64), device="cpu",
+              runs_dir=tmp_path, callback=Stop())
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert holder(run) is None and summarize_run(run).state == "interrupted"   # a dead writer's lock never blocks
+    held = FolderLock.acquire(run)   # another process training it, as far as this folder can tell
+    try:
+        assert holder(run) == os.getpid()
+        assert summarize_run(run).state == "training" and summarize_run(run).why == f"PID {os.getpid()}"
+        before = (run / "last.pt").read_bytes()
+        with pytest.raises(RunError, match=rf"in use by another mnistkit process \(PID {os.getpid()}\)"):
+            resume(run, device="cpu")
+        assert (run / "last.pt").read_bytes() == before   # nothing read into a session, nothing written
+        result = runner.invoke(app, ["train", "--resume", str(run)])
+        assert result.exit_code == 1 and "in use by another mnistkit process" in result.stderr
+        listing = runner.invoke(app, ["runs", "--runs-dir", str(tmp_path)])
+        assert f"training (PID {os.getpid()})" in listing.stdout
+    finally:
+        held.release()
+    assert resume(run, device="cpu").epochs == 2 and holder(run) is None
+
+
+def test_two_sweeps_of_one_folder_at_once_are_refused(tmp_path):
+    # issue 29, item 7
+    from mnistkit.errors import RunError
+    from mnistkit.lock import FolderLock
+    from mnistkit.sweep import load_spec, run_sweep
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text("name: two\nmodels: [I4]\nseeds: [1]\nrecipe: {epochs: 1, batch_size: 64}\n"
+                         "data: {dataset: synthetic, limit: 64}\n")
+    spec = load_spec(spec_path)
+    (tmp_path / "runs" / "two").mkdir(parents=True)
+    held = FolderLock.acquire(tmp_path / "runs" / "two", "sweep")
+    try:
+        with pytest.raises(RunError, match="in use by another mnistkit process .* training this sweep"):
+            run_sweep(spec, tmp_path / "runs", workers=1, resume=True)
+    finally:
+        held.release()
+    assert [r["status"] for r in run_sweep(spec, tmp_path / "runs", workers=1, resume=True)] == ["finished"]

@@ -63,7 +63,7 @@ def test_run_folder_contents(tmp_path):
     result = train("I3", small(epochs=1), DataOptions("synthetic", limit=500), device="cpu", runs_dir=tmp_path)
     folder = result.run_dir
     assert folder.parent == tmp_path and folder.name.startswith("I3-")
-    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"}
+    assert {p.name for p in folder.iterdir()} == {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", ".lock"}
     config = read_config(folder)
     assert config.model == "I3" and config.recipe.epochs == 1 and config.data.limit == 500
     # reproducible from the folder alone; "auto" precision and backend are recorded as what they

@@ -33,7 +33,8 @@ def runs_table(runs: list[Any], root: str, now: float, console: Console) -> Rend
             "epochs": f"{r.epochs_done}/{r.epochs_planned}" if r.epochs_planned else "-",
             "final": fmt_pct(r.final_test_acc), "best": fmt_pct(r.best_test_acc) + (
                 "*" if r.best_selected_on == "test" else ""),
-            "state": Text(labels.get(r.state, r.state), style=styles.get(r.state, "")),
+            "state": Text(f"training ({r.why})" if r.state == "training" else labels.get(r.state, r.state),
+                          style=styles.get(r.state, "")),
             "state_short": Text("resumable" if r.state == "interrupted" else r.state, style=styles.get(r.state, "")),
             "age": fmt_age(max(0.0, now - r.modified)),
         }
