@@ -115,7 +115,7 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     path, ckpt, recipe, model = _load(target)
     out = Path(output) if output else path.parent / f"model.{fmt}"
-    check_output(out)
+    check_output(out, inputs=(path,))
     parity = None
     if fmt == "onnx":
         _need("onnx", "onnx")

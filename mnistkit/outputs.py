@@ -72,18 +72,44 @@ def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
         raise
 
 
-def check_output(path: str | os.PathLike) -> None:
-    """Refuse, before anything is written, an output path that cannot be written: a folder, a
-    missing parent folder, a symlink loop. (A command writing two outputs checks both first.)"""
+# the files of a run folder (runs.py, checkpoint.py, lock.py): never an output's target
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "outcome.json", ".lock")
+
+
+def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse, before anything is written, an output path that cannot be written (a folder, a
+    missing parent folder, a symlink loop), or that is, once links are resolved, one of the
+    command's ``inputs`` or a file of a run folder (``export RUN -o RUN/best.pt`` replaced the
+    run's checkpoint). A command writing several outputs checks them with ``check_outputs``."""
     path = Path(path)
     try:
         if path.is_dir():
             raise RunError(f"cannot write {path}: it is a folder; give a file name")
-        parent = Path(os.path.realpath(path)).parent
-        if not parent.is_dir():
-            raise RunError(f"cannot write {path}: the folder {parent} does not exist; create it or choose another path")
+        real = Path(os.path.realpath(path))
+        if not real.parent.is_dir():
+            raise RunError(f"cannot write {path}: the folder {real.parent} does not exist; create it or choose "
+                           "another path")
+        for given in inputs:
+            if given is not None and Path(os.path.realpath(given)) == real:
+                raise RunError(f"cannot write {path}: it is {given}, which this command reads; choose another "
+                               "output path")
+        if real.name in RUN_FILES and (real.parent / "config.yaml").is_file():
+            raise RunError(f"cannot write {path}: it is a file of the run folder {real.parent} and would "
+                           "replace it; choose another output path")
     except OSError as exc:
         raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
+
+
+def check_outputs(paths: list[str | os.PathLike | None], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """``check_output`` for each path given, and no two of them the same file."""
+    seen: dict[Path, str | os.PathLike] = {}
+    for path in (p for p in paths if p):
+        check_output(path, inputs)
+        real = Path(os.path.realpath(path))
+        if real in seen:
+            raise RunError(f"cannot write {path}: it is also {seen[real]}, another output of this command; give "
+                           "each its own path")
+        seen[real] = path
 
 
 def write_output(path: str | os.PathLike, data: bytes | str) -> None:

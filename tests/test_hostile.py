@@ -458,7 +458,7 @@ def h_run_files_follow_umask(runner, tmp, good):
         os.umask(old)
     run = next((tmp / "r").iterdir())
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()} == {
-        n: 0o644 for n in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt")}
+        n: 0o644 for n in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", ".lock")}
 
 
 def h_damaged_run_does_not_hide_the_others(runner, tmp, good):
@@ -640,3 +640,36 @@ def test_two_sweeps_of_one_folder_at_once_are_refused(tmp_path):
     finally:
         held.release()
     assert [r["status"] for r in run_sweep(spec, tmp_path / "runs", workers=1, resume=True)] == ["finished"]
+
+
+@pytest.mark.slow
+def test_an_output_is_never_an_input_or_a_file_of_a_run(runner, tmp_path):
+    # issue 29, item 2: `export RUN -f safetensors -o RUN/best.pt` exited 0 with best.pt a safetensors
+    # file; `evaluate RUN/last.pt --errors RUN/last.pt` replaced last.pt with a PNG
+    from mnistkit.cli import app
+    from mnistkit.recipe import DataOptions, Recipe
+    from mnistkit.training import train
+
+    run = train("I4", Recipe(epochs=1, batch_size=64), DataOptions("synthetic", limit=64), device="cpu",
+                runs_dir=tmp_path / "runs").run_dir
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    (tmp_path / "link.pt").symlink_to(run / "last.pt")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text((Path(__file__).parent.parent / "experiments.yaml").read_text())
+    for args, needle in (
+        (["export", str(run), "-f", "safetensors", "-o", str(run / "best.pt")], "which this command reads"),
+        (["export", str(run), "-f", "safetensors", "-o", str(run / "last.pt")], "is a file of the run folder"),
+        (["export", str(run), "-f", "safetensors", "-o", str(run / "config.yaml")], "is a file of the run folder"),
+        (["evaluate", str(run / "last.pt"), "--errors", str(run / "last.pt")], "which this command reads"),
+        (["evaluate", str(run / "last.pt"), "--errors", str(tmp_path / "link.pt")], "which this command reads"),
+        (["evaluate", str(run), "--errors", str(tmp_path / "a.png"), "--confusion", str(tmp_path / "a.png")],
+         "another output of this command"),
+        (["compare", "--runs-dir", str(tmp_path / "runs"), "--experiments", str(exp), "-f", "markdown", "-o", str(exp)],
+         "which this command reads"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, result.stderr)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files   # every run file as it was
+    assert not (tmp_path / "a.png").exists() and "iterations" in exp.read_text()

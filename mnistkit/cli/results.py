@@ -32,11 +32,10 @@ def evaluate_cmd(
     """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
     from mnistkit import render
     from mnistkit.evaluation import evaluate_checkpoint
-    from mnistkit.outputs import check_output, write_output
+    from mnistkit.checkpoint import resolve_checkpoint
+    from mnistkit.outputs import check_outputs, write_output
 
-    for path in (errors, confusion):
-        if path:
-            check_output(path)
+    check_outputs([errors, confusion], inputs=(resolve_checkpoint(target),))
     report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device)
     pictures = [(path, draw(report)) for path, draw in ((errors, render.errors_png), (confusion, render.confusion_png))
                 if path]  # drawn before any is written: all or nothing
@@ -137,7 +136,7 @@ def compare_cmd(
     from mnistkit import compare, render
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.outputs import check_output, write_output
+    from mnistkit.outputs import check_outputs, write_output
 
     formats = ("table", "markdown", "json", "csv")
     if as_json and fmt not in (None, "json"):
@@ -145,9 +144,7 @@ def compare_cmd(
     fmt = "json" if as_json else (fmt or "table").lower()
     if fmt not in formats:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
-    for path in (output, plot):
-        if path:
-            check_output(path)
+    check_outputs([output, plot], inputs=(experiments,) if experiments else ())
     exp = find_experiments(experiments)
     report = compare.build_report(exp, runs_dir)
     if fmt == "table":
