@@ -6,6 +6,7 @@ gets and for ``mnistkit runs``."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ except ImportError:  # pragma: no cover - not POSIX: no locking
 __all__ = ["FolderLock", "holder"]
 
 LOCK_NAME = ".lock"
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)   # what flock says when another holds the lock
 
 
 class FolderLock:
@@ -39,13 +41,17 @@ class FolderLock:
             raise RunError(f"cannot lock {folder}: {exc.strerror or exc}; check the folder's permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _HELD:   # a file system without locks (NFS without lockd, ...): go on unlocked
+                os.close(fd)
+                return cls(None, path)
             pid = _read_pid(fd)
             os.close(fd)
             raise RunError(f"{folder} is in use by another mnistkit process (PID {pid or 'unknown'}) training this "
                            f"{what}; wait for it to end, or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):   # the PID is for messages only: a full disk does not stop the lock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         return cls(fd, path)
 
     def release(self) -> None:
@@ -76,8 +82,8 @@ def holder(folder: str | os.PathLike) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return _read_pid(fd) or -1
+    except OSError as exc:
+        return (_read_pid(fd) or -1) if exc.errno in _HELD else None
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None

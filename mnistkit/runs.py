@@ -195,22 +195,35 @@ class RunWriter:
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, meta: dict[str, Any], config: dict[str, Any],
                state: dict[str, Any], name: str | None = None) -> "RunWriter":
-        with sigint_deferred():
-            run_dir = new_run_dir(runs_dir, meta["model"], name)
-            lock = FolderLock.acquire(run_dir)   # a new, empty folder: nobody else holds it
-            try:
-                write_config(run_dir, config)
-                writer = cls(run_dir, meta, lock=lock)
-                writer._save_last(0, state)
-            except OSError as exc:  # a full disk: leave no folder that cannot be resumed
+        lock = None
+        try:
+            with sigint_deferred():
+                run_dir = new_run_dir(runs_dir, meta["model"], name)
+                lock = FolderLock.acquire(run_dir)   # a new, empty folder: nobody else holds it
+                writer = cls._fill(run_dir, runs_dir, meta, config, state, lock)
+        except BaseException:   # a Ctrl-C held back until the folder was whole: give the lock back
+            if lock is not None:
                 lock.release()
-                for name in ("last.pt", "config.yaml", LOCK_NAME):
-                    with contextlib.suppress(OSError):
-                        (run_dir / name).unlink()
+            raise
+        return writer
+
+    @classmethod
+    def _fill(cls, run_dir: Path, runs_dir: str | os.PathLike, meta: dict[str, Any], config: dict[str, Any],
+              state: dict[str, Any], lock: FolderLock) -> "RunWriter":
+        """config.yaml and the epoch-0 last.pt; on a full disk, no folder that cannot be resumed."""
+        try:
+            write_config(run_dir, config)
+            writer = cls(run_dir, meta, lock=lock)
+            writer._save_last(0, state)
+        except OSError as exc:
+            lock.release()
+            for name in ("last.pt", "config.yaml", LOCK_NAME):
                 with contextlib.suppress(OSError):
-                    run_dir.rmdir()
-                raise RunError(f"cannot write a run folder in {Path(runs_dir)}: {exc.strerror or exc}; make room or "
-                               "choose another runs folder") from None
+                    (run_dir / name).unlink()
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+            raise RunError(f"cannot write a run folder in {Path(runs_dir)}: {exc.strerror or exc}; make room or "
+                           "choose another runs folder") from None
         return writer
 
     @property

@@ -45,6 +45,10 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         return _run_trial(payload)
     finally:
         torch.set_num_threads(threads)   # a trial run in the caller's process leaves its threads as they were
+        if payload.get("keep_memory"):
+            from mnistkit.backends.memory import release_memory
+
+            release_memory()
 
 
 def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
@@ -58,9 +62,13 @@ def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     record = {"trial": trial.name, "config": trial.config, "seed": trial.seed, "run": str(folder)}
     try:
         if folder.exists():
-            state = summarize_run(folder).state
+            summary = summarize_run(folder)
+            state = summary.state
             if state == "finished":
                 return {**record, "status": "finished", "skipped": True}
+            if state == "training":
+                return {**record, "status": "failed", "error": f"{folder} is being trained by another process "
+                                                               f"({summary.why}); wait for it to end"}
             if state != "interrupted":
                 return {**record, "status": state, "error": f"{folder} is {state}; remove it to run the trial again"}
             resume(folder, device=payload["device"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistkit.errors import MnistkitError, SweepError, UsageError
-from mnistkit.recipe import Augment, DataOptions, Recipe
+from mnistkit.recipe import REPLACED, Augment, DataOptions, Recipe
 from mnistkit.safeio import load_yaml_bounded
 
 MAX_SPEC_BYTES = 1 << 16
@@ -61,7 +61,11 @@ class Trial:
 
 
 def _text(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
+    """0.8's spelling (``:g``: 0.0 -> 0, 5e-04 -> 0.0005) where it is exact, so that older sweeps
+    resume into their folders; the shortest exact form where ``:g`` would round."""
+    if isinstance(value, float):
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,9 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     fixed = data.get("recipe") or {}
     if not isinstance(fixed, dict):
         raise _fail(path, "recipe must be a mapping of recipe keys to values")
+    for key in fixed:
+        if key in REPLACED:
+            raise _fail(path, f"recipe: {key} {REPLACED[key]}")
     grid, search = data.get("grid"), data.get("random")
     if grid is not None and search is not None:
         raise _fail(path, "give grid or random, not both")
@@ -124,6 +131,8 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         if not isinstance(grid, dict) or not grid:
             raise _fail(path, "grid must map recipe keys to lists of values, e.g. grid: {lr: [0.1, 0.2]}")
         for key, values in grid.items():
+            if key in REPLACED:
+                raise _fail(path, f"grid: {key} {REPLACED[key]}")
             if key not in _RECIPE_KEYS:
                 raise _fail(path, f"grid: {key!r} is not a recipe key that can vary; known: "
                                   f"{', '.join(sorted(_RECIPE_KEYS))}")

@@ -263,9 +263,11 @@ def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, 
     except UsageError as exc:
         if exc.key != "backend":
             raise
+        why = str(exc).split(": ", 1)[-1].split("; use")[0]
+        where = ("on the CPU (--device cpu)" if "CPU only" in why else "with channels_last" if "channels_last" in why
+                 else "where the kernel builds (a C compiler)")
         raise UsageError(f"{run_dir} trained with backend {config.recipe.backend}, and resumes only with it: "
-                         f"{str(exc).split(': ', 1)[-1].split('; use')[0]}; resume it where the kernel builds "
-                         "(a C compiler), or start a new run", key="backend") from None
+                         f"{why}; resume it {where}, or start a new run", key="backend") from None
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
     with _threads(config.threads):   # the run's own thread count: the same sums, the same run

@@ -51,7 +51,7 @@ def fresh_loader(monkeypatch, tmp_path):
     monkeypatch.setattr(kernel, "_tried", False)
     monkeypatch.setattr(kernel, "_reason", None)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    return tmp_path / "mnistkit"
+    return tmp_path / "mnistkit" / "kernel"
 
 
 class PlainNet(nn.Module):
@@ -345,3 +345,29 @@ def test_no_compiler_found_skips_only_the_kernel_tests():
     # the kernel tests above skip only where there is no C compiler; here is one, so they ran
     if sys.platform.startswith("linux") and shutil.which("cc"):
         assert COMPILER is not None
+
+
+def test_auto_records_torch_where_the_kernel_would_train_nothing(kernel_on):
+    # I0 has no BatchNorm; a model of 16-channel layers has none the kernel takes: recorded as torch,
+    # so that resuming it never needs the kernel
+    for model, why in ((get_model("I0"), "no BatchNorm layer"),
+                       (nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU()), "no BatchNorm layer it can")):
+        prepared = backends.prepare(model, "auto", CPU, True)
+        assert prepared.backend == "torch" and why in prepared.note
+
+
+def test_a_fused_block_wider_than_the_kernel_uses_pytorch(kernel_on):
+    # the kernel's per-channel arrays hold 64: a hand-made wider block must never reach it
+    bn = fused.FusedBatchNormReLU(80).train()
+    x = cl(torch.randn(4, 80, 5, 5))
+    assert torch.allclose(bn(x), torch.relu(nn.BatchNorm2d(80).train()(x)), atol=1e-5)
+
+
+def test_the_kernel_source_is_packaged():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mnistkit"]
+    assert "backends/_bnrelu.c" in data and all((root / "mnistkit" / p).is_file() for p in data)

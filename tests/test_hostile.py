@@ -673,3 +673,18 @@ def test_an_output_is_never_an_input_or_a_file_of_a_run(runner, tmp_path):
         assert len(lines) == 1 and needle in lines[0], (args, result.stderr)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files   # every run file as it was
     assert not (tmp_path / "a.png").exists() and "iterations" in exp.read_text()
+
+
+def test_compare_never_writes_over_the_change_log_it_found(runner, tmp_path, monkeypatch):
+    # ./experiments.yaml found by default (here, as in the repository, a link): compare -o it was written through
+    from mnistkit.cli import app
+
+    real = tmp_path / "shipped.yaml"
+    real.write_text((Path(__file__).parent.parent / "experiments.yaml").read_text())
+    (tmp_path / "experiments.yaml").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    before = real.read_text()
+    result = runner.invoke(app, ["compare", "--runs-dir", str(tmp_path / "runs"), "-f", "markdown", "-o",
+                                 "experiments.yaml"])
+    assert result.exit_code == 1 and "which this command reads" in result.stderr
+    assert real.read_text() == before

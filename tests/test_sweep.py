@@ -53,6 +53,10 @@ def strip(rows):
         f"{k}: [{', '.join(str(0.01 * (i + 1)) for i in range(10))}]"
         for k in ("lr", "weight_decay", "label_smoothing", "dropout", "ema", "grad_clip")) + "}"),
      "2,000,000 trials; a sweep runs at most 1,000"),
+    # keys of 0.8 get what replaced them, fixed or varied
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {shards: [1, 2]}"), "grid: shards was removed in 0.9"),
+    (lambda s: s.replace("recipe: {epochs: 1,", "recipe: {bn_relu: fused, epochs: 1,"),
+     "recipe: bn_relu was replaced by backend in 0.9"),
     # issue 29, item 10: typos under data: were silently ignored
     (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, vall: 50"), "data: unknown key 'vall'; known keys"),
     (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, limt: 100"), "data: unknown key 'limt'"),

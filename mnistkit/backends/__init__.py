@@ -68,6 +68,9 @@ def prepare(model: nn.Module, backend: str, device: torch.device, channels_last:
 
     fused, left = fuse(model)
     total = fused + len(left)
+    if fused == 0 and backend == "auto":   # the kernel would train nothing: record the plain backend
+        why_none = "the model has no BatchNorm layer" if total == 0 else "no BatchNorm layer it can fuse"
+        return Prepared(model, "torch", f"backend torch: PyTorch's own ops ({why_none} for the fused kernel)")
     if total == 0:
         return Prepared(model, "fused", "backend fused: the model has no BatchNorm layer, nothing to fuse")
     note = f"backend fused: {fused} of {total} BatchNorm layers train with the fused BN+ReLU kernel"

@@ -141,6 +141,7 @@ static void done(ctx_t *c) { free(c->part_a); free(c->part_b); }
 /* Per-channel sums of (x - shift) and (x - shift)^2 in double, shift being the first row: what
  * bnr_stats turns into mean and variance. */
 static int shifted_sums(const void *x, int bf, int64_t M, int C, float *shift, double *s, double *q) {
+    if (C < 1 || C > 64) return -1;   /* the callers' per-channel arrays hold 64 */
     ctx_t *c = (ctx_t *)calloc(1, sizeof(ctx_t));
     if (!c) return -2;
     int rc = setup(c, M, C, 1);

@@ -58,8 +58,9 @@ class _BNReLU(torch.autograd.Function):
 
 def _supported_input(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[1] == bn.num_features and x.shape[0] * x.shape[2] * x.shape[3] > 1
-            and x.is_contiguous(memory_format=torch.channels_last))
+            and x.shape[1] == bn.num_features and 1 <= x.shape[1] <= kernel.MAX_CHANNELS
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous(memory_format=torch.channels_last) and kernel.available())
 
 
 class FusedBatchNormReLU(nn.BatchNorm2d):

@@ -36,7 +36,7 @@ _lock = threading.Lock()
 
 def _cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "mnistkit"
+    return Path(root) / "mnistkit" / "kernel"   # its own folder, private (the data folder is its parent)
 
 
 def _cpu_key() -> str:
@@ -77,7 +77,9 @@ def _private(path: Path) -> bool:
 
 def _build(cc: str, target: Path) -> None:
     """Compile into a temporary file next to ``target``, then rename: never a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not target.parent.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(target.parent, 0o700)   # mkdir's mode is cut by the umask
     fd, tmp = tempfile.mkstemp(prefix=".bnrelu-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -146,7 +148,10 @@ def _load_once() -> None:
     from mnistkit.backends.fused import self_test   # the self-test runs the kernel through its autograd op
 
     _lib = lib
-    problem = self_test()
+    try:
+        problem = self_test()
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the kernel is not used
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     if problem:
         _lib, _reason = None, f"the compiled kernel failed its self-test ({problem})"
 

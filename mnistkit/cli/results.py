@@ -144,8 +144,8 @@ def compare_cmd(
     fmt = "json" if as_json else (fmt or "table").lower()
     if fmt not in formats:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
-    check_outputs([output, plot], inputs=(experiments,) if experiments else ())
     exp = find_experiments(experiments)
+    check_outputs([output, plot], inputs=(exp.path,))   # never the change-log itself (./experiments.yaml may be a link)
     report = compare.build_report(exp, runs_dir)
     if fmt == "table":
         if output:
