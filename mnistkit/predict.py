@@ -51,7 +51,7 @@ def image_files(paths: list[str | os.PathLike]) -> list[Path]:
 def read_image(path: str | os.PathLike) -> Any:
     """Decode an image file with Pillow, bounded; returns a PIL image in mode L (grayscale) on
     a white background where it had transparency."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -75,10 +75,13 @@ def read_image(path: str | os.PathLike) -> Any:
                     raise ImageError(f"{path} is {img.width}x{img.height} pixels, too large for a digit image "
                                      f"({MAX_PIXELS:,} pixels at most)")
                 img.load()  # decode now: a truncated file fails here, not later
+                img = ImageOps.exif_transpose(img)   # a phone's orientation tag: upright, as it is shown
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                     rgba = img.convert("RGBA")
                     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     return Image.alpha_composite(white, rgba).convert("L")
+                if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                    return _eight_bits(img)
                 return img.convert("L")
     except ImageError:
         raise
@@ -90,6 +93,21 @@ def read_image(path: str | os.PathLike) -> Any:
     except Exception as exc:  # Pillow raises many types for a damaged or foreign file
         reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise ImageError(f"{path} is not a readable image ({reason})") from None
+
+
+def _eight_bits(img: Any) -> Any:
+    """A 16-bit or float grayscale image in mode L: its own range (a 16-bit scan uses 0-65535, a
+    float one 0-1) scaled onto 0-255, instead of Pillow's clipping at 255, which left a valid scan
+    all white ("no digit found")."""
+    from PIL import Image
+
+    x = torch.frombuffer(bytearray(img.convert("F").tobytes()), dtype=torch.float32).double()
+    if not bool(torch.isfinite(x).all()):
+        raise ImageError(f"{getattr(img, 'filename', 'the image')} holds values that are not finite numbers")
+    full = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0}.get(img.mode)
+    low, high = (0.0, full) if full else (float(x.min()), float(x.max()))
+    scaled = ((x - low) / (high - low) * 255).round().clamp(0, 255) if high > low else torch.zeros_like(x)
+    return Image.frombytes("L", img.size, bytes(scaled.to(torch.uint8).tolist()))
 
 
 def preprocess(img: Any) -> torch.Tensor:

@@ -233,3 +233,25 @@ def test_an_export_of_nan_weights_is_refused_not_passed(runner, trained, tmp_pat
     assert result.exit_code == 1, result.output
     assert "not finite numbers" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_exif_orientation_and_16_bit_scans_are_read_as_they_are_shown(tmp_path):
+    # issue 29, item 15: a phone photo tagged orientation 8 was fed rotated by 90 degrees; a valid
+    # 16-bit scan was clipped to 8 bits and gave "no digit found"
+    from PIL import Image
+
+    upright = draw_digit("7", (200, 200), (100, 100), 140, seed=3)
+    upright.save(tmp_path / "upright.png")
+    expected = preprocess(read_image(tmp_path / "upright.png"))
+    # stored turned 90 degrees clockwise, with the tag that tells a viewer to turn it back
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    upright.rotate(-90, expand=True).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert torch.allclose(preprocess(read_image(tmp_path / "phone.jpg")), expected, atol=0.15)
+    assert not torch.allclose(preprocess(read_image(tmp_path / "upright.png")).rot90(1), expected, atol=0.15)
+    # the same digit as a 16-bit grayscale scan (paper near 65535)
+    x = torch.frombuffer(bytearray(upright.convert("L").tobytes()), dtype=torch.uint8).to(torch.int32) * 257
+    Image.frombytes("I;16", upright.size, x.to(torch.int16).numpy().tobytes()).save(tmp_path / "scan16.png")
+    img = read_image(tmp_path / "scan16.png")
+    assert img.mode == "L"
+    assert torch.allclose(preprocess(img), expected, atol=0.02)
