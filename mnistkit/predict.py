@@ -24,6 +24,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 FIELD, BOX = 28, 20  # MNIST: the digit's longer side is 20 pixels in a 28x28 field
 
 
+PREDICT_BATCH = 256   # images through the model at once
+
 # what Pillow may decode, by content: raster formats only (PPM covers PBM and PGM). Pillow opens
 # by content, not name, and would hand an EPS or PDF to Ghostscript
 RASTER_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
@@ -188,6 +190,18 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
     model = fold_batchnorm(load_model(ckpt, recipe).to(dev).eval())  # as evaluate computes it
+    channels = torch.channels_last if recipe.channels_last else torch.contiguous_format
+
+    def run(batch: list[Prediction]) -> None:
+        x = torch.stack([p.pixels for p in batch]).unsqueeze(1).to(dev)
+        x = ((x - recipe.mean) / recipe.std).contiguous(memory_format=channels)
+        with torch.inference_mode():
+            probs = torch.softmax(model(x).float(), dim=1).cpu()
+        for p, row in zip(batch, probs):
+            values, digits = row.topk(3)
+            p.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
+            p.digit, p.probability = p.top3[0]
+
     results, batch = [], []
     for file in image_files(list(images)):
         try:
@@ -198,15 +212,10 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
             continue
         results.append(Prediction(str(file), pixels=pixels))
         batch.append(results[-1])
+        if len(batch) == PREDICT_BATCH:   # bounded: 20,000 images in one batch took 2.4 GB
+            run(batch)
+            batch = []
     if batch:
-        x = torch.stack([p.pixels for p in batch]).unsqueeze(1).to(dev)
-        x = ((x - recipe.mean) / recipe.std).contiguous(
-            memory_format=torch.channels_last if recipe.channels_last else torch.contiguous_format)
-        with torch.inference_mode():
-            probs = torch.softmax(model(x).float(), dim=1).cpu()
-        for p, row in zip(batch, probs):
-            values, digits = row.topk(3)
-            p.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]
-            p.digit, p.probability = p.top3[0]
+        run(batch)
     trained_on = ckpt.get("measured_on") if isinstance(ckpt.get("measured_on"), dict) else {}
     return PredictResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on), results)

@@ -255,3 +255,24 @@ def test_exif_orientation_and_16_bit_scans_are_read_as_they_are_shown(tmp_path):
     img = read_image(tmp_path / "scan16.png")
     assert img.mode == "L"
     assert torch.allclose(preprocess(img), expected, atol=0.02)
+
+
+def test_many_images_are_predicted_in_bounded_batches(trained, tmp_path, monkeypatch):
+    # issue 29, item 15: every image went through the model in one batch (2.4 GB for 20,000 PNGs)
+    import mnistkit.evaluation as E
+    import mnistkit.predict as P
+
+    for i in range(5):
+        draw_digit(str(i), (60, 60), (30, 30), 40, seed=i).save(tmp_path / f"{i}.png")
+    seen = []
+    real = E.load_model
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: seen.append(len(inputs[0])))
+        return model
+
+    monkeypatch.setattr(P, "PREDICT_BATCH", 2)
+    monkeypatch.setattr("mnistkit.evaluation.load_model", spy)
+    result = P.predict(trained, [tmp_path], device="cpu")
+    assert seen == [2, 2, 1] and all(p.digit is not None for p in result.predictions)
