@@ -138,6 +138,9 @@ def preprocess(img: Any) -> torch.Tensor:
     small = pil.resize((nw, nh), Image.Resampling.LANCZOS)
     digit = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(nh, nw).float() / 255
     total = float(digit.sum())
+    if total <= 0:   # specks far apart: scaled to 20 pixels, their ink vanishes
+        raise ImageError("no digit found: the ink is a few specks too small to keep once the image is scaled "
+                         "to MNIST's 20 pixels")
     ys, xs = torch.arange(nh, dtype=torch.float32), torch.arange(nw, dtype=torch.float32)
     cy, cx = float((digit.sum(1) * ys).sum()) / total, float((digit.sum(0) * xs).sum()) / total
     # place so the centre of mass lands on the field's centre (pixel centres: 13.5 of 0..27)

@@ -276,3 +276,22 @@ def test_many_images_are_predicted_in_bounded_batches(trained, tmp_path, monkeyp
     monkeypatch.setattr("mnistkit.evaluation.load_model", spy)
     result = P.predict(trained, [tmp_path], device="cpu")
     assert seen == [2, 2, 1] and all(p.digit is not None for p in result.predictions)
+
+
+def test_two_specks_far_apart_are_no_digit_not_a_traceback(runner, trained, tmp_path):
+    # issue 29, item 11: a 400x400 image with two specks of ink raised ZeroDivisionError, and the
+    # command's other images were dropped
+    from PIL import Image
+
+    im = Image.new("L", (400, 400), 255)
+    im.putpixel((10, 10), 0)
+    im.putpixel((390, 390), 0)
+    im.save(tmp_path / "specks.png")
+    draw_digit("3", (120, 120), (60, 60), 90, seed=4).save(tmp_path / "three.png")
+    result = runner.invoke(app, ["predict", str(trained), str(tmp_path / "specks.png"), str(tmp_path / "three.png"),
+                                 "--json", "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "specks.png" in line and "no digit found" in line
+    predictions = json.loads(result.stdout)["predictions"]
+    assert [p["path"].endswith("three.png") and p["digit"] is not None for p in predictions][1]
