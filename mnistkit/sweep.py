@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from mnistkit.errors import MnistkitError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.errors import MnistkitError, RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.lock import LOCK_NAME, FolderLock
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions
 from mnistkit.sweepspec import MAX_TRIALS, SweepSpec, Trial, load_spec, trial_recipe  # noqa: F401 (the sweep API)
@@ -120,10 +120,14 @@ def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, w
     or ``local`` (an embedded Ray on this machine) runs them as Ray tasks. ``keep_memory``:
     each worker keeps freed memory for reuse (``backends.memory``; the CLI asks for it)."""
     root = Path(runs_dir) / spec.name
-    if root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()) and not resume:
+    if root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()) and not resume:
         raise UsageError(f"{root} already holds trials of this sweep; add --resume to run only what is missing, "
                          "or --report to see them")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:   # the runs folder a file, read-only, ...
+        raise RunError(f"cannot create the sweep folder {root}: {exc.strerror or exc}; choose a runs folder you "
+                       "can write to") from None
     lock = FolderLock.acquire(root, "sweep")   # two sweeps of one folder at once trained trials twice
     try:
         return _sweep(spec, root, workers, ray, device, on_result, keep_memory)

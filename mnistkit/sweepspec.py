@@ -17,6 +17,7 @@ from mnistkit.safeio import load_yaml_bounded
 
 MAX_SPEC_BYTES = 1 << 16
 MAX_TRIALS = 1000
+MAX_NAME_BYTES = 100
 _SPEC_KEYS = {"name", "model", "models", "seeds", "grid", "random", "recipe", "data", "experiments"}
 _AUGMENT_KEYS = {f"augment.{f}" for f in Augment.__dataclass_fields__}
 _RECIPE_KEYS = ({f for f in Recipe.__dataclass_fields__} - {"seed", "augment"}) | _AUGMENT_KEYS
@@ -99,6 +100,9 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     name = data.get("name")
     if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name in (".", ".."):
         raise _fail(path, "name must be a folder name, e.g. name: i3-lr")
+    if len(name.encode("utf-8", "replace")) > MAX_NAME_BYTES:   # file systems allow 255 bytes a name
+        raise _fail(path, f"name is {len(name.encode('utf-8', 'replace'))} bytes; a sweep's name is at most "
+                          f"{MAX_NAME_BYTES} bytes (it names a folder)")
     models = data.get("models", [data["model"]] if "model" in data else None)
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
         raise _fail(path, "models must be a list of model names, e.g. models: [I3]")
@@ -176,15 +180,21 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
 def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ...]]:
     if not isinstance(search, dict) or not isinstance(search.get("n"), int) or not 1 <= search["n"] <= MAX_TRIALS:
         raise _fail(path, "random needs n (1 to 1000) and ranges, e.g. random: {n: 4, lr: {min: 0.05, max: 0.4}}")
-    rng = random.Random(search.get("seed", 0))
+    seed = search.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise _fail(path, f"random: seed must be a whole number, not {seed!r}")
+    rng = random.Random(seed)
     ranges = {k: v for k, v in search.items() if k not in ("n", "seed")}
     if not ranges:
         raise _fail(path, "random: give at least one range, e.g. lr: {min: 0.05, max: 0.4, log: true}")
     for key, r in ranges.items():
-        ok = (key in _RECIPE_KEYS and isinstance(r, dict) and all(isinstance(r.get(b), (int, float)) for b in ("min", "max"))
+        ok = (key in _RECIPE_KEYS and isinstance(r, dict)
+              and all(isinstance(r.get(b), (int, float)) and not isinstance(r.get(b), bool)
+                      and math.isfinite(r[b]) for b in ("min", "max"))
               and r["min"] <= r["max"] and (not r.get("log") or r["min"] > 0))
         if not ok:
-            raise _fail(path, f"random: {key} must be a recipe key with a range {{min: A, max: B}} (log: true needs A > 0)")
+            raise _fail(path, f"random: {key} must be a recipe key with a range {{min: A, max: B}} of finite "
+                                  "numbers (log: true needs A > 0)")
     varied = tuple(sorted(ranges))
     configs = []
     for _ in range(search["n"]):

@@ -57,6 +57,12 @@ def strip(rows):
     (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "grid: {shards: [1, 2]}"), "grid: shards was removed in 0.9"),
     (lambda s: s.replace("recipe: {epochs: 1,", "recipe: {bn_relu: fused, epochs: 1,"),
      "recipe: bn_relu was replaced by backend in 0.9"),
+    # issue 29, item 11: tracebacks before
+    (lambda s: s.replace("name: syn", "name: " + "x" * 300), "a sweep's name is at most 100 bytes"),
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "random: {n: 2, seed: [1, 2], lr: {min: 0.1, max: 0.2}}"),
+     "random: seed must be a whole number"),
+    (lambda s: s.replace("grid: {lr: [0.05, 0.1]}", "random: {n: 2, epochs: {min: 1, max: .inf}}"),
+     "of finite numbers"),
     # issue 29, item 10: typos under data: were silently ignored
     (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, vall: 50"), "data: unknown key 'vall'; known keys"),
     (lambda s: s.replace("dataset: synthetic", "dataset: synthetic, limt: 100"), "data: unknown key 'limt'"),
@@ -164,3 +170,13 @@ def test_trials_close_in_value_get_folders_of_their_own(tmp_path):
     names = [t.name for t in spec.trials]
     assert len(set(names)) == len(names) == 4
     assert "I3-lr0.1-seed1" in names and "I3-lr0.1000001-seed1" in names
+
+
+def test_a_runs_folder_that_cannot_hold_the_sweep_is_one_line(runner, tmp_path):
+    # issue 29, item 11: --runs-dir a file (or a read-only folder) was a traceback
+    path = write(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "afile")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert "cannot create the sweep folder" in line and "choose a runs folder you can write to" in line
