@@ -13,7 +13,7 @@ from torch import nn
 from mnistkit import backends
 from mnistkit.batches import EvalBatches, TrainBatches
 from mnistkit.data import load_splits, provenance
-from mnistkit.device import resolve_device, resolve_precision, seed_everything
+from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
 from mnistkit.errors import RunError
 from mnistkit.models import get_model
 from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, set_bn_momentum
@@ -77,8 +77,6 @@ class Session:
 
     def meta(self) -> dict[str, Any]:
         """What config.yaml and every checkpoint record of the run."""
-        from mnistkit.device import versions
-
         return {"model": self.model_name, "params": self.params, "recipe": self.recipe.to_dict(),
                 "data": self.data.to_dict(), "measured_on": self.measured_on, "versions": versions(),
                 "threads": torch.get_num_threads()}   # results depend on it in the last digits
