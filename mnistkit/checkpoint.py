@@ -93,6 +93,11 @@ def _check_against_its_run(data: dict[str, Any], path: Path) -> None:
     if str(data["model"]).lower() != config.model.lower():
         raise RunError(f"{path} holds model {data['model']!r}, but its run folder {path.parent} trained "
                        f"{config.model!r}: the file was replaced; use the run's own checkpoint or re-run training")
+    mine = (data.get("model_source") or {}).get("sha256")
+    theirs = config.model_source.sha256 if config.model_source is not None else None
+    if mine != theirs:
+        raise RunError(f"{path} holds a model whose source has SHA-256 {mine}, but its run folder {path.parent} "
+                       f"trained {theirs}: the file was replaced; use the run's own checkpoint or re-run training")
 
 
 _SAFE_MODULES = ("torch", "collections", "_codecs", "numpy")
@@ -145,6 +150,14 @@ def _check_checkpoint(data: dict[str, Any], path: Path) -> None:
 
     if not isinstance(data.get("model"), str):
         raise bad("it names no model")
+    if data.get("model_source") is not None:
+        from mnistkit.modelref import _source_of
+
+        recorded = _source_of(data["model_source"], str(path)).name
+        if recorded.lower() != data["model"].lower():
+            raise bad(f"it names model {data['model']!r} but its model_source is {recorded!r}")
+        if data.get("model_text") is not None and not isinstance(data["model_text"], str):
+            raise bad("its model architecture is not text")
     epoch = data.get("epoch")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
         raise bad(f"its epoch is {epoch!r}")

@@ -43,13 +43,13 @@ def _recipe_differences(run: dict[str, Any], wanted: dict[str, Any]) -> list[str
 
 
 def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted: Recipe,
-               threshold: float | None) -> dict[str, Any]:
+               threshold: float | None, model_changed: str | None = None) -> dict[str, Any]:
     """One run as compare sees it: provenance, figures, and whether it is comparable (and why not)."""
     recipe = config.recipe.to_dict()
     on = config.measured_on
     final, best = metrics[-1], best_row(metrics)
     planned = recipe.get("epochs")
-    why_not = []
+    why_not = [model_changed] if model_changed else []
     if not on:
         why_not.append("recorded before mnistkit checked its data")
     elif on.get("dataset") != "mnist":
@@ -113,10 +113,33 @@ def read_runs(runs_dir: str | Path) -> tuple[list[tuple[Path, RunConfig, list[Ep
     return good, damaged
 
 
+def _model_change(config: RunConfig, source: Any) -> tuple[bool, str | None]:
+    """(the run is of this iteration's model, why it no longer trains the same one)."""
+    rs = config.model_source
+    if rs is None:   # recorded before 0.10: a registered name
+        return source.kind == "registered" and config.model.lower() == source.name.lower(), None
+    mine = rs.name.lower() == source.name.lower() or rs.reference == source.reference or \
+        (rs.kind != "registered" and (rs.kind, rs.path, rs.module, rs.attr) == (source.kind, source.path,
+                                                                                  source.module, source.attr))
+    if not mine or rs.same_model(source):
+        return mine, None
+    if rs.kind != source.kind or (rs.path, rs.module, rs.attr) != (source.path, source.module, source.attr):
+        return True, f"trained {rs.reference}, the change-log's model is now {source.reference}"
+    if rs.sha256 != source.sha256:
+        return True, "model source changed since this run"
+    return True, f"model_args {rs.kwargs} (change-log: {source.kwargs})"
+
+
 def iteration_runs(runs: list[tuple[Path, RunConfig, list[EpochMetrics]]], it: Iteration, wanted: Recipe,
-                   threshold: float | None) -> list[dict[str, Any]]:
-    return [run_record(run, config, metrics, wanted, threshold) for run, config, metrics in runs
-            if config.model.lower() == it.model.lower()]
+                   threshold: float | None, source: Any) -> list[dict[str, Any]]:
+    """The runs of the iteration's model; those of an older version of it (its source or its
+    arguments since changed) are never comparable."""
+    out = []
+    for run, config, metrics in runs:
+        mine, changed = _model_change(config, source)
+        if mine:
+            out.append(run_record(run, config, metrics, wanted, threshold, changed))
+    return out
 
 
 def stats(values: list[float]) -> dict[str, Any] | None:
@@ -165,8 +188,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> dict[str, Any]:
+    from mnistkit.modelref import build
     from mnistkit.summary import summarize
-    from mnistkit.models import get_model
 
     c = experiments.constraints
     target = c.get("min_test_acc")
@@ -174,15 +197,20 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
     rows: list[dict[str, Any]] = []
     previous: dict[str, Any] | None = None
     for it in experiments.iterations:
-        s = summarize(get_model(it.model), name=it.model, budget=c.get("max_params", DEFAULT_BUDGET))
-        wanted = Recipe.from_dict(experiments.recipe_dict(it.model), where=f"{experiments.path} ({it.id})")
-        runs = iteration_runs(all_runs, it, wanted, target)
+        source = experiments.model_source(it)
+        wanted = Recipe.from_dict(experiments.recipe_for(it), where=f"{experiments.path} ({it.id})")
+        model, _ = build(source, wanted.model_kwargs())
+        s = summarize(model, name=source.name, budget=c.get("max_params", DEFAULT_BUDGET))
+        runs = iteration_runs(all_runs, it, wanted, target, source)
         measured = aggregate(runs)
         reported = it.reported
         row: dict[str, Any] = {
             "id": it.id,
             "model": it.model,
             "changes": it.changes,
+            "target": it.target,
+            "analysis": it.analysis,
+            "source": source.to_record(),
             "reported": reported,
             "recipe": {"epochs": wanted.epochs, "lr": wanted.lr, "scheduler": wanted.scheduler},
             "params": s.trainable_params,

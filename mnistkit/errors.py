@@ -4,7 +4,7 @@ stderr; a Python caller catches ``MnistkitError``. Messages speak of values, nev
 from __future__ import annotations
 
 __all__ = ["MnistkitError", "UsageError", "UnknownModelError", "DataError", "RunError", "ExperimentsError",
-           "TrainingDiverged", "TrainingInterrupted", "SweepError"]
+           "TrainingDiverged", "TrainingInterrupted", "SweepError", "ModelCodeError"]
 
 
 class MnistkitError(Exception):
@@ -56,3 +56,9 @@ class TrainingInterrupted(MnistkitError):
 
 class SweepError(MnistkitError):
     """A sweep spec file that cannot be used (said before anything runs)."""
+
+
+class ModelCodeError(MnistkitError):
+    """The user's own model code failed (a syntax error, an exception while building or running
+    it). The message names their file and line; the original exception is chained, so a debug
+    run shows the whole traceback."""

@@ -16,7 +16,7 @@ from mnistkit.batches import EvalBatches
 from mnistkit.data import load_dataset, resolve_data_dir
 from mnistkit.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
-from mnistkit.models import get_model
+from mnistkit.modelref import build, from_record
 from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
 from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 from mnistkit.metrics import EpochMetrics
@@ -132,11 +132,17 @@ def checkpoint_recipe(checkpoint: dict[str, Any], where: str = "checkpoint") -> 
         raise RunError(str(exc)) from None
 
 
-def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None) -> nn.Module:
-    """Rebuild the registered model of a checkpoint and load its weights."""
+def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None, path: str | Path | None = None,
+               model_code: str | Path | None = None) -> nn.Module:
+    """Rebuild the model of a checkpoint (at ``path``) and load its weights: a registered name
+    from the registry, a YAML architecture from the checkpoint, the user's Python file only as
+    ``modelref.from_record`` allows (``model_code``: a file the user names and trusts)."""
     name = checkpoint.get("model")
     recipe = recipe or checkpoint_recipe(checkpoint)
-    model = get_model(str(name), **recipe.model_kwargs())
+    where = str(path.parent if path is not None and (Path(path).parent / "config.yaml").is_file() else path or "the checkpoint")
+    source = from_record(checkpoint.get("model_source"), where, checkpoint.get("model_text"), model_code,
+                         fallback_name=str(name), run_dir=Path(path).parent if path is not None else None)
+    model, _ = build(source, recipe.model_kwargs(), check=False)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as exc:
@@ -168,7 +174,8 @@ class EvaluationReport:
 
 
 def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir: str | None = None,
-                        device: str = "auto", batch_size: int | None = None) -> EvaluationReport:
+                        device: str = "auto", batch_size: int | None = None,
+                        model_code: str | Path | None = None) -> EvaluationReport:
     """Test loss/accuracy, per-class figures and confusion matrix of a run or checkpoint. The
     data is the run's own (its dataset and data folder) unless ``dataset``/``data_dir`` say
     otherwise."""
@@ -176,7 +183,7 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    model = load_model(ckpt, recipe).to(dev)
+    model = load_model(ckpt, recipe, path, model_code).to(dev)
     try:
         saved = DataOptions.from_dict(ckpt.get("data") or {})
     except MnistkitError:

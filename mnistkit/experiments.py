@@ -6,6 +6,7 @@ Every error names the file, the key and, where YAML gives it, the line.
 from __future__ import annotations
 
 import dataclasses
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ MAX_BYTES = 1 << 20  # a change-log is a few KiB; anything larger (or endless) i
 # key -> accepted types; numbers may be written as int or float
 _NUM = (int, float)
 _TOP = {"version": (int,), "constraints": (dict,), "defaults": (dict,), "iterations": (list,)}
-_ITERATION = {"id": (str,), "model": (str,), "changes": (str,), "reported": (dict,), "recipe": (dict,)}
+_ITERATION = {"id": (str,), "model": (str,), "model_args": (dict,), "changes": (str,), "target": (str,),
+              "analysis": (str,), "reported": (dict,), "recipe": (dict,)}
 _CONSTRAINTS = {"max_params": (int,), "batchnorm": (bool,), "dropout": (bool,), "gap_head": (bool,),
                 "max_epochs": (int,), "min_test_acc": _NUM}
 _REPORTED = {"params": (int,), "train_acc": _NUM, "test_acc": _NUM, "epochs": (int,), "lr_scheduler": (str,)}
@@ -37,6 +39,9 @@ class Iteration:
     changes: str = ""
     reported: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
+    target: str = ""      # the user's own words (the exercise's Target / Analysis): shown, never written
+    analysis: str = ""
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,44 @@ class Experiments:
         raise ExperimentsError(f"{self.path}: no iteration {ident!r}; known iterations: "
                                f"{', '.join(it.id for it in self.iterations)}")
 
+    def model_source(self, it: Iteration, args: dict[str, Any] | None = None) -> Any:
+        """The model an iteration trains (a ``modelref.ModelSource`` named by the iteration's id):
+        its reference taken from the change-log's folder, with its model_args (then ``args``)."""
+        from mnistkit.modelref import resolve
+
+        return resolve(it.model, base=self.path.parent, args={**it.model_args, **(args or {})} or None,
+                       name=it.id)
+
     def iteration_for_model(self, model: str) -> Iteration | None:
+        """The iteration of that id, else the first whose model reference is spelt ``model``."""
         for it in self.iterations:
-            if it.model.lower() == model.lower() or it.id.lower() == model.lower():
+            if it.id.lower() == model.lower():
+                return it
+        for it in self.iterations:
+            if it.model.lower() == model.lower():
                 return it
         return None
 
-    def recipe_dict(self, model: str) -> dict[str, Any]:
+    def iteration_of(self, source: Any) -> Iteration | None:
+        """The iteration that trains ``source`` (a ``modelref.ModelSource``): the one it was
+        resolved from, else one whose model is that registered name, or that file and name."""
+        from mnistkit.modelref import _path, _split
+
+        for it in self.iterations:
+            if it.id.lower() == source.name.lower() and it.model == source.reference:
+                return it
+        for it in self.iterations:
+            target, attr = _split(it.model)
+            if source.kind == "registered" and attr is None and it.model.lower() == source.name.lower():
+                return it
+            if source.kind in ("file", "yaml") and str(_path(target, self.path.parent)) == source.path and \
+                    (source.kind == "yaml" or attr == source.attr) and not it.model_args:
+                return it
+        return None
+
+    def recipe_for(self, it: Iteration | None) -> dict[str, Any]:
         """Shared defaults overridden by the iteration's own recipe (augment merged key by key)."""
         merged = dict(self.defaults)
-        it = self.iteration_for_model(model)
         if it is not None:
             for key, value in it.recipe.items():
                 if key == "augment" and isinstance(value, dict) and isinstance(merged.get("augment"), dict):
@@ -78,6 +111,10 @@ class Experiments:
                 else:
                     merged[key] = value
         return merged
+
+    def recipe_dict(self, model: str) -> dict[str, Any]:
+        """The recipe of the iteration of that id (or model name), as ``recipe_for``."""
+        return self.recipe_for(self.iteration_for_model(model))
 
 
 def _key_lines(root: Any) -> dict[tuple, int]:
@@ -149,22 +186,40 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     iterations: list[Iteration] = []
     seen: set[str] = set()
     known_models = {m.lower() for m in list_models()}
+    from mnistkit.modelref import _check_args, _split
     for n, raw in enumerate(data["iterations"]):
         where = ("iterations", n)
         check.mapping(where, raw, _ITERATION, required=("id",))
         it_id = raw["id"]
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}", it_id) or it_id.lower().endswith((".py", ".yaml", ".yml")):
+            check.fail(where + ("id",), f"iteration id {it_id!r} must be 1-40 letters, digits, '_', '.' or '-' "
+                                        "(e.g. S1, step-3), not a file name")
         if it_id.lower() in seen:
             check.fail(where + ("id",), f"iteration id {it_id!r} appears twice")
         seen.add(it_id.lower())
         model = raw.get("model", it_id)
-        if model.lower() not in known_models:
-            check.fail(where + ("model",), f"model {model!r} is not registered; known models: "
-                                           f"{', '.join(list_models())}")
+        try:
+            target, attr = _split(model.strip())
+            model_args = _check_args(raw.get("model_args"), "model_args") and dict(raw.get("model_args"))
+        except UsageError as exc:
+            check.fail(where + ((exc.key or "model"),), exc.detail.split(": ", 1)[-1])
+        if attr is None and not target.lower().endswith((".py", ".yaml", ".yml")) and "/" not in target:
+            if target.lower() not in known_models:
+                check.fail(where + ("model",), f"model {model!r} is not registered (known models: "
+                                               f"{', '.join(list_models())}) nor a FILE.py:Name, "
+                                               "package.module:Name or FILE.yaml")
+            model = model_info(target).name
+        elif target.lower().endswith((".py", ".yaml", ".yml")) or "/" in target:
+            file = path.parent / Path(target).expanduser()
+            if not file.is_file():
+                check.fail(where + ("model",), f"{file} not found (a model file is taken from the change-log's "
+                                               "folder)")
         reported = check.mapping(where + ("reported",), raw.get("reported") or {}, _REPORTED)
         recipe = raw.get("recipe") or {}
-        it = Iteration(id=it_id, model=model_info(model).name, changes=raw.get("changes", ""),
-                       reported=dict(reported), recipe=dict(recipe))
-        merged = Experiments(path, constraints, defaults, (it,)).recipe_dict(it.model)
+        it = Iteration(id=it_id, model=model, changes=raw.get("changes", ""), reported=dict(reported),
+                       recipe=dict(recipe), model_args=model_args or {}, target=raw.get("target", "").strip(),
+                       analysis=raw.get("analysis", "").strip())
+        merged = Experiments(path, constraints, defaults, (it,)).recipe_for(it)
         recipe_check(where + ("recipe",), merged)
         iterations.append(it)
     return Experiments(path, dict(constraints), dict(defaults), tuple(iterations))
@@ -183,10 +238,12 @@ def find_experiments(path: str | os.PathLike | None = None) -> Experiments:
     return dataclasses.replace(exp, source=source)
 
 
-def resolve_recipe(model: str, experiments: Experiments | str | os.PathLike | None = None,
+def resolve_recipe(model: Any, experiments: Experiments | str | os.PathLike | None = None,
                    **overrides: Any) -> Recipe:
-    """The recipe for ``model``: its iteration in the change-log (``experiments``, loaded or a
-    path, else found as ``find_experiments`` finds it) over the Recipe defaults, then
-    ``overrides`` (None values are ignored)."""
+    """The recipe for ``model`` (a name, or a ``modelref.ModelSource``): its iteration in the
+    change-log (``experiments``, loaded or a path, else found as ``find_experiments`` finds it)
+    over the Recipe defaults, then ``overrides`` (None values are ignored)."""
     exp = experiments if isinstance(experiments, Experiments) else find_experiments(experiments)
-    return Recipe.from_dict(exp.recipe_dict(model), where=f"{exp.path} ({model})").replace(**overrides)
+    it = exp.iteration_for_model(model) if isinstance(model, str) else exp.iteration_of(model)
+    name = model if isinstance(model, str) else model.name
+    return Recipe.from_dict(exp.recipe_for(it), where=f"{exp.path} ({name})").replace(**overrides)

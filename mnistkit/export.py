@@ -66,14 +66,15 @@ class ExportResult:
                 "bytes": self.bytes, "check": self.check.to_dict() if self.check else None}
 
 
-def _load(target: str | os.PathLike) -> tuple[Path, dict[str, Any], Any, torch.nn.Module]:
+def _load(target: str | os.PathLike, model_code: str | os.PathLike | None = None
+          ) -> tuple[Path, dict[str, Any], Any, torch.nn.Module]:
     from mnistkit.evaluation import checkpoint_recipe, load_model
     from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
-    model = load_model(ckpt, recipe.replace(channels_last=False)).eval()
+    model = load_model(ckpt, recipe.replace(channels_last=False), path, model_code).eval()
     return path, ckpt, recipe, model
 
 
@@ -103,7 +104,7 @@ def onnx_parity(data: bytes, model: torch.nn.Module, images: torch.Tensor, datas
 
 
 def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None, check: bool = True,
-           data_dir: str | None = None) -> ExportResult:
+           data_dir: str | None = None, model_code: str | os.PathLike | None = None) -> ExportResult:
     """Write the checkpoint of ``target`` as ``fmt`` (onnx or safetensors) to ``output``
     (default: beside the checkpoint, ``model.onnx`` / ``model.safetensors``). An ONNX file is
     checked on the run's own test set unless ``check`` is off."""
@@ -113,7 +114,7 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
         from mnistkit.errors import UsageError
 
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    path, ckpt, recipe, model = _load(target)
+    path, ckpt, recipe, model = _load(target, model_code)
     out = Path(output) if output else path.parent / f"model.{fmt}"
     check_output(out, inputs=(path,))
     parity = None
@@ -141,7 +142,9 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
                     f"(tolerance {LOGIT_TOLERANCE:g}); nothing was written")
     else:
         st = _need("safetensors.torch", "safetensors")
-        metadata = {"format": "mnistkit-safetensors", "mnistkit_model": str(ckpt["model"]),
+        source = {"model_source": json.dumps(ckpt["model_source"])} if ckpt.get("model_source") else {}
+        text = {"model_text": ckpt["model_text"]} if isinstance(ckpt.get("model_text"), str) else {}
+        metadata = {"format": "mnistkit-safetensors", "mnistkit_model": str(ckpt["model"]), **source, **text,
                     "epoch": str(ckpt.get("epoch")), "recipe": json.dumps(recipe.to_dict()),
                     "mean": repr(recipe.mean), "std": repr(recipe.std)}
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -150,9 +153,10 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
     return ExportResult(str(out), fmt, str(ckpt["model"]), str(path), len(data), parity)
 
 
-def load_safetensors(path: str | os.PathLike) -> torch.nn.Module:
-    """Rebuild a registered model from an exported ``.safetensors`` file, without pickle."""
-    from mnistkit.models import get_model
+def load_safetensors(path: str | os.PathLike, model_code: str | os.PathLike | None = None) -> torch.nn.Module:
+    """Rebuild a model from an exported ``.safetensors`` file, without pickle (a Python model of
+    the user's own as ``modelref.from_record`` allows)."""
+    from mnistkit.modelref import build, from_record
     from mnistkit.recipe import Recipe
 
     st = _need("safetensors", "safetensors")
@@ -165,6 +169,11 @@ def load_safetensors(path: str | os.PathLike) -> torch.nn.Module:
     if meta.get("format") != "mnistkit-safetensors":
         raise MnistkitError(f"{path} was not exported by mnistkit (no model name in its metadata)")
     recipe = Recipe.from_dict(json.loads(meta["recipe"]))
-    model = get_model(meta["mnistkit_model"], **recipe.model_kwargs())
+    try:
+        record = json.loads(meta["model_source"]) if "model_source" in meta else None
+    except ValueError:
+        raise MnistkitError(f"{path}: its model_source metadata is not JSON; the file is damaged") from None
+    source = from_record(record, str(path), meta.get("model_text"), model_code, fallback_name=meta["mnistkit_model"])
+    model, _ = build(source, recipe.model_kwargs(), check=False)
     model.load_state_dict(state)
     return model.eval()

@@ -73,7 +73,7 @@ def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
 
 
 # the files of a run folder (runs.py, checkpoint.py, lock.py): never an output's target
-RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "outcome.json", ".lock")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "outcome.json", ".lock", "model.py", "model.yaml")
 
 
 def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:

@@ -36,26 +36,30 @@ class Plan:
     """Which models train, with which seeds (``None``: the recipe's), from which change-log."""
 
     experiments: Any
-    models: tuple[str, ...]
+    models: tuple[Any, ...]     # modelref.ModelSource
     seeds: tuple[int | None, ...]
     notes: tuple[str, ...]   # e.g. a model the change-log does not list (it trains with the default recipe)
 
 
-def make_plan(experiments: Any, model: str | None = None, all_iterations: bool = False,
-              seeds: list[int | None] | None = None) -> Plan:
-    """``model`` (default: the change-log's final iteration), or every iteration of it."""
-    from mnistkit.models import list_models, model_info
+def make_plan(experiments: Any, model: Any = None, all_iterations: bool = False,
+              seeds: list[int | None] | None = None, model_args: dict[str, Any] | None = None) -> Plan:
+    """``model`` (a reference, e.g. ``I3``, ``S1``, ``models.py:Net``; default: the change-log's
+    final iteration), or every iteration of it."""
+    from mnistkit.models import list_models
+    from mnistkit.modelref import resolve
 
     if all_iterations and model is not None:
         raise UsageError("all_iterations trains every iteration; give no model")
     exp = experiments
     if all_iterations:
-        models = [it.model for it in exp.iterations]
+        models = [exp.model_source(it, model_args) for it in exp.iterations]
+    elif model is not None:
+        models = [resolve(model, args=model_args, experiments=exp)]
     else:
-        models = [model_info(model).name if model else (exp.iterations[-1].model if exp.iterations
-                                                        else list_models()[-1])]
-    notes = tuple(f"note: {name} is not in {exp.path}; it trains with the default recipe"
-                  for name in models if exp.iteration_for_model(name) is None)
+        models = [exp.model_source(exp.iterations[-1], model_args) if exp.iterations
+                  else resolve(list_models()[-1], args=model_args)]
+    notes = tuple(f"note: {source.shown} is not in {exp.path}; it trains with the default recipe"
+                  for source in models if exp.iteration_of(source) is None)
     return Plan(exp, tuple(models), tuple(seeds or [None]), notes)
 
 
@@ -72,12 +76,12 @@ def train_plan(plan: Plan, data: DataOptions | None = None, overrides: dict[str,
 
     run = run or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
     results: list[Any] = []
-    for name in plan.models:
+    for source in plan.models:
         group = []
         for seed in plan.seeds:
-            recipe = resolve_recipe(name, plan.experiments, **{**(overrides or {}), "seed": seed})
-            group.append(run(train, name, recipe, data or DataOptions(), device=device, runs_dir=runs_dir))
+            recipe = resolve_recipe(source, plan.experiments, **{**(overrides or {}), "seed": seed})
+            group.append(run(train, source, recipe, data or DataOptions(), device=device, runs_dir=runs_dir))
         if on_group:
-            on_group(name, group)
+            on_group(source.name, group)
         results += group
     return results

@@ -181,7 +181,8 @@ class PredictResult:
                 "trained_on": self.trained_on, "predictions": [p.to_dict() for p in self.predictions]}
 
 
-def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto") -> PredictResult:
+def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto",
+            model_code: str | os.PathLike | None = None) -> PredictResult:
     """Predict every image with the checkpoint of ``target`` (a run folder or a .pt file).
     An image that cannot be used gets ``error`` set; the others are predicted."""
     from mnistkit.device import resolve_device
@@ -192,7 +193,7 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    model = fold_batchnorm(load_model(ckpt, recipe).to(dev).eval())  # as evaluate computes it
+    model = fold_batchnorm(load_model(ckpt, recipe, path, model_code).to(dev).eval())  # as evaluate computes it
     channels = torch.channels_last if recipe.channels_last else torch.contiguous_format
 
     def run(batch: list[Prediction]) -> None:

@@ -78,6 +78,7 @@ class RunConfig:
     measured_on: dict[str, Any]  # empty for runs recorded before mnistkit checked its data
     shards: int = 1  # row blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
     threads: int | None = None  # torch's intra-op threads it trained with (None: not recorded, before 0.9)
+    model_source: Any = None    # modelref.ModelSource as recorded (None before 0.10: a registered name)
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -107,7 +108,10 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     threads = data.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096):
         raise RunError(f"{path}: threads is {threads!r}, not a number of threads; the run folder is damaged")
-    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads)
+    from mnistkit.modelref import _source_of
+
+    source = _source_of(data["model_source"], str(path)) if data.get("model_source") is not None else None
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source)
 
 
 def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:
@@ -194,13 +198,15 @@ class RunWriter:
 
     @classmethod
     def create(cls, runs_dir: str | os.PathLike, meta: dict[str, Any], config: dict[str, Any],
-               state: dict[str, Any], name: str | None = None) -> "RunWriter":
+               state: dict[str, Any], name: str | None = None, files: dict[str, bytes] | None = None) -> "RunWriter":
+        """A new run folder with ``config``, the epoch-0 ``last.pt`` and ``files`` (the copy of
+        the model's source, for the record)."""
         lock = None
         try:
             with sigint_deferred():
                 run_dir = new_run_dir(runs_dir, meta["model"], name)
                 lock = FolderLock.acquire(run_dir)   # a new, empty folder: nobody else holds it
-                writer = cls._fill(run_dir, runs_dir, meta, config, state, lock)
+                writer = cls._fill(run_dir, runs_dir, meta, config, state, lock, files or {})
         except BaseException:   # a Ctrl-C held back until the folder was whole: give the lock back
             if lock is not None:
                 lock.release()
@@ -209,15 +215,17 @@ class RunWriter:
 
     @classmethod
     def _fill(cls, run_dir: Path, runs_dir: str | os.PathLike, meta: dict[str, Any], config: dict[str, Any],
-              state: dict[str, Any], lock: FolderLock) -> "RunWriter":
+              state: dict[str, Any], lock: FolderLock, files: dict[str, bytes]) -> "RunWriter":
         """config.yaml and the epoch-0 last.pt; on a full disk, no folder that cannot be resumed."""
         try:
+            for name, raw in files.items():
+                atomic_write(run_dir / name, raw)
             write_config(run_dir, config)
             writer = cls(run_dir, meta, lock=lock)
             writer._save_last(0, state)
         except OSError as exc:
             lock.release()
-            for name in ("last.pt", "config.yaml", LOCK_NAME):
+            for name in ("last.pt", "config.yaml", *files, LOCK_NAME):
                 with contextlib.suppress(OSError):
                     (run_dir / name).unlink()
             with contextlib.suppress(OSError):

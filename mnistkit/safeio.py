@@ -13,8 +13,8 @@ import yaml
 MAX_NODES = 20_000  # YAML nodes after alias expansion: nested aliases cannot blow up memory
 
 
-def read_text_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> str:
-    """The text of a small file, refusing anything larger than ``limit`` bytes (and endless
+def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> bytes:
+    """The bytes of a small file, refusing anything larger than ``limit`` bytes (and endless
     sources such as /dev/zero) without reading more than ``limit + 1`` bytes."""
     path = Path(path)
     try:
@@ -30,10 +30,16 @@ def read_text_bounded(path: str | os.PathLike, limit: int, error: type[Exception
         raise error(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(raw) > limit:
         raise error(f"{path} is larger than {limit // 1024:,} KiB; it is not {what} file")
+    return raw
+
+
+def read_text_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> str:
+    """The UTF-8 text of a small file, bounded as ``read_bytes_bounded``."""
+    raw = read_bytes_bounded(path, limit, error, what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise error(f"{path} is not UTF-8 text; it is not {what} file") from None
+        raise error(f"{Path(path)} is not UTF-8 text; it is not {what} file") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -15,7 +15,7 @@ from mnistkit.batches import EvalBatches, TrainBatches
 from mnistkit.data import load_splits, provenance
 from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
 from mnistkit.errors import RunError
-from mnistkit.models import get_model
+from mnistkit.modelref import ModelSource, build
 from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, set_bn_momentum
 from mnistkit.recipe import DataOptions, Recipe
 
@@ -24,7 +24,7 @@ __all__ = ["Session"]
 
 @dataclass
 class Session:
-    model_name: str
+    source: ModelSource     # what is trained: a registered name, the user's file or architecture
     recipe: Recipe          # resolved: precision and backend as this machine runs them
     data: DataOptions
     device: torch.device
@@ -42,16 +42,22 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def build(cls, model_name: str, recipe: Recipe, data: DataOptions, device: str) -> "Session":
+    def build(cls, source: ModelSource, recipe: Recipe, data: DataOptions, device: str,
+              instance: nn.Module | None = None) -> "Session":
+        """``instance``: a model object made by the caller, trained as it is (``source`` records
+        where its class came from)."""
         dev = resolve_device(device)
         recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
         seed_everything(recipe.seed)
         train_split, val_split, test_split = load_splits(data, recipe.seed)
-        model = get_model(model_name, **recipe.model_kwargs()).to(dev)
+        model, notes = (instance, []) if instance is not None else build(source, recipe.model_kwargs())
+        model = model.to(dev)
         set_bn_momentum(model, recipe.bn_momentum)
         if recipe.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        prepared = backends.prepare(model, recipe.backend, dev, recipe.channels_last)
+        # a model of the user's own gets the kernel only where every BatchNorm it has can be fused
+        prepared = backends.prepare(model, recipe.backend, dev, recipe.channels_last,
+                                    all_or_none=source.kind != "registered")
         recipe = recipe.replace(backend=prepared.backend)   # the run records what "auto" meant here
         generator = torch.Generator(device=dev).manual_seed(recipe.seed)
         batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
@@ -60,15 +66,19 @@ class Session:
             if split is not None else None for split in (test_split, val_split))
         optimizer = build_optimizer(model, recipe)
         scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
-        session = cls(model_name, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
+        session = cls(source, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
                       val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
                       provenance(data, train_split, val_split, test_split),
-                      WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, [prepared.note])
+                      WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, [*notes, prepared.note])
         if per_step and scheduler.total_steps > recipe.epochs * len(batches):
             session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
                                  f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
                                  "LR will not finish annealing")
         return session
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
 
     @property
     def eval_model(self) -> nn.Module:
@@ -77,7 +87,8 @@ class Session:
 
     def meta(self) -> dict[str, Any]:
         """What config.yaml and every checkpoint record of the run."""
-        return {"model": self.model_name, "params": self.params, "recipe": self.recipe.to_dict(),
+        text = {"model_text": self.source.text} if self.source.kind == "yaml" else {}   # data: rebuilt from here
+        return {"model": self.model_name, "model_source": self.source.to_record(), **text, "params": self.params, "recipe": self.recipe.to_dict(),
                 "data": self.data.to_dict(), "measured_on": self.measured_on, "versions": versions(),
                 "threads": torch.get_num_threads()}   # results depend on it in the last digits
 

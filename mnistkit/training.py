@@ -20,7 +20,7 @@ from torch import nn
 from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate
 from mnistkit.lock import FolderLock
-from mnistkit.models import model_info
+from mnistkit.modelref import ModelSource, from_instance, from_record, resolve
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.checkpoint import check_resumable, load_checkpoint
 from mnistkit.metrics import EpochMetrics, selected_on
@@ -219,47 +219,60 @@ def _epochs(s: Session, writer: RunWriter, callback: Callback | None, start_epoc
             callback.on_epoch(row, best)
 
 
-def train(model_name: str, recipe: Recipe | None = None, data: DataOptions | None = None, device: str = "auto",
-          runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None,
-          run_name: str | None = None) -> RunResult:
-    """Train a registered model with ``recipe`` (default: ``Recipe()``) on ``data`` (default:
-    MNIST), writing a new run folder under ``runs_dir`` (named ``run_name`` when given)."""
-    s = Session.build(model_info(model_name).name, recipe or Recipe(), data or DataOptions(), device)
+def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, data: DataOptions | None = None,
+          device: str = "auto", runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None,
+          run_name: str | None = None, model_args: dict[str, Any] | None = None) -> RunResult:
+    """Train ``model`` (a reference: ``"I3"``, ``"mynet.py:Net"``, ``"s1.yaml"``, with ``model_args``;
+    a ``ModelSource``; or a model object, trained as it is) with ``recipe`` on ``data``, into a new
+    run folder under ``runs_dir``. ``callback=mnistkit.progress()`` shows the CLI's display."""
+    from mnistkit import trust
+
+    instance = model if isinstance(model, nn.Module) else None
+    source = from_instance(model) if instance is not None else resolve(model, args=model_args)
+    s = Session.build(source, recipe or Recipe(), data or DataOptions(), device, instance)
+    if source.kind == "file" and source.path and source.sha256:
+        trust.remember(source.path, source.sha256)   # you named this file: rebuilding the run may import it
     meta = s.meta()
-    writer = RunWriter.create(runs_dir, meta, {**meta, "device": str(s.device)},
-                              {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name)
+    config = {k: v for k, v in meta.items() if k != "model_text"}
+    copy = {source.copy_name: source.text.encode("utf-8")} if source.copy_name and source.text else {}
+    writer = RunWriter.create(runs_dir, meta, {**config, "device": str(s.device)},
+                              {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name, copy)
     try:
         return _fit(s, writer, callback)
     finally:
         writer.close()
 
 
-def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None = None) -> RunResult:
+def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None = None,
+           model_code: str | Path | None = None) -> RunResult:
     """Continue an interrupted run from its folder, with its own recipe and data; the result is
-    the same as an uninterrupted run's."""
+    the same as an uninterrupted run's. A model of the user's own is rebuilt as ``modelref``
+    says (``model_code``: its Python file, named by a user who trusts it)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     # one writer per folder, taken before last.pt is read: a resume that read the state while
     # another process finished the run rolled it back to the older epoch
     lock = FolderLock.acquire(run_dir)
     try:
-        return _resume(run_dir, config, device, callback, lock)
+        return _resume(run_dir, config, device, callback, lock, model_code)
     finally:
         lock.release()
 
 
-def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, lock: FolderLock) -> RunResult:
-    model_name = model_info(config.model).name
+def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, lock: FolderLock,
+            model_code: str | Path | None) -> RunResult:
     if config.shards > 1:
         raise UsageError(f"{run_dir} was trained with {config.shards} shards per step, which mnistkit 0.9 no longer "
                          "has: resume it with mnistkit 0.8, or start a new run", key="shards")
     last = run_dir / "last.pt"
     state = load_checkpoint(last)
     check_resumable(state, last)
-    if state["model"] != model_name:
-        raise RunError(f"{last} holds model {state['model']!r}, the run is {model_name!r}; the run folder is damaged")
+    source = from_record(state.get("model_source"), str(run_dir), state.get("model_text"), model_code,
+                         fallback_name=config.model, run_dir=run_dir)
+    if state["model"] != config.model:
+        raise RunError(f"{last} holds model {state['model']!r}, the run is {config.model!r}; the run folder is damaged")
     try:
-        s = Session.build(model_name, config.recipe, config.data, device)
+        s = Session.build(source, config.recipe, config.data, device)
     except UsageError as exc:
         if exc.key != "backend":
             raise

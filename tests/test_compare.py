@@ -256,7 +256,7 @@ def i2_recipe(text: str, new: str) -> str:
     (lambda t: i2_recipe(t, "epochs: twelve"),
      r"line \d+: iterations\[2\]\.recipe\.epochs: must be int, not str"),
     (lambda t: t.replace("  - id: I2", "  - id: I1"), r"iterations\[2\]\.id: iteration id 'I1' appears twice"),
-    (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered; known models: I0, I1, I2, I3, I4"),
+    (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered \(known models: I0, I1, I2, I3, I4\) nor a FILE.py:Name"),
     (lambda t: t.replace("  max_params: 20000", "  max_parms: 20000"), r"line \d+: constraints\.max_parms: unknown key"),
     (lambda t: t.replace("train_acc: 99.6, test_acc", "train_acc: high, test_acc"),
      r"reported\.train_acc: must be int or float, not str"),

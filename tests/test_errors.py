@@ -124,10 +124,14 @@ def test_not_a_checkpoint(runner, tmp_path):
 
 def test_checkpoint_of_another_model(runner, run_dir, tmp_path):
     ckpt = load_checkpoint(run_dir / "best.pt")
-    ckpt["model"] = "I1"  # I3 weights labelled as I1
+    ckpt["model"] = "I1"  # I3 weights labelled as I1, the name only: the record of its source disagrees
+    torch.save(ckpt, tmp_path / "half.pt")
+    assert "names model 'I1' but its model_source is 'I3'" in one_line_error(evaluate(runner, tmp_path / "half.pt"), 1)
+    ckpt["model_source"] = {**ckpt["model_source"], "name": "I1", "reference": "I1"}
     torch.save(ckpt, tmp_path / "other.pt")
     assert "do not fit model I1" in one_line_error(evaluate(runner, tmp_path / "other.pt"), 1)
     ckpt["model"] = "Z9"
+    ckpt["model_source"] = {**ckpt["model_source"], "name": "Z9", "reference": "Z9"}
     torch.save(ckpt, tmp_path / "unknown.pt")
     assert "unknown model 'Z9'" in one_line_error(evaluate(runner, tmp_path / "unknown.pt"), 1)
 
@@ -342,9 +346,9 @@ def test_output_paths_symlinks_devices_and_modes(runner, tmp_path):
     assert "is a folder" in line
 
 
-@pytest.mark.parametrize("name", ["[/]", "[bold]x", "I3[v2]"])
-def test_user_text_is_never_read_as_markup(runner, name):
-    line = one_line_error(runner.invoke(app, ["summary", name]), 1)
+@pytest.mark.parametrize("name, code", [("[/]", 2), ("[bold]x", 1), ("I3[v2]", 1)])   # "[/]" is a path: a file not found
+def test_user_text_is_never_read_as_markup(runner, name, code):
+    line = one_line_error(runner.invoke(app, ["summary", name]), code)
     assert repr(name) in line
 
 

@@ -53,6 +53,11 @@ def edit_ckpt(path: Path, change: Callable[[dict], None]) -> None:
     torch.save(data, path)
 
 
+def relabel(data: dict, name: str) -> None:
+    """A checkpoint that says, consistently, that it holds another model."""
+    data.update(model=name, model_source={**data["model_source"], "name": name, "reference": name})
+
+
 def edit_config(run: Path, change: Callable[[dict], None]) -> None:
     data = yaml.safe_load((run / "config.yaml").read_text())
     change(data)
@@ -246,12 +251,12 @@ CASES = [
     Case("config-alias-bomb-on-resume", damaged_resume(lambda r: (r / "config.yaml").write_text(laughs())), 1,
          "more than 20,000 YAML nodes"),
     # 4. user text is never markup
-    Case("model-name-closing-tag", _args("summary", "[/]"), 1, "'[/]'"),
+    Case("model-name-closing-tag", _args("summary", "[/]"), 2, "'[/]'"),
     Case("model-name-style-tag", _args("train", "[bold]I3", "--dataset", "synthetic"), 1, "'[bold]I3'"),
     Case("runs-dir-markup", lambda t, g, mp: (t.joinpath("f").write_text("x"),
                                               ["train", "I3", *SYN, "--runs-dir", str(t / "f" / "[/]x")])[1],
          1, "[/]x"),
-    Case("checkpoint-model-markup", damaged_evaluate(lambda r: edit_ckpt(r / "best.pt", lambda d: d.update(model="[/]")),
+    Case("checkpoint-model-markup", damaged_evaluate(lambda r: edit_ckpt(r / "best.pt", lambda d: relabel(d, "[/]")),
                                                      "best.pt"), 1, "holds model '[/]', but its run folder"),
     Case("experiments-path-markup", lambda t, g, mp: ["compare", "--experiments", str(t / "[v2] exp.yaml")], 1,
          "[v2] exp.yaml not found"),
@@ -278,7 +283,7 @@ CASES = [
         r / "last.pt", lambda d: d["state_dict"].update({"net.c1.conv.weight": torch.zeros(3, 3)}))), 1,
         "cannot be resumed"),
     Case("last-model-differs-from-config", damaged_resume(lambda r: edit_ckpt(r / "last.pt",
-                                                                              lambda d: d.update(model="I1"))),
+                                                                              lambda d: relabel(d, "I1"))),
          1, "holds model 'I1', but its run folder"),
     Case("last-optimizer-missing", damaged_resume(lambda r: edit_ckpt(r / "last.pt", lambda d: d.pop("optimizer"))),
          1, "cannot be resumed"),
@@ -299,7 +304,9 @@ CASES = [
     Case("config-measured-on-damaged", damaged_resume(lambda r: edit_config(
         r, lambda d: d["measured_on"].update(train_samples="many"))), 1, "measured_on is not what mnistkit writes"),
     Case("best-weights-do-not-fit", damaged_evaluate(lambda r: edit_ckpt(
-        r / "best.pt", lambda d: d.update(model="I1"))), 1, "holds model 'I1', but its run folder"),
+        r / "best.pt", lambda d: relabel(d, "I1"))), 1, "holds model 'I1', but its run folder"),
+    Case("best-model-name-disagrees-with-its-source", damaged_evaluate(lambda r: edit_ckpt(
+        r / "best.pt", lambda d: d.update(model="I1"))), 1, "names model 'I1' but its model_source is 'I3'"),
     Case("best-truncated", damaged_evaluate(lambda r: (r / "best.pt").write_bytes((r / "best.pt").read_bytes()[:2000])),
          1, "truncated or corrupt"),
     Case("best-empty", damaged_evaluate(lambda r: (r / "best.pt").write_bytes(b"")), 1, "truncated or corrupt"),

@@ -58,14 +58,27 @@ def resolve(backend: str, device: torch.device, channels_last: bool) -> tuple[st
     return "torch", why
 
 
-def prepare(model: nn.Module, backend: str, device: torch.device, channels_last: bool) -> Prepared:
+def prepare(model: nn.Module, backend: str, device: torch.device, channels_last: bool,
+            all_or_none: bool = False) -> Prepared:
     """Make ``model`` ready to train with ``backend`` (in place; call before building the
-    optimizer); the model's parameters and state_dict keys stay as they are."""
+    optimizer); the model's parameters and state_dict keys stay as they are. ``all_or_none``
+    (a model of the user's own): the kernel only where every BatchNorm of the model can take it."""
     resolved, why = resolve(backend, device, channels_last)
     if resolved == "torch":
         return Prepared(model, "torch", "backend torch: PyTorch's own ops" + (f" (the fused kernel: {why})" if why else ""))
     from mnistkit.backends.fused import fuse
 
+    if all_or_none:
+        _, left = fuse(model, apply=False)
+        if left:
+            reasons = f"{len(left)} cannot ({'; '.join(sorted(set(left.values())))}: {', '.join(sorted(left))})"
+            if backend == "fused":
+                from mnistkit.errors import UsageError
+
+                raise UsageError(f"backend 'fused' trains a model of your own only when every BatchNorm can be "
+                                 f"fused; {reasons}; use auto or torch", key="backend")
+            return Prepared(model, "torch", "backend torch: PyTorch's own ops (the fused kernel takes a model of "
+                                            f"your own only when every BatchNorm can be fused; {reasons})")
     fused, left = fuse(model)
     total = fused + len(left)
     if fused == 0 and backend == "auto":   # the kernel would train nothing: record the plain backend

@@ -98,10 +98,11 @@ def why_not(bn: nn.Module) -> str | None:
     return None
 
 
-def fuse(model: nn.Module) -> tuple[int, dict[str, str]]:
+def fuse(model: nn.Module, apply: bool = True) -> tuple[int, dict[str, str]]:
     """Swap every fusable BatchNorm2d -> ReLU pair of ``model``'s plain ``nn.Sequential``s, in
-    place. Returns how many were fused, and for every other BatchNorm (by its module path) why not."""
-    fused, left = 0, {}
+    place. Returns how many were (``apply=False``: would be) fused, and for every other BatchNorm
+    (by its module path) why not."""
+    fused, left, seen = 0, {}, set()
     for path, seq in list(model.named_modules()):
         if type(seq) is not nn.Sequential:
             continue
@@ -115,10 +116,12 @@ def fuse(model: nn.Module) -> tuple[int, dict[str, str]]:
             if why:
                 left[f"{path}.{name}" if path else name] = why
                 continue
-            seq._modules[name] = FusedBatchNormReLU.from_batchnorm(bn)
-            seq._modules[names[i + 1]] = nn.Identity()
             fused += 1
-    seen = {id(m) for m in model.modules() if isinstance(m, FusedBatchNormReLU)}
+            seen.add(id(bn))
+            if apply:
+                seq._modules[name] = FusedBatchNormReLU.from_batchnorm(bn)
+                seq._modules[names[i + 1]] = nn.Identity()
+    seen |= {id(m) for m in model.modules() if isinstance(m, FusedBatchNormReLU)}
     for path, m in model.named_modules():   # BatchNorms outside a plain nn.Sequential
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in seen and path not in left:
             left[path] = "not in a plain nn.Sequential followed by an nn.ReLU"

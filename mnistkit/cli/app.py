@@ -137,6 +137,15 @@ EXPERIMENTS = typer.Option(None, "--experiments", metavar="FILE",
                            help="The change-log (default: ./experiments.yaml when present, else the one "
                                 "shipped with mnistkit).")
 
+MODEL_HELP = ("A registered model (I3), a change-log iteration's id (S1), FILE.py:Name (an nn.Module class or a "
+              "function returning one), package.module:Name, or FILE.yaml (an architecture as data).")
+MODEL_ARG = typer.Option(None, "--model-arg", metavar="NAME=VALUE",
+                         help="A keyword argument for the model's class or function, e.g. width=12 (repeatable; "
+                              "over the change-log's model_args).")
+MODEL_CODE = typer.Option(None, "--model-code", metavar="FILE",
+                          help="The Python file of the run's model, when it changed or moved since the run (or "
+                               "the run came from elsewhere): you name it, so you trust it; the run folder keeps "
+                               "a copy (model.py).")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, print_json, note, BUDGET, JSON, EXPERIMENTS
+from mnistkit.cli.app import app, handles_errors, examples, print_json, note, BUDGET, JSON, EXPERIMENTS, MODEL_ARG, MODEL_HELP
 
 
 def _models_overview(as_json: bool, budget: int) -> None:
@@ -24,31 +24,51 @@ def _models_overview(as_json: bool, budget: int) -> None:
         out.print(render.models_table(rows, out))
 
 
-@app.command(epilog=examples("mnistkit summary I3", "mnistkit summary I2 --budget 15000 --json", "mnistkit summary"))
+@app.command(epilog=examples("mnistkit summary I3", "mnistkit summary I2 --budget 15000 --json",
+                             "mnistkit summary models.py:Net --model-arg width=12", "mnistkit summary s1.yaml",
+                             "mnistkit summary"))
 @handles_errors
 def summary(
-    model: Optional[str] = typer.Argument(None, help="Registered model name, e.g. I3. Omit to list all models."),
-    budget: int = BUDGET,
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Omit to list the registered models."),
+    budget: Optional[int] = typer.Option(None, "--budget", min=1, help="Parameter budget for the check (strictly "
+                                         "fewer; default: the change-log's max_params, else 20,000)."),
+    model_arg: Optional[list[str]] = MODEL_ARG,
+    experiments: Optional[str] = EXPERIMENTS,
     as_json: bool = JSON,
 ) -> None:
     """Layer-by-layer table of a model: shapes, parameters, mult-adds, receptive field, budget check."""
+    from mnistkit.experiments import find_experiments
+    from mnistkit.recipe import DEFAULT_BUDGET
+
     if model is None:
-        _models_overview(as_json, budget)
+        _models_overview(as_json, budget or DEFAULT_BUDGET)
         return
     from mnistkit import render
+    from mnistkit.modelref import build, parse_model_args, resolve
     from mnistkit.summary import summarize
-    from mnistkit.models import get_model, model_info
 
-    entry = model_info(model)
-    s = summarize(get_model(entry.name), name=entry.name, budget=budget)
+    exp = find_experiments(experiments)
+    source = resolve(model, args=parse_model_args(model_arg or []) or None, experiments=exp)
+    it = exp.iteration_of(source)
+    built, _ = build(source, _recipe_kwargs(exp, it))
+    s = summarize(built, name=source.name, budget=budget or exp.constraints.get("max_params", DEFAULT_BUDGET))
+    description = source.description or (it.changes if it else "")
     if as_json:
-        print_json(render.summary_json(s, entry.description))
+        print_json({**render.summary_json(s, description), "source": source.to_record()})
     else:
         from rich.text import Text
 
         out = render.stdout()
-        out.print(Text.assemble((entry.name, "bold"), f": {entry.description}"))
+        shown = source.name if source.reference == source.name else f"{source.name} ({source.reference})"
+        out.print(Text.assemble((shown, "bold"), f": {description}" if description else ""))
         out.print(render.summary_table(s, out))
+
+
+def _recipe_kwargs(exp: object, it: object) -> dict:
+    """What the model's builder takes from its iteration's recipe (dropout)."""
+    from mnistkit.recipe import Recipe
+
+    return Recipe.from_dict(exp.recipe_for(it), where=str(exp.path)).model_kwargs()  # type: ignore[attr-defined]
 
 
 @app.command("models", epilog=examples("mnistkit models", "mnistkit models --json"))
@@ -58,21 +78,21 @@ def models_cmd(budget: int = BUDGET, as_json: bool = JSON) -> None:
     _models_overview(as_json, budget)
 
 
-@app.command("recipe", epilog=examples("mnistkit recipe I3", "mnistkit recipe I0 --experiments my.yaml"))
+@app.command("recipe", epilog=examples("mnistkit recipe I3", "mnistkit recipe S1", "mnistkit recipe I0 --experiments my.yaml"))
 @handles_errors
 def recipe_cmd(
-    model: str = typer.Argument(..., help="Registered model name, e.g. I3."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     experiments: Optional[str] = EXPERIMENTS,
 ) -> None:
     """Print the resolved training recipe of a model (its change-log entry over the defaults) as YAML."""
     from mnistkit import render
     from mnistkit.experiments import find_experiments, resolve_recipe
-    from mnistkit.models import model_info
+    from mnistkit.modelref import resolve
 
-    name = model_info(model).name
     exp = find_experiments(experiments)
-    recipe = resolve_recipe(name, exp)
+    source = resolve(model, experiments=exp)
+    recipe = resolve_recipe(source, exp)
     # stdout's first line names the change-log (a YAML comment), so it is not said again on stderr
-    if exp.iteration_for_model(name) is None:
-        note(f"{name} is not in {exp.path}; it trains with the default recipe")
-    sys.stdout.write(render.recipe_text(name, recipe.to_dict(), exp.described))
+    if exp.iteration_of(source) is None:
+        note(f"{source.shown} is not in {exp.path}; it trains with the default recipe")
+    sys.stdout.write(render.recipe_text(source.name, recipe.to_dict(), exp.described))

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, print_json, say, JSON, EXPERIMENTS
+from mnistkit.cli.app import app, handles_errors, examples, print_json, say, JSON, EXPERIMENTS, MODEL_CODE
 from mnistkit.recipe import DEFAULT_RUNS_DIR, Dataset
 
 
@@ -27,6 +27,7 @@ def evaluate_cmd(
                                          help="Draw the misclassified test digits, most confident first."),
     confusion: Optional[str] = typer.Option(None, "--confusion", metavar="PNG",
                                             help="Draw the confusion matrix as a heat map with counts."),
+    model_code: Optional[str] = MODEL_CODE,
     as_json: bool = JSON,
 ) -> None:
     """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
@@ -36,7 +37,8 @@ def evaluate_cmd(
     from mnistkit.outputs import check_outputs, write_output
 
     check_outputs([errors, confusion], inputs=(resolve_checkpoint(target),))
-    report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device)
+    report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device,
+                                 model_code=model_code)
     pictures = [(path, draw(report)) for path, draw in ((errors, render.errors_png), (confusion, render.confusion_png))
                 if path]  # drawn before any is written: all or nothing
     if as_json:
@@ -57,13 +59,14 @@ def predict_cmd(
     images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...) or folders of them."),
     show: bool = typer.Option(False, "--show", help="Also draw each 28x28 input as the model saw it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    model_code: Optional[str] = MODEL_CODE,
     as_json: bool = JSON,
 ) -> None:
     """Predict your own digit images: prepared as MNIST was (inverted, cropped, 20 px, centred by mass)."""
     from mnistkit import render
     from mnistkit.predict import predict
 
-    result = predict(target, images, device=device)
+    result = predict(target, images, device=device, model_code=model_code)
     if as_json:
         print_json(result.to_dict())
     else:
@@ -84,13 +87,14 @@ def export_cmd(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The file to write (default: beside the checkpoint)."),
     check: bool = typer.Option(True, "--check/--no-check", help="ONNX: compare with PyTorch on the whole test set."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Test data for the check (default: the run's)."),
+    model_code: Optional[str] = MODEL_CODE,
     as_json: bool = JSON,
 ) -> None:
     """Export a trained model to ONNX (checked with ONNX Runtime) or safetensors (no pickle)."""
     from mnistkit import render
     from mnistkit.export import export
 
-    result = export(target, fmt.lower(), output, check=check, data_dir=data_dir)
+    result = export(target, fmt.lower(), output, check=check, data_dir=data_dir, model_code=model_code)
     if as_json:
         print_json(result.to_dict())
     else:

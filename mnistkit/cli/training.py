@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, print_json, DEFAULTS, EXPERIMENTS
+from mnistkit.cli.app import app, handles_errors, examples, print_json, DEFAULTS, EXPERIMENTS, MODEL_ARG, MODEL_CODE, MODEL_HELP
 from mnistkit.recipe import DEFAULT_RUNS_DIR, Backend, Dataset, Precision
 
 
@@ -14,10 +14,14 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, Backend, Dataset, Precision
     "mnistkit train I3                                 an iteration with its change-log recipe",
     "mnistkit train I1 --seeds 3 --data-dir ../mnist   seeds 1, 2, 3; mean ± std at the end",
     "mnistkit train I3 --val 10000                     best epoch chosen on 10,000 held-out images",
+    "mnistkit train S1                                 your change-log's iteration S1 (its model and recipe)",
+    "mnistkit train models.py:Net --model-arg width=12 a model of your own, the default recipe",
     "mnistkit train --resume runs/I3-20261125-101500   continue an interrupted run"))
 @handles_errors
 def train_cmd(
-    model: Optional[str] = typer.Argument(None, help="Model to train; default: the change-log's final iteration."),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the change-log's final iteration."),
+    model_arg: Optional[list[str]] = MODEL_ARG,
+    model_code: Optional[str] = MODEL_CODE,
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", min=1, help="Epochs (default: the iteration's recipe)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1,
                                              help=f"Training batch size (default: the recipe's; {DEFAULTS.batch_size} "
@@ -50,7 +54,7 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
 ) -> None:
-    """Train a registered model with its iteration's recipe from the change-log."""
+    """Train a model with its iteration's recipe from the change-log (a model of your own too)."""
     from mnistkit import render
     from mnistkit.backends.memory import keep_freed_memory, release_memory
     from mnistkit.errors import UsageError
@@ -82,10 +86,12 @@ def train_cmd(
                                       ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed), ("--seeds", seeds),
                                       ("--limit", limit), ("--val", val or None), ("--data-dir", data_dir),
                                       ("--precision", precision), ("--backend", backend),
-                                      ("--experiments", experiments))
+                                      ("--experiments", experiments), ("--model-arg", model_arg or None))
                  if v is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
+    elif model_code is not None:
+        raise UsageError("--model-code names the Python file of a run's model: it goes with --resume")
     elif seed is not None and seeds is not None:
         raise UsageError("give --seed or --seeds, not both")
     elif all_iterations and model is not None:
@@ -93,12 +99,14 @@ def train_cmd(
     keep_freed_memory()   # the CLI's process only: each step's buffers are reused, not faulted in anew
     try:
         if resume is not None:
-            result = run(resume_run, resume, device=device)
+            result = run(resume_run, resume, device=device, model_code=model_code)
             if as_json:
                 print_json(result)
             return
+        from mnistkit.modelref import parse_model_args
+
         plan = make_plan(find_experiments(experiments), model, all_iterations,
-                         parse_seeds(seeds) if seeds is not None else [seed])
+                         parse_seeds(seeds) if seeds is not None else [seed], parse_model_args(model_arg or []) or None)
         pending += [plan.experiments.described, *plan.notes]
         overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr,
                      "precision": precision.value if precision else None, "backend": backend.value if backend else None}

@@ -1,0 +1,388 @@
+"""Model references: what a user may write wherever a model is taken, how mnistkit builds it,
+records it in a run, and rebuilds it from the run.
+
+A reference is one of
+
+- ``I3``: a registered model (inside a project, also a change-log iteration's id: ``S1``);
+- ``mynet.py:Net``, ``models/s2.py:build``: a Python file and the name of an ``nn.Module``
+  class or of a function returning one (``mynet.py`` alone when the file has one such class);
+- ``mypkg.models:Net``: an importable module and a name in it;
+- ``s1.yaml``: an architecture as data (``architecture.py``); no code runs to build it.
+
+Keyword arguments (``model_args``) go to the class or function; of the recipe's settings only
+those it takes (``dropout``) are passed. A Python file is read once, hashed, and the very bytes
+hashed are compiled and run (so the recorded SHA-256 is the code that ran); its folder is on
+``sys.path`` while it runs, so it may import files beside it (the hash covers the one file).
+
+A run records the reference, the resolved path, the SHA-256 and the description
+(``ModelSource.to_record``); rebuilding from a run (``from_record``) imports a Python file only
+when its content still has that hash and this user named that file with that content before
+(``trust.py``): a run folder someone else sent never runs code the user did not name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mnistkit.errors import ModelCodeError, RunError, UnknownModelError, UsageError
+from mnistkit.usercode import (attribute, call_builder, check_output, description, exec_file,
+                               no_dropout_at, read_source, user_code)
+
+__all__ = ["ModelSource", "resolve", "from_record", "from_instance", "build", "parse_model_args", "KINDS"]
+
+KINDS = ("registered", "file", "module", "yaml", "instance")
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model reference, resolved: what to build, and what a run records of it."""
+
+    reference: str                      # as the user gave it
+    kind: str                           # one of KINDS
+    name: str                           # what tables and run folders call it: I3, S1, s2
+    path: str | None = None             # the resolved file (file, yaml; a module's file)
+    module: str | None = None           # module kind: the module's import name
+    attr: str | None = None             # the class or function in the file or module
+    sha256: str | None = None           # of the file's bytes (file, yaml, module)
+    args: tuple[tuple[str, Any], ...] = ()   # model_args, sorted; lists as tuples
+    description: str = ""
+    text: str | None = field(default=None, compare=False, repr=False)   # the source as hashed
+    builder: Any = field(default=None, compare=False, repr=False)       # in-process only: never pickled
+
+    def __getstate__(self) -> dict[str, Any]:   # to a sweep worker: everything but a live object
+        return {**self.__dict__, "builder": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            object.__setattr__(self, key, value)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {k: _unfreeze(v) for k, v in self.args}
+
+    @property
+    def shown(self) -> str:
+        """``S1 (models.py:S1)``: the name and, where it differs, the reference."""
+        return self.name if self.reference == self.name else f"{self.name} ({self.reference})"
+
+    @property
+    def copy_name(self) -> str | None:
+        """The run folder's copy of the source, for the record."""
+        return {"file": "model.py", "yaml": "model.yaml"}.get(self.kind)
+
+    def same_model(self, other: "ModelSource") -> bool:
+        """The same code or architecture, the same arguments (however the reference was spelt)."""
+        return (self.kind, self.path, self.module, self.attr, self.sha256, self.args) == \
+            (other.kind, other.path, other.module, other.attr, other.sha256, other.args) and \
+            (self.kind != "registered" or self.name.lower() == other.name.lower())
+
+    def to_record(self) -> dict[str, Any]:
+        return {"reference": self.reference, "kind": self.kind, "name": self.name, "path": self.path,
+                "module": self.module, "attr": self.attr, "sha256": self.sha256, "args": self.kwargs,
+                "description": self.description}
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _unfreeze(value: Any) -> Any:
+    return [_unfreeze(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _check_args(args: dict[str, Any] | None, where: str) -> tuple[tuple[str, Any], ...]:
+    """model_args: names to numbers, booleans, short strings or lists of them."""
+    if not args:
+        return ()
+    if not isinstance(args, dict):
+        raise UsageError(f"{where}: model_args must be a mapping of names to values, not {type(args).__name__}",
+                         key="model_args")
+
+    def plain(v: Any, depth: int = 0) -> bool:
+        if isinstance(v, (list, tuple)):
+            return depth < 2 and len(v) <= 64 and all(plain(x, depth + 1) for x in v)
+        return v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 200)
+
+    for key, value in args.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise UsageError(f"{where}: model_args key {key!r} is not a Python argument name", key="model_args")
+        if not plain(value):
+            raise UsageError(f"{where}: model_args.{key} must be a number, a boolean, a short string or a list "
+                             f"of them, not {type(value).__name__}", key="model_args")
+    return tuple(sorted((k, _freeze(v)) for k, v in args.items()))
+
+
+def parse_model_args(pairs: list[str]) -> dict[str, Any]:
+    """``["width=12", "widths=[8, 16]"]`` -> ``{"width": 12, "widths": [8, 16]}``: values read as
+    YAML scalars or flow lists (``12``, ``0.1``, ``true``, ``[8, 16]``, ``wide``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"model argument {pair!r} is not NAME=VALUE (e.g. width=12)", key="model_args")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise UsageError(f"model argument {pair!r}: the value is not a number, word or [list]",
+                             key="model_args") from None
+        out[key.strip()] = value
+    _check_args(out, "model arguments")
+    return out
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _split(reference: str) -> tuple[str, str | None]:
+    target, sep, attr = reference.rpartition(":")
+    if not sep:
+        return reference, None
+    if not attr or not all(p.isidentifier() for p in attr.split(".")):
+        raise UsageError(f"model {reference!r}: {attr!r} after the ':' is not a Python name "
+                         "(write FILE.py:Name or package.module:Name)", key="model")
+    return target, attr
+
+
+def safe_name(text: str) -> str:
+    """A name fit for a run folder: letters, digits, _ . - (at most 40)."""
+    return (_NAME.sub("_", text).strip("._-") or "model")[:40]
+
+
+def resolve(reference: "str | ModelSource", base: str | Path | None = None, args: dict[str, Any] | None = None,
+            experiments: Any = None, name: str | None = None) -> ModelSource:
+    """The model a reference names. Relative paths are taken from ``base`` (the current folder;
+    a change-log's folder inside a change-log); a bare name is ``experiments``' iteration of that
+    id when it has one, else a registered model."""
+    if isinstance(reference, ModelSource):
+        return reference if args is None else replace(reference, args=_check_args(args, reference.reference))
+    if not isinstance(reference, str) or not reference.strip() or len(reference) > 1000 or "\x00" in reference:
+        raise UsageError(f"{reference!r} is not a model reference (a registered name, FILE.py:Name, "
+                         "package.module:Name or FILE.yaml)", key="model")
+    reference = reference.strip()
+    target, attr = _split(reference)
+    frozen = _check_args(args, reference)
+    low = target.lower()
+    if low.endswith((".yaml", ".yml")):
+        if attr is not None:
+            raise UsageError(f"model {reference!r}: a YAML architecture is one model; drop the ':{attr}'", key="model")
+        return _yaml(reference, _path(target, base), frozen, name)
+    if low.endswith(".py") or "/" in target or target.startswith("."):
+        return _file(reference, _path(target, base), attr, frozen, name)
+    if attr is not None:
+        if not all(p.isidentifier() for p in target.split(".")):
+            raise UsageError(f"model {reference!r}: {target!r} is neither a .py file nor a module name", key="model")
+        return _module(reference, target, attr, frozen, name)
+    if experiments is not None:
+        it = next((i for i in experiments.iterations if i.id.lower() == target.lower()), None)
+        if it is not None:
+            return experiments.model_source(it, args)
+    return _registered(reference, frozen, base)
+
+
+def _path(target: str, base: str | Path | None) -> Path:
+    path = Path(target).expanduser()
+    return (Path(base) / path if base is not None and not path.is_absolute() else path).absolute()
+
+
+def _registered(reference: str, args: tuple, base: str | Path | None) -> ModelSource:
+    from mnistkit.models import list_models, model_info
+
+    try:
+        entry = model_info(reference)
+    except UnknownModelError:
+        hint = ""
+        if "." in reference and not reference.startswith("."):
+            stem, _, attr = reference.rpartition(".")
+            if _path(stem.replace(".", "/") + ".py", base).is_file():
+                hint = f"; did you mean {stem.replace('.', '/')}.py:{attr}?"
+        raise UnknownModelError(f"unknown model {reference!r}: not a registered model ({', '.join(list_models())}), "
+                                f"nor FILE.py:Name, package.module:Name or FILE.yaml{hint}") from None
+    builder = entry.builder
+    if getattr(builder, "__module__", "") == "mnistkit.models":
+        return ModelSource(reference, "registered", entry.name, args=args, description=entry.description,
+                           builder=builder)
+    # registered from the user's code in this process: record its file, so that other processes
+    # (evaluate, a sweep's workers) rebuild it from there
+    try:
+        file = inspect.getsourcefile(builder)
+    except TypeError:
+        file = None
+    text = sha = None
+    if file and Path(file).is_file():
+        text, sha = read_source(Path(file), "a Python")
+    return ModelSource(reference, "file" if sha else "instance", entry.name, str(Path(file).absolute()) if sha else None,
+                       attr=builder.__qualname__ if sha else None, sha256=sha, args=args,
+                       description=entry.description, text=text, builder=builder)
+
+
+def _yaml(reference: str, path: Path, args: tuple, name: str | None) -> ModelSource:
+    from mnistkit.architecture import load_architecture
+
+    if args:
+        raise UsageError(f"model {reference!r}: a YAML architecture takes no model_args "
+                         f"({', '.join(k for k, _ in args)}); write the values into the file", key="model_args")
+    arch = load_architecture(path)
+    return ModelSource(reference, "yaml", name or safe_name(path.stem), str(path), sha256=arch.sha256,
+                       description=arch.description, text=arch.text)
+
+
+def _file(reference: str, path: Path, attr: str | None, args: tuple, name: str | None) -> ModelSource:
+    if not path.is_file():
+        raise UsageError(f"model {reference!r}: {path} not found" + ("" if path.suffix == ".py" else
+                         "; a model file ends in .py (or .yaml for an architecture)"), key="model")
+    text, sha = read_source(path, "a Python")
+    module = exec_file(text, str(path), sha)
+    attr, obj = attribute(module, attr, path.name)
+    return ModelSource(reference, "file", name or safe_name(attr), str(path), attr=attr, sha256=sha, args=args,
+                       description=description(obj), text=text, builder=obj)
+
+
+def _module(reference: str, modname: str, attr: str, args: tuple, name: str | None) -> ModelSource:
+    try:
+        with user_code(None, f"importing {modname}"):
+            module = importlib.import_module(modname)
+    except ModelCodeError as exc:
+        if isinstance(exc.__cause__, ModuleNotFoundError) and exc.__cause__.name and \
+                modname.startswith(exc.__cause__.name):
+            raise UsageError(f"model {reference!r}: no module named {exc.__cause__.name!r} (is it installed, or "
+                             "is its folder on PYTHONPATH?)", key="model") from None
+        raise
+    file = getattr(module, "__file__", None)
+    attr, obj = attribute(module, attr, modname)
+    sha = read_source(Path(file), "a Python")[1] if file and Path(file).is_file() else None
+    return ModelSource(reference, "module", name or safe_name(attr), str(Path(file).absolute()) if file else None,
+                       modname, attr, sha, args, description(obj), builder=obj)
+
+
+def from_instance(model: Any) -> ModelSource:
+    """What a run of a model object made in Python records: its class's source file when it has
+    one of the user's own (rebuilt as ``Class()``), else that it cannot be rebuilt."""
+    cls = type(model)
+    file = None
+    if not cls.__module__.startswith(("torch", "mnistkit.")) and "<locals>" not in cls.__qualname__:
+        with contextlib.suppress(TypeError, OSError):
+            file = inspect.getsourcefile(cls)
+    name = safe_name(cls.__name__)
+    if file and Path(file).is_file():
+        text, sha = read_source(Path(file), "a Python")
+        return ModelSource(f"{Path(file).name}:{cls.__qualname__}", "file", name, str(Path(file).absolute()),
+                           attr=cls.__qualname__, sha256=sha, description=description(cls), text=text)
+    return ModelSource(f"<{cls.__name__} object>", "instance", name, description=description(cls))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build(source: ModelSource, model_kwargs: dict[str, Any] | None = None, check: bool = True) -> tuple[Any, list[str]]:
+    """A fresh model of ``source`` and notes for the run's start. ``model_kwargs`` are the
+    recipe's (dropout, dropout_at): passed where the builder takes them."""
+    model_kwargs = dict(model_kwargs or {})
+    if source.kind == "yaml":
+        from mnistkit.architecture import parse_architecture
+
+        no_dropout_at(source, model_kwargs)
+        arch = parse_architecture(source.text or "", where=source.path or source.reference)
+        return check_output(arch.build(dropout=model_kwargs.get("dropout", 0.05)), source, check), []
+    if source.kind == "instance":
+        raise RunError(f"{source.name} was a model object made in Python whose class has no source file of its own; "
+                       "mnistkit cannot rebuild it: pass the model object itself")
+    obj = source.builder
+    if obj is None:
+        if source.kind == "registered":
+            from mnistkit.models import model_info
+
+            obj = model_info(source.name).builder
+        elif source.kind == "file":
+            obj = attribute(exec_file(source.text or "", source.path or "", source.sha256 or ""),
+                             source.attr, Path(source.path or "").name)[1]
+        else:
+            with user_code(None, f"importing {source.module}"):
+                obj = attribute(importlib.import_module(source.module or ""), source.attr, source.module or "")[1]
+    model, notes = call_builder(obj, source, model_kwargs)
+    return check_output(model, source, check and source.kind != "registered"), notes
+
+
+# --------------------------------------------------------------------------- rebuilding from a run
+
+
+def from_record(record: Any, where: str, text: str | None = None, model_code: str | Path | None = None,
+                fallback_name: str | None = None, run_dir: Path | None = None) -> ModelSource:
+    """The model a run (its config or checkpoint) trained, ready to build. ``text`` is a YAML
+    architecture's source as the checkpoint holds it; ``model_code`` a Python file the user
+    names and trusts; ``run_dir`` the run's folder, whose copy of the source messages name."""
+    from mnistkit import trust
+
+    if record is None:   # before 0.10: a registered name
+        return _registered(str(fallback_name), (), None)
+    src = _source_of(record, where)
+    copy = Path(run_dir) / src.copy_name if run_dir is not None and src.copy_name else None
+    if src.kind == "registered":
+        return resolve(src.name, args=src.kwargs)
+    if src.kind == "yaml":
+        if text is None and copy is not None and copy.is_file():
+            text = read_source(copy, "a YAML architecture")[0]
+        if text is None or hashlib.sha256(text.encode("utf-8")).hexdigest() != src.sha256:
+            raise RunError(f"{where}: its YAML architecture is missing or does not match its SHA-256; the run "
+                           "folder is damaged")
+        return replace(src, text=text)
+    if src.kind == "instance":
+        return src
+    keep = f" (the run folder keeps a copy: {copy})" if copy is not None and copy.is_file() else ""
+    if model_code is not None:
+        path = Path(model_code).absolute()
+        code_text, sha = read_source(path, "a Python")
+        trust.remember(path, sha)
+        return replace(src, kind="file", path=str(path), text=code_text, sha256=sha)
+    how = f"if you trust it, name it as the model code (--model-code FILE){keep}"
+    path = Path(src.path or "")
+    if not src.path or not path.is_file():
+        raise RunError(f"{where} trained {src.reference} from {src.path}, which is missing (it had SHA-256 "
+                       f"{src.sha256}); point to the file {how.removeprefix('if you trust it, ')}")
+    code_text, sha = read_source(path, "a Python")
+    if sha != src.sha256:
+        raise RunError(f"{where} trained {src.reference} from {path} with SHA-256 {src.sha256}; the file now has "
+                       f"{sha}: it changed since the run. To use a file as it was, {how.removeprefix('if you trust it, ')}")
+    if not trust.is_trusted(path, sha):
+        raise RunError(f"{where} names model code {path} (SHA-256 {sha[:16]}...) that you have not used on this "
+                       f"machine; mnistkit runs code only from files you name: {how}")
+    if src.kind == "module":
+        return src   # its file is the one recorded and trusted: import it by name
+    return replace(src, text=code_text)
+
+
+def _source_of(record: Any, where: str) -> ModelSource:
+    def damaged(what: str) -> RunError:
+        return RunError(f"{where}: its model_source {what}; the run folder is damaged")
+
+    if not isinstance(record, dict):
+        raise damaged("is not a mapping")
+    strings = ("reference", "kind", "name", "path", "module", "attr", "sha256", "description")
+    for key in strings:
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > 4096):
+            raise damaged(f"{key} is not a short text")
+    kind = record.get("kind")
+    if kind not in KINDS or not record.get("name") or not record.get("reference"):
+        raise damaged(f"kind {kind!r} is not one of {', '.join(KINDS)}" if kind not in KINDS else "names no model")
+    sha = record.get("sha256")
+    if kind in ("file", "module", "yaml") and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise damaged("has no SHA-256")
+    if kind in ("file", "module") and not record.get("attr"):
+        raise damaged("names no class or function")
+    try:
+        args = _check_args(record.get("args") or {}, where)
+    except UsageError:
+        raise damaged("has model_args that are not plain values") from None
+    return ModelSource(record["reference"], kind, record["name"], record.get("path"), record.get("module"),
+                       record.get("attr"), sha, args, record.get("description") or "")
+
