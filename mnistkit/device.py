@@ -3,8 +3,10 @@ the versions recorded with every run."""
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
+from typing import Iterator
 
 import torch
 
@@ -72,3 +74,16 @@ def versions() -> dict[str, str]:
         vision = "not installed"
     return {"mnistkit": __version__, "torch": str(torch.__version__), "torchvision": vision,
             "python": platform.python_version()}
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (when given), then put back."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)

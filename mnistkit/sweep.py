@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from mnistkit.errors import MnistkitError, RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.lock import LOCK_NAME, FolderLock
-from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions
+from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.sweepspec import MAX_TRIALS, SweepSpec, Trial, load_spec, trial_recipe  # noqa: F401 (the sweep API)
 
 # --------------------------------------------------------------------------- running trials
@@ -52,7 +52,6 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
-    from mnistkit.experiments import find_experiments
     from mnistkit.runs import summarize_run
     from mnistkit.training import resume, train
 
@@ -71,11 +70,10 @@ def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
                                                                f"({summary.why}); wait for it to end"}
             if state != "interrupted":
                 return {**record, "status": state, "error": f"{folder} is {state}; remove it to run the trial again"}
-            resume(folder, device=payload["device"])
-        else:
-            exp = find_experiments(payload["experiments"])
-            recipe = trial_recipe(exp, trial.model, payload["recipe"], dict(trial.overrides), trial.seed)
-            train(trial.model, recipe, DataOptions.from_dict(payload["data"]), device=payload["device"],
+            resume(folder, device=payload["device"], model=trial.source)
+        else:   # the recipe the spec resolved: a worker needs neither the change-log nor the spec
+            recipe = Recipe.from_dict(payload["trial_recipe"], where=f"trial {trial.name}")
+            train(trial.source, recipe, DataOptions.from_dict(payload["data"]), device=payload["device"],
                   runs_dir=root, run_name=trial.name)
         return {**record, "status": "finished", "skipped": False}
     except TrainingDiverged as exc:
@@ -143,7 +141,7 @@ def _sweep(spec: SweepSpec, root: Path, workers: int | None, ray: str | None, de
     threads = max(1, (os.cpu_count() or 1) // workers)
     base = {"root": str(root), "recipe": spec.recipe, "data": spec.data.to_dict(), "device": device,
             "experiments": spec.experiments, "threads": threads, "keep_memory": keep_memory}
-    payloads = [{**base, "trial": t} for t in spec.trials]
+    payloads = [{**base, "trial": t, "trial_recipe": spec.recipes[t.name].to_dict()} for t in spec.trials]
     done: dict[str, dict[str, Any]] = {}
 
     def finished(record: dict[str, Any]) -> None:

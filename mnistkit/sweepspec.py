@@ -7,7 +7,7 @@ import itertools
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,22 @@ MAX_NAME_BYTES = 100
 _SPEC_KEYS = {"name", "model", "models", "seeds", "grid", "random", "recipe", "data", "experiments"}
 _AUGMENT_KEYS = {f"augment.{f}" for f in Augment.__dataclass_fields__}
 _RECIPE_KEYS = ({f for f in Recipe.__dataclass_fields__} - {"seed", "augment"}) | _AUGMENT_KEYS
+MODEL_ARGS = "model_args."   # grid: {model_args.width: [8, 12]} varies the model's own arguments
 
 
-def trial_recipe(exp: Any, model: str, fixed: dict[str, Any], overrides: dict[str, Any], seed: int) -> Recipe:
+def _varies(key: Any) -> bool:
+    return key in _RECIPE_KEYS or (isinstance(key, str) and key.startswith(MODEL_ARGS)
+                                   and key[len(MODEL_ARGS):].isidentifier())
+
+
+def trial_recipe(exp: Any, model: Any, fixed: dict[str, Any], overrides: dict[str, Any], seed: int) -> Recipe:
     """The iteration's recipe, then the spec's fixed keys, then the trial's varied ones;
     ``augment.KEY`` (or a fixed ``augment:`` mapping) changes one field of the augmentation."""
     import dataclasses
 
     from mnistkit.experiments import resolve_recipe
 
-    values = {**fixed, **overrides}
+    values = {k: v for k, v in {**fixed, **overrides}.items() if not k.startswith(MODEL_ARGS)}
     augment = dict(values.pop("augment", None) or {})
     augment.update({k.split(".", 1)[1]: values.pop(k) for k in list(values) if k.startswith("augment.")})
     recipe = resolve_recipe(model, exp, **{**values, "seed": seed})
@@ -46,7 +52,8 @@ def trial_recipe(exp: Any, model: str, fixed: dict[str, Any], overrides: dict[st
 class Trial:
     model: str
     seed: int
-    overrides: tuple[tuple[str, Any], ...]  # the varied recipe keys, sorted
+    overrides: tuple[tuple[str, Any], ...]  # the varied recipe keys (and model_args.KEY), sorted
+    source: Any = None                      # modelref.ModelSource, with the trial's model_args
 
     @property
     def config(self) -> str:
@@ -57,7 +64,7 @@ class Trial:
     def name(self) -> str:
         """The run folder's name: deterministic, so that --resume finds it, and as exact as the
         values (a float's shortest round-trip form: 0.1 and 0.1000001 are two folders)."""
-        parts = [self.model] + [f"{k}{_text(v)}" for k, v in self.overrides]
+        parts = [self.model] + [f"{k.removeprefix(MODEL_ARGS)}{_text(v)}" for k, v in self.overrides]
         return "-".join(parts + [f"seed{self.seed}"]).replace("/", "_").replace(" ", "_")
 
 
@@ -78,6 +85,7 @@ class SweepSpec:
     data: DataOptions
     experiments: str | None = None
     varied: tuple[str, ...] = ()
+    recipes: dict[str, Recipe] = field(default_factory=dict)   # trial name -> the recipe it trains with
 
 
 def _fail(path: Path, message: str) -> SweepError:
@@ -88,7 +96,7 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     """Read and check a sweep spec, and expand its trials; every trial's recipe is built (and
     so validated) here, before anything runs."""
     from mnistkit.experiments import find_experiments
-    from mnistkit.models import model_info
+    from mnistkit.modelref import build, resolve
 
     path = Path(path)
     data, _ = load_yaml_bounded(path, MAX_SPEC_BYTES, SweepError, "a sweep spec")
@@ -104,10 +112,16 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         raise _fail(path, f"name is {len(name.encode('utf-8', 'replace'))} bytes; a sweep's name is at most "
                           f"{MAX_NAME_BYTES} bytes (it names a folder)")
     models = data.get("models", [data["model"]] if "model" in data else None)
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
-        raise _fail(path, "models must be a list of model names, e.g. models: [I3]")
-    try:
-        models = [model_info(m).name for m in models]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models) or len(models) > 100:
+        raise _fail(path, "models must be a list of models (names, FILE.py:Name or FILE.yaml), e.g. models: [I3]")
+    experiments = data.get("experiments")
+    if experiments is not None and not isinstance(experiments, str):
+        raise _fail(path, "experiments must be the path of a change-log file")
+    if experiments is not None and not os.path.isabs(experiments):
+        experiments = str(path.parent / experiments)
+    exp = find_experiments(experiments)
+    try:   # a model file is taken from the spec's folder
+        sources = [resolve(m, base=path.parent, experiments=exp) for m in models]
     except MnistkitError as exc:
         raise _fail(path, str(exc)) from None
     seeds = data.get("seeds", [42])
@@ -137,8 +151,8 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         for key, values in grid.items():
             if key in REPLACED:
                 raise _fail(path, f"grid: {key} {REPLACED[key]}")
-            if key not in _RECIPE_KEYS:
-                raise _fail(path, f"grid: {key!r} is not a recipe key that can vary; known: "
+            if not _varies(key):
+                raise _fail(path, f"grid: {key!r} is not a recipe key that can vary (or model_args.NAME); known: "
                                   f"{', '.join(sorted(_RECIPE_KEYS))}")
             if not isinstance(values, list) or not values:
                 raise _fail(path, f"grid: {key} must be a non-empty list")
@@ -146,35 +160,47 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         configs = [tuple(zip(varied, combo)) for combo in itertools.product(*(grid[k] for k in varied))]
     elif search is not None:
         configs, varied = _random_configs(path, search)
-    trials = tuple(Trial(m, s, c) for m in models for c in configs for s in seeds)
-    if len(trials) > MAX_TRIALS:
-        raise _fail(path, f"{len(trials):,} trials; a sweep runs at most {MAX_TRIALS:,}")
+    if len(sources) * len(configs) * len(seeds) > MAX_TRIALS:
+        raise _fail(path, f"{len(sources) * len(configs) * len(seeds):,} trials; a sweep runs at most {MAX_TRIALS:,}")
+    trials = tuple(Trial(src.name, s, c, _with_args(src, c, path)) for src in sources for c in configs for s in seeds)
     try:
         options = DataOptions.from_dict(data.get("data") or {}, where="data")
     except (UsageError, TypeError) as exc:
         raise _fail(path, str(exc) if str(exc).startswith("data:") else f"data: {exc}") from None
-    experiments = data.get("experiments")
-    if experiments is not None and not isinstance(experiments, str):
-        raise _fail(path, "experiments must be the path of a change-log file")
-    if experiments is not None and not os.path.isabs(experiments):
-        experiments = str(path.parent / experiments)
-    exp = find_experiments(experiments)
     seen: dict[Any, Trial] = {}
+    recipes: dict[str, Recipe] = {}
+    built: set[Any] = set()
     names: dict[str, Trial] = {}
     for t in trials:  # every recipe is built now: a bad value is one line before anything runs
         try:
-            recipe = trial_recipe(exp, t.model, fixed, dict(t.overrides), t.seed)
-        except (UsageError, TypeError) as exc:
+            recipe = trial_recipe(exp, t.source, fixed, dict(t.overrides), t.seed)
+            if (t.source, recipe.dropout, recipe.dropout_at) not in built:   # its model builds, with its arguments
+                build(t.source, recipe.model_kwargs())
+                built.add((t.source, recipe.dropout, recipe.dropout_at))
+        except (MnistkitError, TypeError) as exc:
             raise _fail(path, f"trial {t.name}: {exc}") from None
-        key = (t.model, recipe)   # the settings the trial trains with, whatever their spelling (1 == 1.0)
+        key = (t.source, recipe)   # the settings the trial trains with, whatever their spelling (1 == 1.0)
         if key in seen:
             raise _fail(path, f"trials {seen[key].config} and {t.config} (seed {t.seed}) train the same recipe; "
                               "give each value once")
         if t.name in names:
             raise _fail(path, f"trials {names[t.name].config} and {t.config} would share the run folder {t.name}; "
                               "make their values differ in what they print")
-        seen[key], names[t.name] = t, t
-    return SweepSpec(path, name, trials, dict(fixed), options, experiments, varied)
+        seen[key], names[t.name], recipes[t.name] = t, t, recipe
+    return SweepSpec(path, name, trials, dict(fixed), options, experiments, varied, recipes)
+
+
+def _with_args(source: Any, config: tuple, path: Path) -> Any:
+    """The trial's model: the spec's, with the config's model_args.KEY values over its own."""
+    from mnistkit.modelref import resolve
+
+    args = {k[len(MODEL_ARGS):]: v for k, v in config if k.startswith(MODEL_ARGS)}
+    if not args:
+        return source
+    try:
+        return resolve(source, args={**source.kwargs, **args})
+    except MnistkitError as exc:
+        raise _fail(path, str(exc)) from None
 
 
 def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ...]]:
@@ -188,7 +214,7 @@ def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ..
     if not ranges:
         raise _fail(path, "random: give at least one range, e.g. lr: {min: 0.05, max: 0.4, log: true}")
     for key, r in ranges.items():
-        ok = (key in _RECIPE_KEYS and isinstance(r, dict)
+        ok = (_varies(key) and isinstance(r, dict)
               and all(isinstance(r.get(b), (int, float)) and not isinstance(r.get(b), bool)
                       and math.isfinite(r[b]) for b in ("min", "max"))
               and r["min"] <= r["max"] and (not r.get("log") or r["min"] > 0))
@@ -205,7 +231,9 @@ def _random_configs(path: Path, search: Any) -> tuple[list[tuple], tuple[str, ..
                 v = math.exp(rng.uniform(math.log(r["min"]), math.log(r["max"])))
             else:
                 v = rng.uniform(r["min"], r["max"])
-            if key in Recipe.__dataclass_fields__ and isinstance(Recipe.__dataclass_fields__[key].default, int):
+            whole = all(isinstance(r[b], int) for b in ("min", "max")) if key.startswith(MODEL_ARGS) else \
+                key in Recipe.__dataclass_fields__ and isinstance(Recipe.__dataclass_fields__[key].default, int)
+            if whole:
                 v = int(round(v))
             else:
                 v = float(f"{v:.4g}")

@@ -11,7 +11,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.checkpoint import check_resumable, load_checkpoint
 from mnistkit.metrics import EpochMetrics, selected_on
 from mnistkit.runs import RunWriter, Terminated, read_config, sigterm_as_interrupt, write_outcome
+from mnistkit.device import threads
 from mnistkit.session import Session
 
 __all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback"]
@@ -244,31 +245,35 @@ def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, da
 
 
 def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None = None,
-           model_code: str | Path | None = None) -> RunResult:
+           model_code: str | Path | None = None, model: ModelSource | None = None) -> RunResult:
     """Continue an interrupted run from its folder, with its own recipe and data; the result is
     the same as an uninterrupted run's. A model of the user's own is rebuilt as ``modelref``
-    says (``model_code``: its Python file, named by a user who trusts it)."""
+    says (``model_code``: its Python file, named by a user who trusts it; ``model``: the source a
+    sweep trains, which must be the one the run recorded)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     # one writer per folder, taken before last.pt is read: a resume that read the state while
     # another process finished the run rolled it back to the older epoch
     lock = FolderLock.acquire(run_dir)
     try:
-        return _resume(run_dir, config, device, callback, lock, model_code)
+        return _resume(run_dir, config, device, callback, lock, model_code, model)
     finally:
         lock.release()
 
 
 def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, lock: FolderLock,
-            model_code: str | Path | None) -> RunResult:
+            model_code: str | Path | None, model: ModelSource | None) -> RunResult:
     if config.shards > 1:
         raise UsageError(f"{run_dir} was trained with {config.shards} shards per step, which mnistkit 0.9 no longer "
                          "has: resume it with mnistkit 0.8, or start a new run", key="shards")
     last = run_dir / "last.pt"
     state = load_checkpoint(last)
     check_resumable(state, last)
-    source = from_record(state.get("model_source"), str(run_dir), state.get("model_text"), model_code,
-                         fallback_name=config.model, run_dir=run_dir)
+    if model is not None and config.model_source is not None and config.model_source.same_model(model):
+        source = model   # a sweep's own trial: the source it resolved (and ships to its workers)
+    else:
+        source = from_record(state.get("model_source"), str(run_dir), state.get("model_text"), model_code,
+                             fallback_name=config.model, run_dir=run_dir)
     if state["model"] != config.model:
         raise RunError(f"{last} holds model {state['model']!r}, the run is {config.model!r}; the run folder is damaged")
     try:
@@ -283,18 +288,5 @@ def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, 
                          f"{why}; resume it {where}, or start a new run", key="backend") from None
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
-    with _threads(config.threads):   # the run's own thread count: the same sums, the same run
+    with threads(config.threads):   # the run's own thread count: the same sums, the same run
         return _fit(s, RunWriter(run_dir, s.meta(), metrics, lock=lock), callback)
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` for the block (when given), then put back."""
-    before = torch.get_num_threads()
-    if n is not None and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)

@@ -79,9 +79,12 @@ def handles_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MnistkitError as exc:
+            from mnistkit.errors import ModelCodeError
+
             if _state["debug"]:
                 raise
-            fail(str(exc), exc.exit_code)
+            hint = " (mnistkit --debug COMMAND ... shows the whole traceback)" if isinstance(exc, ModelCodeError) else ""
+            fail(str(exc) + hint, exc.exit_code)
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise

@@ -1,0 +1,372 @@
+"""A model of the user's own (issue 27): a Python file, a module, a change-log iteration, through
+summary, train, resume, evaluate, predict, export and compare; what a run records of it; the
+hash and trust checks that keep a run folder from running code the user did not name; and every
+error a user can make with a reference, through the CLI."""
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from mnistkit.cli import app
+from mnistkit.errors import ModelCodeError, RunError, UsageError
+from mnistkit.modelref import build, parse_model_args, resolve
+
+pytestmark = pytest.mark.slow   # most tests here train a model for a second
+
+MODELS_PY = '''
+"""My models."""
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class S1(nn.Module):
+    """Three conv blocks, a 1x1 to 10 channels, global average pooling."""
+
+    def __init__(self, width: int = 6, dropout: float = 0.05):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(width, 10, 1),
+        )
+
+    def forward(self, x):
+        return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
+
+
+def build(width):
+    """S1 at a width of your choice."""
+    return S1(width)
+'''
+
+CHANGELOG = '''
+constraints: {max_params: 20000, batchnorm: true, dropout: true, max_epochs: 20, min_test_acc: 99.4}
+iterations:
+  - id: S1
+    model: models.py:S1
+    changes: my first model
+    target: reach 99% in 1 epoch
+    analysis: it did not
+    recipe: {epochs: 1, batch_size: 64, lr: 0.05}
+  - id: step-2
+    model: models.py:build
+    model_args: {width: 4}
+    recipe: {epochs: 1, batch_size: 64, lr: 0.05}
+'''
+
+
+def one_line_error(result, code):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    (tmp_path / "models.py").write_text(MODELS_PY)
+    (tmp_path / "experiments.yaml").write_text(CHANGELOG)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def train_cli(runner, *args):
+    result = runner.invoke(app, ["train", *args, "--dataset", "synthetic", "--limit", "256", "--device", "cpu",
+                                 "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    return Path(json.loads(result.stdout)["run_dir"])
+
+
+# ---------------------------------------------------------------- the whole path, Python file
+
+
+def test_a_python_model_through_summary_train_evaluate_predict_export_resume(runner, project, tmp_path):
+    summary = runner.invoke(app, ["summary", "S1", "--json"])
+    assert summary.exit_code == 0, summary.output
+    data = json.loads(summary.stdout)
+    built = build(resolve("models.py:S1"))[0]
+    assert data["totals"]["params"] == sum(p.numel() for p in built.parameters())
+    assert data["source"]["kind"] == "file" and data["source"]["attr"] == "S1"
+
+    run = train_cli(runner, "S1")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    source = config["model_source"]
+    assert config["model"] == "S1" and source["reference"] == "models.py:S1"
+    assert source["path"] == str(project / "models.py")
+    import hashlib
+    assert source["sha256"] == hashlib.sha256((project / "models.py").read_bytes()).hexdigest()
+    assert (run / "model.py").read_text() == MODELS_PY          # the copy, for the record
+    assert source["description"].startswith("Three conv blocks")
+
+    evaluated = runner.invoke(app, ["evaluate", str(run), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["model"] == "S1"
+
+    from PIL import Image
+    img = Image.new("L", (28, 28), 255)
+    img.paste(0, (10, 4, 16, 24))
+    img.save(tmp_path / "one.png")
+    predicted = runner.invoke(app, ["predict", str(run), str(tmp_path / "one.png"), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.stdout)["predictions"][0]["digit"] in range(10)
+
+    exported = runner.invoke(app, ["export", str(run), "--format", "onnx", "-o", str(tmp_path / "s1.onnx"), "--json"])
+    assert exported.exit_code == 0, exported.output
+    check = json.loads(exported.stdout)["check"]
+    assert check["passed"] and check["same_predictions"] == check["images"]
+
+    # resume: a 2-epoch run interrupted in epoch 2 continues from its folder, from its recorded model
+    import mnistkit.training as training
+    from mnistkit.errors import TrainingInterrupted
+    from mnistkit.recipe import DataOptions, Recipe
+
+    real = training.train_one_epoch
+
+    def ctrl_c_in_epoch_2(s, epoch, callback=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(s, epoch, callback)
+
+    training.train_one_epoch = ctrl_c_in_epoch_2
+    try:
+        with pytest.raises(TrainingInterrupted):
+            training.train("models.py:S1", Recipe(epochs=2, batch_size=64, lr=0.05),
+                           DataOptions("synthetic", limit=256), device="cpu", runs_dir=tmp_path / "r")
+    finally:
+        training.train_one_epoch = real
+    (folder,) = (tmp_path / "r").iterdir()
+    resumed = training.resume(folder, device="cpu")
+    assert [r.epoch for r in resumed.metrics] == [1, 2] and resumed.model == "S1"
+
+
+def test_model_args_from_the_change_log_and_the_command_line(runner, project):
+    run = train_cli(runner, "step-2")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == "step-2" and config["model_source"]["args"] == {"width": 4}
+    assert config["params"] == sum(p.numel() for p in build(resolve("models.py:build", args={"width": 4}))[0].parameters())
+    wide = runner.invoke(app, ["summary", "models.py:build", "--model-arg", "width=8", "--json"])
+    narrow = runner.invoke(app, ["summary", "models.py:build", "--model-arg", "width=4", "--json"])
+    assert json.loads(wide.stdout)["totals"]["params"] > json.loads(narrow.stdout)["totals"]["params"]
+    assert parse_model_args(["width=12", "widths=[8, 16]", "name=wide", "on=true"]) == \
+        {"width": 12, "widths": [8, 16], "name": "wide", "on": True}
+
+
+def test_a_builder_that_does_not_take_dropout_is_fine_and_says_so(project):
+    model, notes = build(resolve("models.py:build", args={"width": 4}), {"dropout": 0.1, "dropout_at": "model"})
+    assert isinstance(model, nn.Module)
+    assert any("takes no dropout argument" in n for n in notes)
+    with pytest.raises(UsageError, match="dropout_at convs rearranges mnistkit's registered models only"):
+        build(resolve("models.py:build", args={"width": 4}), {"dropout": 0.1, "dropout_at": "convs"})
+    # the class takes dropout: the recipe's value reaches it
+    s1, notes = build(resolve("models.py:S1"), {"dropout": 0.3})
+    assert not notes and [m.p for m in s1.modules() if isinstance(m, nn.Dropout)] == [0.3]
+
+
+def test_an_importable_module_and_a_model_object_from_python(project, monkeypatch, tmp_path):
+    pkg = project / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(MODELS_PY)
+    monkeypatch.syspath_prepend(str(project))
+    source = resolve("mypkg.nets:S1")
+    assert source.kind == "module" and source.path == str(pkg / "nets.py") and len(source.sha256) == 64
+
+    from mnistkit.recipe import DataOptions, Recipe
+    from mnistkit.training import train
+    from mnistkit.modelref import _file  # noqa: F401 - the class below comes from the user's file
+    module = __import__("mypkg.nets", fromlist=["S1"])
+    result = train(module.S1(width=4), Recipe(epochs=1, batch_size=64, lr=0.05), DataOptions("synthetic", limit=128),
+                   device="cpu", runs_dir=tmp_path / "runs")
+    cfg = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert cfg["model_source"]["kind"] == "file" and cfg["model_source"]["path"] == str(pkg / "nets.py")
+    # a model object whose class has no file of its own is trained, and said not to be rebuildable
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    result = train(seq, Recipe(epochs=1, batch_size=64, lr=0.05), DataOptions("synthetic", limit=128), device="cpu",
+                   runs_dir=tmp_path / "runs")
+    from mnistkit.evaluation import evaluate_checkpoint
+    with pytest.raises(RunError, match="mnistkit cannot rebuild it"):
+        evaluate_checkpoint(result.run_dir, device="cpu")
+
+
+# ---------------------------------------------------------------- trust: never code the user did not name
+
+
+MARKER_PY = MODELS_PY + '''
+import pathlib
+pathlib.Path(__file__).with_name("IMPORTED").write_text("this file ran")
+'''
+
+
+def test_a_run_whose_file_changed_is_refused_and_nothing_is_imported(runner, project):
+    (project / "models.py").write_text(MARKER_PY)
+    run = train_cli(runner, "S1")
+    (project / "IMPORTED").unlink()
+    (project / "models.py").write_text(MARKER_PY + "\n# edited\n")
+    line = one_line_error(runner.invoke(app, ["evaluate", str(run)]), 1)
+    assert "it changed since the run" in line and "--model-code" in line and str(run / "model.py") in line
+    assert not (project / "IMPORTED").exists()
+    # the user names the run's own copy: they trust it, and it is used
+    ok = runner.invoke(app, ["evaluate", str(run), "--model-code", str(run / "model.py"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    (project / "models.py").unlink()
+    line = one_line_error(runner.invoke(app, ["export", str(run), "--format", "onnx", "-o", "x.onnx"]), 1)
+    assert "which is missing" in line and not (project / "x.onnx").exists()
+
+
+def test_a_planted_run_folder_never_runs_its_code(runner, project, tmp_path, monkeypatch):
+    """Someone sends a run folder whose config names a file it brought along, with that file's
+    own hash: the hash matches, but the user never named that file, so nothing is imported."""
+    run = train_cli(runner, "S1")
+    planted = tmp_path / "sent"
+    shutil.copytree(run, planted)
+    evil = planted / "evil.py"
+    evil.write_text(MARKER_PY)
+    import hashlib
+    sha = hashlib.sha256(evil.read_bytes()).hexdigest()
+    for name in ("config.yaml",):
+        cfg = yaml.safe_load((planted / name).read_text())
+        cfg["model_source"].update(path=str(evil), sha256=sha)
+        (planted / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(planted / name, weights_only=True)
+        ckpt["model_source"].update(path=str(evil), sha256=sha)
+        torch.save(ckpt, planted / name)
+    for args in (["evaluate", str(planted)], ["export", str(planted), "--format", "onnx", "-o", "y.onnx"],
+                 ["train", "--resume", str(planted)]):
+        line = one_line_error(runner.invoke(app, args), 1)
+        assert "that you have not used on this machine" in line, line
+        assert not (planted / "IMPORTED").exists()
+    # and on another machine (another state folder) the user's own run is refused the same way
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "elsewhere"))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(run)]), 1)
+    assert "you have not used on this machine" in line
+
+
+def test_the_trust_record_must_be_private(project, tmp_path, monkeypatch):
+    from mnistkit import trust
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert trust.remember(project / "models.py", "a" * 64)
+    assert trust.is_trusted(project / "models.py", "a" * 64)
+    assert not trust.is_trusted(project / "models.py", "b" * 64)
+    trust.store_path().chmod(0o666)   # writable by others: it could have been forged
+    assert not trust.is_trusted(project / "models.py", "a" * 64)
+    trust.store_path().chmod(0o600)
+    trust.store_path().write_text("{not json")
+    assert not trust.is_trusted(project / "models.py", "a" * 64)
+
+
+# ---------------------------------------------------------------- compare
+
+
+def test_compare_moves_runs_of_an_edited_model_out(runner, project):
+    from mnistkit.compare import build_report
+    from mnistkit.experiments import load_experiments
+
+    run = train_cli(runner, "S1")
+    report = build_report(load_experiments(project / "experiments.yaml"), project / "runs")
+    s1 = report["iterations"][0]
+    assert s1["target"] == "reach 99% in 1 epoch" and s1["analysis"] == "it did not"
+    assert [Path(r["run"]).resolve() for r in s1["other_runs"]] == [run.resolve()]
+    assert "model source changed since this run" not in s1["other_runs"][0]["why_not"]
+    (project / "models.py").write_text(MODELS_PY + "\n# a comment is a change too\n")
+    report = build_report(load_experiments(project / "experiments.yaml"), project / "runs")
+    assert "model source changed since this run" in report["iterations"][0]["other_runs"][0]["why_not"]
+    step2 = report["iterations"][1]
+    assert step2["other_runs"] == [] and step2["measured"] is None
+
+
+# ---------------------------------------------------------------- errors, one line each
+
+
+BROKEN = {
+    "syntax.py": "import torch\ndef build(:\n    pass\n",
+    "raises.py": "from torch import nn\ndef build():\n    x = 1\n    return undefined_name\n",
+    "notmodule.py": "def build():\n    return 42\n",
+    "shape.py": "from torch import nn\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())\n",
+    "args.py": "from torch import nn\ndef build(width, depth):\n    return nn.Linear(1, 1)\n",
+    "instance.py": "from torch import nn\nnet = nn.Linear(784, 10)\n",
+    "forward.py": ("from torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                   "        self.fc = nn.Linear(100, 10)\n    def forward(self, x):\n        return self.fc(x)\n"),
+}
+
+
+@pytest.mark.parametrize("reference, code, needles", [
+    ("missing.py:Net", 2, ["missing.py not found"]),
+    ("models.py:Nope", 2, ["models.py has no 'Nope'", "its nn.Module classes: S1", "its functions: build"]),
+    ("models.py", 2, []),   # one nn.Module class: it is the model (exit 0, checked below)
+    ("syntax.py:build", 1, ["syntax.py, line 2: SyntaxError"]),
+    ("raises.py:build", 1, ["raises.py, line 4, in build: NameError: name 'undefined_name' is not defined",
+                            "--debug"]),
+    ("notmodule.py:build", 2, ["returned int, not an nn.Module"]),
+    ("shape.py:build", 2, ["returns [2, 2704] for a [2, 1, 28, 28] batch", "not [2, 10] class scores"]),
+    ("args.py:build", 2, ["needs width, depth", "--model-arg width=VALUE"]),
+    ("instance.py:net", 2, ["is an nn.Module object, not a class or a function"]),
+    ("forward.py:Net", 1, ["forward.py, line 7, in forward: RuntimeError"]),
+    ("models.S1", 1, ["did you mean models.py:S1?"]),
+    ("nosuchpkg.mod:Net", 2, ["no module named 'nosuchpkg'"]),
+    ("models.py:1bad", 2, ["is not a Python name"]),
+    ("s1.yaml:Net", 2, ["a YAML architecture is one model"]),
+])
+def test_reference_errors_are_one_line(runner, project, reference, code, needles):
+    for name, text in BROKEN.items():
+        (project / name).write_text(text)
+    result = runner.invoke(app, ["summary", reference])
+    if not needles:
+        assert result.exit_code == 0, result.output
+        return
+    line = one_line_error(result, code)
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_debug_shows_the_whole_traceback_of_the_users_code(runner, project):
+    (project / "raises.py").write_text(BROKEN["raises.py"])
+    result = runner.invoke(app, ["--debug", "summary", "raises.py:build"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ModelCodeError)
+    import traceback
+    frames = traceback.extract_tb(result.exception.__cause__.__traceback__)
+    assert any(f.filename.endswith("raises.py") and f.lineno == 4 for f in frames)
+
+
+def test_train_refuses_a_bad_model_before_anything_is_written(runner, project):
+    (project / "shape.py").write_text(BROKEN["shape.py"])
+    result = runner.invoke(app, ["train", "shape.py:build", "--dataset", "synthetic", "--limit", "64"])
+    one_line_error(result, 2)
+    assert not (project / "runs").exists()
+
+
+def test_change_log_model_references_are_checked_with_their_line(project):
+    from mnistkit.errors import ExperimentsError
+    from mnistkit.experiments import load_experiments
+
+    bad = CHANGELOG.replace("models.py:S1", "nothere.py:S1")
+    (project / "bad.yaml").write_text(bad)
+    with pytest.raises(ExperimentsError, match=r"line 5: iterations\[0\]\.model: .*nothere.py not found"):
+        load_experiments(project / "bad.yaml")
+    (project / "bad.yaml").write_text(CHANGELOG.replace("id: step-2", "id: ../up"))
+    with pytest.raises(ExperimentsError, match="must be 1-40 letters"):
+        load_experiments(project / "bad.yaml")
+    (project / "bad.yaml").write_text(CHANGELOG.replace("{width: 4}", "{width: {deep: 1}}"))
+    with pytest.raises(ExperimentsError, match="model_args.width must be a number"):
+        load_experiments(project / "bad.yaml")
+
+
+def test_a_change_log_model_is_taken_from_the_change_logs_folder(project, tmp_path, monkeypatch):
+    from mnistkit.experiments import load_experiments
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exp = load_experiments(project / "experiments.yaml")
+    assert exp.model_source(exp.iterations[0]).path == str(project / "models.py")
