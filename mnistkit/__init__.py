@@ -30,6 +30,8 @@ _LAZY = {
     "train_plan": "mnistkit.plan",
     "prepare": "mnistkit.backends",
     "resume": "mnistkit.training",
+    "progress": "mnistkit.render.training",
+    "init_project": "mnistkit.project",
     "evaluate_checkpoint": "mnistkit.evaluation",
     "build_report": "mnistkit.compare",
 }

@@ -180,6 +180,8 @@ def _fit(s: Session, writer: RunWriter, callback: Callback | None) -> RunResult:
             f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}")
         error.exit_code = code
         raise error from None
+    finally:
+        getattr(callback, "close", lambda: None)()   # a progress display stops, however the run ended
     return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
                      seconds_before + time.perf_counter() - t_run, str(s.device), recipe.seed, s.measured_on)
 

@@ -370,3 +370,57 @@ def test_a_change_log_model_is_taken_from_the_change_logs_folder(project, tmp_pa
     monkeypatch.chdir(elsewhere)
     exp = load_experiments(project / "experiments.yaml")
     assert exp.model_source(exp.iterations[0]).path == str(project / "models.py")
+
+
+# ---------------------------------------------------------------- mnistkit init, and from Python
+
+
+def test_init_writes_a_project_where_summary_train_and_compare_work(runner, tmp_path, monkeypatch):
+    result = runner.invoke(app, ["init", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    demo = tmp_path / "demo"
+    assert sorted(p.name for p in demo.iterdir()) == [".gitignore", "experiments.yaml", "models.py", "s2.yaml"]
+    assert "runs/" in (demo / ".gitignore").read_text().splitlines()
+    monkeypatch.chdir(demo)
+    for it in ("S1", "S2"):
+        s = json.loads(runner.invoke(app, ["summary", it, "--json"]).stdout)
+        assert s["budget"]["pass"] and s["uses"]["batchnorm"] and s["uses"]["dropout"] and s["uses"]["gap_head"], s
+    assert json.loads(runner.invoke(app, ["summary", "S2", "--json"]).stdout)["source"]["kind"] == "yaml"
+    run = train_cli(runner, "S2", "--epochs", "1")
+    assert (run / "model.yaml").read_text() == (demo / "s2.yaml").read_text()
+    report = json.loads(runner.invoke(app, ["compare", "--json", "--all-runs"]).stdout)
+    rows = {r["id"]: r for r in report["iterations"]}
+    assert set(rows) == {"S1", "S2"} and rows["S1"]["target"].startswith("under 20,000 parameters")
+    assert [Path(r["run"]).name for r in rows["S2"]["other_runs"]] == [run.name]
+    table = runner.invoke(app, ["compare"])
+    assert "Target and analysis" in table.stdout and "mnistkit train S1 --seeds 3" in table.stdout
+    # evaluate and export the YAML model's run: rebuilt from the run's own copy (data: no trust needed)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "another-machine"))
+    (demo / "s2.yaml").write_text("layers: [relu]\n")   # the project's file changed: the run does not care
+    assert runner.invoke(app, ["evaluate", str(run), "--json"]).exit_code == 0
+    exported = runner.invoke(app, ["export", str(run), "--format", "onnx", "-o", str(tmp_path / "s2.onnx"), "--json"])
+    assert exported.exit_code == 0 and json.loads(exported.stdout)["check"]["passed"], exported.output
+    before = {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()}
+    line = one_line_error(runner.invoke(app, ["init", str(demo)]), 2)
+    assert "never overwrites a file" in line
+    assert {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()} == before
+
+
+def test_init_refuses_a_folder_with_any_of_its_files_even_a_dangling_symlink(runner, tmp_path):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "models.py").symlink_to(tmp_path / "nowhere")
+    line = one_line_error(runner.invoke(app, ["init", str(tmp_path / "p")]), 2)
+    assert "already has models.py" in line
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "p" / "experiments.yaml").exists()
+
+
+def test_train_from_python_shows_the_clis_progress_display(project, tmp_path, capsys):
+    import mnistkit
+    from mnistkit.recipe import DataOptions, Recipe
+
+    result = mnistkit.train("models.py:S1", Recipe(epochs=1, batch_size=64, lr=0.05),
+                            DataOptions("synthetic", limit=128), device="cpu", runs_dir=tmp_path / "runs",
+                            callback=mnistkit.progress())
+    out = capsys.readouterr().out
+    assert "Training S1 (" in out and f"Run folder: {result.run_dir}" in out
+    assert "train loss" in out and "    1  " in out

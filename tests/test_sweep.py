@@ -180,3 +180,58 @@ def test_a_runs_folder_that_cannot_hold_the_sweep_is_one_line(runner, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = result.stderr.strip().splitlines()[-1:]
     assert "cannot create the sweep folder" in line and "choose a runs folder you can write to" in line
+
+
+USER_SPEC = """name: widths
+models: [models.py:build]
+seeds: [1]
+grid: {model_args.width: [4, 6]}
+recipe: {epochs: 1, batch_size: 128}
+data: {dataset: synthetic, limit: 300}
+"""
+
+USER_MODELS = '''
+from torch import nn
+
+
+def build(width=4):
+    """A GAP net whose width a sweep varies."""
+    return nn.Sequential(nn.Conv2d(1, width, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(width, 10, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+'''
+
+
+@pytest.mark.slow
+def test_a_sweep_over_a_users_model_args_runs_in_local_workers_and_on_ray_from_the_source_it_hashed(tmp_path):
+    """An architecture search: a grid over the model's own arguments. The source travels with
+    the trials (the file is gone by the time they run), and Ray's results equal the local ones."""
+    ray = pytest.importorskip("ray")
+    (tmp_path / "models.py").write_text(USER_MODELS)
+    spec = load_spec(write(tmp_path, USER_SPEC))
+    assert [t.name for t in spec.trials] == ["build-width4-seed1", "build-width6-seed1"]
+    (tmp_path / "models.py").unlink()
+    local = run_sweep(spec, tmp_path / "local", workers=2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = run_sweep(spec, tmp_path / "ray", ray="auto", workers=2)
+    finally:
+        ray.shutdown()
+    assert [r["status"] for r in local] == [r["status"] for r in remote] == ["finished"] * 2, (local, remote)
+    import yaml
+    params = []
+    for t in spec.trials:
+        a, b = read_metrics(tmp_path / "local" / "widths" / t.name), read_metrics(tmp_path / "ray" / "widths" / t.name)
+        assert strip(a) == strip(b)
+        config = yaml.safe_load((tmp_path / "ray" / "widths" / t.name / "config.yaml").read_text())
+        assert config["model_source"]["args"] == {"width": dict(t.overrides)["model_args.width"]}
+        assert (tmp_path / "ray" / "widths" / t.name / "model.py").read_text() == USER_MODELS
+        params.append(config["params"])
+    assert params[0] < params[1]
+
+
+def test_a_sweep_over_model_args_the_model_does_not_take_is_one_line_before_anything_runs(runner, tmp_path):
+    (tmp_path / "models.py").write_text(USER_MODELS)
+    path = write(tmp_path, USER_SPEC.replace("model_args.width", "model_args.depth"))
+    result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code != 0 and "takes no argument 'depth'" in result.output, result.output
+    assert not (tmp_path / "runs").exists()

@@ -96,3 +96,24 @@ def recipe_cmd(
     if exp.iteration_of(source) is None:
         note(f"{source.shown} is not in {exp.path}; it trains with the default recipe")
     sys.stdout.write(render.recipe_text(source.name, recipe.to_dict(), exp.described))
+
+
+@app.command("init", epilog=examples("mnistkit init demo && cd demo && mnistkit summary S1"))
+@handles_errors
+def init_cmd(
+    folder: str = typer.Argument(".", help="The project's folder (made when missing; must not hold these files yet)."),
+) -> None:
+    """Start a project of your own: a change-log with the assignment's constraints, S1 in models.py,
+    S2 as a YAML architecture, and a .gitignore for runs/."""
+    import shlex
+
+    from mnistkit import render
+    from mnistkit.project import init_project
+    from rich.text import Text
+
+    written = init_project(folder)
+    out = render.stdout()
+    out.print(Text(f"wrote {', '.join(str(p) for p in written)}"), highlight=False, soft_wrap=True)
+    go = f"cd {shlex.quote(folder)} && " if folder != "." else ""
+    out.print(Text("next: " + go + "mnistkit summary S1, then mnistkit train S1 and mnistkit compare"),
+              highlight=False, soft_wrap=True)

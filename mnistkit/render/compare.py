@@ -74,7 +74,10 @@ def overall(row: dict[str, Any], keys: list[str]) -> Any:
 
 
 def how_to_make(row: dict[str, Any]) -> str:
-    return f"mnistkit train {row['model']} --seeds 3"
+    """The iteration's id names its model and recipe everywhere a model is taken."""
+    import shlex
+
+    return f"mnistkit train {shlex.quote(row['id'])} --seeds 3"
 
 
 def compare_cells(row: dict[str, Any]) -> dict[str, str]:
@@ -181,6 +184,13 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
         Text(f"Runs used: {report['comparable_means']}.", style="dim"), changelog, measured,
         fit(console, [checklist(check_labels(c, report["consistent_epochs"])), checklist(short)]),
     ]
+    noted = [row for row in rows if row.get("target") or row.get("analysis")]
+    if noted:
+        specs = [("Iter", "fixed", lambda i: noted[i]["id"]), ("Model", "text", lambda i: noted[i]["model"]),
+                 ("Target", "text", lambda i: noted[i].get("target") or ""),
+                 ("Analysis", "text", lambda i: noted[i].get("analysis") or "")]
+        parts.append(spec_table("Target and analysis: your words, from the change-log (never written by mnistkit)",
+                                None, specs, len(noted)))
     seeds, per_seed = seed_columns(report)
     if seeds:
         def seed_table(wide: bool) -> Callable[[], Table]:
@@ -269,6 +279,14 @@ def compare_markdown(report: dict[str, Any]) -> str:
         marks = [check_cell(row["checks"].get(k))[0].replace("✓", "✅").replace("✗", "❌") for k in keys]
         every = check_cell(overall(row, keys))[0].replace("✓", "✅").replace("✗", "❌")
         lines.append(f"| {row['id']} | " + " | ".join(marks) + f" | {every} |")
+    noted = [row for row in report["iterations"] if row.get("target") or row.get("analysis")]
+    if noted:
+        def md(text: str) -> str:
+            return " ".join(str(text).split()).replace("|", "\\|")
+
+        lines += ["", "| Iter | Model | Target | Analysis |", "|---|---|---|---|"]
+        lines += [f"| {md(r['id'])} | {md(r['model'])} | {md(r.get('target', ''))} | {md(r.get('analysis', ''))} |"
+                  for r in noted]
     seeds, per_seed = seed_columns(report)
     if seeds:
         target = c.get("min_test_acc")

@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from mnistkit.render.common import num_column, fmt_int, fmt_pct, note_line, stderr
+from mnistkit.render.common import num_column, fmt_int, fmt_pct, note_line, stderr, stdout
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnistkit.metrics import EpochMetrics
@@ -88,11 +88,19 @@ class TrainDisplay:
     def on_epoch(self, row: "EpochMetrics", best: bool) -> None:
         if not self.quiet:
             self.console.print(Text(self.row(row, best)))
+        if row.epoch == self.epochs:
+            self.close()
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def progress(quiet: bool = False) -> TrainDisplay:
+    """The CLI's progress display for ``mnistkit.train(..., callback=mnistkit.progress())``:
+    a live bar on a terminal or in Jupyter (Rich renders there), one row per epoch."""
+    return TrainDisplay(stdout(), quiet=quiet)
 
 
 def train_result(result: dict[str, Any]) -> Text:
