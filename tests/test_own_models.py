@@ -424,3 +424,43 @@ def test_train_from_python_shows_the_clis_progress_display(project, tmp_path, ca
     out = capsys.readouterr().out
     assert "Training S1 (" in out and f"Run folder: {result.run_dir}" in out
     assert "train loss" in out and "    1  " in out
+
+
+def test_a_model_registered_from_the_users_code_trains_and_is_rebuilt_from_its_file(project, tmp_path, monkeypatch):
+    """register_model in the user's process: the builder takes no dropout_at (it trained before
+    0.10 only with both), and the run records the class's file so another process rebuilds it."""
+    import mnistkit
+    from mnistkit.evaluation import evaluate_checkpoint
+    from mnistkit.models import _REGISTRY
+    from mnistkit.recipe import DataOptions, Recipe
+
+    monkeypatch.syspath_prepend(str(project))
+    module = __import__("models")
+    mnistkit.register_model("S9")(module.S1)
+    try:
+        result = mnistkit.train("S9", Recipe(epochs=1, batch_size=64, lr=0.05), DataOptions("synthetic", limit=128),
+                                device="cpu", runs_dir=tmp_path / "runs")
+    finally:
+        _REGISTRY.pop("S9")
+    cfg = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert cfg["model"] == "S9" and cfg["model_source"]["kind"] == "file"
+    assert cfg["model_source"]["path"] == str(project / "models.py") and cfg["model_source"]["attr"] == "S1"
+    # S9 is no longer registered: the run is rebuilt from the recorded (and trusted) file
+    assert evaluate_checkpoint(result.run_dir, device="cpu").model == "S9"
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("layers:\n  - conv3d: {channels: 8}\n", ["unknown layer 'conv3d'", "known layers: avgpool, bn"]),
+    ("layers:\n  - conv: {channels: 1000000}\n", ["line 2", "channels must be a whole number from 1 to 1024"]),
+    ("layers:\n" + "  - relu\n" * 300, ["256"]),
+    ("layers:\n  - conv: {channels: 8}\n  - flatten\n  - conv: {channels: 8}\n", ["layers[2] (conv)"]),
+    ("layers:\n  - conv: {channels: 16}\n  - flatten\n", ["not 10 class scores"]),
+    ("layers: !!python/object/apply:os.system ['echo hi']\n", ["bad.yaml"]),
+])
+def test_yaml_architecture_errors_through_the_cli_are_one_line_and_write_nothing(runner, project, text, needles):
+    (project / "bad.yaml").write_text(text)
+    for args in (["summary", "bad.yaml"], ["train", "bad.yaml", "--dataset", "synthetic", "--limit", "64"]):
+        line = one_line_error(runner.invoke(app, args), 2)
+        for needle in needles:
+            assert needle in line, line
+    assert not (project / "runs").exists()
