@@ -205,8 +205,8 @@ def _registered(reference: str, args: tuple, base: str | Path | None) -> ModelSo
             stem, _, attr = reference.rpartition(".")
             if _path(stem.replace(".", "/") + ".py", base).is_file():
                 hint = f"; did you mean {stem.replace('.', '/')}.py:{attr}?"
-        raise UnknownModelError(f"unknown model {reference!r}: not a registered model ({', '.join(list_models())}), "
-                                f"nor FILE.py:Name, package.module:Name or FILE.yaml{hint}") from None
+        raise UnknownModelError(f"unknown model {reference!r} (known models: {', '.join(list_models())}); a model "
+                                f"of your own is FILE.py:Name, package.module:Name or FILE.yaml{hint}") from None
     builder = entry.builder
     if getattr(builder, "__module__", "") == "mnistkit.models":
         return ModelSource(reference, "registered", entry.name, args=args, description=entry.description,

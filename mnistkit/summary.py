@@ -1,29 +1,59 @@
-"""Layer-by-layer introspection of a model, computed by forward hooks.
+"""Layer-by-layer introspection of any model, from one forward pass.
 
-For every leaf module call, in forward order: input/output shape, parameters (each tensor
-counted once, at its first use), buffers, mult-adds per image and the receptive field with
-its jump (effective stride), using the standard recurrence
+A row is a leaf module call or a functional op called outside every leaf module (``x + y``,
+``F.conv2d``, ``x.view(...)``, ``x @ w``: named ``forward: add``, or ``block.forward: add`` in a
+submodule's ``forward``, its type the op's name), in forward order. Each row has its input and
+output shapes, parameters (each tensor counted once, at its first use, by a module or as an op's
+argument), buffers, mult-adds per image and its receptive field with its jump (effective stride):
+see ``mnistkit.receptive`` for how these are found and where that reaches its limits.
 
-    r_out = r_in + (k_eff - 1) * j_in,   j_out = j_in * s,   k_eff = d * (k - 1) + 1.
+Mult-adds are counted op by op (a ``TorchFunctionMode`` sees every torch call, inside a leaf
+module's ``forward`` as well as in the model's own code), per image, by these rules:
 
-The receptive field follows tensors, not list positions: each output tensor carries the
-(r, j) of the layer that made it, so branches are tracked as long as they run through
-modules. After a global pooling or a flatten, every unit sees the whole image.
+* convolution: output elements x (input channels per group x kernel elements); a transposed
+  convolution: input elements x (output channels per group x kernel elements);
+* ``linear``, ``matmul``, ``@``, ``mm``, ``bmm``, ``addmm``...: output elements x the contracted size;
+* BatchNorm and the other normalizations: one per element (once folded: y = a*x + b);
+* elementwise arithmetic (``add``, ``sub``, ``mul``, ``div``, ``pow``): one per output element;
+* zero, and known to be zero: views, reshapes, indexing, ``cat``, activations, dropout, pooling
+  and reductions (max, average, mean, sum: they add, they do not multiply), comparisons, new tensors.
+
+An op with no rule (``einsum``, an RNN, attention...) is never silently zero: its name goes into
+``ModelSummary.uncounted`` (and the row's ``uncounted``), shown under the table and in ``to_dict()``.
+``FlopCounterMode`` counts 2 FLOPs per convolution or matmul mult-add (the tests check that).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
+from math import prod
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from mnistkit import receptive
+from mnistkit.errors import UsageError
+from mnistkit.receptive import CONV, CONV_T, IDENTITY, REDUCE, RESHAPE
 from mnistkit.recipe import DEFAULT_BUDGET
 
-__all__ = ["LayerInfo", "ModelSummary", "summarize", "DEFAULT_INPUT_SIZE", "DEFAULT_BUDGET"]
+__all__ = ["LayerInfo", "ModelSummary", "summarize", "DEFAULT_INPUT_SIZE", "DEFAULT_BUDGET", "MATMUL_OPS"]
 
 DEFAULT_INPUT_SIZE = (1, 1, 28, 28)
+
+NORM = {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "local_response_norm"}
+ELEMENTWISE = {"add", "sub", "mul", "div", "pow", "square", "addcmul", "addcdiv", "lerp"}
+MATMUL_OPS = CONV | CONV_T | {"linear", "bilinear", "matmul", "mm", "bmm", "mv", "dot", "vdot", "inner",
+                              "addmm", "baddbmm", "addmv"}
+FREE = (IDENTITY - NORM) | RESHAPE | REDUCE | set("""
+    permute transpose t T mT H mH swapaxes swapdims movedim moveaxis expand expand_as narrow select getitem setitem
+    index_select gather take masked_select chunk split tensor_split unbind cat stack hstack vstack flip roll rot90 pad
+    clone detach to type type_as float double half bfloat16 int long bool cpu cuda data repeat tile repeat_interleave
+    masked_fill where fill zero copy pixel_shuffle pixel_unshuffle channel_shuffle embedding one_hot softmax log_softmax
+    softmin glu exp log sqrt rsqrt reciprocal neg abs sign argmax argmin topk sort argsort eq ne gt lt ge le isnan
+    isfinite all any logical_not logical_and logical_or nonzero zeros_like ones_like empty_like full_like rand_like
+    randn_like new_zeros new_ones new_empty new_full""".split())
 
 
 @dataclass
@@ -44,6 +74,8 @@ class LayerInfo:
     jump: int
     rf_global: bool
     shared_with: int | None = None  # index of the first call of the same module
+    ops: dict[str, int] = field(default_factory=dict)  # mult-adds per image of each counted op in the row
+    uncounted: list[str] = field(default_factory=list)  # ops in the row with no counting rule
 
 
 @dataclass
@@ -66,6 +98,9 @@ class ModelSummary:
     fc_head: bool
     budget: int = DEFAULT_BUDGET
     extra: dict[str, Any] = field(default_factory=dict)
+    output_shape: list[int] | None = None  # of the model's (first) output tensor, batch included
+    uncounted: list[str] = field(default_factory=list)  # ops not in mult_adds, in order of first call
+    uncounted_calls: dict[str, int] = field(default_factory=dict)  # how many calls of each
 
     @property
     def total_params(self) -> int:
@@ -84,6 +119,7 @@ class ModelSummary:
         return {
             "model": self.model,
             "input_size": self.input_size,
+            "output_shape": self.output_shape,
             "layers": [asdict(layer) for layer in self.layers],
             "totals": {
                 "params": self.total_params,
@@ -93,6 +129,8 @@ class ModelSummary:
                 "param_bytes": self.param_bytes,
                 "buffer_bytes": self.buffer_bytes,
                 "mult_adds": self.mult_adds,
+                "uncounted": list(self.uncounted),
+                "uncounted_calls": dict(self.uncounted_calls),
                 "rf": self.rf,
                 "jump": self.jump,
                 "rf_global": self.rf_global,
@@ -111,50 +149,91 @@ class ModelSummary:
             },
         }
 
+    # Printing is presentation: mnistkit.render owns every table and text format. It is reached
+    # only here, when a summary is printed, and loaded by name so that importing this module
+    # never imports Rich or the render package.
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        yield importlib.import_module("mnistkit.render.models").summary_table(self, console)
 
-def _pair(value: Any) -> list[int]:
-    if isinstance(value, (tuple, list)):
-        return [int(v) for v in value]
-    return [int(value), int(value)]
+    def __str__(self) -> str:
+        return importlib.import_module("mnistkit.render.models").summary_text(self)
+
+    def to_markdown(self) -> str:
+        """The layer table as GitHub Markdown, then the totals and the budget check."""
+        return importlib.import_module("mnistkit.render.models").summary_markdown(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython and Jupyter show the table
+        printer.text(str(self))
 
 
-def _geometry(module: nn.Module) -> tuple[list[int], list[int], list[int], list[int]] | None:
-    """(kernel, stride, padding, dilation) of a sliding-window layer, else None."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return (list(module.kernel_size), list(module.stride), _pair(module.padding), list(module.dilation))
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        k = _pair(module.kernel_size)
-        s = _pair(module.stride if module.stride is not None else module.kernel_size)
-        d = _pair(getattr(module, "dilation", 1))
-        return k, s, _pair(module.padding), d
+# --------------------------------------------------------------------------- counting
+
+
+def op_mult_adds(name: str, args: Sequence[Any], kwargs: dict[str, Any], y: torch.Tensor) -> int | None:
+    """Mult-adds of one op call (whole batch) by the rules above; None: no rule for it."""
+    def arg(i: int, key: str) -> Any:
+        return args[i] if len(args) > i else kwargs[key]
+
+    try:
+        if name in FREE:
+            return 0
+        if name in NORM or name in ELEMENTWISE:
+            return y.numel()
+        if name in CONV:
+            return y.numel() * prod(arg(1, "weight").shape[1:])
+        if name in CONV_T:
+            return arg(0, "input").numel() * prod(arg(1, "weight").shape[1:])
+        if name == "linear":
+            return y.numel() * arg(1, "weight").shape[-1]
+        if name == "bilinear":
+            return y.numel() * prod(arg(2, "weight").shape[1:])
+        if name in MATMUL_OPS:
+            a = arg(1, "mat1") if name in ("addmm", "baddbmm", "addmv") else arg(0, "input")
+            return y.numel() * a.shape[-1]
+    except (IndexError, KeyError, AttributeError, TypeError):
+        pass
     return None
 
 
-def _mult_adds(module: nn.Module, output: torch.Tensor) -> int:
-    """Multiply-accumulates for one call, for the whole batch."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        per_output = module.in_channels // module.groups
-        for k in module.kernel_size:
-            per_output *= k
-        return output.numel() * per_output
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return output.numel()  # one multiply-add per element once folded: y = a*x + b
-    return 0
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    if isinstance(obj, dict):
-        return _first_tensor(list(obj.values()))
-    return None
+def _receptive_fields(model: nn.Module, input_size: list[int], rows: list[receptive.Row]) -> tuple[list[int], str]:
+    """Every row's RF: measured by the gradient pass where it can be, else the recurrence's; and
+    the method (``"gradient"``, or ``"recurrence (...why)"``)."""
+    measured: list[int | None] | None = None
+    threads = torch.get_num_threads()
+    try:  # one thread: the tensors are tiny, and a thread pool's hand-offs cost more than they save
+        torch.set_num_threads(1)
+        twin = receptive.linear_copy(model)
+        x = torch.ones(input_size, dtype=torch.float64, requires_grad=True)
+        tracer = receptive.Tracer(twin, len(input_size), op_mult_adds, linearize=True)
+        with torch.enable_grad():
+            tracer.run(x)
+        if [(r.name, r.type) for r in tracer.rows] != [(r.name, r.type) for r in rows]:
+            method = "recurrence (the gradient pass took another path through the model)"
+        else:
+            measured, method = receptive.measure(x, [r.probe for r in tracer.rows]), "gradient"
+    except Exception as error:  # noqa: BLE001 - any failure keeps the recurrence's figures
+        method = f"recurrence (the gradient pass failed: {_first_line(error)})"
+    finally:
+        torch.set_num_threads(threads)
+    side = max(input_size[2:]) if len(input_size) > 2 else 1
+    out: list[int] = []
+    for index, row in enumerate(rows):
+        r, _, glob, _, src = row.state
+        if glob:
+            out.append(side)
+        elif measured is not None and measured[index] is not None:
+            out.append(measured[index])
+        elif measured is not None and src is not None and row.output_shape is not None \
+                and len(row.output_shape) != len(input_size):
+            out.append(out[src])  # a flatten: the RF of the map it flattens
+        else:
+            out.append(r)
+    return out, method
 
 
 def summarize(
@@ -163,117 +242,57 @@ def summarize(
     name: str | None = None,
     budget: int = DEFAULT_BUDGET,
 ) -> ModelSummary:
-    """Run one forward pass of zeros through ``model`` and describe every leaf layer call."""
+    """Run one forward pass of zeros through ``model`` and describe every leaf layer call and
+    functional op. A model that fails on the input is a ``UsageError`` naming what went wrong."""
     input_size = [int(v) for v in input_size]
-    batch = input_size[0]
-    image_side = max(input_size[2:]) if len(input_size) > 2 else 1
-    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
-    names = {id(m): n or type(m).__name__ for n, m in leaves}
-
-    layers: list[LayerInfo] = []
-    seen_params: set[int] = set()
-    seen_buffers: set[int] = set()
-    first_call: dict[int, int] = {}
-    # receptive field state per tensor (keyed by id, with the tensor kept alive)
-    state: dict[int, tuple[torch.Tensor, int, int, bool, bool]] = {}
-    last: list[tuple[int, int, bool, bool]] = [(1, 1, False, False)]  # r, j, global, flat
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        x, y = _first_tensor(inputs), _first_tensor(output)
-        entry = state.get(id(x)) if x is not None else None
-        r, j, is_global, flat = (entry[1:] if entry is not None and entry[0] is x else last[0])
-
-        geom = _geometry(module)
-        if is_global or flat and not isinstance(module, nn.Flatten):
-            is_global = True
-        elif geom is not None:
-            k, s, _, d = geom
-            r, j = r + (d[0] * (k[0] - 1)) * j, j * s[0]
-        elif isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and y is not None:
-            if y.dim() >= 3 and y.shape[-1] == 1 and y.shape[-2] == 1:
-                is_global = True
-            elif x is not None:  # equivalent fixed window
-                s = x.shape[-1] // y.shape[-1]
-                k = x.shape[-1] - (y.shape[-1] - 1) * s
-                r, j = r + (k - 1) * j, j * s
-        if isinstance(module, nn.Flatten):
-            flat = True
-
-        params = trainable = 0
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen_params:
-                seen_params.add(id(p))
-                params += p.numel()
-                trainable += p.numel() if p.requires_grad else 0
-        nbuf = 0
-        for b in module.buffers(recurse=False):
-            if id(b) not in seen_buffers:
-                seen_buffers.add(id(b))
-                nbuf += b.numel()
-
-        index = len(layers)
-        kernel = stride = padding = None
-        if geom is not None:
-            kernel, stride, padding = geom[0], geom[1], geom[2]
-        layers.append(
-            LayerInfo(
-                index=index,
-                name=names[id(module)],
-                type=type(module).__name__,
-                kernel=kernel,
-                stride=stride,
-                padding=padding,
-                input_shape=list(x.shape) if x is not None else None,
-                output_shape=list(y.shape) if y is not None else None,
-                params=params,
-                trainable_params=trainable,
-                buffers=nbuf,
-                mult_adds=_mult_adds(module, y) // batch if y is not None else 0,
-                rf=image_side if is_global else r,
-                jump=j,
-                rf_global=is_global,
-                shared_with=first_call.get(id(module)),
-            )
-        )
-        first_call.setdefault(id(module), index)
-        last[0] = (r, j, is_global, flat)
-        if y is not None:
-            state[id(y)] = (y, r, j, is_global, flat)
-
-    handles = [m.register_forward_hook(hook) for _, m in leaves]
+    label = name or type(model).__name__
+    batch = max(1, input_size[0])
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    recorder = receptive.Tracer(model, len(input_size), op_mult_adds)
     was_training = model.training
     try:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-        dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(input_size, device=device, dtype=dtype))
+            output = recorder.run(torch.zeros(input_size, device=device, dtype=dtype))
+    except Exception as error:
+        raise UsageError(f"{label} fails on a {input_size} input ({_first_line(error)}); mnistkit's models "
+                         f"take MNIST's 1x28x28 digits") from error
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-
-    # parameters that no leaf call used (held directly by a container, or in an unused
-    # module) still count: give them a row so the table adds up to the totals
+    rows = recorder.rows
+    rfs, method = _receptive_fields(model, input_size, rows)
+    layers = [LayerInfo(
+        index, row.name, row.type, row.geom.kernel if row.geom else None, row.geom.stride if row.geom else None,
+        row.geom.padding if row.geom else None, row.input_shape, row.output_shape, row.params, row.trainable,
+        row.buffers, sum(row.ops.values()) // batch, rf, row.state.j, row.state.glob, row.shared_with,
+        {k: v // batch for k, v in row.ops.items()}, list(dict.fromkeys(row.uncounted)))
+        for index, (row, rf) in enumerate(zip(rows, rfs))]
+    # parameters that no row used (held by a module that was never called, or never used) still
+    # count: give them a row so the table adds up to the totals
+    last = layers[-1] if layers else None
     for mod_name, module in model.named_modules():
-        leftover = [p for p in module.parameters(recurse=False) if id(p) not in seen_params]
+        leftover = [p for p in module.parameters(recurse=False) if id(p) not in recorder.seen]
         if leftover:
-            for p in leftover:
-                seen_params.add(id(p))
-            layers.append(
-                LayerInfo(len(layers), mod_name or "(model)", type(module).__name__ + " (not called)",
-                          None, None, None, None, None, sum(p.numel() for p in leftover),
-                          sum(p.numel() for p in leftover if p.requires_grad), 0, 0,
-                          last[0][0], last[0][1], last[0][2])
-            )
+            recorder.seen.update(id(p) for p in leftover)
+            layers.append(LayerInfo(
+                len(layers), mod_name or "(model)", type(module).__name__ + " (not called)", None, None, None, None,
+                None, sum(p.numel() for p in leftover), sum(p.numel() for p in leftover if p.requires_grad), 0, 0,
+                last.rf if last else 1, last.jump if last else 1, last.rf_global if last else False))
 
+    calls: dict[str, int] = {}
+    for row in rows:
+        for op in row.uncounted:
+            calls[op] = calls.get(op, 0) + 1
     unique_params = list(model.parameters())  # parameters() already de-duplicates shared tensors
     unique_buffers = list(model.buffers())
     spatial = [layer for layer in layers if not layer.rf_global]
     modules = list(model.modules())
+    used = {op for layer in layers for op in layer.ops}
+    out = receptive.tensors(output)
     return ModelSummary(
-        model=name or type(model).__name__,
+        model=label,
         input_size=input_size,
         layers=layers,
         trainable_params=sum(p.numel() for p in unique_params if p.requires_grad),
@@ -285,13 +304,20 @@ def summarize(
         rf=spatial[-1].rf if spatial else 1,
         jump=spatial[-1].jump if spatial else 1,
         rf_global=bool(layers) and layers[-1].rf_global,
-        has_batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules),
-        has_dropout=any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in modules),
-        gap_head=any(
-            layer.type in ("AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "AvgPool2d", "MaxPool2d")
-            and layer.rf_global and layer.output_shape is not None and layer.output_shape[-1] == 1
+        has_batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules) or "batch_norm" in used,
+        has_dropout=any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in modules)
+        or any(layer.module is None and layer.type.startswith("dropout") for layer in rows),
+        gap_head=any(  # a pooling of a spatial map that leaves one value per channel
+            set(layer.ops) & (REDUCE - {"sum"}) and layer.rf_global and layer.output_shape is not None
+            and layer.input_shape is not None and len(layer.input_shape) == len(input_size)
+            and (len(layer.output_shape) < len(input_size) or layer.output_shape[-1] == 1)
             for layer in layers
         ),
-        fc_head=any(isinstance(m, nn.Linear) for m in modules),
+        fc_head=any(isinstance(m, nn.Linear) for m in modules)
+        or any(layer.rf_global and set(layer.ops) & (MATMUL_OPS - CONV - CONV_T) for layer in layers),
         budget=budget,
+        extra={"receptive_field": method},
+        output_shape=list(out[0].shape) if out else None,
+        uncounted=list(calls),
+        uncounted_calls=calls,
     )

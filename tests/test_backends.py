@@ -370,4 +370,6 @@ def test_the_kernel_source_is_packaged():
 
     root = Path(__file__).resolve().parent.parent
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mnistkit"]
-    assert "backends/_bnrelu.c" in data and all((root / "mnistkit" / p).is_file() for p in data)
+    assert "backends/_bnrelu.c" in data and "templates/project/*" in data
+    assert all(any(f.is_file() for f in (root / "mnistkit").glob(p)) for p in data)
+    assert (root / "mnistkit" / "templates" / "project" / "experiments.yaml").is_file()

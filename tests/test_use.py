@@ -207,14 +207,14 @@ def test_several_seeds_and_iterations_from_python(tmp_path):
 
     exp = find_experiments(None)
     plan = make_plan(exp, "i4", seeds=[1, 2])
-    assert plan.models == ("I4",) and plan.seeds == (1, 2) and plan.notes == ()
+    assert [m.reference for m in plan.models] == ["I4"] and plan.models[0].kind == "registered" and plan.seeds == (1, 2) and plan.notes == ()
     groups = []
     results = train_plan(plan, DataOptions("synthetic", limit=128), {"epochs": 1, "batch_size": 64}, device="cpu",
                          runs_dir=tmp_path, on_group=lambda name, group: groups.append((name, len(group))))
     assert [r.seed for r in results] == [1, 2] and groups == [("I4", 2)]
     assert all(r.epochs == 1 and r.run_dir.parent == tmp_path for r in results)
     every = make_plan(exp, all_iterations=True)
-    assert every.models == tuple(it.model for it in exp.iterations) and every.seeds == (None,)
+    assert [m.reference for m in every.models] == [it.model for it in exp.iterations] and every.seeds == (None,)
     with pytest.raises(UsageError, match="give no model"):
         make_plan(exp, "I3", all_iterations=True)
 
