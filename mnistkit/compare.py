@@ -187,13 +187,15 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> dict[str, Any]:
+def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR, *,
+                 static: bool = False) -> dict[str, Any]:
+    """The report; ``static``: what needs no training only (no runs read, no accuracy checks)."""
     from mnistkit.modelref import build
     from mnistkit.summary import summarize
 
     c = experiments.constraints
     target = c.get("min_test_acc")
-    all_runs, damaged = read_runs(runs_dir)
+    all_runs, damaged = ([], []) if static else read_runs(runs_dir)
     rows: list[dict[str, Any]] = []
     previous: dict[str, Any] | None = None
     for it in experiments.iterations:
@@ -225,7 +227,7 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
         row["delta_test_acc"] = (measured["test_acc"]["mean"] - pm["test_acc"]["mean"]) if measured and pm else None
         rp, r = (previous["reported"].get("test_acc") if previous else None), reported.get("test_acc")
         row["delta_test_acc_reported"] = r - rp if r is not None and rp is not None else None
-        row["checks"] = _checks(c, s, wanted, measured)
+        row["checks"] = _checks(c, s, wanted, measured, static)
         rows.append(row)
         previous = row
     return {"experiments": str(experiments.path), "experiments_source": experiments.source,
@@ -236,7 +238,8 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
             "iterations": rows}
 
 
-def _checks(c: dict[str, Any], s: Any, recipe: Recipe, measured: dict[str, Any] | None) -> dict[str, Any]:
+def _checks(c: dict[str, Any], s: Any, recipe: Recipe, measured: dict[str, Any] | None,
+            static: bool = False) -> dict[str, Any]:
     """Each assignment constraint. Properties of the model and of the recipe are True/False;
     accuracy checks count seeds, ``{"passed": k, "of": n}``, or are None with no comparable run."""
     checks: dict[str, Any] = {}
@@ -250,7 +253,7 @@ def _checks(c: dict[str, Any], s: Any, recipe: Recipe, measured: dict[str, Any] 
         checks["gap_head"] = s.gap_head
     if "max_epochs" in c:
         checks["epochs"] = recipe.epochs < c["max_epochs"]
-    if "min_test_acc" in c:
+    if "min_test_acc" in c and not static:
         n = measured["n"] if measured else 0
         checks["test_acc"] = {"passed": measured["passes"], "of": n} if measured else None
         checks["consistent"] = {"passed": measured["consistent"], "of": n} if measured else None

@@ -176,3 +176,52 @@ def compare_cmd(
     for path in (output, plot):
         if path:
             say(f"wrote {path}")
+
+
+@app.command("check", epilog=examples("mnistkit check --static", "mnistkit check --iteration S3",
+                                      "mnistkit check --format junit -o check.xml"))
+@handles_errors
+def check_cmd(
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
+    experiments: Optional[str] = EXPERIMENTS,
+    iteration: Optional[str] = typer.Option(None, "--iteration", "-i", help="Check this iteration only (its id)."),
+    static: bool = typer.Option(False, "--static", help="Only what needs no training: parameters, BatchNorm, "
+                                                        "Dropout, GAP head, the recipe's epochs (no runs read)."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="text (default), junit or json."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """The change-log's constraints as a gate: exit 0 when every check passes, 1 when one fails, 2 when they cannot be checked."""
+    from mnistkit import render
+    from mnistkit.check import run_checks
+    from mnistkit.errors import MnistkitError, UsageError
+    from mnistkit.experiments import find_experiments
+    from mnistkit.outputs import check_outputs, write_output
+
+    try:
+        formats = ("text", "junit", "json")
+        if as_json and fmt not in (None, "json"):
+            raise UsageError(f"--json and --format {fmt} disagree; give one")
+        fmt = "json" if as_json else (fmt or "text").lower()
+        if fmt not in formats:
+            raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+        exp = find_experiments(experiments)
+        check_outputs([output], inputs=(exp.path,))
+        report = run_checks(exp, runs_dir, iteration=iteration, static=static)
+    except MnistkitError as exc:
+        exc.exit_code = 2  # 1 means a check failed; anything that stops the checks is 2
+        raise
+    text = {"text": render.check_text, "junit": render.check_junit, "json": render.json_text}[fmt](
+        report.to_dict() if fmt == "json" else report)
+    if output:
+        write_output(output, text)
+    else:
+        sys.stdout.write(text)
+    if output or fmt != "text":  # the failing checks reach the log whatever the format
+        for case in report.failed:
+            render.stderr().print(render.check_line(case), highlight=False, soft_wrap=True, markup=False)
+    say(render.check_verdict(report))
+    if output:
+        say(f"wrote {output}")
+    if not report.passed:
+        raise typer.Exit(1)

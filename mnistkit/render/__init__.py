@@ -28,6 +28,9 @@ from mnistkit.render.compare import (  # noqa: F401
     compare_cells, compare_csv, compare_markdown, compare_plot, compare_tables, how_to_make,
     lr_scheduler, overall, seed_columns, sparkline,
 )
+from mnistkit.render.check import (  # noqa: F401
+    check_junit, check_line, check_text, check_verdict,
+)
 from mnistkit.render.runs import (  # noqa: F401
     fmt_age, runs_table,
 )

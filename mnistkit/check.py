@@ -1,0 +1,94 @@
+"""The change-log's constraints as a gate: every iteration (or one) checked, each check a case
+that passed or failed with one line saying why. ``static`` checks what needs no training (the
+model's parameters, BatchNorm, Dropout, GAP head; the recipe's epochs); otherwise the accuracy
+checks use the comparable runs as ``compare`` does, and an iteration with none fails them.
+Pure data: ``render`` writes the lines, the JUnit XML and the JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mnistkit.compare import build_report
+from mnistkit.experiments import Experiments
+from mnistkit.recipe import DEFAULT_RUNS_DIR
+
+__all__ = ["Case", "CheckReport", "run_checks"]
+
+
+@dataclass(frozen=True)
+class Case:
+    iteration: str
+    check: str        # params, batchnorm, dropout, gap_head, epochs, test_acc, consistent
+    passed: bool
+    detail: str       # what was measured, against what limit
+
+
+@dataclass
+class CheckReport:
+    experiments: str
+    runs_dir: str | None  # None: static (no runs read)
+    static: bool
+    cases: list[Case] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Case]:
+        return [c for c in self.cases if not c.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"experiments": self.experiments, "runs_dir": self.runs_dir, "static": self.static,
+                "passed": self.passed, "checks": len(self.cases), "failed": len(self.failed),
+                "cases": [asdict(c) for c in self.cases]}
+
+
+def run_checks(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR, *,
+               iteration: str | None = None, static: bool = False) -> CheckReport:
+    """Check every iteration of ``experiments`` (or the one of id ``iteration``)."""
+    if iteration is not None:
+        iteration = experiments.iteration(iteration).id  # an unknown id is one line naming the known ones
+    report = build_report(experiments, runs_dir, static=static)
+    out = CheckReport(str(experiments.path), None if static else str(runs_dir), static)
+    c = report["constraints"]
+    for row in report["iterations"]:
+        if iteration is not None and row["id"] != iteration:
+            continue
+        for check, value in row["checks"].items():
+            passed = value["of"] > 0 and value["passed"] == value["of"] if isinstance(value, dict) else bool(value)
+            out.cases.append(Case(row["id"], check, passed, _detail(check, value, row, c, report)))
+    return out
+
+
+def _detail(check: str, value: Any, row: dict[str, Any], c: dict[str, Any], report: dict[str, Any]) -> str:
+    uses = row["uses"]
+    if check == "params":
+        limit, params = c["max_params"], row["params"]
+        margin = f"{limit - params:,} to spare" if params < limit else f"{params - limit:,} over"
+        return f"{params:,} trainable parameters; fewer than {limit:,} allowed ({margin})"
+    if check in ("batchnorm", "dropout", "gap_head"):
+        what = {"batchnorm": "a BatchNorm layer", "dropout": "a Dropout layer",
+                "gap_head": "a global-average-pooling head"}[check]
+        if check == "gap_head" and not uses["gap_head"] and uses["fc_head"]:
+            return f"the model has no {what[2:]} (its head is fully connected)"
+        return f"the model has {what}" if value else f"the model has no {what[2:]}"
+    if check == "epochs":
+        epochs, limit = row["recipe"]["epochs"], c["max_epochs"]
+        return f"the recipe trains {epochs} epoch{'s' * (epochs != 1)}; fewer than {limit} allowed"
+    target, m = c["min_test_acc"], row["measured"]
+    if m is None:
+        return (f"no comparable run in {report['runs_dir']} (the whole training set, all "
+                f"{row['recipe']['epochs']} epochs of the iteration's recipe): train one with "
+                f"'mnistkit train {row['id']}'")
+    seeds = ", ".join(str(s) for s in m["seeds"])
+    if check == "test_acc":
+        finals = ", ".join(f"{s['test_acc']:.2f}%" for s in m["per_seed"])
+        return (f"{value['passed']} of {value['of']} seeds ({seeds}) reached {target}% final test accuracy "
+                f"({finals}; min {m['test_acc']['min']:.2f}%)")
+    n = report["consistent_epochs"]
+    return (f"{value['passed']} of {value['of']} seeds ({seeds}) held {target}% test accuracy in each of "
+            f"their last {n} epochs")

@@ -1,0 +1,44 @@
+"""``mnistkit check``: one line per check (text), a JUnit XML report (one test case per iteration
+and check, which GitHub Actions and GitLab show), and the summary line."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from xml.etree import ElementTree as ET
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mnistkit.check import Case, CheckReport
+
+
+def check_line(case: "Case") -> str:
+    return f"{'pass' if case.passed else 'FAIL'}  {case.iteration} {case.check}: {case.detail}"
+
+
+def check_text(report: "CheckReport") -> str:
+    return "".join(check_line(c) + "\n" for c in report.cases)
+
+
+def check_verdict(report: "CheckReport") -> str:
+    what = "static checks (no training)" if report.static else f"checks (runs: {report.runs_dir})"
+    if report.passed:
+        return f"all {len(report.cases)} {what} passed ({report.experiments})"
+    return f"{len(report.failed)} of {len(report.cases)} {what} failed ({report.experiments})"
+
+
+def check_junit(report: "CheckReport") -> str:
+    suites = ET.Element("testsuites", name="mnistkit check", tests=str(len(report.cases)),
+                        failures=str(len(report.failed)))
+    by_iteration: dict[str, list["Case"]] = {}
+    for case in report.cases:
+        by_iteration.setdefault(case.iteration, []).append(case)
+    for iteration, cases in by_iteration.items():
+        suite = ET.SubElement(suites, "testsuite", name=iteration, tests=str(len(cases)),
+                              failures=str(sum(not c.passed for c in cases)), errors="0", skipped="0")
+        for case in cases:
+            tc = ET.SubElement(suite, "testcase", classname=f"mnistkit.check.{iteration}", name=case.check)
+            if case.passed:
+                ET.SubElement(tc, "system-out").text = case.detail
+            else:
+                ET.SubElement(tc, "failure", message=case.detail, type="constraint").text = case.detail
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

@@ -1,0 +1,90 @@
+"""mnistkit check: the change-log's constraints as a CI gate (exit 0 all pass, 1 a check failed,
+2 when the checks cannot run), --static with no runs, JUnit XML a CI shows, JSON."""
+
+import json
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from mnistkit.check import run_checks
+from mnistkit.cli import app
+from mnistkit.experiments import find_experiments
+from mnistkit.recipe import Recipe
+from tests.test_compare import changelog_and_runs, recorded_run
+
+
+def test_static_checks_of_the_shipped_change_log(runner):
+    result = runner.invoke(app, ["check", "--static"])
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert "FAIL  I1 params: 20,978 trainable parameters; fewer than 20,000 allowed (978 over)" in lines
+    assert "FAIL  I0 batchnorm: the model has no BatchNorm layer" in lines
+    assert "pass  I4 params: 4,964 trainable parameters; fewer than 20,000 allowed (15,036 to spare)" in lines
+    assert not any("test_acc" in line for line in lines)  # static: no accuracy check, no runs read
+    assert "3 of 20 static checks (no training) failed" in result.stderr
+
+    ok = runner.invoke(app, ["check", "--static", "--iteration", "I4"])
+    assert ok.exit_code == 0 and len(ok.stdout.splitlines()) == 4 and "all 4 static checks" in ok.stderr
+
+
+def test_accuracy_checks_use_comparable_runs_and_no_run_fails(tmp_path, runner):
+    exp, runs = changelog_and_runs(tmp_path)
+    i3 = Recipe.from_dict(exp.recipe_dict("I3"))
+    for seed, accs in ((1, [99.0, 99.45, 99.5, 99.52]), (2, [99.0, 99.3, 99.5, 99.41])):
+        recorded_run(runs, "I3", i3.replace(seed=seed), accs)
+    # a shortened run is no evidence: it never makes a check pass
+    recorded_run(runs, "I1", Recipe.from_dict(exp.recipe_dict("I1")).replace(epochs=1), [99.9])
+
+    report = run_checks(exp, runs, iteration="I3")
+    cases = {c.check: c for c in report.cases}
+    assert cases["test_acc"].passed and "2 of 2 seeds (1, 2)" in cases["test_acc"].detail
+    assert "min 99.41%" in cases["test_acc"].detail
+    assert not cases["consistent"].passed  # seed 2's epoch 2 (99.30%) is below 99.4% in its last 3
+    assert "1 of 2 seeds" in cases["consistent"].detail
+
+    i1 = {c.check: c for c in run_checks(exp, runs, iteration="I1").cases}
+    assert not i1["test_acc"].passed and "no comparable run" in i1["test_acc"].detail
+
+    result = runner.invoke(app, ["check", "--experiments", str(exp.path), "--runs-dir", str(runs), "-i", "I3"])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-1].startswith("FAIL  I3 consistent: 1 of 2 seeds")
+
+
+def test_junit_and_json_reports(tmp_path, runner):
+    out = tmp_path / "check.xml"
+    result = runner.invoke(app, ["check", "--static", "--format", "junit", "-o", str(out)])
+    assert result.exit_code == 1 and result.stdout == ""
+    # the failing checks still reach the log, one line each, beside the file
+    assert "FAIL  I1 params" in result.stderr and f"wrote {out}" in result.stderr
+    root = ET.parse(out).getroot()
+    assert root.tag == "testsuites" and (root.get("tests"), root.get("failures")) == ("20", "3")
+    assert [s.get("name") for s in root] == ["I0", "I1", "I2", "I3", "I4"]
+    failure = root.find("testsuite[@name='I1']/testcase[@name='params']/failure")
+    assert failure is not None and "978 over" in failure.get("message")
+    assert root.find("testsuite[@name='I4']/testcase[@name='params']/failure") is None
+
+    data = json.loads(runner.invoke(app, ["check", "--static", "--json", "-i", "I2"]).stdout)
+    assert data["passed"] is True and data["static"] is True and data["runs_dir"] is None
+    assert [c["check"] for c in data["cases"]] == ["params", "batchnorm", "dropout", "epochs"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--iteration", "I9"], "no iteration 'I9'; known iterations: I0"),
+    (["--format", "xml"], "unknown format 'xml'; choose one of: text, junit, json"),
+    (["--experiments", "nope.yaml"], "nope.yaml"),
+    (["--bogus"], "No such option"),
+])
+def test_a_check_that_cannot_run_exits_2_in_one_line(runner, args, needle):
+    result = runner.invoke(app, ["check", "--static", *args])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr
+
+
+def test_a_users_own_iteration_is_checked_statically(tmp_path, runner, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["init", "proj"]).exit_code == 0
+    monkeypatch.chdir(tmp_path / "proj")
+    report = run_checks(find_experiments(None), static=True)
+    assert {c.iteration for c in report.cases} == {"S1", "S2"} and report.passed
+    result = runner.invoke(app, ["check", "--static"])
+    assert result.exit_code == 0 and "pass  S1 params: 11,480 trainable parameters" in result.stdout
