@@ -15,7 +15,7 @@ from mnistkit.compare import build_report
 from mnistkit.experiments import Experiments
 from mnistkit.recipe import DEFAULT_RUNS_DIR
 
-__all__ = ["Case", "CheckReport", "run_checks"]
+__all__ = ["Case", "CheckReport", "run_checks", "checks_of"]
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,12 @@ def run_checks(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR
     """Check every iteration of ``experiments`` (or the one of id ``iteration``)."""
     if iteration is not None:
         iteration = experiments.iteration(iteration).id  # an unknown id is one line naming the known ones
-    report = build_report(experiments, runs_dir, static=static)
-    out = CheckReport(str(experiments.path), None if static else str(runs_dir), static)
+    return checks_of(build_report(experiments, runs_dir, static=static), iteration, static)
+
+
+def checks_of(report: dict[str, Any], iteration: str | None = None, static: bool = False) -> CheckReport:
+    """The checks of a ``compare.build_report`` report (of one iteration id, or all)."""
+    out = CheckReport(report["experiments"], None if static else report["runs_dir"], static)
     c = report["constraints"]
     for row in report["iterations"]:
         if iteration is not None and row["id"] != iteration:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mnistkit.errors import RunError
 
-__all__ = ["atomic_write", "atomic_write_all", "check_output", "write_output"]
+__all__ = ["atomic_write", "atomic_write_all", "check_output", "write_output", "write_folder"]
 
 
 def _umask_mode() -> int:
@@ -132,3 +132,62 @@ def write_output(path: str | os.PathLike, data: bytes | str) -> None:
         atomic_write(Path(os.path.realpath(path)), raw)
     except OSError as exc:
         raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
+
+
+FOLDER_MARK = ".mnistkit-report"  # written in every folder write_folder makes: only such a folder is replaced
+
+
+def write_folder(path: str | os.PathLike, files: dict[str, bytes | str], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Write a folder of files as a whole: staged in a hidden folder beside ``path``, then swapped
+    in, so that a half-written folder never replaces a good one. An existing ``path`` is replaced
+    only when it is a folder this function wrote (it holds FOLDER_MARK) or an empty folder; a
+    symlink, a file, a run folder or any other folder is refused, and so is a folder that holds
+    one of the command's ``inputs`` (the runs, the change-log)."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    try:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise RunError(f"cannot write the folder {path}: it exists and is not a folder; choose another path")
+        if path.is_dir() and not (path / FOLDER_MARK).is_file() and any(path.iterdir()):
+            raise RunError(f"cannot write the folder {path}: it holds files mnistkit did not write; choose a new "
+                           "folder (or empty this one)")
+        real = Path(os.path.realpath(path))
+        for given in inputs:
+            inside = Path(os.path.realpath(given))
+            if inside == real or real in inside.parents:
+                raise RunError(f"cannot write the folder {path}: it holds {given}, which this command reads; "
+                               "choose another path")
+        if not real.parent.is_dir():
+            raise RunError(f"cannot write the folder {path}: {real.parent} does not exist; create it or choose "
+                           "another path")
+        stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", dir=real.parent))
+        try:
+            for name, data in {**files, FOLDER_MARK: "written by mnistkit; replaced whole by the next write\n"}.items():
+                (stage / name).write_bytes(data.encode() if isinstance(data, str) else data)
+            os.chmod(stage, _folder_mode())  # mkdtemp's is 0700
+            if not real.is_dir():
+                os.rename(stage, real)
+                return
+            old = Path(tempfile.mkdtemp(prefix=f".{real.name}.old.", dir=real.parent))
+            os.rename(real, old / real.name)
+            try:
+                os.rename(stage, real)
+            except BaseException:
+                os.rename(old / real.name, real)  # the good folder back where it was
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    except OSError as exc:
+        raise RunError(f"cannot write the folder {path}: {exc.strerror or exc}; choose another path") from None
+
+
+def _folder_mode() -> int:
+    """The mode an ordinary ``mkdir`` gives a new folder under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask

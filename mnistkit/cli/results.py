@@ -225,3 +225,65 @@ def check_cmd(
         say(f"wrote {output}")
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("plot", epilog=examples("mnistkit plot runs/I3-20261125-101500 runs/I4-20261125-113000",
+                                     "mnistkit plot runs/ -o all-runs.png", "mnistkit plot runs/sweep-lr"))
+@handles_errors
+def plot_cmd(
+    runs: List[str] = typer.Argument(..., help="Run folders, or folders of runs (every run in them)."),
+    output: str = typer.Option("curves.png", "--output", "-o", help="The PNG to write."),
+) -> None:
+    """Draw train and test loss and accuracy per epoch, and the LR, of any runs (finished or not, short or full)."""
+    from mnistkit import render
+    from mnistkit.curves import run_curves
+    from mnistkit.outputs import check_outputs, write_output
+
+    curves = run_curves(runs)
+    check_outputs([output], inputs=tuple(c.run for c in curves))
+    png = render.curves_png(curves, title=f"Training curves of {len(curves)} run{'s' * (len(curves) != 1)} "
+                                          "(test: each run's own test set)")
+    write_output(output, png)
+    say(f"wrote {output}: {len(curves)} run{'s' * (len(curves) != 1)}")
+
+
+@app.command("report", epilog=examples("mnistkit report", "mnistkit report -o write-up/ --runs-dir runs",
+                                       "mnistkit report --format html -o report.html"))
+@handles_errors
+def report_cmd(
+    runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
+    experiments: Optional[str] = EXPERIMENTS,
+    fmt: str = typer.Option("markdown", "--format", "-f", help="markdown (a folder: README.md and its PNGs) or html "
+                                                               "(one self-contained file)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="The folder (markdown; default: report) or "
+                                                                      "file (html; default: report.html) to write."),
+    device: str = typer.Option("auto", "--device", help="Where the best run is evaluated: auto, cpu, cuda, mps."),
+) -> None:
+    """The assignment's write-up from the change-log and the runs: per iteration Target / Result / Analysis, layers, architecture, curves, mistakes, checklist."""
+    from mnistkit import render
+    from mnistkit.errors import UsageError
+    from mnistkit.experiments import find_experiments
+    from mnistkit.outputs import check_outputs, write_folder, write_output
+    from mnistkit.render.report import blocks, report_html, report_markdown
+    from mnistkit.report import build_write_up
+
+    fmt = fmt.lower()
+    if fmt not in ("markdown", "html"):
+        raise UsageError(f"unknown format {fmt!r}; choose markdown or html")
+    output = output or ("report" if fmt == "markdown" else "report.html")
+    exp = find_experiments(experiments)
+    if fmt == "html":
+        check_outputs([output], inputs=(exp.path,))
+    write_up = build_write_up(exp, runs_dir, device=device)
+    bs = blocks(write_up)   # every picture drawn before anything is written
+    if fmt == "html":
+        write_output(output, report_html(bs))
+    else:
+        text, files = report_markdown(bs)
+        write_folder(output, {"README.md": text, **files}, inputs=(exp.path, runs_dir))
+    say(exp.described)
+    for note_text in write_up.notes:
+        render.stderr().print(render.note_line(note_text), highlight=False, soft_wrap=True)
+    say(f"wrote {output}" + ("/README.md" if fmt == "markdown" else "")
+        + f" ({len(write_up.iterations)} iterations, {sum(1 for p in write_up.iterations if p.row['measured'])} "
+          "with comparable runs)")

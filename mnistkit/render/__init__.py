@@ -11,7 +11,7 @@ from rich.text import Text
 
 from mnistkit.render.common import (  # noqa: F401
     WIDTH_OFF_TTY, error_line, fit, fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_pct,
-    fmt_rf, fmt_shape, json_text, mean_std, note_line, num_column, plain, png_bytes, pyplot,
+    curves_png, fmt_rf, fmt_shape, json_text, mean_std, note_line, num_column, plain, png_bytes, pyplot,
     required_width, spec_table, stderr, stdout, yes_no,
 )
 from mnistkit.render.models import (  # noqa: F401

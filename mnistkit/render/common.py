@@ -207,3 +207,39 @@ def spec_table(title: str, caption: str | None, specs: list[tuple[str, str, Call
             cells = [plain(c) for c in column._cells]
             column.width = max([len(w) for w in header.split()] + [len(c) for c in cells])
     return t
+
+
+def curves_png(curves: list[Any], title: str = "Training curves", target: float | None = None) -> bytes:
+    """Train and test loss and accuracy per epoch of each run (``curves.RunCurve``), one colour per
+    group (a model); runs of one group after the first are thin lines; the LR per epoch below."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), dpi=110)
+    (tl, vl, lr), (ta, va, legend) = axes
+    colours: dict[str, Any] = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c in curves:
+        first = c.group not in colours
+        colour = colours.setdefault(c.group, cycle[len(colours) % len(cycle)])
+        style = {"color": colour, "linewidth": 1.6 if first else 0.8, "alpha": 1.0 if first else 0.6}
+        epochs = [m.epoch for m in c.metrics]
+        tl.plot(epochs, [m.train_loss for m in c.metrics], label=c.label, **style)
+        vl.plot(epochs, [m.test_loss for m in c.metrics], **style)
+        ta.plot(epochs, [m.train_acc for m in c.metrics], **style)
+        va.plot(epochs, [m.test_acc for m in c.metrics], **style)
+        lr.plot(epochs, [m.lr for m in c.metrics], **style)
+    for ax, name in ((tl, "train loss"), (vl, "test loss"), (ta, "train accuracy (%)"), (va, "test accuracy (%)"),
+                     (lr, "learning rate at the epoch's last step")):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    if target is not None:
+        va.axhline(target, color="grey", linestyle="--", linewidth=1)
+    legend.axis("off")
+    handles, labels = tl.get_legend_handles_labels()
+    if handles:
+        legend.legend(handles, labels, loc="upper left", fontsize=7, frameon=False)
+    else:
+        legend.text(0, 0.9, "no runs to draw", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return png_bytes(fig, plt)

@@ -1,0 +1,75 @@
+"""The write-up the exercise ends in, as data: the change-log report (``compare``), the checks,
+each iteration's layer table and data-flow graph, the training curves of the comparable runs,
+and the evaluation (misclassified digits, confusion matrix) of the final iteration's best
+comparable run. Nothing here formats text: ``render.report`` writes the Markdown and the HTML.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mnistkit import __version__
+from mnistkit.check import CheckReport, checks_of
+from mnistkit.compare import build_report
+from mnistkit.errors import MnistkitError
+from mnistkit.experiments import Experiments
+from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Recipe
+
+__all__ = ["IterationPart", "WriteUp", "build_write_up"]
+
+
+@dataclass
+class IterationPart:
+    row: dict[str, Any]          # the iteration as compare reports it
+    summary: Any                 # mnistkit.summary.ModelSummary of its current model
+    graph: Any                   # mnistkit.graph.ModelGraph
+    curves: list[Any]            # curves.RunCurve of its comparable runs, one per seed
+
+
+@dataclass
+class WriteUp:
+    compare: dict[str, Any]
+    checks: CheckReport
+    iterations: list[IterationPart]
+    generated: str
+    version: str = __version__
+    best: Any = None             # evaluation.EvaluationReport of the best comparable run (final epoch)
+    best_run: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what could not be included, and why
+
+
+def build_write_up(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR, *,
+                   evaluate_best: bool = True, device: str = "cpu") -> WriteUp:
+    from mnistkit.curves import run_curve
+    from mnistkit.graph import model_graph
+    from mnistkit.modelref import build
+    from mnistkit.summary import summarize
+
+    report = build_report(experiments, runs_dir)
+    checks = checks_of(report)
+    budget = experiments.constraints.get("max_params", DEFAULT_BUDGET)
+    parts = []
+    for it, row in zip(experiments.iterations, report["iterations"]):
+        wanted = Recipe.from_dict(experiments.recipe_for(it), where=f"{experiments.path} ({it.id})")
+        model, _ = build(experiments.model_source(it), wanted.model_kwargs())
+        s = summarize(model, name=it.id, budget=budget)
+        m = row["measured"]
+        curves = [run_curve(r, group=it.id) for r in m["runs"]] if m else []
+        parts.append(IterationPart(row, s, model_graph(model, s), curves))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = WriteUp(report, checks, parts, stamp)
+    measured = [p for p in parts if p.row["measured"]]
+    if evaluate_best and measured:
+        final = measured[-1].row
+        best = max(final["measured"]["per_seed"], key=lambda s: s["test_acc"])
+        out.best_run = {"iteration": final["id"], **best}
+        try:
+            from mnistkit.evaluation import evaluate_checkpoint
+
+            out.best = evaluate_checkpoint(Path(best["run"]) / "last.pt", device=device)
+        except MnistkitError as exc:
+            out.notes.append(f"the misclassified digits and the confusion matrix of {best['run']} are left out: {exc}")
+    return out
