@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PAIR)
-	$(BIN)/python -m pip install --quiet -e '.[test,plot,export,ray]' $(TORCH_PAIR)
+	$(BIN)/python -m pip install --quiet -e '.[test,plot,export,ray,tensorboard]' $(TORCH_PAIR)
 	$(BIN)/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $@
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.9.0"
+__version__ = "0.10.0"
 
 # public name -> module that defines it
 _LAZY = {
@@ -34,6 +34,10 @@ _LAZY = {
     "init_project": "mnistkit.project",
     "evaluate_checkpoint": "mnistkit.evaluation",
     "build_report": "mnistkit.compare",
+    "run_checks": "mnistkit.check",
+    "build_write_up": "mnistkit.report",
+    "run_curves": "mnistkit.curves",
+    "TensorBoard": "mnistkit.tensorboard",
 }
 
 __all__ = ["__version__", *_LAZY]

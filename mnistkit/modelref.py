@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistkit.errors import ModelCodeError, RunError, UnknownModelError, UsageError
-from mnistkit.usercode import (attribute, call_builder, check_output, description, exec_file,
+from mnistkit.usercode import (attribute, call_builder, check_output, description, exec_file, module_file,
                                no_dropout_at, read_source, user_code)
 
 __all__ = ["ModelSource", "resolve", "from_record", "from_instance", "build", "parse_model_args", "KINDS"]
@@ -191,7 +191,7 @@ def resolve(reference: "str | ModelSource", base: str | Path | None = None, args
 
 def _path(target: str, base: str | Path | None) -> Path:
     path = Path(target).expanduser()
-    return (Path(base) / path if base is not None and not path.is_absolute() else path).absolute()
+    return (Path(base) / path if base is not None and not path.is_absolute() else path).resolve()
 
 
 def _registered(reference: str, args: tuple, base: str | Path | None) -> ModelSource:
@@ -220,7 +220,7 @@ def _registered(reference: str, args: tuple, base: str | Path | None) -> ModelSo
     text = sha = None
     if file and Path(file).is_file():
         text, sha = read_source(Path(file), "a Python")
-    return ModelSource(reference, "file" if sha else "instance", entry.name, str(Path(file).absolute()) if sha else None,
+    return ModelSource(reference, "file" if sha else "instance", entry.name, str(Path(file).resolve()) if sha else None,
                        attr=builder.__qualname__ if sha else None, sha256=sha, args=args,
                        description=entry.description, text=text, builder=builder)
 
@@ -260,7 +260,7 @@ def _module(reference: str, modname: str, attr: str, args: tuple, name: str | No
     file = getattr(module, "__file__", None)
     attr, obj = attribute(module, attr, modname)
     sha = read_source(Path(file), "a Python")[1] if file and Path(file).is_file() else None
-    return ModelSource(reference, "module", name or safe_name(attr), str(Path(file).absolute()) if file else None,
+    return ModelSource(reference, "module", name or safe_name(attr), str(Path(file).resolve()) if file else None,
                        modname, attr, sha, args, description(obj), builder=obj)
 
 
@@ -275,7 +275,7 @@ def from_instance(model: Any) -> ModelSource:
     name = safe_name(cls.__name__)
     if file and Path(file).is_file():
         text, sha = read_source(Path(file), "a Python")
-        return ModelSource(f"{Path(file).name}:{cls.__qualname__}", "file", name, str(Path(file).absolute()),
+        return ModelSource(f"{Path(file).name}:{cls.__qualname__}", "file", name, str(Path(file).resolve()),
                            attr=cls.__qualname__, sha256=sha, description=description(cls), text=text)
     return ModelSource(f"<{cls.__name__} object>", "instance", name, description=description(cls))
 
@@ -339,7 +339,7 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
         return src
     keep = f" (the run folder keeps a copy: {copy})" if copy is not None and copy.is_file() else ""
     if model_code is not None:
-        path = Path(model_code).absolute()
+        path = Path(model_code).resolve()
         code_text, sha = read_source(path, "a Python")
         trust.remember(path, sha)
         return replace(src, kind="file", path=str(path), text=code_text, sha256=sha)
@@ -347,16 +347,20 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
     path = Path(src.path or "")
     if not src.path or not path.is_file():
         raise RunError(f"{where} trained {src.reference} from {src.path}, which is missing (it had SHA-256 "
-                       f"{src.sha256}); point to the file {how.removeprefix('if you trust it, ')}")
+                       f"{src.sha256}); {how.removeprefix('if you trust it, ')}")
     code_text, sha = read_source(path, "a Python")
     if sha != src.sha256:
         raise RunError(f"{where} trained {src.reference} from {path} with SHA-256 {src.sha256}; the file now has "
-                       f"{sha}: it changed since the run. To use a file as it was, {how.removeprefix('if you trust it, ')}")
+                       f"{sha}: it changed since the run; to use a file as it was, {how.removeprefix('if you trust it, ')}")
     if not trust.is_trusted(path, sha):
         raise RunError(f"{where} names model code {path} (SHA-256 {sha[:16]}...) that you have not used on this "
                        f"machine; mnistkit runs code only from files you name: {how}")
-    if src.kind == "module":
-        return src   # its file is the one recorded and trusted: import it by name
+    if src.kind == "module":   # imported by name only where that name finds the very file recorded and trusted
+        found = module_file(src.module or "")
+        if found is None or found != path.resolve():
+            raise RunError(f"{where} names the module {src.module!r}, which is not the file {path} it recorded (the "
+                           f"name finds {found or 'no file'}); mnistkit imports nothing else: {how}")
+        return src
     return replace(src, text=code_text)
 
 

@@ -3,6 +3,7 @@ the same way for a new run and a resumed one; and what a resumable checkpoint ho
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,8 +15,9 @@ from mnistkit import backends
 from mnistkit.batches import EvalBatches, TrainBatches
 from mnistkit.data import load_splits, provenance
 from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
-from mnistkit.errors import RunError
+from mnistkit.errors import RunError, UsageError
 from mnistkit.modelref import ModelSource, build
+from mnistkit.usercode import user_code
 from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, set_bn_momentum
 from mnistkit.recipe import DataOptions, Recipe
 
@@ -64,6 +66,8 @@ class Session:
         test_batches, val_batches = (
             EvalBatches(split, recipe.test_batch_size, dev, recipe.mean, recipe.std, channels_last=recipe.channels_last)
             if split is not None else None for split in (test_split, val_split))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise UsageError(f"{source.name} has no trainable parameters: there is nothing to train")
         optimizer = build_optimizer(model, recipe)
         scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
         session = cls(source, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
@@ -84,6 +88,12 @@ class Session:
     def eval_model(self) -> nn.Module:
         """What is evaluated, selected and saved: the moving average when the recipe keeps one."""
         return self.average.model if self.average else self.model
+
+    def guard(self) -> Any:
+        """Where the model runs: an exception of the user's own model is one line naming their file."""
+        if self.source.kind == "registered":
+            return contextlib.nullcontext()
+        return user_code(self.source.path, f"training {self.model_name}")
 
     def meta(self) -> dict[str, Any]:
         """What config.yaml and every checkpoint record of the run."""

@@ -197,6 +197,9 @@ def _with_args(source: Any, config: tuple, path: Path) -> Any:
     args = {k[len(MODEL_ARGS):]: v for k, v in config if k.startswith(MODEL_ARGS)}
     if not args:
         return source
+    if source.kind == "yaml":
+        raise _fail(path, f"{source.reference} is a YAML architecture, which takes no model_args "
+                          f"({', '.join(args)}): list one YAML file per variant under models: instead")
     try:
         return resolve(source, args={**source.kwargs, **args})
     except MnistkitError as exc:

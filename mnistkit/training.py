@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistkit.errors import RunError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.errors import ModelCodeError, RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate
 from mnistkit.lock import FolderLock
 from mnistkit.modelref import ModelSource, from_instance, from_record, resolve
@@ -171,7 +172,7 @@ def _fit(s: Session, writer: RunWriter, callback: Callback | None) -> RunResult:
     seconds_before = sum(r.seconds for r in writer.metrics)
     s.model.train()
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), s.guard():
             _epochs(s, writer, callback, start_epoch)
     except KeyboardInterrupt as exc:
         what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
@@ -242,6 +243,11 @@ def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, da
                               {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name, copy)
     try:
         return _fit(s, writer, callback)
+    except ModelCodeError as exc:   # before any epoch the new folder holds nothing of use: removed, lock held
+        if writer.epoch > 0:
+            raise
+        shutil.rmtree(writer.run_dir, ignore_errors=True)
+        raise ModelCodeError(f"{exc}; no epoch finished, so its run folder was removed") from exc.__cause__
     finally:
         writer.close()
 

@@ -139,6 +139,15 @@ def attribute(module: types.ModuleType, attr: str | None, where: str) -> tuple[s
         if not hasattr(obj, part):
             raise UsageError(f"{where} has no {attr!r}; {_listing(module)}", key="model")
         obj = getattr(obj, part)
+    from torch import nn
+
+    # only what builds a model is ever called: an nn.Module class, or a function the file itself
+    # defines (not one it imports: 'from subprocess import run' makes no model builder of run)
+    if callable(obj) and not isinstance(obj, nn.Module) and not (inspect.isclass(obj) and issubclass(obj, nn.Module)) \
+            and getattr(obj, "__module__", None) != module.__name__:
+        raise UsageError(f"{where}:{attr} is {getattr(obj, '__module__', None) or 'a'}.{getattr(obj, '__qualname__', type(obj).__name__)},"
+                         f" not an nn.Module class or a function {where} defines; write a function there that "
+                         f"returns the model ({_listing(module)})", key="model")
     return attr, obj
 
 
@@ -166,6 +175,8 @@ def call_builder(obj: Any, source: ModelSource, model_kwargs: dict[str, Any]) ->
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
+        params = {}
+    if inspect.isclass(obj) and obj.__init__ is nn.Module.__init__:  # no __init__ of its own: takes nothing
         params = {}
     open_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     given = source.kwargs
@@ -215,3 +226,17 @@ def check_output(model: Any, source: ModelSource, check: bool) -> Any:
         raise UsageError(f"{source.shown} returns {got} for a {list(CHECK_INPUT)} batch of digits, not "
                          f"[{CHECK_INPUT[0]}, 10] class scores: end the model with 10 outputs per image", key="model")
     return model
+
+
+def module_file(name: str) -> Path | None:
+    """The file ``import name`` would run, found on sys.path without importing anything (no
+    parent package's ``__init__`` runs): a plain module or package in a folder, else None."""
+    parts = name.split(".")
+    if not name or not all(p.isidentifier() for p in parts):
+        return None
+    for entry in sys.path:
+        base = Path(entry or ".").joinpath(*parts)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate.resolve()
+    return None

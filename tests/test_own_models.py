@@ -464,3 +464,77 @@ def test_yaml_architecture_errors_through_the_cli_are_one_line_and_write_nothing
         for needle in needles:
             assert needle in line, line
     assert not (project / "runs").exists()
+
+
+def _plant(folder: Path, **source) -> None:
+    """Rewrite a run folder's recorded model source (config and both checkpoints) as a sender could."""
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    cfg["model_source"].update(source)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(folder / name, weights_only=True)
+        ckpt["model_source"].update(source)
+        torch.save(ckpt, folder / name)
+
+
+def test_a_run_folder_cannot_call_other_code_through_a_trusted_file(runner, project, tmp_path):
+    """The recorded file is one the user trusts (their own models.py, same hash), but the record
+    names another module, or a function the file imports: nothing of it is imported or called."""
+    run = train_cli(runner, "S1")
+    import hashlib
+    sha = hashlib.sha256((project / "models.py").read_bytes()).hexdigest()
+    marker = tmp_path / "PWNED"
+    cases = [
+        dict(kind="module", module="os", attr="system", path=str(project / "models.py"), sha256=sha,
+             args={"command": f"touch {marker}"}),
+        dict(kind="file", attr="nn.init.zeros_", path=str(project / "models.py"), sha256=sha, args={}),
+    ]
+    for i, source in enumerate(cases):
+        planted = tmp_path / f"sent{i}"
+        shutil.copytree(run, planted)
+        _plant(planted, **source)
+        line = one_line_error(runner.invoke(app, ["evaluate", str(planted), "--dataset", "synthetic"]), 1 if i == 0 else 2)
+        assert ("is not the file" in line and "'os'" in line) if i == 0 else "not an nn.Module class or a function" in line
+        assert not marker.exists()
+
+
+def test_a_name_the_file_imports_is_not_a_model_builder(runner, project):
+    (project / "imp.py").write_text("from subprocess import run\nfrom torch import nn\n\n"
+                                    "def build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    line = one_line_error(runner.invoke(app, ["summary", "imp.py:run"]), 2)
+    assert "imp.py:run is subprocess.run, not an nn.Module class or a function imp.py defines" in line
+    assert "its functions: build" in line
+
+
+def test_a_module_class_without_an_init_of_its_own_builds(runner, project):
+    (project / "noinit.py").write_text("import torch\nfrom torch import nn\n\nclass Plain(nn.Module):\n"
+                                       "    def forward(self, x):\n        return x.flatten(1)[:, :10] * 1.0\n")
+    result = runner.invoke(app, ["summary", "noinit.py:Plain"])
+    assert result.exit_code == 0, result.output
+    assert "Parameters: 0" in result.stdout
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("    def forward(self, x):\n        if self.training:\n            raise RuntimeError('boom in training')\n"
+     "        return self.fc(x.flatten(1))\n", "tr.py, line 12, in forward: RuntimeError: boom in training"),
+])
+def test_an_error_of_the_users_model_while_training_is_one_line_and_leaves_no_folder(runner, project, body, needle):
+    (project / "tr.py").write_text("import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n"
+                                   "    def __init__(self):\n        super().__init__()\n"
+                                   "        self.fc = nn.Linear(784, 10)\n\n" + body)
+    result = runner.invoke(app, ["train", "tr.py:Net", "--dataset", "synthetic", "--limit", "64", "--epochs", "1",
+                                 "--quiet", "--runs-dir", "r", "--device", "cpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]   # after the start's notes: the error, one line
+    assert line.startswith("error: training Net failed: ")
+    assert needle in line and "no epoch finished, so its run folder was removed" in line
+    assert not list((project / "r").iterdir())
+
+
+def test_a_model_with_nothing_to_train_is_one_line(runner, project):
+    (project / "np.py").write_text("import torch\nfrom torch import nn\n\n\nclass NoParams(nn.Module):\n"
+                                   "    def forward(self, x):\n        return x.flatten(1)[:, :10] * 1.0\n")
+    result = runner.invoke(app, ["train", "np.py:NoParams", "--dataset", "synthetic", "--limit", "64", "--epochs",
+                                 "1", "--runs-dir", "r"])
+    assert "has no trainable parameters: there is nothing to train" in one_line_error(result, 2)
+    assert not (project / "r").exists() or not list((project / "r").iterdir())

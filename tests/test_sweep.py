@@ -5,6 +5,7 @@ what is missing."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -234,4 +235,12 @@ def test_a_sweep_over_model_args_the_model_does_not_take_is_one_line_before_anyt
     path = write(tmp_path, USER_SPEC.replace("model_args.width", "model_args.depth"))
     result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code != 0 and "takes no argument 'depth'" in result.output, result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_args_over_a_yaml_architecture_are_refused_not_ignored(runner, tmp_path):
+    shutil.copy(Path(__file__).resolve().parents[1] / "examples" / "architectures" / "s2.yaml", tmp_path / "s2.yaml")
+    path = write(tmp_path, USER_SPEC.replace("models.py:build", "s2.yaml"))
+    result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code != 0 and "s2.yaml is a YAML architecture, which takes no model_args (width)" in result.stderr
     assert not (tmp_path / "runs").exists()

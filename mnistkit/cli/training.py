@@ -53,6 +53,8 @@ def train_cmd(
     all_iterations: bool = typer.Option(False, "--all", help="Train every iteration of the change-log, each with its own recipe."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files into the run "
+                                     "folder (tensorboard --logdir runs); needs mnistkit[tensorboard]."),
 ) -> None:
     """Train a model with its iteration's recipe from the change-log (a model of your own too)."""
     from mnistkit import render
@@ -67,12 +69,15 @@ def train_cmd(
     pending: list[str] = []  # said on stderr once training starts, so that an error stays one line
 
     def run(call: Callable, *args: Any, **kwargs: Any) -> dict:
-        display = render.TrainDisplay(console, quiet=quiet, preamble=list(pending))
+        from mnistkit.tensorboard import Callbacks, TensorBoard
+
+        callbacks = Callbacks(TensorBoard() if tensorboard else None,
+                              render.TrainDisplay(console, quiet=quiet, preamble=list(pending)))
         pending.clear()
         try:
-            result = call(*args, callback=display, **kwargs).to_dict()
+            result = call(*args, callback=callbacks, **kwargs).to_dict()
         finally:
-            display.close()
+            callbacks.close()
         if not quiet:
             console.print(render.train_result(result), highlight=False)
         return result
@@ -96,6 +101,10 @@ def train_cmd(
         raise UsageError("give --seed or --seeds, not both")
     elif all_iterations and model is not None:
         raise UsageError("--all trains every iteration; drop MODEL")
+    if tensorboard:
+        from mnistkit.tensorboard import require_tensorboard
+
+        require_tensorboard()   # before anything is trained or written
     keep_freed_memory()   # the CLI's process only: each step's buffers are reused, not faulted in anew
     try:
         if resume is not None:

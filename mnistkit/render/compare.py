@@ -216,8 +216,8 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
         parts.append(Text(f"skipped a damaged run folder: {bad['why']}", style="red"))
     others = [(row["id"], r) for row in rows for r in row["other_runs"]]
     if others and not all_runs:
-        parts.append(Text(f"{len(others)} other run(s) not used (other data, fewer images or epochs, or another "
-                          "recipe); --all-runs lists them.", style="dim"))
+        parts.append(Text(f"{len(others)} other run(s) not used (other data, fewer images or epochs, another "
+                          "recipe, or a model source changed since); --all-runs lists them.", style="dim"))
     if others and all_runs:
         def data(r: dict[str, Any]) -> str:
             return f"{r['dataset']}, {fmt_int(r['train_samples'])} train" if r["train_samples"] else str(r["dataset"])
