@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def load_checkpoint(target: str | os.PathLike, map_location: Any = "cpu") -> dic
 
     path = resolve_checkpoint(target)
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():   # torch's warnings about a hostile file (pickle protocol, sparse
+            warnings.simplefilter("ignore")   # tensors) would come before the one line that refuses it
+            data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's weights-only unpickler refused the file: whatever its payload (a call to exec,
         # os.system, an old pickle protocol's opcodes), it is not a plain weights file

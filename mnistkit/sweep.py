@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -193,23 +194,53 @@ def _run_local(payloads: list[dict[str, Any]], workers: int, finished: Callable)
     pool.shutdown(wait=True)
 
 
-def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: int, finished: Callable) -> None:
+def _ray_token() -> bool:
+    """Whether a Ray token is at hand where Ray looks for one (its variables, ~/.ray/auth_token)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or os.path.isfile(path)
+
+
+def _connect_ray(address: str) -> Any:
+    """Ray, connected: ``local`` starts one in this process, else the cluster at ``address``.
+    ``ray start --head`` (Ray >= 2.59) enables token authentication; a client reads
+    RAY_AUTH_MODE when ray is imported, so where a token is at hand and the user chose no mode,
+    token mode is set before the import (it also reaches clusters without authentication).
+    Ray's own log lines stay out of the user's terminal unless they are errors."""
+    import logging
+
+    if address != "local" and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ and _ray_token():
+        os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
     except ImportError:
         raise MnistkitError("running trials on Ray needs ray, which is not installed; install it with "
                             "pip install 'mnistkit[ray]' (or pip install ray)") from None
+    if ray.is_initialized():
+        return ray
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
+    try:
+        if address == "local":
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:150]
+        if "auth" in f"{type(exc).__name__} {exc}".lower():
+            raise MnistkitError(f"the Ray cluster at {address!r} refused the connection: it needs its token "
+                                f"({first}); copy the head's ~/.ray/auth_token here (ray get-auth-token on the "
+                                "head prints it) or set RAY_AUTH_TOKEN") from None
+        hint = "" if _ray_token() else (" (a cluster started with token authentication, Ray's default since 2.59, "
+                                        "also refuses a client without its token: ~/.ray/auth_token)")
+        raise MnistkitError(f"cannot reach the Ray cluster at {address!r} ({first}); start it with "
+                            f"'ray start --head' or give its address (HEAD:6379){hint}") from None
+    return ray
+
+
+def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: int, finished: Callable) -> None:
     from mnistkit.outputs import atomic_write
 
-    if not ray.is_initialized():
-        try:
-            if address == "local":
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address=address, log_to_driver=False)
-        except Exception as exc:
-            raise MnistkitError(f"cannot reach the Ray cluster at {address!r} ({str(exc).splitlines()[0][:150]}); "
-                                "start it with 'ray start --head' or give its address (HEAD:6379)") from None
+    ray = _connect_ray(address)
     remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_trial)
     refs = {}
     for p in payloads:

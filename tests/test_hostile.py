@@ -695,3 +695,21 @@ def test_compare_never_writes_over_the_change_log_it_found(runner, tmp_path, mon
                                  "experiments.yaml"])
     assert result.exit_code == 1 and "which this command reads" in result.stderr
     assert real.read_text() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pickle-protocol-4", "sparse-tensor"])
+def test_torchs_warnings_about_a_hostile_checkpoint_never_reach_the_user(tmp_path, kind):
+    """As a user runs it (a process, Python's default warning filters): one line, no UserWarning first."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "x.pt"
+    if kind == "pickle-protocol-4":
+        torch.save({"a": torch.zeros(2)}, path, pickle_protocol=4, _use_new_zipfile_serialization=False)
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(3, 3).to_sparse()}}, path)
+    out = subprocess.run([sys.executable, "-m", "mnistkit", "evaluate", str(path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and "Warning" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: ")

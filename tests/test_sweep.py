@@ -5,6 +5,7 @@ what is missing."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -244,3 +245,40 @@ def test_model_args_over_a_yaml_architecture_are_refused_not_ignored(runner, tmp
     result = runner.invoke(app, ["sweep", str(path), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code != 0 and "s2.yaml is a YAML architecture, which takes no model_args (width)" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_ray_head_started_as_the_readme_says(tmp_path):
+    """`ray start --head` (token authentication on by default since Ray 2.59), then
+    `mnistkit sweep --ray 127.0.0.1:PORT` as written: 2 trials finish, and none of Ray's log
+    lines reach the user. The head's token lives in this test's own HOME."""
+    pytest.importorskip("ray")
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "HOME": str(tmp_path / "home")}
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(key, None)
+    (tmp_path / "home").mkdir()
+    spec = write(tmp_path, SPEC.replace("seeds: [1, 2]", "seeds: [1]"))
+    started = subprocess.run([str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2",
+                              "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        result = subprocess.run([sys.executable, "-m", "mnistkit", "sweep", str(spec), "--ray", f"127.0.0.1:{port}",
+                                 "--runs-dir", str(tmp_path / "runs"), "--json"], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        configs = json.loads(result.stdout)["configs"]
+        assert [(c["trials"], c["done"]) for c in configs] == [(1, 1), (1, 1)]
+        assert "[2/2]" in result.stderr and "failed" not in result.stderr
+        noise = [line for line in result.stderr.splitlines() if re.search(r"\b(WARNING|INFO|W \d|I \d)", line)]
+        assert not noise, noise
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
