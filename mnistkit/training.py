@@ -243,11 +243,12 @@ def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, da
                               {"state_dict": s.eval_model.state_dict(), **s.resumable_state()}, run_name, copy)
     try:
         return _fit(s, writer, callback)
-    except ModelCodeError as exc:   # before any epoch the new folder holds nothing of use: removed, lock held
-        if writer.epoch > 0:
-            raise
-        shutil.rmtree(writer.run_dir, ignore_errors=True)
-        raise ModelCodeError(f"{exc}; no epoch finished, so its run folder was removed") from exc.__cause__
+    except Exception as exc:   # failed before any epoch: the new folder holds nothing of use (removed, lock held)
+        if writer.epoch == 0 and not isinstance(exc, (TrainingInterrupted, TrainingDiverged)):  # those keep it
+            shutil.rmtree(writer.run_dir, ignore_errors=True)
+            if isinstance(exc, ModelCodeError):
+                raise ModelCodeError(f"{exc}; no epoch finished, so its run folder was removed") from exc.__cause__
+        raise
     finally:
         writer.close()
 

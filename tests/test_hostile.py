@@ -713,3 +713,26 @@ def test_torchs_warnings_about_a_hostile_checkpoint_never_reach_the_user(tmp_pat
                          timeout=120)
     assert out.returncode == 1 and "Warning" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("error: ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, redirect", [
+    (["--version"], ">/dev/full"), (["--help"], ">/dev/full"), (["summary", "I3"], ">/dev/full"),
+    (["summary", "I3", "--json"], ">/dev/full"), (["summary", "I3"], ">&-"), (["summary", "I3", "--json"], ">&-"),
+    (["train", "I4", "--dataset", "synthetic", "--limit", "64", "--epochs", "1", "--runs-dir", "RUNS"], ">/dev/full"),
+])
+def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, args, redirect):
+    """stdout on a full disk or closed, as a shell makes it: one line on stderr, exit 1, no traceback,
+    no run folder left behind by a training that could not show its start."""
+    import shlex
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    command = " ".join(shlex.quote(a.replace("RUNS", str(runs))) for a in [sys.executable, "-m", "mnistkit", *args])
+    out = subprocess.run(["bash", "-c", f"exec {command} {redirect}"], capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    assert lines[-1] in ("error: cannot write to standard output: No space left on device; choose another place for it",
+                         "error: standard output is closed; redirect it to a file (or to /dev/null)"), out.stderr
+    assert not runs.exists() or not list(runs.iterdir())

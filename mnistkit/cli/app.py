@@ -45,18 +45,40 @@ class _OneLineErrors(TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         try:
             try:
+                if sys.stdout is None:   # started with stdout closed (cmd >&-): the output would be lost
+                    fail("standard output is closed; redirect it to a file (or to /dev/null)", 1)
                 code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                if standalone_mode:
+                    sys.stdout.flush()   # what is still buffered must reach its file now, or fail here
             except ClickException as exc:
                 ctx = getattr(exc, "ctx", None)
                 hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
                 fail(exc.format_message().rstrip(".") + hint, exc.exit_code)
             except Abort:
                 fail("aborted", 1)
+            except OSError as exc:   # only stdout's own errors get here: the library words its files' errors
+                _drop_stdout()
+                if isinstance(exc, BrokenPipeError):   # `mnistkit runs | head`: the reader has what it wanted
+                    code = 141
+                else:
+                    fail(f"cannot write to standard output: {exc.strerror or exc}; choose another place for it", 1)
         except typer.Exit as exc:
             code = exc.exit_code
         if not standalone_mode:
             return code
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 app = typer.Typer(
