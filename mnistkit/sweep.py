@@ -210,7 +210,6 @@ def _connect_ray(address: str) -> Any:
 
     if address != "local" and "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ and _ray_token():
         os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
     try:
         import ray
     except ImportError:

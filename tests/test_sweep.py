@@ -266,11 +266,15 @@ def test_a_sweep_on_a_ray_head_started_as_the_readme_says(tmp_path):
         env.pop(key, None)
     (tmp_path / "home").mkdir()
     spec = write(tmp_path, SPEC.replace("seeds: [1, 2]", "seeds: [1]"))
+    # a token in ~/.ray/auth_token makes the head require it, as on a user's machine that has one
+    token = subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert token.returncode == 0 and (tmp_path / "home" / ".ray" / "auth_token").is_file(), token.stderr[-2000:]
     started = subprocess.run([str(ray_cli), "start", "--head", "--port", str(port), "--num-cpus", "2",
                               "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,
                              text=True, timeout=120)
     try:
-        assert started.returncode == 0, started.stderr[-2000:]
+        assert started.returncode == 0 and "Token authentication is enabled" in started.stderr, started.stderr[-2000:]
         result = subprocess.run([sys.executable, "-m", "mnistkit", "sweep", str(spec), "--ray", f"127.0.0.1:{port}",
                                  "--runs-dir", str(tmp_path / "runs"), "--json"], env=env, capture_output=True,
                                 text=True, timeout=300)
