@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -189,6 +190,12 @@ class RunWriter:
                  lock: FolderLock | None = None) -> None:
         self.run_dir, self.meta, self.lock = Path(run_dir), meta, lock   # the folder's lock, held while writing
         self.metrics: list[EpochMetrics] = list(metrics or [])
+
+    def abandon(self) -> None:
+        """Remove the folder of a run that failed before its first epoch (it holds nothing of use);
+        called while the lock is still held."""
+        if self.epoch == 0:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Give the folder's lock back (the run ended, however)."""

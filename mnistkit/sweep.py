@@ -166,32 +166,9 @@ def _run_local(payloads: list[dict[str, Any]], workers: int, finished: Callable)
             if record["status"] == "interrupted":
                 raise KeyboardInterrupt
         return
-    import multiprocessing
-    import signal
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from mnistkit.workers import run_in_workers
 
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    futures = [pool.submit(run_trial, p) for p in payloads]
-    try:
-        for future in as_completed(futures):
-            finished(future.result())
-    except KeyboardInterrupt:
-        for f in futures:
-            f.cancel()
-        for proc in list(getattr(pool, "_processes", {}).values()):  # stop the running trials cleanly
-            try:
-                os.kill(proc.pid, signal.SIGINT)
-            except OSError:
-                pass
-        for f in futures:
-            if not f.cancelled():
-                try:
-                    finished(f.result())
-                except Exception:
-                    pass
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+    run_in_workers(run_trial, payloads, workers, finished)
 
 
 def _ray_token() -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,7 +244,7 @@ def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, da
         return _fit(s, writer, callback)
     except Exception as exc:   # failed before any epoch: the new folder holds nothing of use (removed, lock held)
         if writer.epoch == 0 and not isinstance(exc, (TrainingInterrupted, TrainingDiverged)):  # those keep it
-            shutil.rmtree(writer.run_dir, ignore_errors=True)
+            writer.abandon()
             if isinstance(exc, ModelCodeError):
                 raise ModelCodeError(f"{exc}; no epoch finished, so its run folder was removed") from exc.__cause__
         raise

@@ -736,3 +736,32 @@ def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pat
     assert lines[-1] in ("error: cannot write to standard output: No space left on device; choose another place for it",
                          "error: standard output is closed; redirect it to a file (or to /dev/null)"), out.stderr
     assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_ctrl_c_while_a_picture_is_drawn_lets_it_finish_then_stops_in_one_line(runner, tmp_path, good_run,
+                                                                                 monkeypatch):
+    """Ctrl-C inside matplotlib could leave it half-drawn (a ValueError traceback about 1 time in 40):
+    the drawing finishes, then the command stops as interrupted, writing nothing."""
+    import os
+    import time
+
+    from mnistkit import render
+
+    real, finished = render.errors_png, []
+
+    def drawing(report):
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C arrives in the middle of the drawing
+        time.sleep(0.05)
+        png = real(report)
+        finished.append(True)
+        return png
+
+    monkeypatch.setattr(render, "errors_png", drawing)
+    out = tmp_path / "e.png"
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        result = runner.invoke(app, ["evaluate", str(good_run), "--errors", str(out), "--device", "cpu"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert finished == [True]
+    assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted" and not out.exists()

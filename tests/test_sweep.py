@@ -286,3 +286,114 @@ def test_a_sweep_on_a_ray_head_started_as_the_readme_says(tmp_path):
         assert not noise, noise
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+LONG_SPEC = """name: long
+models: [I4]
+seeds: [1, 2, 3, 4]
+recipe: {epochs: 30, batch_size: 128}
+data: {dataset: synthetic, limit: 1500}
+"""
+
+
+def _sweep_workers(main_pid: int) -> list[int]:
+    """The sweep's worker processes (spawned children running trials; not the resource tracker)."""
+    import subprocess
+
+    pids = subprocess.run(["pgrep", "-P", str(main_pid)], capture_output=True, text=True).stdout.split()
+    workers = []
+    for pid in map(int, pids):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+        except OSError:
+            pass
+    return workers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_long_sweep(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    spec = write(tmp_path, LONG_SPEC)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "mnistkit", "sweep", str(spec), "--workers", "2", "--runs-dir",
+                             str(runs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MNISTKIT_FUSED": "0"}, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:   # both workers are training (an epoch of each is on disk)
+        done = [p for p in (runs / "long").glob("*/metrics.jsonl") if p.stat().st_size > 0]
+        if len(done) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the sweep's trials did not start")
+    workers = _sweep_workers(proc.pid)
+    assert len(workers) == 2
+    return proc, runs / "long", workers
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_sweep_and_start_no_other_trial(tmp_path):
+    import signal
+    import time
+
+    proc, folder, workers = _start_long_sweep(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "a worker outlived its sweep"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["I4-seed1", "I4-seed2"]  # 3 and 4 never began
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM to the sweep", "Ctrl-C (SIGINT to the process group)"])
+def test_sigterm_or_ctrl_c_stops_every_trial_cleanly_and_says_how_to_resume_once(tmp_path, how):
+    import os
+    import signal
+
+    from mnistkit.runs import summarize_run
+
+    proc, folder, workers = _start_long_sweep(tmp_path)
+    if how.startswith("SIGTERM"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)   # what a terminal does on Ctrl-C
+    out, err = proc.communicate(timeout=120)
+    code, first = (143, "error: terminated (SIGTERM)") if how.startswith("SIGTERM") else (130, "error: interrupted")
+    assert proc.returncode == code, err
+    assert not any(_alive(w) for w in workers)
+    assert err.count("--resume") == 1 and err.strip().splitlines()[-1].startswith(first), err
+    assert "Traceback" not in err and "leaked" not in err, err
+    trials = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert [t.name for t in trials] == ["I4-seed1", "I4-seed2"]
+    assert all(summarize_run(t).state == "interrupted" for t in trials)   # consistent, resumable
+    progress = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(progress) == len(set(progress))   # each trial's line once
+
+
+@pytest.mark.slow
+def test_an_embedded_ray_says_nothing_of_its_own(tmp_path):
+    """--ray local, as a user runs it: none of Ray's INFO or WARNING lines reach the terminal."""
+    pytest.importorskip("ray")
+    import subprocess
+
+    spec = write(tmp_path, SPEC.replace("seeds: [1, 2]", "seeds: [1]").replace("lr: [0.05, 0.1]", "lr: [0.05]"))
+    out = subprocess.run([sys.executable, "-m", "mnistkit", "sweep", str(spec), "--ray", "local", "--runs-dir",
+                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    noise = [line for line in out.stderr.splitlines() if re.search(r"\b(WARNING|INFO|W \d|I \d)", line)]
+    assert not noise and "[1/1] I3-lr0.05-seed1: finished" in out.stderr, out.stderr

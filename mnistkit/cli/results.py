@@ -39,8 +39,12 @@ def evaluate_cmd(
     check_outputs([errors, confusion], inputs=(resolve_checkpoint(target),))
     report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device,
                                  model_code=model_code)
-    pictures = [(path, draw(report)) for path, draw in ((errors, render.errors_png), (confusion, render.confusion_png))
-                if path]  # drawn before any is written: all or nothing
+    from mnistkit.runs import sigint_deferred
+
+    with sigint_deferred():   # Ctrl-C inside matplotlib could leave it half-drawn (a ValueError later): after
+        pictures = [(path, draw(report)) for path, draw in ((errors, render.errors_png),
+                                                            (confusion, render.confusion_png))
+                    if path]  # drawn before any is written: all or nothing
     if as_json:
         print_json(report.to_dict())
     else:

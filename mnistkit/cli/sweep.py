@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from typing import Optional
 
@@ -60,12 +61,17 @@ def sweep_cmd(
             err.print(render.Text(line, style="red" if record["status"] in ("failed", "diverged") else ""),
                       highlight=False, soft_wrap=True)
 
+        from mnistkit.runs import Terminated, sigterm_as_interrupt
+
         t0 = time.perf_counter()
         try:
-            last_records = run_sweep(spec, runs_dir, workers=workers, ray=ray, device=device, resume=resume,
-                                     on_result=said, keep_memory=True)
-        except KeyboardInterrupt:
-            fail(f"interrupted; run only what is missing with: mnistkit sweep {spec_file} --resume", 130)
+            with sigterm_as_interrupt():   # SIGTERM stops the trials as cleanly as Ctrl-C
+                last_records = run_sweep(spec, runs_dir, workers=workers, ray=ray, device=device, resume=resume,
+                                         on_result=said, keep_memory=True)
+        except KeyboardInterrupt as exc:
+            what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+            fail(f"{what}; every trial stopped after its last finished epoch; run only what is missing with: "
+                 f"mnistkit sweep {shlex.quote(spec_file)} --resume", code)
         seconds = time.perf_counter() - t0
     records = []
     if not report_only:
