@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -230,3 +231,15 @@ def test_recipe_prints_the_resolved_recipe_as_yaml_naming_the_changelog_once(run
     unknown = runner.invoke(app, ["recipe", "I9"])
     assert unknown.exit_code != 0 and unknown.stdout == ""
     assert len(unknown.stderr.strip().splitlines()) == 1 and "I9" in unknown.stderr
+
+
+def test_help_shows_flags_as_flags_and_values_with_their_type(runner):
+    from typer.main import get_command
+
+    group = get_command(app)
+    for name, command in [("", group), *group.commands.items()]:
+        result = runner.invoke(app, [*([name] if name else []), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (name, result.output)
+        assert "<bool>" not in result.output, (name, result.output)   # --json, --version, --debug take no value
+    summary = runner.invoke(app, ["summary", "--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--json\s+Print one JSON object", summary) and re.search(r"--budget\s+<int range>", summary)

@@ -36,6 +36,24 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _flags_show_no_value() -> None:
+    """Help shows a flag as a flag: Typer 0.29 prints every boolean flag's type (``--json <bool>``),
+    which reads as if it took a value. The one place help asks for an option's type is taught
+    that a flag has none (Typer versions without the method are left alone)."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is not None and not getattr(shown, "_mnistkit", False):
+        def display_type_rich(self: Any, ctx: Any) -> Any:
+            return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+        display_type_rich._mnistkit = True  # type: ignore[attr-defined]
+        TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_value()
+
+
 class _OneLineErrors(TyperGroup):
     """Click's own errors (a bad option value, an unknown option) as one line too, instead of
     a usage box: ``error: Invalid value for '--budget': 0 is not in the range x>=1; see
