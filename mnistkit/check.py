@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mnistkit.compare import build_report
+from mnistkit.errors import UsageError
 from mnistkit.experiments import Experiments
 from mnistkit.recipe import DEFAULT_RUNS_DIR
 
@@ -32,6 +33,7 @@ class CheckReport:
     runs_dir: str | None  # None: static (no runs read)
     static: bool
     cases: list[Case] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)   # run folders that could not be read (skipped)
 
     @property
     def failed(self) -> list[Case]:
@@ -44,7 +46,7 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         return {"experiments": self.experiments, "runs_dir": self.runs_dir, "static": self.static,
                 "passed": self.passed, "checks": len(self.cases), "failed": len(self.failed),
-                "cases": [asdict(c) for c in self.cases]}
+                "cases": [asdict(c) for c in self.cases], "damaged_runs": self.damaged}
 
 
 def run_checks(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR, *,
@@ -52,12 +54,17 @@ def run_checks(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR
     """Check every iteration of ``experiments`` (or the one of id ``iteration``)."""
     if iteration is not None:
         iteration = experiments.iteration(iteration).id  # an unknown id is one line naming the known ones
-    return checks_of(build_report(experiments, runs_dir, static=static), iteration, static)
+    out = checks_of(build_report(experiments, runs_dir, static=static), iteration, static)
+    if not out.cases:   # zero checks must not read as a pass
+        raise UsageError(f"{experiments.path} gives nothing to check: it has no iteration or no constraint "
+                         "(constraints: max_params, batchnorm, dropout, gap_head, max_epochs, min_test_acc)")
+    return out
 
 
 def checks_of(report: dict[str, Any], iteration: str | None = None, static: bool = False) -> CheckReport:
     """The checks of a ``compare.build_report`` report (of one iteration id, or all)."""
-    out = CheckReport(report["experiments"], None if static else report["runs_dir"], static)
+    out = CheckReport(report["experiments"], None if static else report["runs_dir"], static,
+                      damaged=[d["why"] for d in report.get("damaged_runs", [])])
     c = report["constraints"]
     for row in report["iterations"]:
         if iteration is not None and row["id"] != iteration:

@@ -21,7 +21,18 @@ from typing import Any, Callable
 __all__ = ["run_in_workers"]
 
 GRACE_SECONDS = 120   # an orphaned worker's trial gets this long to commit before a hard exit
-_state = {"stopping": False, "orphaned": False}
+_state = {"stopping": False, "orphaned": False, "in_trial": False}
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM outside a trial's training loop (which turns it into a clean stop of its own): a
+    trial that is still starting stops as interrupted; an idle worker only stops taking trials
+    (dying here would break the pool and lose the other workers' results), or, orphaned, exits."""
+    _state["stopping"] = True
+    if _state["in_trial"]:
+        raise KeyboardInterrupt
+    if _state["orphaned"]:
+        os._exit(0)
 
 
 def _watch(parent: int) -> None:
@@ -40,6 +51,7 @@ def _init(parent: int) -> None:
     # SIGTERM (which a trial in training turns into a clean stop), so a worker never dies on it
     # between trials with a traceback of its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     threading.Thread(target=_watch, args=(parent,), daemon=True, name="mnistkit-parent-watch").start()
 
 
@@ -47,11 +59,17 @@ def _trial(run: Callable[[dict[str, Any]], dict[str, Any]], payload: dict[str, A
     """One trial in a worker, unless the sweep is stopping (None: not started)."""
     if _state["stopping"]:
         return None
-    record = run(payload)
-    if record.get("status") == "interrupted":
-        _state["stopping"] = True   # Ctrl-C or SIGTERM reached this worker: start nothing more
+    _state["in_trial"] = True
+    try:
+        record: dict[str, Any] | None = run(payload)
+    except KeyboardInterrupt:   # stopped while the trial was still starting: it did not run
+        record = None
+    finally:
+        _state["in_trial"] = False
     if _state["orphaned"]:
         os._exit(0)   # nobody is left to read the result: the run folder holds it
+    if record is None or record.get("status") == "interrupted":
+        _state["stopping"] = True   # Ctrl-C or SIGTERM reached this worker: start nothing more
     return record
 
 

@@ -88,3 +88,15 @@ def test_a_users_own_iteration_is_checked_statically(tmp_path, runner, monkeypat
     assert {c.iteration for c in report.cases} == {"S1", "S2"} and report.passed
     result = runner.invoke(app, ["check", "--static"])
     assert result.exit_code == 0 and "pass  S1 params: 11,480 trainable parameters" in result.stdout
+
+
+def test_zero_checks_never_read_as_a_pass(runner, tmp_path):
+    empty = tmp_path / "e.yaml"
+    empty.write_text("version: 1\niterations: []\n")
+    result = runner.invoke(app, ["check", "--static", "--experiments", str(empty)])
+    assert result.exit_code == 2 and "gives nothing to check" in result.stderr
+
+
+def test_a_check_whose_report_cannot_be_written_is_2_not_a_failed_constraint(runner, tmp_path):
+    result = runner.invoke(app, ["check", "--static", "-i", "I4", "-o", "/dev/full"])
+    assert result.exit_code == 2 and "No space left on device" in result.stderr

@@ -161,3 +161,21 @@ def test_plot_draws_any_runs_and_labels_them(runner, tmp_path):
         assert result.exit_code == 2 and needle in result.stderr
     result = runner.invoke(app, ["plot", str(a), "-o", str(a / "last.pt")])
     assert result.exit_code == 1 and "file of the run folder" in result.stderr
+
+
+def test_user_text_cannot_break_the_write_ups_tables_or_headings(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments.yaml").write_text(
+        "version: 1\nconstraints: {batchnorm: true}\niterations:\n"
+        "  - {id: I1, model: I1, changes: 'pipe | here', target: 'a <script>x</script>', "
+        "analysis: \"line one\\n# not a heading\\n| a | b |\"}\n")
+    assert runner.invoke(app, ["report", "--runs-dir", "r"]).exit_code == 0
+    md = (tmp_path / "report" / "README.md").read_text()
+    assert "| I1 | pipe \\| here |" in md                       # one cell, as written
+    assert "- **Analysis:** line one # not a heading \\| a \\| b \\|" in md or \
+        "- **Analysis:** line one # not a heading | a | b |" in md
+    assert "\n# not a heading" not in md
+    assert "| Parameters | 20,978 trainable (the change-log sets no parameter limit) |" in md
+    assert runner.invoke(app, ["report", "--runs-dir", "r", "--format", "html", "-o", "r.html"]).exit_code == 0
+    page = (tmp_path / "r.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<h1>not a heading" not in page

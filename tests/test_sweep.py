@@ -397,3 +397,37 @@ def test_an_embedded_ray_says_nothing_of_its_own(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     noise = [line for line in out.stderr.splitlines() if re.search(r"\b(WARNING|INFO|W \d|I \d)", line)]
     assert not noise and "[1/1] I3-lr0.05-seed1: finished" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_stop_while_a_worker_is_idle_keeps_the_other_workers_clean_stop(tmp_path):
+    """One worker has finished its trial and waits; the other trains. Stopping the sweep must not
+    kill the idle one (that broke the pool, and the trainer was killed mid-stop, unreported)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    driver = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from mnistkit.workers import run_in_workers
+from tests.fake_trials import fake_trial
+got = []
+try:
+    run_in_workers(fake_trial, [{{"id": 0, "sleep": 0.1, "folder": {str(tmp_path)!r}}},
+                                {{"id": 1, "sleep": 60, "folder": {str(tmp_path)!r}}}], 2, got.append)
+except KeyboardInterrupt:
+    print(json.dumps(got))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "done-0").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)   # worker 0 is idle now, worker 1 sleeps in its "training"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    reported = json.loads(out)
+    assert sorted(r["trial"] for r in reported) == [0, 1], (reported, err)
+    assert (tmp_path / "stopped-1").read_text() == "cleanly"
+    assert "BrokenProcessPool" not in err and "Traceback" not in err, err

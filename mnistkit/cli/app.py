@@ -74,12 +74,11 @@ class _OneLineErrors(TyperGroup):
                 fail(exc.format_message().rstrip(".") + hint, exc.exit_code)
             except Abort:
                 fail("aborted", 1)
-            except OSError as exc:   # only stdout's own errors get here: the library words its files' errors
-                _drop_stdout()
-                if isinstance(exc, BrokenPipeError):   # `mnistkit runs | head`: the reader has what it wanted
-                    code = 141
-                else:
-                    fail(f"cannot write to standard output: {exc.strerror or exc}; choose another place for it", 1)
+            except OSError as exc:   # the library words its files' errors; one it did not still gets one line
+                if exc.filename is not None:
+                    fail(f"cannot use {exc.filename}: {exc.strerror or exc}; check the path", 1)
+                _drop_stdout()   # no file named: writing stdout failed (a full disk, a closed pipe)
+                fail(f"cannot write to standard output: {exc.strerror or exc}; choose another place for it", 1)
         except typer.Exit as exc:
             code = exc.exit_code
         if not standalone_mode:

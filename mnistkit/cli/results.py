@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, print_json, say, JSON, EXPERIMENTS, MODEL_CODE
+from mnistkit.cli.app import app, handles_errors, examples, note, print_json, say, JSON, EXPERIMENTS, MODEL_CODE
 from mnistkit.recipe import DEFAULT_RUNS_DIR, Dataset
 
 
@@ -202,7 +202,7 @@ def check_cmd(
     from mnistkit.experiments import find_experiments
     from mnistkit.outputs import check_outputs, write_output
 
-    try:
+    try:   # 1 means a check failed: anything else that goes wrong, before or after the checks, is 2
         formats = ("text", "junit", "json")
         if as_json and fmt not in (None, "json"):
             raise UsageError(f"--json and --format {fmt} disagree; give one")
@@ -212,15 +212,21 @@ def check_cmd(
         exp = find_experiments(experiments)
         check_outputs([output], inputs=(exp.path,))
         report = run_checks(exp, runs_dir, iteration=iteration, static=static)
+        text = {"text": render.check_text, "junit": render.check_junit, "json": render.json_text}[fmt](
+            report.to_dict() if fmt == "json" else report)
+        if output:
+            write_output(output, text)
+        else:
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except OSError as exc:
+                raise UsageError(f"cannot write to standard output: {exc.strerror or exc}") from None
     except MnistkitError as exc:
-        exc.exit_code = 2  # 1 means a check failed; anything that stops the checks is 2
+        exc.exit_code = 2
         raise
-    text = {"text": render.check_text, "junit": render.check_junit, "json": render.json_text}[fmt](
-        report.to_dict() if fmt == "json" else report)
-    if output:
-        write_output(output, text)
-    else:
-        sys.stdout.write(text)
+    for why in report.damaged:
+        note(f"skipped a damaged run folder: {why}")
     if output or fmt != "text":  # the failing checks reach the log whatever the format
         for case in report.failed:
             render.stderr().print(render.check_line(case), highlight=False, soft_wrap=True, markup=False)

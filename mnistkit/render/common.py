@@ -51,6 +51,11 @@ def json_text(data: Any) -> str:
     return strictjson.dumps(data, indent=2) + "\n"
 
 
+def md_cell(text: Any) -> str:
+    """User text as one Markdown table cell: one line, pipes escaped, never empty."""
+    return " ".join(str(text).split()).replace("|", "\\|") or " "
+
+
 def plain(cell: Any) -> str:
     return cell.plain if isinstance(cell, Text) else str(cell)
 

@@ -11,7 +11,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from mnistkit.render.common import fit, fmt_int, fmt_pct, mean_std, png_bytes, pyplot, spec_table
+from mnistkit.render.common import fit, fmt_int, fmt_pct, md_cell, mean_std, png_bytes, pyplot, spec_table
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -269,7 +269,7 @@ def compare_markdown(report: dict[str, Any]) -> str:
     for row in report["iterations"]:
         cell = compare_cells(row)
         params = cell["params"] + ("" if row["params_match"] else " **MISMATCH**")
-        lines.append("| " + " | ".join([cell["id"], cell["changes"], params, cell["test_reported"], cell["test_measured"],
+        lines.append("| " + " | ".join([md_cell(cell["id"]), md_cell(cell["changes"]), params, cell["test_reported"], cell["test_measured"],
                                          cell["test_min"], cell["seeds"], cell["train"], cell["best"], cell["gap"],
                                          cell["epochs"], cell["lr"], cell["delta_test"], cell["delta_params"]]) + " |")
     keys = check_keys(report)
@@ -278,14 +278,12 @@ def compare_markdown(report: dict[str, Any]) -> str:
     for row in report["iterations"]:
         marks = [check_cell(row["checks"].get(k))[0].replace("✓", "✅").replace("✗", "❌") for k in keys]
         every = check_cell(overall(row, keys))[0].replace("✓", "✅").replace("✗", "❌")
-        lines.append(f"| {row['id']} | " + " | ".join(marks) + f" | {every} |")
+        lines.append(f"| {md_cell(row['id'])} | " + " | ".join(marks) + f" | {every} |")
     noted = [row for row in report["iterations"] if row.get("target") or row.get("analysis")]
     if noted:
-        def md(text: str) -> str:
-            return " ".join(str(text).split()).replace("|", "\\|")
-
         lines += ["", "| Iter | Model | Target | Analysis |", "|---|---|---|---|"]
-        lines += [f"| {md(r['id'])} | {md(r['model'])} | {md(r.get('target', ''))} | {md(r.get('analysis', ''))} |"
+        lines += [f"| {md_cell(r['id'])} | {md_cell(r['model'])} | {md_cell(r.get('target', ''))} | "
+                  f"{md_cell(r.get('analysis', ''))} |"
                   for r in noted]
     seeds, per_seed = seed_columns(report)
     if seeds:

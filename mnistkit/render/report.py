@@ -12,7 +12,7 @@ import html
 import re
 from typing import TYPE_CHECKING, Any
 
-from mnistkit.render.common import curves_png, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape
+from mnistkit.render.common import curves_png, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, md_cell
 from mnistkit.render.compare import compare_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,12 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 Block = tuple  # ("md", text) | ("diagram", graph, summary) | ("image", file, alt, png bytes)
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ") or " "
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}%"
+def one_line(text: Any) -> str:
+    """User text on one line of the write-up (a newline would start a heading or a table there)."""
+    return " ".join(str(text or "").split())
 
 
 def _result(row: dict[str, Any], target: float | None, n_last: int) -> str:
@@ -98,28 +95,35 @@ def blocks(w: "WriteUp") -> list[Block]:
     final = w.iterations[-1] if w.iterations else None
     if final:
         s, row = final.summary, final.row
+        if "max_params" not in c:
+            limit = "the change-log sets no parameter limit"
+        elif s.trainable_params < c["max_params"]:
+            limit = f"fewer than {fmt_int(c['max_params'])} allowed"
+        else:
+            limit = f"{fmt_int(s.trainable_params - c['max_params'])} over the limit: fewer than {fmt_int(c['max_params'])}"
         rf = "global" + f" (the last spatial layer sees {s.rf}x{s.rf} pixels)" if s.rf_global else f"{s.rf}x{s.rf} pixels"
         md += (f"\n## The model at a glance: {row['id']}, the final iteration\n\n| | |\n|---|---|\n"
-               f"| Model | `{_cell(row['model'])}`: {_cell(row['changes'])} |\n"
-               f"| Parameters | {fmt_int(s.trainable_params)} trainable (fewer than {fmt_int(s.budget)} allowed) |\n"
+               f"| Model | `{md_cell(row['model'])}`: {md_cell(row['changes'])} |\n"
+               f"| Parameters | {fmt_int(s.trainable_params)} trainable ({limit}) |\n"
                f"| BatchNorm, Dropout, GAP head | {'yes' if s.has_batchnorm else 'no'}, "
                f"{'yes' if s.has_dropout else 'no'}, {'yes' if s.gap_head else 'no'} |\n"
                f"| Receptive field | {rf} |\n| Mult-adds per image | {fmt_mult_adds(s.mult_adds)} |\n"
-               f"| Epochs (recipe) | {row['recipe']['epochs']} |\n| Result | {_cell(_result(row, target, n_last))} |\n")
-    md += "\n## Checklist\n\n" + ("Every check passes.\n" if w.checks.passed else
-                                   f"{len(w.checks.failed)} of {len(w.checks.cases)} checks fail.\n")
+               f"| Epochs (recipe) | {row['recipe']['epochs']} |\n| Result | {md_cell(_result(row, target, n_last))} |\n")
+    verdict = ("The change-log sets no constraint to check.\n" if not w.checks.cases else "Every check passes.\n"
+               if w.checks.passed else f"{len(w.checks.failed)} of {len(w.checks.cases)} checks fail.\n")
+    md += "\n## Checklist\n\n" + verdict
     md += "\n| Iteration | Check | Result | What was measured |\n|---|---|---|---|\n"
-    md += "".join(f"| {_cell(k.iteration)} | {k.check} | {'pass' if k.passed else '**FAIL**'} | {_cell(k.detail)} |\n"
+    md += "".join(f"| {md_cell(k.iteration)} | {k.check} | {'pass' if k.passed else '**FAIL**'} | {md_cell(k.detail)} |\n"
                   for k in w.checks.cases)
     md += "\n## The change-log, reported beside measured\n\n" + compare_markdown(report)
     out.append(("md", md))
     for part in w.iterations:
         row = part.row
-        text = (f"\n## {row['id']}: {_cell(row['changes'])}\n\n- **Model:** `{row['model']}`, "
+        text = (f"\n## {one_line(row['id'])}: {one_line(row['changes'])}\n\n- **Model:** `{one_line(row['model'])}`, "
                 f"{fmt_int(part.summary.trainable_params)} parameters\n"
-                f"- **Target:** {row['target'] or '(none given in the change-log)'}\n"
+                f"- **Target:** {one_line(row['target']) or '(none given in the change-log)'}\n"
                 f"- **Result:** {_result(row, target, n_last)}\n"
-                f"- **Analysis:** {row['analysis'] or '(none given in the change-log)'}\n\n"
+                f"- **Analysis:** {one_line(row['analysis']) or '(none given in the change-log)'}\n\n"
                 "### Layers\n\n" + part.summary.to_markdown() + "\n### Architecture\n\n")
         if not part.graph.traced:
             text += f"torch.fx could not trace this model ({part.graph.why}), so its layers are drawn in order.\n\n"
