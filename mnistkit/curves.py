@@ -52,7 +52,8 @@ def run_curves(targets: list[str]) -> list[RunCurve]:
                 raise UsageError(f"{target} is neither a run folder nor a folder of runs")
             folders += found
         else:
-            raise UsageError(f"{target} is not a run folder (no such folder)")
+            why = "a file, not a folder" if path.exists() else "no such folder"
+            raise UsageError(f"{target} is not a run folder ({why})")
     folders = list(dict.fromkeys(folders))
     if len(folders) > MAX_RUNS:
         raise UsageError(f"{len(folders)} runs in one picture is too many to read; name at most {MAX_RUNS}")

@@ -11,15 +11,20 @@ import tempfile
 from pathlib import Path
 
 from mnistkit.errors import RunError
+from mnistkit.safeio import read_text_bounded
 
-__all__ = ["atomic_write", "atomic_write_all", "check_output", "write_output", "write_folder"]
+__all__ = ["atomic_write", "atomic_write_all", "check_output", "write_output", "write_folder", "check_folder"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _umask_mode() -> int:
     """The mode an ordinary ``open(path, "w")`` gives a new file under the current umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def _stage(path: Path, raw: bytes) -> str:
@@ -134,26 +139,31 @@ def write_output(path: str | os.PathLike, data: bytes | str) -> None:
         raise RunError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
 
 
-FOLDER_MARK = ".mnistkit-report"  # written in every folder write_folder makes: only such a folder is replaced
+FOLDER_MARK = ".mnistkit-report"  # in every folder write_folder makes: the names it wrote, one a line
 
 
-def write_folder(path: str | os.PathLike, files: dict[str, bytes | str], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """Write a folder of files as a whole: staged in a hidden folder beside ``path``, then swapped
-    in, so that a half-written folder never replaces a good one. An existing ``path`` is replaced
-    only when it is a folder this function wrote (it holds FOLDER_MARK) or an empty folder; a
-    symlink, a file, a run folder or any other folder is refused, and so is a folder that holds
-    one of the command's ``inputs`` (the runs, the change-log)."""
-    import shutil
-    import tempfile
-
+def check_folder(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse, before anything is computed or written, a folder ``write_folder`` must not replace:
+    a symlink or a file; a folder holding anything that write_folder did not write there (a file
+    you added to a report folder, a .git, a run); the current folder or one above it; a folder
+    that holds one of the command's ``inputs`` (the runs, the change-log); a missing parent."""
     path = Path(path)
     try:
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             raise RunError(f"cannot write the folder {path}: it exists and is not a folder; choose another path")
-        if path.is_dir() and not (path / FOLDER_MARK).is_file() and any(path.iterdir()):
-            raise RunError(f"cannot write the folder {path}: it holds files mnistkit did not write; choose a new "
-                           "folder (or empty this one)")
         real = Path(os.path.realpath(path))
+        if real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
+            raise RunError(f"cannot write the folder {path}: it is the current folder or holds it; name a folder "
+                           "inside it (e.g. report)")
+        if path.is_dir():
+            mark = path / FOLDER_MARK
+            listed = read_text_bounded(mark, 1 << 16, RunError, "a report mark").split("\n")[1:] if mark.is_file() else []
+            ours = set(listed) | {FOLDER_MARK} if mark.is_file() else set()
+            foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
+            if foreign:
+                raise RunError(f"cannot write the folder {path}: it holds {', '.join(foreign[:3])}"
+                               f"{' ...' if len(foreign) > 3 else ''}, which mnistkit did not write; choose a new "
+                               "folder, or move those away")
         for given in inputs:
             inside = Path(os.path.realpath(given))
             if inside == real or real in inside.parents:
@@ -162,11 +172,29 @@ def write_folder(path: str | os.PathLike, files: dict[str, bytes | str], inputs:
         if not real.parent.is_dir():
             raise RunError(f"cannot write the folder {path}: {real.parent} does not exist; create it or choose "
                            "another path")
+    except OSError as exc:
+        raise RunError(f"cannot write the folder {path}: {exc.strerror or exc}; choose another path") from None
+
+
+def write_folder(path: str | os.PathLike, files: dict[str, bytes | str], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Write a folder of files as a whole (``check_folder`` first): staged in a hidden folder
+    beside ``path``, every file fsynced, then swapped in, so that a half-written folder never
+    replaces a good one; the mark lists the names written, and only they may be replaced."""
+    import shutil
+    import tempfile
+
+    check_folder(path, inputs)
+    real = Path(os.path.realpath(path))
+    try:
         stage = Path(tempfile.mkdtemp(prefix=f".{real.name}.", dir=real.parent))
         try:
-            for name, data in {**files, FOLDER_MARK: "written by mnistkit; replaced whole by the next write\n"}.items():
-                (stage / name).write_bytes(data.encode() if isinstance(data, str) else data)
-            os.chmod(stage, _folder_mode())  # mkdtemp's is 0700
+            mark = "written by mnistkit; replaced whole by the next write; it wrote:\n" + "\n".join(files)
+            for name, data in {**files, FOLDER_MARK: mark}.items():
+                with open(stage / name, "wb") as fh:
+                    fh.write(data.encode() if isinstance(data, str) else data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's is 0700
             if not real.is_dir():
                 os.rename(stage, real)
                 return
@@ -184,10 +212,3 @@ def write_folder(path: str | os.PathLike, files: dict[str, bytes | str], inputs:
             raise
     except OSError as exc:
         raise RunError(f"cannot write the folder {path}: {exc.strerror or exc}; choose another path") from None
-
-
-def _folder_mode() -> int:
-    """The mode an ordinary ``mkdir`` gives a new folder under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask

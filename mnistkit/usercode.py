@@ -143,8 +143,9 @@ def attribute(module: types.ModuleType, attr: str | None, where: str) -> tuple[s
 
     # only what builds a model is ever called: an nn.Module class, or a function the file itself
     # defines (not one it imports: 'from subprocess import run' makes no model builder of run)
+    home = getattr(obj, "__module__", None) or ""
     if callable(obj) and not isinstance(obj, nn.Module) and not (inspect.isclass(obj) and issubclass(obj, nn.Module)) \
-            and getattr(obj, "__module__", None) != module.__name__:
+            and home != module.__name__ and not home.startswith(module.__name__ + "."):   # a package's own modules
         raise UsageError(f"{where}:{attr} is {getattr(obj, '__module__', None) or 'a'}.{getattr(obj, '__qualname__', type(obj).__name__)},"
                          f" not an nn.Module class or a function {where} defines; write a function there that "
                          f"returns the model ({_listing(module)})", key="model")
@@ -229,14 +230,22 @@ def check_output(model: Any, source: ModelSource, check: bool) -> Any:
 
 
 def module_file(name: str) -> Path | None:
-    """The file ``import name`` would run, found on sys.path without importing anything (no
-    parent package's ``__init__`` runs): a plain module or package in a folder, else None."""
+    """The file ``import name`` would run, found as the import system finds it (packages before
+    extension modules before sources, entry by entry of sys.path) but without importing anything:
+    no package's ``__init__`` runs. None where it is not a file of a folder on the path."""
+    from importlib.machinery import PathFinder
+
     parts = name.split(".")
     if not name or not all(p.isidentifier() for p in parts):
         return None
-    for entry in sys.path:
-        base = Path(entry or ".").joinpath(*parts)
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-            if candidate.is_file():
-                return candidate.resolve()
-    return None
+    search: Any = None   # sys.path
+    spec = None
+    for i, part in enumerate(parts):
+        spec = PathFinder.find_spec(".".join(parts[:i + 1]) if search is not None else part, search)
+        if spec is None:
+            return None
+        search = spec.submodule_search_locations
+        if i < len(parts) - 1 and search is None:
+            return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin).resolve() if origin and origin not in ("built-in", "frozen") and Path(origin).is_file() else None

@@ -538,3 +538,25 @@ def test_a_model_with_nothing_to_train_is_one_line(runner, project):
                                  "1", "--runs-dir", "r"])
     assert "has no trainable parameters: there is nothing to train" in one_line_error(result, 2)
     assert not (project / "r").exists() or not list((project / "r").iterdir())
+
+
+def test_module_file_finds_what_import_would_run_without_importing(tmp_path, monkeypatch):
+    from mnistkit.usercode import module_file
+
+    (tmp_path / "foo").mkdir()
+    (tmp_path / "foo.py").write_text("raise SystemExit('the module, not the package')\n")
+    (tmp_path / "foo" / "__init__.py").write_text("import pathlib; pathlib.Path(__file__).with_name('RAN').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert module_file("foo") == (tmp_path / "foo" / "__init__.py").resolve()   # a package comes first, as import has it
+    assert not (tmp_path / "foo" / "RAN").exists() and module_file("foo.nothing") is None
+
+
+def test_a_builder_a_package_re_exports_is_its_own(runner, tmp_path, monkeypatch):
+    (tmp_path / "mymodels").mkdir()
+    (tmp_path / "mymodels" / "__init__.py").write_text("from .small import build\n")
+    (tmp_path / "mymodels" / "small.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["summary", "mymodels:build"])
+    assert result.exit_code == 0, result.output

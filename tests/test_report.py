@@ -59,9 +59,9 @@ def test_the_report_folder_has_every_part_computed(runner, project, tmp_path):
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / link).is_file()
 
-    # a second report replaces the folder as a whole (a stale file does not survive)
-    (out / "stale.png").write_bytes(b"x")
-    assert runner.invoke(app, args).exit_code == 0 and not (out / "stale.png").exists()
+    # a second report replaces the folder as a whole (what it wrote, and only that)
+    (out / "curves.png").write_bytes(b"old")
+    assert runner.invoke(app, args).exit_code == 0 and (out / "curves.png").read_bytes().startswith(PNG)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")]  # no staging folder left
 
 
@@ -94,7 +94,7 @@ def test_report_never_replaces_a_folder_it_did_not_write(runner, tmp_path, monke
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     result = runner.invoke(app, ["report", "--runs-dir", "r", "-o", "mine"])
-    assert result.exit_code == 1 and "holds files mnistkit did not write" in result.stderr
+    assert result.exit_code == 1 and "notes.txt, which mnistkit did not write" in result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and len(list((tmp_path / "mine").iterdir())) == 1
     (tmp_path / "runs").mkdir()
     result = runner.invoke(app, ["report", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path)])
@@ -179,3 +179,20 @@ def test_user_text_cannot_break_the_write_ups_tables_or_headings(runner, tmp_pat
     assert runner.invoke(app, ["report", "--runs-dir", "r", "--format", "html", "-o", "r.html"]).exit_code == 0
     page = (tmp_path / "r.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page and "<h1>not a heading" not in page
+
+
+def test_a_report_folder_keeps_what_you_added_and_never_takes_the_current_folder(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["report", "--runs-dir", "r"]).exit_code == 0
+    (tmp_path / "report" / "my-notes.md").write_text("mine")
+    result = runner.invoke(app, ["report", "--runs-dir", "r"])
+    assert result.exit_code == 1 and "my-notes.md, which mnistkit did not write" in result.stderr
+    assert (tmp_path / "report" / "my-notes.md").read_text() == "mine"
+    (tmp_path / "report" / "my-notes.md").unlink()
+    assert runner.invoke(app, ["report", "--runs-dir", "r"]).exit_code == 0   # its own files: replaced
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for target in (".", ".."):
+        result = runner.invoke(app, ["report", "--runs-dir", "r", "-o", target])
+        assert result.exit_code == 1 and "it is the current folder or holds it" in result.stderr
+    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())

@@ -273,7 +273,7 @@ def report_cmd(
     from mnistkit import render
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.outputs import check_outputs, write_folder, write_output
+    from mnistkit.outputs import check_folder, check_outputs, write_folder, write_output
     from mnistkit.render.report import blocks, report_html, report_markdown
     from mnistkit.report import build_write_up
 
@@ -284,6 +284,8 @@ def report_cmd(
     exp = find_experiments(experiments)
     if fmt == "html":
         check_outputs([output], inputs=(exp.path,))
+    else:
+        check_folder(output, inputs=(exp.path, runs_dir))   # before the minutes of work, not after
     write_up = build_write_up(exp, runs_dir, device=device)
     bs = blocks(write_up)   # every picture drawn before anything is written
     if fmt == "html":
