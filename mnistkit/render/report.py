@@ -34,7 +34,7 @@ def _result(row: dict[str, Any], target: float | None, n_last: int) -> str:
     acc = m["test_acc"]
     std = f" ± {acc['std']:.2f}" if m["n"] > 1 else ""
     seeds = ", ".join(map(str, m["seeds"]))
-    text = (f"final test accuracy {acc['mean']:.2f}%{std} (min {acc['min']:.2f}%) over {m['n']} seed"
+    text = (f"final test accuracy {acc['mean']:.2f}{std}% (min {acc['min']:.2f}%) over {m['n']} seed"
             f"{'s' * (m['n'] != 1)} ({seeds}): MNIST, {m['train_samples']:,} training images, {m['epochs']} epochs, "
             "measured on the 10,000 test images after the last epoch")
     if target is not None:
