@@ -34,7 +34,7 @@ def run_curve(run: str | Path, group: str | None = None) -> RunCurve:
     if on.get("val_samples"):
         data += f", {on['val_samples']:,} held out"
     epochs = f"{len(metrics)}/{config.recipe.epochs} epochs" if len(metrics) < config.recipe.epochs \
-        else f"{len(metrics)} epochs"
+        else f"{len(metrics)} epoch{'s' * (len(metrics) != 1)}"
     label = f"{config.model}, {epochs}, {data}, seed {config.recipe.seed}"
     return RunCurve(str(run), label, group or config.model, tuple(metrics))
 

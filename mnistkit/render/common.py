@@ -225,7 +225,8 @@ def curves_png(curves: list[Any], title: str = "Training curves", target: float 
     for c in curves:
         first = c.group not in colours
         colour = colours.setdefault(c.group, cycle[len(colours) % len(cycle)])
-        style = {"color": colour, "linewidth": 1.6 if first else 0.8, "alpha": 1.0 if first else 0.6}
+        style = {"color": colour, "linewidth": 1.6 if first else 0.8, "alpha": 1.0 if first else 0.6,
+                 "marker": "o" if len(c.metrics) == 1 else None}   # a one-epoch run is a point, not a line
         epochs = [m.epoch for m in c.metrics]
         tl.plot(epochs, [m.train_loss for m in c.metrics], label=c.label, **style)
         vl.plot(epochs, [m.test_loss for m in c.metrics], **style)
