@@ -385,19 +385,6 @@ def test_sigterm_or_ctrl_c_stops_every_trial_cleanly_and_says_how_to_resume_once
     assert len(progress) == len(set(progress))   # each trial's line once
 
 
-@pytest.mark.slow
-def test_an_embedded_ray_says_nothing_of_its_own(tmp_path):
-    """--ray local, as a user runs it: none of Ray's INFO or WARNING lines reach the terminal."""
-    pytest.importorskip("ray")
-    import subprocess
-
-    spec = write(tmp_path, SPEC.replace("seeds: [1, 2]", "seeds: [1]").replace("lr: [0.05, 0.1]", "lr: [0.05]"))
-    out = subprocess.run([sys.executable, "-m", "mnistkit", "sweep", str(spec), "--ray", "local", "--runs-dir",
-                          str(tmp_path / "runs")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    noise = [line for line in out.stderr.splitlines() if re.search(r"\b(WARNING|INFO|W \d|I \d)", line)]
-    assert not noise and "[1/1] I3-lr0.05-seed1: finished" in out.stderr, out.stderr
-
 
 @pytest.mark.slow
 def test_a_stop_while_a_worker_is_idle_keeps_the_other_workers_clean_stop(tmp_path):
