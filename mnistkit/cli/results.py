@@ -128,6 +128,18 @@ def runs_cmd(
     out.print(render.runs_table(runs, runs_dir, time.time(), out))
 
 
+def choose_format(fmt: str | None, as_json: bool, formats: tuple[str, ...]) -> str:
+    """--format (the first of ``formats`` by default) and --json, which is --format json."""
+    from mnistkit.errors import UsageError
+
+    if as_json and fmt not in (None, "json"):
+        raise UsageError(f"--json and --format {fmt} disagree; give one")
+    fmt = "json" if as_json else (fmt or formats[0]).lower()
+    if fmt not in formats:
+        raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+    return fmt
+
+
 @app.command("compare", epilog=examples("mnistkit compare", "mnistkit compare --all-runs",
                                         "mnistkit compare --format markdown --output results.md --plot acc.png"))
 @handles_errors
@@ -142,16 +154,10 @@ def compare_cmd(
 ) -> None:
     """The change-log: reported figures beside measured ones (comparable runs, over seeds), deltas, and the assignment checks."""
     from mnistkit import compare, render
-    from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
     from mnistkit.outputs import check_outputs, write_output
 
-    formats = ("table", "markdown", "json", "csv")
-    if as_json and fmt not in (None, "json"):
-        raise UsageError(f"--json and --format {fmt} disagree; give one")
-    fmt = "json" if as_json else (fmt or "table").lower()
-    if fmt not in formats:
-        raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+    fmt = choose_format(fmt, as_json, ("table", "markdown", "json", "csv"))
     exp = find_experiments(experiments)
     check_outputs([output, plot], inputs=(exp.path,))   # never the change-log itself (./experiments.yaml may be a link)
     report = compare.build_report(exp, runs_dir)
@@ -203,12 +209,7 @@ def check_cmd(
     from mnistkit.outputs import check_outputs, write_output
 
     try:   # 1 means a check failed: anything else that goes wrong, before or after the checks, is 2
-        formats = ("text", "junit", "json")
-        if as_json and fmt not in (None, "json"):
-            raise UsageError(f"--json and --format {fmt} disagree; give one")
-        fmt = "json" if as_json else (fmt or "text").lower()
-        if fmt not in formats:
-            raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
+        fmt = choose_format(fmt, as_json, ("text", "junit", "json"))
         exp = find_experiments(experiments)
         check_outputs([output], inputs=(exp.path,))
         report = run_checks(exp, runs_dir, iteration=iteration, static=static)
