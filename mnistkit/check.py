@@ -92,8 +92,9 @@ def _detail(check: str, value: Any, row: dict[str, Any], c: dict[str, Any], repo
         return f"the recipe trains {epochs} epoch{'s' * (epochs != 1)}; fewer than {limit} allowed"
     target, m = c["min_test_acc"], row["measured"]
     if m is None:
-        return (f"no comparable run in {report['runs_dir']} (the whole training set, all "
-                f"{row['recipe']['epochs']} epochs of the iteration's recipe): train one with "
+        n = row['recipe']['epochs']
+        return (f"no comparable run in {report['runs_dir']} (the whole training set, "
+                f"{'all ' + str(n) + ' epochs' if n != 1 else 'the 1 epoch'} of the iteration's recipe): train one with "
                 f"'mnistkit train {row['id']}'")
     seeds = ", ".join(str(s) for s in m["seeds"])
     if check == "test_acc":

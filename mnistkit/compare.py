@@ -188,8 +188,10 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR, *,
-                 static: bool = False) -> dict[str, Any]:
-    """The report; ``static``: what needs no training only (no runs read, no accuracy checks)."""
+                 static: bool = False, models: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report; ``static``: what needs no training only (no runs read, no accuracy checks);
+    ``models``, when given, receives each iteration's built model and summary by id (for the
+    write-up, so that nothing is built twice)."""
     from mnistkit.modelref import build
     from mnistkit.summary import summarize
 
@@ -203,6 +205,8 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
         wanted = Recipe.from_dict(experiments.recipe_for(it), where=f"{experiments.path} ({it.id})")
         model, _ = build(source, wanted.model_kwargs())
         s = summarize(model, name=source.name, budget=c.get("max_params", DEFAULT_BUDGET))
+        if models is not None:
+            models[it.id] = (model, s)
         runs = iteration_runs(all_runs, it, wanted, target, source)
         measured = aggregate(runs)
         reported = it.reported

@@ -16,7 +16,7 @@ from mnistkit.check import CheckReport, checks_of
 from mnistkit.compare import build_report
 from mnistkit.errors import MnistkitError
 from mnistkit.experiments import Experiments
-from mnistkit.recipe import DEFAULT_BUDGET, DEFAULT_RUNS_DIR, Recipe
+from mnistkit.recipe import DEFAULT_RUNS_DIR
 
 __all__ = ["IterationPart", "WriteUp", "build_write_up"]
 
@@ -45,22 +45,19 @@ def build_write_up(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS
                    evaluate_best: bool = True, device: str = "cpu") -> WriteUp:
     from mnistkit.curves import run_curve
     from mnistkit.graph import model_graph
-    from mnistkit.modelref import build
-    from mnistkit.summary import summarize
 
-    report = build_report(experiments, runs_dir)
+    built: dict[str, Any] = {}
+    report = build_report(experiments, runs_dir, models=built)
     checks = checks_of(report)
-    budget = experiments.constraints.get("max_params", DEFAULT_BUDGET)
     parts = []
-    for it, row in zip(experiments.iterations, report["iterations"]):
-        wanted = Recipe.from_dict(experiments.recipe_for(it), where=f"{experiments.path} ({it.id})")
-        model, _ = build(experiments.model_source(it), wanted.model_kwargs())
-        s = summarize(model, name=it.id, budget=budget)
+    for row in report["iterations"]:
+        model, s = built[row["id"]]
         m = row["measured"]
-        curves = [run_curve(r, group=it.id) for r in m["runs"]] if m else []
+        curves = [run_curve(r, group=row["id"]) for r in m["runs"]] if m else []
         parts.append(IterationPart(row, s, model_graph(model, s), curves))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = WriteUp(report, checks, parts, stamp)
+    out.notes += [f"skipped a damaged run folder: {d['why']}" for d in report.get("damaged_runs", [])]
     measured = [p for p in parts if p.row["measured"]]
     if evaluate_best and measured:
         final = measured[-1].row

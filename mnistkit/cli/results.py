@@ -298,5 +298,6 @@ def report_cmd(
     for note_text in write_up.notes:
         render.stderr().print(render.note_line(note_text), highlight=False, soft_wrap=True)
     say(f"wrote {output}" + ("/README.md" if fmt == "markdown" else "")
-        + f" ({len(write_up.iterations)} iterations, {sum(1 for p in write_up.iterations if p.row['measured'])} "
+        + f" ({len(write_up.iterations)} iteration{'s' * (len(write_up.iterations) != 1)}, "
+          f"{sum(1 for p in write_up.iterations if p.row['measured'])} "
           "with comparable runs)")

@@ -29,8 +29,9 @@ def one_line(text: Any) -> str:
 def _result(row: dict[str, Any], target: float | None, n_last: int) -> str:
     m = row["measured"]
     if not m:
-        return ("no comparable run yet (the whole training set, all "
-                f"{row['recipe']['epochs']} epochs of its recipe): train it with `mnistkit train {row['id']}`")
+        n = row["recipe"]["epochs"]
+        return (f"no comparable run yet (the whole training set, {'all ' + str(n) + ' epochs' if n != 1 else 'the 1 epoch'}"
+                f" of its recipe): train it with `mnistkit train {row['id']}`")
     acc = m["test_acc"]
     std = f" ± {acc['std']:.2f}" if m["n"] > 1 else ""
     seeds = ", ".join(map(str, m["seeds"]))
