@@ -97,6 +97,22 @@ def transition(cin: int, cout: int, bias: bool = False) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, bias=bias)
 
 
+def separable(cin: int, cout: int, padding: int = 0) -> nn.Sequential:
+    """Depthwise-separable block: a 3x3 depthwise convolution (one filter per channel, 9*cin
+    weights), BN, ReLU, then a 1x1 pointwise convolution (cin*cout), BN, ReLU: a 3x3 conv's
+    receptive field for a fraction of its 9*cin*cout weights."""
+    return nn.Sequential(
+        OrderedDict(
+            dw=nn.Conv2d(cin, cin, 3, padding=padding, groups=cin, bias=False),
+            dw_bn=nn.BatchNorm2d(cin),
+            dw_relu=nn.ReLU(inplace=True),
+            conv=nn.Conv2d(cin, cout, 1, bias=False),
+            bn=nn.BatchNorm2d(cout),
+            relu=nn.ReLU(inplace=True),
+        )
+    )
+
+
 DROPOUT_AT = ("model", "convs")
 
 
@@ -250,6 +266,33 @@ class I4(_Net):
                 c5=conv_bn_relu(w4, w5, padding=0),    # 6x6, RF 18
                 gap=nn.AdaptiveAvgPool2d(1),
                 classifier=nn.Conv2d(w5, 10, 1),
+                flatten=nn.Flatten(),
+            ),
+            dropout_at, dropout,
+        )
+
+
+@register_model("I5")
+class I5(_Net):
+    """Under 3,000 params: two 3x3 convs, a 1x1 transition, four depthwise-separable blocks, GAP."""
+
+    def __init__(self, dropout: float = 0.01, dropout_at: str = "model") -> None:
+        # examples/i5/c-sep16.yaml, layer for layer (the same parameters, created in the same
+        # order, so a seed initialises both alike); chosen by examples/sweep-i5-*.yaml
+        super().__init__(
+            OrderedDict(
+                c1=conv_bn_relu(1, 8, padding=0),      # 26x26, RF 3
+                c2=conv_bn_relu(8, 12, padding=0),     # 24x24, RF 5
+                t1=transition(12, 8),                  # mix and narrow before pooling
+                pool1=nn.MaxPool2d(2),                 # 12x12, RF 6
+                drop1=nn.Dropout(dropout),
+                c3=separable(8, 16),                   # 10x10, RF 10
+                c4=separable(16, 16),                  # 8x8, RF 14
+                drop2=nn.Dropout(dropout),
+                c5=separable(16, 16),                  # 6x6, RF 18
+                c6=separable(16, 16, padding=1),       # 6x6, RF 22
+                gap=nn.AdaptiveAvgPool2d(1),
+                classifier=nn.Conv2d(16, 10, 1),
                 flatten=nn.Flatten(),
             ),
             dropout_at, dropout,

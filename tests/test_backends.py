@@ -129,13 +129,13 @@ def test_the_registered_models_are_plain_pytorch():
     import mnistkit.models as models
 
     assert "backends" not in open(models.__file__).read()
-    for name in ("I1", "I2", "I3", "I4"):
+    for name in ("I1", "I2", "I3", "I4", "I5"):
         kinds = {type(m) for m in get_model(name).modules()}
-        assert kinds <= {models.I1, models.I2, models.I3, models.I4, nn.Sequential, nn.Conv2d, nn.BatchNorm2d,
+        assert kinds <= {models.I1, models.I2, models.I3, models.I4, models.I5, nn.Sequential, nn.Conv2d, nn.BatchNorm2d,
                          nn.ReLU, nn.Dropout, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear}, kinds
 
 
-@pytest.mark.parametrize("name,fused_layers", [("I1", 2), ("I2", 1), ("I3", 6), ("I4", 5)])
+@pytest.mark.parametrize("name,fused_layers", [("I1", 2), ("I2", 1), ("I3", 6), ("I4", 5), ("I5", 3)])
 def test_fusing_a_model_keeps_its_parameters_keys_and_evaluation(kernel_on, name, fused_layers):
     torch.manual_seed(0)
     plain = get_model(name).eval()
@@ -210,7 +210,7 @@ def test_inputs_the_kernel_does_not_take_go_to_pytorch(kernel_on):
         bn(cl(torch.randn(1, 10, 1, 1)))
 
 
-@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4"])
+@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4", "I5"])
 def test_a_training_step_with_the_kernel_is_as_exact_as_float64_allows(kernel_on, name):
     # one fp32 channels_last step, fused, against the same step in float64 with PyTorch's ops; no
     # dropout. Conv biases before BN (I1) have a true gradient of 0 and are left out.

@@ -58,7 +58,7 @@ def test_junit_and_json_reports(tmp_path, runner):
     assert "FAIL  I1 params" in result.stderr and f"wrote {out}" in result.stderr
     root = ET.parse(out).getroot()
     assert root.tag == "testsuites" and (root.get("tests"), root.get("failures")) == ("20", "3")
-    assert [s.get("name") for s in root] == ["I0", "I1", "I2", "I3", "I4"]
+    assert [s.get("name") for s in root] == ["I0", "I1", "I2", "I3", "I4", "I5"]
     failure = root.find("testsuite[@name='I1']/testcase[@name='params']/failure")
     assert failure is not None and "978 over" in failure.get("message")
     assert root.find("testsuite[@name='I4']/testcase[@name='params']/failure") is None

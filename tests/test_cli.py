@@ -25,7 +25,7 @@ def test_summary_budget_fail_for_i1(runner):
     assert "FAIL" in result.stdout and "978 over" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["I0", "I1", "I2", "I3", "I4"])
+@pytest.mark.parametrize("name", ["I0", "I1", "I2", "I3", "I4", "I5"])
 def test_summary_json_totals_match_the_model(runner, name):
     result = runner.invoke(app, ["summary", name, "--json"])
     assert result.exit_code == 0, result.output
@@ -43,14 +43,14 @@ def test_summary_without_model_lists_all(runner):
     for args in (["summary"], ["models"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-        for name, params in (("I0", "18,060"), ("I1", "20,978"), ("I2", "19,494"), ("I3", "14,500"), ("I4", "4,964")):
+        for name, params in (("I0", "18,060"), ("I1", "20,978"), ("I2", "19,494"), ("I3", "14,500"), ("I4", "4,964"), ("I5", "2,882")):
             assert name in result.stdout and params in result.stdout
 
 
 def test_models_json(runner):
     data = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
-    assert [m["name"] for m in data["models"]] == ["I0", "I1", "I2", "I3", "I4"]
-    assert [m["head"] for m in data["models"]] == ["FC", "FC", "FC", "GAP", "GAP"]
+    assert [m["name"] for m in data["models"]] == ["I0", "I1", "I2", "I3", "I4", "I5"]
+    assert [m["head"] for m in data["models"]] == ["FC", "FC", "FC", "GAP", "GAP", "GAP"]
 
 
 def test_custom_budget(runner):
@@ -68,7 +68,7 @@ def test_unknown_model_is_one_clean_line(runner):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert "NOPE" in lines[0] and "I0, I1, I2, I3, I4" in lines[0]
+    assert "NOPE" in lines[0] and "I0, I1, I2, I3, I4, I5" in lines[0]
     assert "Traceback" not in result.output
 
 
@@ -138,7 +138,7 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
     assert result.exit_code == 0, result.output
     from mnistkit.experiments import find_experiments
 
-    assert json.loads(result.stdout)["model"] == find_experiments().iterations[-1].model == "I4"
+    assert json.loads(result.stdout)["model"] == find_experiments().iterations[-1].model == "I5"
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -190,7 +190,7 @@ def test_compare_works_from_a_folder_without_a_changelog(runner, tmp_path, monke
     result = runner.invoke(app, ["compare", "--json"])
     assert result.exit_code == 0, result.output
     report = strictjson.loads(result.stdout)
-    assert [r["id"] for r in report["iterations"]] == ["I0", "I1", "I2", "I3", "I4"]
+    assert [r["id"] for r in report["iterations"]] == ["I0", "I1", "I2", "I3", "I4", "I5"]
     assert report["experiments_source"] == "packaged" and "shipped with mnistkit" in result.stderr
 
 
@@ -256,7 +256,7 @@ def i2_recipe(text: str, new: str) -> str:
     (lambda t: i2_recipe(t, "epochs: twelve"),
      r"line \d+: iterations\[2\]\.recipe\.epochs: must be int, not str"),
     (lambda t: t.replace("  - id: I2", "  - id: I1"), r"iterations\[2\]\.id: iteration id 'I1' appears twice"),
-    (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered \(known models: I0, I1, I2, I3, I4\) nor a FILE.py:Name"),
+    (lambda t: t.replace("    model: I2", "    model: I7"), r"model 'I7' is not registered \(known models: I0, I1, I2, I3, I4, I5\) nor a FILE.py:Name"),
     (lambda t: t.replace("  max_params: 20000", "  max_parms: 20000"), r"line \d+: constraints\.max_parms: unknown key"),
     (lambda t: t.replace("train_acc: 99.6, test_acc", "train_acc: high, test_acc"),
      r"reported\.train_acc: must be int or float, not str"),
@@ -295,7 +295,7 @@ def test_nested_aliases_and_endless_files_are_refused_quickly(tmp_path):
 
 def test_the_shipped_changelog_is_valid_and_exact():
     exp = load_experiments(SHIPPED)
-    assert [it.id for it in exp.iterations] == ["I0", "I1", "I2", "I3", "I4"]
+    assert [it.id for it in exp.iterations] == ["I0", "I1", "I2", "I3", "I4", "I5"]
     reported = [(it.reported["params"], it.reported["train_acc"], it.reported["test_acc"], it.reported["epochs"],
                  it.reported["lr_scheduler"]) for it in exp.iterations]
     assert reported == [(18060, 93.0, 98.0, 1, "0.1/StepLR"), (20978, 99.5, 99.6, 10, "0.2/OneCycleLR"),

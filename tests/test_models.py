@@ -7,11 +7,11 @@ from mnistkit.errors import UnknownModelError
 from mnistkit.models import get_model, list_models, model_info, register_model
 
 # The change-log's exact trainable parameter counts.
-EXPECTED_PARAMS = {"I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500, "I4": 4_964}
+EXPECTED_PARAMS = {"I0": 18_060, "I1": 20_978, "I2": 19_494, "I3": 14_500, "I4": 4_964, "I5": 2_882}
 
 
 def test_registry_lists_the_iterations_in_order():
-    assert list_models() == ["I0", "I1", "I2", "I3", "I4"]
+    assert list_models() == ["I0", "I1", "I2", "I3", "I4", "I5"]
     assert list_models("I[23]") == ["I2", "I3"]
     assert list_models("nothing*") == []
 
@@ -94,7 +94,42 @@ def test_i4_meets_its_constraints():
     assert s.has_batchnorm and s.has_dropout and s.gap_head and not s.fc_head and s.rf_global
 
 
-@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4"])
+def test_i5_meets_its_constraints():
+    from mnistkit.experiments import PACKAGED_PATH, load_experiments
+    from mnistkit.summary import summarize
+
+    s = summarize(get_model("I5"), name="I5", budget=3000)
+    assert s.trainable_params == 2_882 < 3_000 and s.within_budget
+    assert s.has_batchnorm and s.has_dropout and s.gap_head and not s.fc_head and s.rf_global
+    assert not any(isinstance(m, nn.Linear) for m in get_model("I5").modules())
+    i5 = next(it for it in load_experiments(PACKAGED_PATH).iterations if it.id == "I5")
+    assert i5.model == "I5" and i5.recipe["epochs"] <= 19 and i5.reported["params"] == 2_882
+
+
+def test_i5_is_the_searched_yaml_architecture_layer_for_layer():
+    """The sweep searched examples/i5/c-sep16.yaml; the registered I5 must be that model: the same
+    parameters in the same order, so that one seed initialises both alike and they compute alike."""
+    from pathlib import Path
+
+    from mnistkit.architecture import load_architecture
+
+    yaml_path = Path(__file__).resolve().parents[1] / "examples" / "i5" / "c-sep16.yaml"
+    torch.manual_seed(7)
+    registered = get_model("I5", dropout=0.01)
+    torch.manual_seed(7)
+    searched = load_architecture(yaml_path).build(dropout=0.01)
+    a, b = list(registered.parameters()), list(searched.parameters())
+    assert len(a) == len(b) == 33
+    assert all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+    assert [m.p for m in registered.modules() if isinstance(m, nn.Dropout)] == \
+           [m.p for m in searched.modules() if isinstance(m, nn.Dropout)] == [0.01, 0.01]
+    x = torch.randn(8, 1, 28, 28)
+    registered.eval(), searched.eval()
+    with torch.no_grad():
+        assert torch.equal(registered(x), searched(x))
+
+
+@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4", "I5"])
 def test_folding_batchnorm_into_the_convolutions_keeps_the_logits(name):
     from mnistkit.evaluation import fold_batchnorm
 
@@ -124,7 +159,7 @@ def test_a_model_without_conv_bn_pairs_is_evaluated_as_it_is():
     assert fold_batchnorm(model) is model
 
 
-@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4"])
+@pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4", "I5"])
 def test_dropout_after_every_conv_block_moves_dropout_and_keeps_the_parameters(name):
     def is_block(m):
         return isinstance(m, nn.Sequential) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)
@@ -155,3 +190,24 @@ def test_dropout_at_rejects_unknown_places():
         Recipe(dropout_at="everywhere")
     with pytest.raises(ValueError, match="dropout_at"):
         get_model("I1", dropout_at="everywhere")
+
+
+def test_i5_trains_step_for_step_as_the_searched_yaml(tmp_path):
+    """With the change-log's recipe (backend torch, as the sweep trained the YAML model), the
+    registered I5 and examples/i5/c-sep16.yaml reach the same weights from one seed: the
+    validation search's figures are I5's."""
+    from pathlib import Path
+
+    import mnistkit
+    from mnistkit.checkpoint import load_checkpoint
+    from mnistkit.experiments import PACKAGED_PATH, load_experiments, resolve_recipe
+
+    recipe = resolve_recipe("I5", load_experiments(PACKAGED_PATH)).replace(epochs=1, batch_size=32)
+    assert recipe.backend == "torch" and recipe.dropout == 0.01
+    data = mnistkit.DataOptions("synthetic", limit=128)
+    yaml_path = Path(__file__).resolve().parents[1] / "examples" / "i5" / "c-sep16.yaml"
+    runs = [mnistkit.train(m, recipe, data, device="cpu", runs_dir=tmp_path / name)
+            for name, m in (("registered", "I5"), ("searched", str(yaml_path)))]
+    assert runs[0].metrics[-1].train_loss == runs[1].metrics[-1].train_loss
+    states = [load_checkpoint(r.run_dir / "last.pt")["state_dict"] for r in runs]
+    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values()))

@@ -161,7 +161,7 @@ def test_example_specs_load(spec_path):
     spec = load_spec(spec_path)
     assert spec.trials and spec.data.dataset == "mnist"
     if spec_path.name == "sweep-readme.yaml":
-        assert [(t.model, t.seed) for t in spec.trials] == [(m, s) for m in ("I0", "I1", "I2", "I3", "I4")
+        assert [(t.model, t.seed) for t in spec.trials] == [(m, s) for m in ("I0", "I1", "I2", "I3", "I4", "I5")
                                                              for s in (1, 2, 3, 42)]
         assert spec.recipe == {} and spec.varied == () and spec.data.val == 0
 
