@@ -21,7 +21,9 @@ def test_static_checks_of_the_shipped_change_log(runner):
     assert "FAIL  I0 batchnorm: the model has no BatchNorm layer" in lines
     assert "pass  I4 params: 4,964 trainable parameters; fewer than 20,000 allowed (15,036 to spare)" in lines
     assert not any("test_acc" in line for line in lines)  # static: no accuracy check, no runs read
-    assert "3 of 20 static checks (no training) failed" in result.stderr
+    assert "pass  I5 params: 2,882 trainable parameters; fewer than 20,000 allowed (17,118 to spare)" in lines
+    assert "pass  I5 epochs: the recipe trains 19 epochs; fewer than 20 allowed" in lines
+    assert "3 of 24 static checks (no training) failed" in result.stderr
 
     ok = runner.invoke(app, ["check", "--static", "--iteration", "I4"])
     assert ok.exit_code == 0 and len(ok.stdout.splitlines()) == 4 and "all 4 static checks" in ok.stderr
@@ -57,7 +59,7 @@ def test_junit_and_json_reports(tmp_path, runner):
     # the failing checks still reach the log, one line each, beside the file
     assert "FAIL  I1 params" in result.stderr and f"wrote {out}" in result.stderr
     root = ET.parse(out).getroot()
-    assert root.tag == "testsuites" and (root.get("tests"), root.get("failures")) == ("20", "3")
+    assert root.tag == "testsuites" and (root.get("tests"), root.get("failures")) == ("24", "3")
     assert [s.get("name") for s in root] == ["I0", "I1", "I2", "I3", "I4", "I5"]
     failure = root.find("testsuite[@name='I1']/testcase[@name='params']/failure")
     assert failure is not None and "978 over" in failure.get("message")
