@@ -126,4 +126,4 @@ def test_budget_verdicts():
     assert summarize(get_model("I3")).within_budget
     assert not summarize(get_model("I1")).within_budget  # 20,978 is over 20,000
     assert summarize(get_model("I1"), budget=21_000).within_budget
-    assert [summarize(get_model(n)).has_batchnorm for n in list_models()] == [False, True, True, True, True]
+    assert [summarize(get_model(n)).has_batchnorm for n in list_models()] == [False, True, True, True, True, True]
