@@ -3,57 +3,48 @@
 **Rows** (``Tracer``): forward hooks see each leaf module call; a ``TorchFunctionMode`` sees each torch
 call, charged to the leaf module whose ``forward`` makes it, or a row of its own outside every leaf.
 
-**The recurrence** follows tensors from row to row: ``r_out = r_in + (k_eff - 1) * j_in``,
-``j_out = j_in * s``, ``k_eff = d * (k - 1) + 1`` for each sliding window (a convolution or pooling,
-module or functional: the geometry comes from the call's arguments). It gives each row's jump
-(effective stride). Where inputs meet (``x + y``, ``torch.cat``) it takes the largest RF and the
-first input's jump; an op that resizes without a window (``F.interpolate``) scales the jump by the
-input/output side ratio (rounded, at least 1). After a global pooling (adaptive to 1x1, a mean or
-max over the spatial dimensions) a unit sees the whole image ("global"); a flatten keeps the RF of
-the map it flattens, and every layer after it is global.
+**The receptive field is the course's formula**, followed from row to row along the tensors:
+``r_out = r_in + (k - 1) * d * j_in`` and ``j_out = j_in * s`` for the window a row slides (``Window``:
+kernel k, stride s, padding p, dilation d of a convolution or pooling, module or functional, read from
+the call's arguments; on the first spatial axis). It starts at r = 1, j = 1 on the input and is never
+clipped at the image: a unit of a 7x7 map at jump 4 whose formula says 36 is shown as 36, although a
+28x28 digit has only 28 pixels a side. Where paths meet (``x + y``, ``torch.cat``) r is the largest of
+the inputs' and j the first input's. A pooling of the whole map (``nn.AvgPool2d(7)`` on a 7x7 map,
+``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))``) is one window as large as the map (k = s = n); so
+is a layer on a flattened map (``nn.Linear`` after ``x.view(x.size(0), -1)``; a view, an activation or
+a dropout of it changes nothing). A window that covers the whole map in one output position makes its
+row, and every row after it, "global". An op that resizes without a window (``F.interpolate``, a
+transposed convolution) scales the jump by the input/output side ratio (rounded, at least 1).
 
-**The gradient** sets the RF of each row with a spatial output, as the extent of the input pixels a
-unit depends on: a second pass, on a float64 copy made linear, backpropagates the centre unit of
-the row's output (summed over channels) to the input; the extent of the non-zero gradient (the
-larger of rows and columns) is the RF, clipped by the image (a unit that sees it all has RF = its
-side, and is not "global" unless a global pooling or a flatten made it so). It is right where the
-recurrence is not: residual adds, branches of different kernels joined by a cat, crops, shifts.
-The copy is linear so that no gradient is zero by accident (a ReLU at a negative input, a saturated
-tanh, a max-pool routing to one element): parameters positive (1/fan-in for a weight, 1 for a
-vector), input ones, activations, dropout and normalizations (their statistics are no spatial
-dependency) the identity, max-pools (module or functional) average pools of the same window.
-Limits: a dilated max-pool keeps its max (its RF may come out too small); an op whose gradient is
-zero (rounding, sign, comparisons, argmax) or an exact cancellation hides a dependency; a model
-that cannot run in float64 on the CPU, or that takes another path the second time, keeps the
-recurrence's RF (``ModelSummary.extra["receptive_field"]`` says which).
+Limits: the formula follows the first spatial axis, and knows windows, not crops or shifts (two crops
+of a map added see more than either: the formula says the larger crop's RF).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["State", "Geometry", "START", "Row", "Tracer", "op_name", "tensors", "call_geometry", "step",
-           "linear_copy", "linearized", "probe", "measure"]
+__all__ = ["State", "Geometry", "Window", "START", "Row", "Tracer", "op_name", "tensors", "call_geometry",
+           "window", "step", "layer_type"]
 
 
 class State(NamedTuple):
-    """What the recurrence knows of a tensor: RF, jump, global, flattened, and the row that made it."""
+    """What the formula knows of a tensor: its RF r and jump j, whether it is global, the side of the
+    map it is a flattening of (0: none), and the row that made it."""
 
     r: int
     j: int
     glob: bool
-    flat: bool
+    flat: int
     row: int | None
 
 
-START = State(1, 1, False, False, None)  # the model's input (and any tensor made in ``forward``)
+START = State(1, 1, False, 0, None)  # the model's input (and any tensor made in ``forward``)
 
 
 Cost = Callable[[str, Sequence[Any], dict[str, Any], torch.Tensor], "int | None"]  # an op's mult-adds; None: unknown
@@ -64,7 +55,24 @@ class Geometry(NamedTuple):
     stride: list[int]
     padding: list[int]
     dilation: list[int]
-    slides: bool  # a window that the recurrence applies (not a transposed convolution)
+    slides: bool  # a window that the formula applies (not a transposed convolution)
+
+
+class Window(NamedTuple):
+    """The window a row slides over its input map, on the first spatial axis: the course's k, s, p, d,
+    and the map's side before and after (n_in, n_out)."""
+
+    k: int
+    s: int
+    p: int
+    d: int
+    n_in: int
+    n_out: int
+
+    @property
+    def whole(self) -> bool:
+        """One output position that covers the whole input map."""
+        return self.n_out == 1 and self.d * (self.k - 1) + 1 - self.p >= self.n_in
 
 
 CONV = {"conv1d", "conv2d", "conv3d"}
@@ -79,7 +87,7 @@ _ALIASES = {"radd": "add", "iadd": "add", "rsub": "sub", "isub": "sub", "subtrac
             "imul": "mul", "multiply": "mul", "truediv": "div", "rtruediv": "div", "itruediv": "div",
             "true_divide": "div", "divide": "div", "rpow": "pow", "ipow": "pow", "rmatmul": "matmul",
             "imatmul": "matmul", "concat": "cat", "concatenate": "cat", "clamp_min": "clamp", "clamp_max": "clamp"}
-IDENTITY = {  # the identity in the RF pass: elementwise activations, dropout, normalizations
+IDENTITY = {  # no window: elementwise activations, dropout, normalizations
     "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "sigmoid", "tanh",
     "hardtanh", "hardswish", "hardsigmoid", "softplus", "softsign", "logsigmoid", "threshold", "prelu",
     "rrelu", "clamp", "clip", "hardshrink", "softshrink", "tanhshrink",
@@ -150,99 +158,61 @@ def _spatial(t: torch.Tensor | None) -> list[int] | None:
     return list(t.shape[2:]) if t is not None and t.dim() >= 3 else None
 
 
-def step(states: list[State], geom: Geometry | None, x: torch.Tensor | None, y: torch.Tensor | None, *,
-         adaptive: bool = False, reduce: bool = False, reshape: bool = False) -> tuple[int, int, bool, bool]:
-    """(r, j, global, flat) of a row's output from its inputs' states. ``adaptive``: an adaptive
-    pooling; ``reduce``: a pooling or reduction; ``reshape``: only views and reshapes."""
-    r, j = max(st.r for st in states), states[0].j
-    glob, flat = any(st.glob for st in states), any(st.flat for st in states)
-    if glob or flat and not reshape:
-        return r, j, True, flat
-    if geom is not None and geom.slides:
-        k, s, d = geom.kernel[0], geom.stride[0], geom.dilation[0]
-        return r + d * (k - 1) * j, j * s, False, flat
+def window(geom: Geometry | None, x: torch.Tensor | None, y: torch.Tensor | None, flat: int = 0, *,
+           adaptive: bool = False, reduce: bool = False, passes: bool = False) -> Window | None:
+    """The window a row applies to its input map, else None. ``flat``: the input is a flattened map of
+    that side; ``adaptive``: an adaptive pooling; ``reduce``: a pooling or reduction; ``passes``: only
+    views, reshapes and elementwise ops (nothing that mixes positions)."""
+    if flat:  # a layer on a flattened map sees all of it
+        return None if passes else Window(flat, flat, 0, 1, flat, 1)
     xs, ys = _spatial(x), _spatial(y)
-    if x is None or y is None or xs is None:
-        return r, j, False, flat
-    if adaptive and ys is not None:
-        if all(v == 1 for v in ys):
-            return r, j, True, flat
-        s = xs[-1] // ys[-1]  # the equivalent fixed window
-        k = xs[-1] - (ys[-1] - 1) * s
-        return r + (k - 1) * j, j * s, False, flat
+    if not xs:
+        return None
+    if geom is not None and geom.slides:
+        return Window(geom.kernel[0], geom.stride[0], geom.padding[0], geom.dilation[0], xs[0], ys[0] if ys else 1)
+    if adaptive and ys and 0 < ys[0] <= xs[0]:
+        s = xs[0] // ys[0]  # the equivalent fixed window
+        return Window(xs[0] - (ys[0] - 1) * s, s, 0, 1, xs[0], ys[0])
+    if reduce and y is not None and (y.dim() == 2 or ys is not None and len(ys) == len(xs) and all(v == 1 for v in ys)):
+        return Window(xs[0], xs[0], 0, 1, xs[0], 1)  # a mean or max over the map
+    return None
+
+
+def step(states: list[State], geom: Geometry | None, x: torch.Tensor | None, y: torch.Tensor | None, *,
+         adaptive: bool = False, reduce: bool = False, passes: bool = False
+         ) -> tuple[int, int, bool, int, Window | None]:
+    """(r, j, global, flat, window) of a row's output from its inputs' states, by the formula
+    ``r_out = r_in + (k - 1) * d * j_in``, ``j_out = j_in * s`` (see ``window`` for the flags)."""
+    r, j = max(st.r for st in states), states[0].j
+    glob, flat = any(st.glob for st in states), max(st.flat for st in states)
+    if glob:
+        return r, j, True, flat, None
+    w = window(geom, x, y, flat, adaptive=adaptive, reduce=reduce, passes=passes)
+    if w is not None:
+        return r + (w.k - 1) * w.d * j, j * w.s, w.whole, flat, w
+    xs, ys = _spatial(x), _spatial(y)
+    if flat or x is None or y is None or xs is None:
+        return r, j, False, flat, None
     if y.dim() < x.dim() and y.numel() == x.numel():
-        return r, j, False, True  # a flatten
-    if reduce and (y.dim() < x.dim() or ys is not None and all(v == 1 for v in ys)):
-        return r, j, True, flat  # a mean or max over the spatial dimensions
+        return r, j, False, xs[0], None  # a flatten
     if ys is not None and ys != xs and ys[0] > 0:
         j = max(1, round(j * xs[0] / ys[0]))
-    return r, j, False, flat
+    return r, j, False, flat, None
 
 
-# --------------------------------------------------------------------------- the gradient pass
+def layer_type(module: nn.Module) -> str:
+    """A leaf module's type as the table shows it: ``Dropout(p=0.1)``, else its class name."""
+    name = type(module).__name__
+    return f"{name}(p={module.p:g})" if isinstance(module, nn.modules.dropout._DropoutNd) else name
 
 
-def linear_copy(model: nn.Module) -> nn.Module:
-    """A float64 CPU copy in eval mode, every parameter positive and frozen (see the module doc)."""
-    twin = copy.deepcopy(model).to("cpu", torch.float64).eval()
-    with torch.no_grad():
-        for p in twin.parameters():
-            if p.is_floating_point():
-                p.fill_(1.0 / max(1, p[0].numel()) if p.dim() >= 2 else 1.0)
-            p.requires_grad_(False)
-    return twin
-
-
-def linearized(name: str, func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    """The op's stand-in in the RF pass, or None where the op itself runs."""
-    x = _arg(args, kwargs, 0, "input")
-    if not isinstance(x, torch.Tensor):
-        return None
-    if name in IDENTITY:
-        return x.clone()
-    if name in MAX_POOL:
-        g = call_geometry(name, args, kwargs)
-        if g is None or any(d != 1 for d in g.dilation):
-            return None
-        ceil = bool(_arg(args, kwargs, 5, "ceil_mode", False))
-        avg = getattr(F, f"avg_pool{len(g.kernel)}d")(x, g.kernel, g.stride, g.padding, ceil)
-    elif name in ADAPTIVE and name.startswith("adaptive_max"):
-        avg = getattr(F, f"adaptive_avg_pool{name.split('pool')[1][0]}d")(x, _arg(args, kwargs, 1, "output_size"))
-    else:
-        return None
-    with_indices = name.endswith("_with_indices") or bool(_arg(args, kwargs, 6 if name in MAX_POOL else 2,
-                                                                "return_indices", False))
-    return (avg, func(*args, **kwargs)[1]) if with_indices else avg
-
-
-def probe(y: Any, image_dims: int) -> torch.Tensor | None:
-    """The centre unit of a row's spatial output, summed over channels (None if not spatial)."""
-    if not (isinstance(y, torch.Tensor) and y.dim() == image_dims >= 3 and y.requires_grad
-            and y.is_floating_point() and y.shape[0] > 0 and all(s > 0 for s in y.shape[1:])):
-        return None
-    centre = tuple(s // 2 for s in y.shape[2:])
-    return y[(0, slice(None)) + centre].sum()
-
-
-def measure(x: torch.Tensor, probes: list[torch.Tensor | None]) -> list[int | None]:
-    """The RF of each probe: the extent of its gradient on the first image (None: no gradient)."""
-    out: list[int | None] = []
-    for unit in probes:
-        try:
-            grad = None if unit is None else torch.autograd.grad(unit, x, retain_graph=True, allow_unused=True)[0]
-        except RuntimeError:  # e.g. a tensor the backward needs was changed in place: this row keeps the recurrence
-            grad = None
-        seen = grad[0].ne(0).any(0) if grad is not None else None  # the pixels that matter, as a map
-        if seen is None or not bool(seen.any()):
-            out.append(None)
-            continue
-        extents = []
-        for axis in range(seen.dim()):
-            others = tuple(a for a in range(seen.dim()) if a != axis)
-            line = (seen.any(dim=others) if others else seen).nonzero().flatten()
-            extents.append(int(line[-1] - line[0]) + 1)
-        out.append(max(extents))
-    return out
+def _op_type(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    """A functional op's type as the table shows it: ``dropout(p=0.1)``, else its name."""
+    if name.startswith("dropout") or name.endswith("alpha_dropout"):
+        p = _arg(args, kwargs, 1, "p", 0.5)
+        if isinstance(p, (int, float)):
+            return f"{name}(p={p:g})"
+    return name
 
 
 # --------------------------------------------------------------------------- the rows
@@ -261,9 +231,11 @@ class Row:
     params: int = 0
     trainable: int = 0
     buffers: int = 0
-    state: State = START
+    state: State = START  # of its output
+    r_in: int = 1  # the largest RF of its inputs, and the first input's jump
+    j_in: int = 1
+    window: Window | None = None  # the window the formula applied here
     shared_with: int | None = None
-    probe: torch.Tensor | None = None
 
     def add(self, name: str, cost: int | None, geom: Geometry | None) -> None:
         if cost is None:
@@ -276,9 +248,9 @@ class Row:
 class Tracer(TorchFunctionMode):
     """One forward pass: leaf module calls (hooks) and the ops outside them (this mode) become rows."""
 
-    def __init__(self, model: nn.Module, image_dims: int, cost: Cost, linearize: bool = False) -> None:
+    def __init__(self, model: nn.Module, cost: Cost) -> None:
         super().__init__()
-        self.model, self.image_dims, self.cost, self.linearize = model, image_dims, cost, linearize
+        self.model, self.cost = model, cost
         self.rows: list[Row] = []
         self.frames: list[Row] = []  # leaf calls in progress
         self.owners: list[str] = []  # non-leaf modules in progress
@@ -313,7 +285,7 @@ class Tracer(TorchFunctionMode):
         self.owners.pop()
 
     def _enter_leaf(self, module: nn.Module, inputs: Any) -> None:
-        self.frames.append(Row(self.names.get(id(module)) or type(module).__name__, type(module).__name__, module))
+        self.frames.append(Row(self.names.get(id(module)) or type(module).__name__, layer_type(module), module))
 
     def _leave_leaf(self, module: nn.Module, inputs: Any, output: Any) -> None:
         row = self.frames.pop()
@@ -328,9 +300,7 @@ class Tracer(TorchFunctionMode):
         if self.busy:
             return func(*args, **kwargs)
         name = op_name(func)
-        out = linearized(name, func, args, kwargs) if self.linearize else None
-        if out is None:
-            out = func(*args, **kwargs)
+        out = func(*args, **kwargs)
         self.busy = True
         try:
             ys = tensors(out)
@@ -343,7 +313,7 @@ class Tracer(TorchFunctionMode):
                     self.frames[-1].add(name, cost, geom)
                 else:  # outside every leaf: a row of its own
                     owner = self.owners[-1] if self.owners else ""
-                    row = Row(f"{owner + '.' if owner else ''}forward: {name}", name, None)
+                    row = Row(f"{owner + '.' if owner else ''}forward: {name}", _op_type(name, args, kwargs), None)
                     row.add(name, cost, geom)
                     self._add_row(row, ins, ys)
         finally:
@@ -371,15 +341,13 @@ class Tracer(TorchFunctionMode):
         x = data[0] if data else next((t for t in ins if id(t) not in self.params), None)
         y = ys[0] if ys else None
         names = set(row.ops) | set(row.uncounted)
-        r, j, glob, flat = step(
-            [self.states[id(t)][1] for t in data] or [START], row.geom, x, y,
-            adaptive=bool(names & ADAPTIVE), reduce=bool(names & REDUCE),
-            reshape=not names or names <= RESHAPE)
-        row.state = State(r, j, glob, flat, self.states[id(data[0])][1].row if data else None)
+        states = [self.states[id(t)][1] for t in data] or [START]
+        r, j, glob, flat, row.window = step(states, row.geom, x, y, adaptive=bool(names & ADAPTIVE),
+                                            reduce=bool(names & REDUCE), passes=names <= RESHAPE | IDENTITY)
+        row.r_in, row.j_in = max(st.r for st in states), states[0].j
+        row.state = State(r, j, glob, flat, states[0].row)
         row.input_shape = list(x.shape) if x is not None else None
         row.output_shape = list(y.shape) if y is not None else None
-        if self.linearize:
-            row.probe = probe(y, self.image_dims)
         for t in ys:
             self.states[id(t)] = (t, State(r, j, glob, flat, index))
         self.rows.append(row)

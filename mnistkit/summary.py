@@ -4,8 +4,10 @@ A row is a leaf module call or a functional op called outside every leaf module 
 ``F.conv2d``, ``x.view(...)``, ``x @ w``: named ``forward: add``, or ``block.forward: add`` in a
 submodule's ``forward``, its type the op's name), in forward order. Each row has its input and
 output shapes, parameters (each tensor counted once, at its first use, by a module or as an op's
-argument), buffers, mult-adds per image and its receptive field with its jump (effective stride):
-see ``mnistkit.receptive`` for how these are found and where that reaches its limits.
+argument), buffers, mult-adds per image and its receptive field with its jump (effective stride), by
+the course's formula ``r_out = r_in + (k - 1) * d * j_in``, ``j_out = j_in * s``: see
+``mnistkit.receptive`` for how these are followed through a model and where that reaches its limits.
+``ModelSummary.rf_rows()`` is the course's table of it (``mnistkit summary MODEL --rf``).
 
 Mult-adds are counted op by op (a ``TorchFunctionMode`` sees every torch call, inside a leaf
 module's ``forward`` as well as in the model's own code), per image, by these rules:
@@ -70,12 +72,16 @@ class LayerInfo:
     trainable_params: int
     buffers: int
     mult_adds: int
-    rf: int
+    rf: int  # the receptive field of its output by the formula (never clipped at the image)
     jump: int
-    rf_global: bool
+    rf_global: bool  # it covers the whole input: rf >= the input's side, or after a pooling of the whole map
     shared_with: int | None = None  # index of the first call of the same module
     ops: dict[str, int] = field(default_factory=dict)  # mult-adds per image of each counted op in the row
     uncounted: list[str] = field(default_factory=list)  # ops in the row with no counting rule
+    rf_in: int = 1  # the largest RF of its inputs (where paths merge, the largest branch)
+    jump_in: int = 1  # the jump of its (first) input
+    window: dict[str, int] | None = None  # what the formula applied: k, s, p, d, n_in, n_out; None: no window
+    called: bool = True  # False: a module that forward never calls (its parameters still count)
 
 
 @dataclass
@@ -101,6 +107,8 @@ class ModelSummary:
     output_shape: list[int] | None = None  # of the model's (first) output tensor, batch included
     uncounted: list[str] = field(default_factory=list)  # ops not in mult_adds, in order of first call
     uncounted_calls: dict[str, int] = field(default_factory=dict)  # how many calls of each
+    rf_output: int = 1  # the formula's RF at the model's output (rf, jump: of the last layer with a map)
+    uncalled_params: int = 0  # parameters in layers that forward never calls (or never uses)
 
     @property
     def total_params(self) -> int:
@@ -115,6 +123,16 @@ class ModelSummary:
         kinds = [k for k, on in (("GAP", self.gap_head), ("FC", self.fc_head)) if on]
         return "+".join(kinds) or "conv"
 
+    def rf_rows(self) -> list[dict[str, Any]]:
+        """The course's receptive-field table: one row per layer that applies a window (a convolution, a
+        pooling, a pooling of the whole map, a layer on a flattened map), with n_in, n_out (the map's
+        side), k, p, s, d, r_in, r_out, j_in, j_out."""
+        return [{"index": layer.index, "layer": layer.name, "type": layer.type,
+                 "n_in": w["n_in"], "n_out": w["n_out"], "k": w["k"], "p": w["p"], "s": w["s"], "d": w["d"],
+                 "r_in": layer.rf_in, "r_out": layer.rf, "j_in": layer.jump_in, "j_out": layer.jump,
+                 "global": layer.rf_global}
+                for layer in self.layers if (w := layer.window) is not None]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -123,6 +141,7 @@ class ModelSummary:
             "layers": [asdict(layer) for layer in self.layers],
             "totals": {
                 "params": self.total_params,
+                "uncalled_params": self.uncalled_params,
                 "trainable_params": self.trainable_params,
                 "non_trainable_params": self.non_trainable_params,
                 "buffers": self.buffers,
@@ -134,7 +153,9 @@ class ModelSummary:
                 "rf": self.rf,
                 "jump": self.jump,
                 "rf_global": self.rf_global,
+                "rf_output": self.rf_output,
             },
+            "receptive_field": self.rf_rows(),
             "uses": {
                 "batchnorm": self.has_batchnorm,
                 "dropout": self.has_dropout,
@@ -161,6 +182,10 @@ class ModelSummary:
     def to_markdown(self) -> str:
         """The layer table as GitHub Markdown, then the totals and the budget check."""
         return importlib.import_module("mnistkit.render.models").summary_markdown(self)
+
+    def rf_markdown(self) -> str:
+        """The course's receptive-field table (``rf_rows``) as GitHub Markdown, to paste into a README."""
+        return importlib.import_module("mnistkit.render.models").rf_markdown(self)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython and Jupyter show the table
         printer.text(str(self))
@@ -200,42 +225,6 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-def _receptive_fields(model: nn.Module, input_size: list[int], rows: list[receptive.Row]) -> tuple[list[int], str]:
-    """Every row's RF: measured by the gradient pass where it can be, else the recurrence's; and
-    the method (``"gradient"``, or ``"recurrence (...why)"``)."""
-    measured: list[int | None] | None = None
-    threads = torch.get_num_threads()
-    try:  # one thread: the tensors are tiny, and a thread pool's hand-offs cost more than they save
-        torch.set_num_threads(1)
-        twin = receptive.linear_copy(model)
-        x = torch.ones(input_size, dtype=torch.float64, requires_grad=True)
-        tracer = receptive.Tracer(twin, len(input_size), op_mult_adds, linearize=True)
-        with torch.enable_grad():
-            tracer.run(x)
-        if [(r.name, r.type) for r in tracer.rows] != [(r.name, r.type) for r in rows]:
-            method = "recurrence (the gradient pass took another path through the model)"
-        else:
-            measured, method = receptive.measure(x, [r.probe for r in tracer.rows]), "gradient"
-    except Exception as error:  # noqa: BLE001 - any failure keeps the recurrence's figures
-        method = f"recurrence (the gradient pass failed: {_first_line(error)})"
-    finally:
-        torch.set_num_threads(threads)
-    side = max(input_size[2:]) if len(input_size) > 2 else 1
-    out: list[int] = []
-    for index, row in enumerate(rows):
-        r, _, glob, _, src = row.state
-        if glob:
-            out.append(side)
-        elif measured is not None and measured[index] is not None:
-            out.append(measured[index])
-        elif measured is not None and src is not None and row.output_shape is not None \
-                and len(row.output_shape) != len(input_size):
-            out.append(out[src])  # a flatten: the RF of the map it flattens
-        else:
-            out.append(r)
-    return out, method
-
-
 def summarize(
     model: nn.Module,
     input_size: Sequence[int] = DEFAULT_INPUT_SIZE,
@@ -250,7 +239,7 @@ def summarize(
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    recorder = receptive.Tracer(model, len(input_size), op_mult_adds)
+    recorder = receptive.Tracer(model, op_mult_adds)
     was_training = model.training
     try:
         model.eval()
@@ -262,13 +251,14 @@ def summarize(
     finally:
         model.train(was_training)
     rows = recorder.rows
-    rfs, method = _receptive_fields(model, input_size, rows)
+    side = max(input_size[2:], default=1)  # a unit whose RF is this wide sees the whole input
     layers = [LayerInfo(
         index, row.name, row.type, row.geom.kernel if row.geom else None, row.geom.stride if row.geom else None,
         row.geom.padding if row.geom else None, row.input_shape, row.output_shape, row.params, row.trainable,
-        row.buffers, sum(row.ops.values()) // batch, rf, row.state.j, row.state.glob, row.shared_with,
-        {k: v // batch for k, v in row.ops.items()}, list(dict.fromkeys(row.uncounted)))
-        for index, (row, rf) in enumerate(zip(rows, rfs))]
+        row.buffers, sum(row.ops.values()) // batch, row.state.r, row.state.j, row.state.glob or row.state.r >= side,
+        row.shared_with, {k: v // batch for k, v in row.ops.items()}, list(dict.fromkeys(row.uncounted)),
+        row.r_in, row.j_in, row.window._asdict() if row.window else None)
+        for index, row in enumerate(rows)]
     # parameters that no row used (held by a module that was never called, or never used) still
     # count: give them a row so the table adds up to the totals
     last = layers[-1] if layers else None
@@ -279,7 +269,8 @@ def summarize(
             layers.append(LayerInfo(
                 len(layers), mod_name or "(model)", type(module).__name__ + " (not called)", None, None, None, None,
                 None, sum(p.numel() for p in leftover), sum(p.numel() for p in leftover if p.requires_grad), 0, 0,
-                last.rf if last else 1, last.jump if last else 1, last.rf_global if last else False))
+                last.rf if last else 1, last.jump if last else 1, last.rf_global if last else False,
+                rf_in=last.rf if last else 1, jump_in=last.jump if last else 1, called=False))
 
     calls: dict[str, int] = {}
     for row in rows:
@@ -287,7 +278,8 @@ def summarize(
             calls[op] = calls.get(op, 0) + 1
     unique_params = list(model.parameters())  # parameters() already de-duplicates shared tensors
     unique_buffers = list(model.buffers())
-    spatial = [layer for layer in layers if not layer.rf_global]
+    spatial = [layer for layer in layers if layer.output_shape is not None and len(layer.output_shape) == len(input_size)
+               and any(v > 1 for v in layer.output_shape[2:])]  # the layers whose output is a map
     modules = list(model.modules())
     used = {op for layer in layers for op in layer.ops}
     out = receptive.tensors(output)
@@ -307,17 +299,17 @@ def summarize(
         has_batchnorm=any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules) or "batch_norm" in used,
         has_dropout=any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in modules)
         or any(layer.module is None and layer.type.startswith("dropout") for layer in rows),
-        gap_head=any(  # a pooling of a spatial map that leaves one value per channel
-            set(layer.ops) & (REDUCE - {"sum"}) and layer.rf_global and layer.output_shape is not None
-            and layer.input_shape is not None and len(layer.input_shape) == len(input_size)
-            and (len(layer.output_shape) < len(input_size) or layer.output_shape[-1] == 1)
-            for layer in layers
+        gap_head=any(  # a pooling that covers the whole map in one value per channel (GAP, AvgPool2d(7) on 7x7)
+            set(row.ops) & (REDUCE - {"sum"}) and row.window is not None and row.window.whole
+            and not row.state.flat for row in rows
         ),
-        fc_head=any(isinstance(m, nn.Linear) for m in modules)
+        fc_head=any(isinstance(row.module, nn.Linear) for row in rows)  # a Linear that forward calls
         or any(layer.rf_global and set(layer.ops) & (MATMUL_OPS - CONV - CONV_T) for layer in layers),
         budget=budget,
-        extra={"receptive_field": method},
+        extra={"receptive_field": "formula"},
         output_shape=list(out[0].shape) if out else None,
         uncounted=list(calls),
         uncounted_calls=calls,
+        rf_output=rows[-1].state.r if rows else 1,
+        uncalled_params=sum(layer.params for layer in layers if not layer.called),
     )

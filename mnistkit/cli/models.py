@@ -24,7 +24,8 @@ def _models_overview(as_json: bool, budget: int) -> None:
         out.print(render.models_table(rows, out))
 
 
-@app.command(epilog=examples("mnistkit summary I3", "mnistkit summary I2 --budget 15000 --json",
+@app.command(epilog=examples("mnistkit summary I3", "mnistkit summary I3 --rf --format markdown",
+                             "mnistkit summary I2 --budget 15000 --json",
                              "mnistkit summary models.py:Net --model-arg width=12", "mnistkit summary s1.yaml",
                              "mnistkit summary"))
 @handles_errors
@@ -34,14 +35,24 @@ def summary(
                                          "fewer; default: the change-log's max_params, else 20,000)."),
     model_arg: Optional[list[str]] = MODEL_ARG,
     experiments: Optional[str] = EXPERIMENTS,
-    as_json: bool = JSON,
+    rf: bool = typer.Option(False, "--rf", help="Print the course's receptive-field table instead: layer, n_in, "
+                            "n_out, k, p, s, r_in, r_out, j_in, j_out, one row per convolution or pooling."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table (default), markdown (to paste into a "
+                                      "README) or json."),
+    as_json: bool = typer.Option(False, "--json", help="The same as --format json: the whole summary, the "
+                                 "receptive-field table included."),
 ) -> None:
     """Layer-by-layer table of a model: shapes, parameters, mult-adds, receptive field, budget check."""
+    from mnistkit.cli.results import choose_format
+    from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
     from mnistkit.recipe import DEFAULT_BUDGET
 
+    fmt = choose_format(fmt, as_json, ("table", "markdown", "json"))
     if model is None:
-        _models_overview(as_json, budget or DEFAULT_BUDGET)
+        if rf or fmt == "markdown":
+            raise UsageError("--rf and --format markdown describe one model: name it (e.g. mnistkit summary I3 --rf)")
+        _models_overview(fmt == "json", budget or DEFAULT_BUDGET)
         return
     from mnistkit import render
     from mnistkit.modelref import build, parse_model_args, resolve
@@ -53,15 +64,19 @@ def summary(
     built, _ = build(source, _recipe_kwargs(exp, it))
     s = summarize(built, name=source.name, budget=budget or exp.constraints.get("max_params", DEFAULT_BUDGET))
     description = source.description or (it.changes if it else "")
-    if as_json:
+    if fmt == "json":
         print_json({**render.summary_json(s, description), "source": source.to_record()})
+    elif fmt == "markdown":
+        sys.stdout.write(s.rf_markdown() if rf else s.to_markdown())
     else:
         from rich.text import Text
+
+        from mnistkit.render.models import rf_table
 
         out = render.stdout()
         shown = source.name if source.reference == source.name else f"{source.name} ({source.reference})"
         out.print(Text.assemble((shown, "bold"), f": {description}" if description else ""))
-        out.print(render.summary_table(s, out))
+        out.print(rf_table(s) if rf else render.summary_table(s, out))
 
 
 def _recipe_kwargs(exp: object, it: object) -> dict:
