@@ -114,7 +114,12 @@ def read_runs(runs_dir: str | Path) -> tuple[list[tuple[Path, RunConfig, list[Ep
 
 
 def _model_change(config: RunConfig, source: Any) -> tuple[bool, str | None]:
-    """(the run is of this iteration's model, why it no longer trains the same one)."""
+    """(the run is of this iteration's model, why it no longer trains the same one). A run
+    recorded with its architecture counts while the model computes the same (``identity``),
+    wherever its file lies and however it reads; one recorded before 0.12, while its file's
+    content is the same."""
+    from mnistkit.identity import first_difference
+
     rs = config.model_source
     if rs is None:   # recorded before 0.10: a registered name
         return source.kind == "registered" and config.model.lower() == source.name.lower(), None
@@ -123,6 +128,10 @@ def _model_change(config: RunConfig, source: Any) -> tuple[bool, str | None]:
                                                                                   source.module, source.attr))
     if not mine or rs.same_model(source):
         return mine, None
+    if rs.fingerprint and source.fingerprint:
+        if rs.fingerprint != source.fingerprint and rs.layers != source.layers:
+            return True, f"the model changed since this run: {first_difference(list(rs.layers), list(source.layers))}"
+        return True, f"model_args {rs.kwargs} (change-log: {source.kwargs})"
     if rs.kind != source.kind or (rs.path, rs.module, rs.attr) != (source.path, source.module, source.attr):
         return True, f"trained {rs.reference}, the change-log's model is now {source.reference}"
     if rs.sha256 != source.sha256:
@@ -205,6 +214,7 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
         wanted = Recipe.from_dict(experiments.recipe_for(it), where=f"{experiments.path} ({it.id})")
         model, _ = build(source, wanted.model_kwargs())
         s = summarize(model, name=source.name, budget=c.get("max_params", DEFAULT_BUDGET))
+        source = source.with_architecture(model, s)
         if models is not None:
             models[it.id] = (model, s)
         runs = iteration_runs(all_runs, it, wanted, target, source)

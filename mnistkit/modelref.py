@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mnistkit.errors import ModelCodeError, RunError, UnknownModelError, UsageError
+from mnistkit.errors import MnistkitError, ModelCodeError, RunError, UnknownModelError, UsageError
 from mnistkit.usercode import (attribute, call_builder, check_output, description, exec_file, module_file,
                                no_dropout_at, read_source, user_code)
 
@@ -56,6 +56,11 @@ class ModelSource:
     description: str = ""
     text: str | None = field(default=None, compare=False, repr=False)   # the source as hashed
     builder: Any = field(default=None, compare=False, repr=False)       # in-process only: never pickled
+    # what it computes (``identity``): one line per layer, and their fingerprint with the args
+    layers: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    fingerprint: str | None = field(default=None, compare=False)
+    relpath: str | None = field(default=None, compare=False)   # the file from the runs folder, as recorded
+    siblings: bool = field(default=True, compare=False, repr=False)   # files beside it may be imported
 
     def __getstate__(self) -> dict[str, Any]:   # to a sweep worker: everything but a live object
         return {**self.__dict__, "builder": None}
@@ -76,18 +81,30 @@ class ModelSource:
     @property
     def copy_name(self) -> str | None:
         """The run folder's copy of the source, for the record."""
-        return {"file": "model.py", "yaml": "model.yaml"}.get(self.kind)
+        return {"file": "model.py", "module": "model.py", "yaml": "model.yaml"}.get(self.kind)
 
     def same_model(self, other: "ModelSource") -> bool:
-        """The same code or architecture, the same arguments (however the reference was spelt)."""
+        """The same architecture and arguments (``identity``), wherever its code lies and however
+        its file reads; for a run recorded before 0.12 (no fingerprint): the same file content."""
+        if self.fingerprint and other.fingerprint:
+            return self.fingerprint == other.fingerprint and self.args == other.args
         return (self.kind, self.path, self.module, self.attr, self.sha256, self.args) == \
             (other.kind, other.path, other.module, other.attr, other.sha256, other.args) and \
             (self.kind != "registered" or self.name.lower() == other.name.lower())
 
+    def with_architecture(self, model: Any, summary: Any = None) -> "ModelSource":
+        """This source with the identity of ``model``, a fresh model built from it."""
+        from mnistkit.identity import architecture, fingerprint
+
+        with user_code(self.path, f"tracing {self.shown}") if self.kind != "registered" else contextlib.nullcontext():
+            lines = architecture(model, summary)
+        return replace(self, layers=tuple(lines), fingerprint=fingerprint(lines, self.kwargs))
+
     def to_record(self) -> dict[str, Any]:
+        identity = {"fingerprint": self.fingerprint, "architecture": list(self.layers)} if self.fingerprint else {}
         return {"reference": self.reference, "kind": self.kind, "name": self.name, "path": self.path,
-                "module": self.module, "attr": self.attr, "sha256": self.sha256, "args": self.kwargs,
-                "description": self.description}
+                "relpath": self.relpath, "module": self.module, "attr": self.attr, "sha256": self.sha256,
+                "args": self.kwargs, "description": self.description, **identity}
 
 
 def _freeze(value: Any) -> Any:
@@ -194,12 +211,17 @@ def _path(target: str, base: str | Path | None) -> Path:
     return (Path(base) / path if base is not None and not path.is_absolute() else path).resolve()
 
 
-def _registered(reference: str, args: tuple, base: str | Path | None) -> ModelSource:
+def _registered(reference: str, args: tuple, base: str | Path | None, registry_only: bool = False) -> ModelSource:
+    """``registry_only``: a name a run recorded, which resolves through the registry and nothing else."""
     from mnistkit.models import list_models, model_info
 
     try:
         entry = model_info(reference)
     except UnknownModelError:
+        if registry_only:
+            raise RunError(f"the run names the registered model {reference[:100]!r}, which mnistkit does not have "
+                           f"(known models: {', '.join(list_models())}); the run folder is damaged or from a newer "
+                           "mnistkit") from None
         hint = ""
         if "." in reference and not reference.startswith("."):
             stem, _, attr = reference.rpartition(".")
@@ -241,27 +263,33 @@ def _file(reference: str, path: Path, attr: str | None, args: tuple, name: str |
         raise UsageError(f"model {reference!r}: {path} not found" + ("" if path.suffix == ".py" else
                          "; a model file ends in .py (or .yaml for an architecture)"), key="model")
     text, sha = read_source(path, "a Python")
-    module = exec_file(text, str(path), sha)
+    module = exec_file(text, str(path), sha, attr)
     attr, obj = attribute(module, attr, path.name)
     return ModelSource(reference, "file", name or safe_name(attr), str(path), attr=attr, sha256=sha, args=args,
                        description=description(obj), text=text, builder=obj)
 
 
 def _module(reference: str, modname: str, attr: str, args: tuple, name: str | None) -> ModelSource:
-    try:
-        with user_code(None, f"importing {modname}"):
-            module = importlib.import_module(modname)
-    except ModelCodeError as exc:
-        if isinstance(exc.__cause__, ModuleNotFoundError) and exc.__cause__.name and \
-                modname.startswith(exc.__cause__.name):
-            raise UsageError(f"model {reference!r}: no module named {exc.__cause__.name!r} (is it installed, or "
-                             "is its folder on PYTHONPATH?)", key="model") from None
-        raise
-    file = getattr(module, "__file__", None)
-    attr, obj = attribute(module, attr, modname)
-    sha = read_source(Path(file), "a Python")[1] if file and Path(file).is_file() else None
-    return ModelSource(reference, "module", name or safe_name(attr), str(Path(file).resolve()) if file else None,
-                       modname, attr, sha, args, description(obj), builder=obj)
+    """A module's file, found as ``import`` would find it, and run like a model file: its
+    definitions only, its relative imports from its package; remembered like a file."""
+    path = module_file(modname)
+    if path is None or path.suffix != ".py":
+        parts = modname.split(".")
+        missing = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                        if module_file(".".join(parts[:i])) is None), modname)
+        raise UsageError(f"model {reference!r}: no module named {missing!r} with a Python file (is it installed, or is "
+                         "its folder on PYTHONPATH?)", key="model")
+    text, sha = read_source(path, "a Python")
+    package = modname if path.name == "__init__.py" else modname.rpartition(".")[0]
+    module = exec_file(text, str(path), sha, attr, siblings=False, package=package or None)
+    attr, obj = attribute(module, attr, modname, package=modname)
+    return ModelSource(reference, "module", name or safe_name(attr), str(path), modname, attr, sha, args,
+                       description(obj), text=text, builder=obj, siblings=False)
+
+
+def _module_package(source: ModelSource) -> str | None:
+    modname = source.module or ""
+    return (modname if Path(source.path or "").name == "__init__.py" else modname.rpartition(".")[0]) or None
 
 
 def from_instance(model: Any) -> ModelSource:
@@ -302,14 +330,35 @@ def build(source: ModelSource, model_kwargs: dict[str, Any] | None = None, check
             from mnistkit.models import model_info
 
             obj = model_info(source.name).builder
-        elif source.kind == "file":
-            obj = attribute(exec_file(source.text or "", source.path or "", source.sha256 or ""),
-                             source.attr, Path(source.path or "").name)[1]
-        else:
-            with user_code(None, f"importing {source.module}"):
-                obj = attribute(importlib.import_module(source.module or ""), source.attr, source.module or "")[1]
+        else:   # a file, or a module's file: its definitions only
+            package = _module_package(source) if source.kind == "module" else None
+            module = exec_file(source.text or "", source.path or "", source.sha256 or "", source.attr,
+                               siblings=source.siblings, package=package)
+            obj = attribute(module, source.attr, source.module or Path(source.path or "").name,
+                            package=source.module)[1]
     model, notes = call_builder(obj, source, model_kwargs)
     return check_output(model, source, check and source.kind != "registered"), notes
+
+
+def redraw(model: Any, source: ModelSource) -> tuple[Any, list[str]]:
+    """A model object's weights drawn anew under the seed just set, so that the seed decides the
+    run as it does for a reference: a fresh ``type(model)()`` is built and its weights copied
+    into ``model`` (the object stays the caller's). Where its class cannot be built without
+    arguments, or builds other shapes, the object's own weights stay, and a note says so."""
+    import torch
+
+    try:
+        with user_code(source.path, f"building {source.shown} anew"):   # as a reference builds it: the same run
+            fresh = type(model)()
+        ours, theirs = model.state_dict(), fresh.state_dict()
+        if list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in ours):
+            with torch.no_grad():
+                model.load_state_dict(theirs)
+            return model, []
+    except (MnistkitError, TypeError):
+        pass
+    return model, [f"{source.name}'s initial weights are the object's own ({type(model).__name__}() without "
+                   "arguments does not rebuild it): the seed decides the data order and Dropout, not them"]
 
 
 # --------------------------------------------------------------------------- rebuilding from a run
@@ -319,15 +368,19 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
                 fallback_name: str | None = None, run_dir: Path | None = None) -> ModelSource:
     """The model a run (its config or checkpoint) trained, ready to build. ``text`` is a YAML
     architecture's source as the checkpoint holds it; ``model_code`` a Python file the user
-    names and trusts; ``run_dir`` the run's folder, whose copy of the source messages name."""
+    names and trusts; ``run_dir`` the run's folder. A record names only what its kind allows: a
+    registered model through the registry; Python code (a file's, a module's) only where its
+    content is what the run recorded and this user named that content before (``trust.py``):
+    the recorded file, the same file where the project now lies (moved or copied), else the run
+    folder's own copy; nothing is imported by a recorded name."""
     from mnistkit import trust
 
     if record is None:   # before 0.10: a registered name
-        return _registered(str(fallback_name), (), None)
+        return _registered(str(fallback_name), (), None, registry_only=True)
     src = _source_of(record, where)
     copy = Path(run_dir) / src.copy_name if run_dir is not None and src.copy_name else None
     if src.kind == "registered":
-        return resolve(src.name, args=src.kwargs)
+        return _registered(src.name, src.args, None, registry_only=True)
     if src.kind == "yaml":
         if text is None and copy is not None and copy.is_file():
             text = read_source(copy, "a YAML architecture")[0]
@@ -337,31 +390,32 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
         return replace(src, text=text)
     if src.kind == "instance":
         return src
-    keep = f" (the run folder keeps a copy: {copy})" if copy is not None and copy.is_file() else ""
-    if model_code is not None:
+    if model_code is not None:   # the user's word for this file; nothing else of its folder is imported
         path = Path(model_code).resolve()
         code_text, sha = read_source(path, "a Python")
         trust.remember(path, sha)
-        return replace(src, kind="file", path=str(path), text=code_text, sha256=sha)
-    how = f"if you trust it, name it as the model code (--model-code FILE){keep}"
-    path = Path(src.path or "")
-    if not src.path or not path.is_file():
-        raise RunError(f"{where} trained {src.reference} from {src.path}, which is missing (it had SHA-256 "
-                       f"{src.sha256}); {how.removeprefix('if you trust it, ')}")
-    code_text, sha = read_source(path, "a Python")
-    if sha != src.sha256:
-        raise RunError(f"{where} trained {src.reference} from {path} with SHA-256 {src.sha256}; the file now has "
-                       f"{sha}: it changed since the run; to use a file as it was, {how.removeprefix('if you trust it, ')}")
-    if not trust.is_trusted(path, sha):
-        raise RunError(f"{where} names model code {path} (SHA-256 {sha[:16]}...) that you have not used on this "
-                       f"machine; mnistkit runs code only from files you name: {how}")
-    if src.kind == "module":   # imported by name only where that name finds the very file recorded and trusted
-        found = module_file(src.module or "")
-        if found is None or found != path.resolve():
-            raise RunError(f"{where} names the module {src.module!r}, which is not the file {path} it recorded (the "
-                           f"name finds {found or 'no file'}); mnistkit imports nothing else: {how}")
-        return src
-    return replace(src, text=code_text)
+        return replace(src, kind="file", path=str(path), text=code_text, sha256=sha, siblings=False)
+    keep = f" (the run folder keeps a copy: {copy})" if copy is not None and copy.is_file() else ""
+    how = f"name the file as the model code (--model-code FILE){keep}"
+    places = [Path(src.path)] if src.path else []
+    if src.relpath and run_dir is not None:
+        places.append(Path(run_dir).parent / src.relpath)
+    found = None
+    for place in places:   # the recorded file, then where the moved or copied project has it
+        if place.is_file() and read_source(place, "a Python")[1] == src.sha256:
+            found = place.resolve()
+            break
+    if found is None and copy is not None and copy.is_file() and read_source(copy, "a Python")[1] == src.sha256:
+        found = copy   # the very code that trained, kept in the run folder (nothing beside it is imported)
+    if found is None:
+        now = next((p for p in places if p.is_file()), None)
+        state = (f"{now} now has other content" if now is not None else f"{src.path or src.reference} is missing")
+        raise RunError(f"{where} trained {src.reference} from code with SHA-256 {src.sha256}; {state}: to use a "
+                       f"file as it was, {how}")
+    if not trust.is_trusted(src.sha256 or ""):
+        raise RunError(f"{where} names model code {found} (SHA-256 {(src.sha256 or '')[:16]}...) that you have not "
+                       f"used on this machine; mnistkit runs code only from files you name: if you trust it, {how}")
+    return replace(src, path=str(found), text=read_source(found, "a Python")[0], siblings=found != copy)
 
 
 def _source_of(record: Any, where: str) -> ModelSource:
@@ -370,7 +424,7 @@ def _source_of(record: Any, where: str) -> ModelSource:
 
     if not isinstance(record, dict):
         raise damaged("is not a mapping")
-    strings = ("reference", "kind", "name", "path", "module", "attr", "sha256", "description")
+    strings = ("reference", "kind", "name", "path", "relpath", "module", "attr", "sha256", "description", "fingerprint")
     for key in strings:
         value = record.get(key)
         if value is not None and (not isinstance(value, str) or len(value) > 4096):
@@ -387,6 +441,15 @@ def _source_of(record: Any, where: str) -> ModelSource:
         args = _check_args(record.get("args") or {}, where)
     except UsageError:
         raise damaged("has model_args that are not plain values") from None
+    fingerprint, layers = record.get("fingerprint"), record.get("architecture") or []
+    if fingerprint is not None and not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise damaged("has a fingerprint that is not a SHA-256")
+    from mnistkit.identity import MAX_LINE, MAX_LINES
+
+    if not isinstance(layers, list) or len(layers) > MAX_LINES or \
+            not all(isinstance(x, str) and len(x) <= MAX_LINE for x in layers):
+        raise damaged("has an architecture that is not a list of short lines")
     return ModelSource(record["reference"], kind, record["name"], record.get("path"), record.get("module"),
-                       record.get("attr"), sha, args, record.get("description") or "")
+                       record.get("attr"), sha, args, record.get("description") or "", layers=tuple(layers),
+                       fingerprint=fingerprint, relpath=record.get("relpath"))
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -232,9 +233,11 @@ def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, da
 
     instance = model if isinstance(model, nn.Module) else None
     source = from_instance(model) if instance is not None else resolve(model, args=model_args)
+    if source.path and source.kind in ("file", "module"):   # recorded from the runs folder too: a moved project finds it
+        source = replace(source, relpath=os.path.relpath(source.path, Path(runs_dir).resolve()))
     s = Session.build(source, recipe or Recipe(), data or DataOptions(), device, instance)
-    if source.kind == "file" and source.path and source.sha256:
-        trust.remember(source.path, source.sha256)   # you named this file: rebuilding the run may import it
+    if source.kind in ("file", "module") and source.path and source.sha256:
+        trust.remember(source.path, source.sha256)   # you named this code: rebuilding the run may import it
     meta = s.meta()
     config = {k: v for k, v in meta.items() if k != "model_text"}
     copy = {source.copy_name: source.text.encode("utf-8")} if source.copy_name and source.text else {}

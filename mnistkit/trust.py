@@ -2,10 +2,12 @@
 imports on its own when it rebuilds a model from a run folder.
 
 A run folder records the path and SHA-256 of the file its model came from. Checking the hash
-alone would not stop a planted folder (a config naming a file it brought along, with that
-file's hash), so a run's Python model is imported only when this user named that very file with
+against the file alone would not stop a planted folder (a config naming a file it brought
+along, with that file's hash), so a run's Python model is imported only when this user named
 that very content on this machine before: by training from it, or by pointing at it with
-``--model-code``. The record lives in the user's own state folder
+``--model-code``. Trust is in the content, wherever it lies: a moved or copied project's runs
+rebuild from their files (or the run folder's copy) without naming them again; content this
+user never named stays refused. The record lives in the user's own state folder
 (``$XDG_STATE_HOME/mnistkit/trusted-code.json``, by default ``~/.local/state``), is used only
 when it is the user's own and not writable by others, and holds ``sha256 -> [paths]``. A damaged
 record trusts nothing (and the next write replaces it). Like direnv's ``allow``.
@@ -50,7 +52,7 @@ def _read() -> dict[str, list[str]]:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_BYTES + 1)
         data = json.loads(raw) if len(raw) <= MAX_BYTES else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):   # a deeply nested file: damaged
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         return {}
@@ -58,9 +60,9 @@ def _read() -> dict[str, list[str]]:
             if isinstance(k, str) and isinstance(v, list)}
 
 
-def is_trusted(path: str | os.PathLike, sha256: str) -> bool:
-    """This user named ``path`` with content ``sha256`` before."""
-    return str(Path(path).resolve()) in _read().get(sha256, [])
+def is_trusted(sha256: str) -> bool:
+    """This user named a file with content ``sha256`` before."""
+    return bool(_read().get(sha256))
 
 
 def remember(path: str | os.PathLike, sha256: str) -> bool:
@@ -69,13 +71,11 @@ def remember(path: str | os.PathLike, sha256: str) -> bool:
     file named again."""
     from mnistkit.outputs import atomic_write
 
-    files = _read()
+    import fcntl
+
     where = str(Path(path).resolve())
-    if where in files.get(sha256, []):
+    if where in _read().get(sha256, []):
         return True
-    files.setdefault(sha256, []).append(where)
-    while sum(len(v) for v in files.values()) > MAX_ENTRIES:
-        files.pop(next(iter(files)))
     target = store_path()
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -83,7 +83,18 @@ def remember(path: str | os.PathLike, sha256: str) -> bool:
             os.chmod(target.parent, stat.S_IMODE(os.lstat(target.parent).st_mode) & ~0o022)
         if target.exists() and not _private(target):
             return False
-        atomic_write(target, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+        # read, change and rewrite under one lock: concurrent trainings (a sweep's workers) each keep theirs
+        fd = os.open(target.parent / ".trusted-code.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            files = _read()
+            if where not in files.get(sha256, []):
+                files.setdefault(sha256, []).append(where)
+                while sum(len(v) for v in files.values()) > MAX_ENTRIES:
+                    files.pop(next(iter(files)))
+                atomic_write(target, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+        finally:
+            os.close(fd)
     except Exception:  # an OSError, a RunError from atomic_write: a run never fails for this record
         return False
     return True

@@ -7,11 +7,15 @@ one ``ModelCodeError`` naming their file and line (the original chained for a de
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import inspect
+import os
 import re
+import symtable
 import sys
+import sysconfig
 import traceback
 import types
 from pathlib import Path
@@ -62,19 +66,46 @@ def torch_dir() -> str:
 
 
 @contextlib.contextmanager
-def _on_path(folder: str) -> Iterator[None]:
+def _siblings(folder: str | None) -> Iterator[None]:
+    """While a model file runs, ``import helpers`` finds the ``helpers.py`` beside it, and only
+    that one: the folder is searched after everything installed (a planted ``torchvision.py``
+    never shadows torchvision), a module of the same name another model file's folder gave is
+    hidden meanwhile, and what this folder gave is taken out of ``sys.modules`` afterwards (the
+    file's own module keeps its references). ``folder`` None: nothing beside the file is imported."""
+    if folder is None:
+        yield
+        return
+    installed = {os.path.realpath(p) for p in (sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib"))}
+
+    def from_user_folder(module: Any) -> bool:
+        file = getattr(module, "__file__", None)
+        return bool(file) and not any(os.path.realpath(file).startswith(p + os.sep) for p in installed)
+
+    here = {Path(e).stem for e in os.listdir(folder) if e.endswith(".py") or os.path.isdir(os.path.join(folder, e))} \
+        if os.path.isdir(folder) else set()
+    inside = os.path.realpath(folder) + os.sep
+    hidden = {n: m for n, m in sys.modules.items() if n.split(".")[0] in here and from_user_folder(m)
+              and not n.startswith("mnistkit") and not os.path.realpath(m.__file__).startswith(inside)}
+    for name in hidden:
+        del sys.modules[name]
+    before = set(sys.modules)
     added = folder not in sys.path
     if added:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)
     try:
         yield
     finally:
         if added:
             with contextlib.suppress(ValueError):
                 sys.path.remove(folder)
+        for name in set(sys.modules) - before:   # what this folder gave
+            file = getattr(sys.modules[name], "__file__", None)
+            if file and os.path.realpath(file).startswith(inside):
+                del sys.modules[name]
+        sys.modules.update(hidden)
 
 
-_LOADED: dict[tuple[str, str], types.ModuleType] = {}
+_LOADED: dict[tuple[str, str, str | None, bool], types.ModuleType] = {}
 
 
 def read_source(path: Path, what: str) -> tuple[str, str]:
@@ -88,25 +119,122 @@ def read_source(path: Path, what: str) -> tuple[str, str]:
         raise UsageError(f"{path} is not UTF-8 text; it is not {what} file") from None
 
 
-def exec_file(text: str, path: str, sha256: str) -> types.ModuleType:
-    """Run the source ``text`` (whose hash is ``sha256``) as a module whose file is ``path``."""
+def exec_file(text: str, path: str, sha256: str, needed: str | None = None, siblings: bool = True,
+              package: str | None = None) -> types.ModuleType:
+    """The definitions of the source ``text`` (whose hash is ``sha256``) that ``needed`` uses,
+    run as a module of its own whose file is ``path`` (see ``definitions``); ``siblings``: the
+    files beside it may be imported; ``package``: the package its relative imports start from."""
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != sha256:
         raise RunError(f"the model source of {path} does not match its SHA-256; it was damaged on the way")
-    key = (path, sha256)
+    needed = needed.split(".")[0] if needed else None
+    key = (path, sha256, needed, siblings)
     if key in _LOADED:
         return _LOADED[key]
-    name = f"mnistkit_user.{_NAME.sub('_', Path(path).stem)}_{sha256[:12]}"
+    code = compile(definitions(text, path, needed), path, "exec", dont_inherit=True)
+    name = f"mnistkit_user.{_NAME.sub('_', Path(path).stem)}_{sha256[:12]}_{len(_LOADED)}"
     module = types.ModuleType(name)
     module.__file__ = path
+    if package:
+        module.__package__ = package
     sys.modules[name] = module
     try:
-        with user_code(path, f"importing {path}"), _on_path(str(Path(path).parent)):
-            exec(compile(text, path, "exec", dont_inherit=True), module.__dict__)  # noqa: S102 - the user's own file
+        with user_code(path, f"importing {path}"), _siblings(str(Path(path).parent) if siblings else None):
+            exec(code, module.__dict__)  # noqa: S102 - the definitions of the user's own file
     except BaseException:
         sys.modules.pop(name, None)
         raise
     _LOADED[key] = module
     return module
+
+
+
+# --------------------------------------------------------------------------- definitions only
+#
+# A model file is often a whole script: the classes, then `model = Net(); train(model)` with no
+# `if __name__ == "__main__":` guard. mnistkit runs only what the model needs: the file's imports,
+# class and function definitions, and the module-level assignments the model uses (found name by
+# name, through the globals each function and class refers to); every other top-level
+# statement (a call, a loop, a training) is left out.
+
+_DEFS = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_SCOPES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _bound(node: ast.stmt) -> set[str]:
+    """The module-level names a top-level statement binds."""
+    if isinstance(node, _SCOPES):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"}
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
+
+
+def _loads(nodes: list[Any]) -> set[str]:
+    return {n.id for node in nodes if node is not None for n in ast.walk(node)
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _globals(table: symtable.SymbolTable) -> set[str]:
+    """The global names a function or class body (and what it nests) refers to."""
+    out = {s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()}
+    for child in table.get_children():
+        out |= _globals(child)
+    return out
+
+
+def _plain(node: ast.stmt) -> bool:
+    """A statement that only binds names: an assignment, or an if/try made of such statements and
+    definitions (``try: import x except ImportError: x = None``), never ``if __name__ == ...``."""
+    if isinstance(node, (*_DEFS, ast.Assign, ast.AugAssign, ast.Pass)) or \
+            (isinstance(node, ast.AnnAssign) and node.value is not None):
+        return True
+    if isinstance(node, ast.If):
+        return "__name__" not in _loads([node.test]) and all(_plain(s) for s in node.body + node.orelse)
+    if isinstance(node, ast.Try):
+        return all(_plain(s) for s in node.body + node.orelse + node.finalbody + [s for h in node.handlers
+                                                                               for s in h.body])
+    return False
+
+
+def definitions(text: str, path: str, needed: str | None) -> ast.Module:
+    """The part of a model file that defines ``needed`` (a top-level name; None: each of its
+    classes): imports, classes, functions, and the assignments the model uses. A name the model
+    needs that only a left-out statement sets is refused in one line, never run."""
+    try:
+        tree = ast.parse(text, path)
+        tables = {(t.get_name(), t.get_lineno()): t for t in symtable.symtable(text, path, "exec").get_children()}
+    except SyntaxError as exc:
+        raise ModelCodeError(f"importing {path} failed: {path}, line {exc.lineno}: SyntaxError: {exc.msg}") from None
+    body = tree.body
+
+    def uses(s: ast.stmt) -> set[str]:
+        if isinstance(s, _SCOPES):   # what the definition itself evaluates, then what its body refers to
+            outer = [*s.decorator_list, *getattr(s, "bases", []), *(k.value for k in getattr(s, "keywords", []))]
+            if not isinstance(s, ast.ClassDef):
+                outer += [*s.args.defaults, *s.args.kw_defaults]
+            table = tables.get((s.name, s.lineno))
+            return _loads(outer) | (_globals(table) if table is not None else _loads(s.body))
+        return _loads([s])
+
+    wanted = {needed} if needed else {s.name for s in body if isinstance(s, ast.ClassDef)}
+    keep = [isinstance(s, _DEFS) for s in body]
+    todo, seen = set(wanted), set()
+    while todo:   # what the model needs, name by name
+        name = todo.pop()
+        seen.add(name)
+        for i, s in enumerate(body):
+            if name in _bound(s) and _plain(s):
+                keep[i] = True
+                todo |= uses(s) - seen
+    defined = set().union(set(), *(_bound(s) for s, k in zip(body, keep) if k))
+    for s, k in zip(body, keep):
+        late = sorted((_bound(s) & seen) - defined) if not k else []
+        if late:
+            raise UsageError(f"{path}, line {s.lineno}: the model needs {late[0]!r}, which only this statement sets; "
+                             "mnistkit runs only a model file's imports, classes, functions and the assignments they "
+                             "use: set it in an assignment or inside the model", key="model")
+    tree.body = [s for s, k in zip(body, keep) if k]
+    return tree
 
 
 def _candidates(module: types.ModuleType) -> tuple[list[str], list[str]]:
@@ -127,7 +255,9 @@ def _listing(module: types.ModuleType) -> str:
     return "; ".join(parts)
 
 
-def attribute(module: types.ModuleType, attr: str | None, where: str) -> tuple[str, Any]:
+def attribute(module: types.ModuleType, attr: str | None, where: str, package: str | None = None) -> tuple[str, Any]:
+    """The class or function ``attr`` names in ``module`` (its only nn.Module class when None);
+    ``package``: the module's import name, whose own modules a package's builder may come from."""
     if attr is None:
         classes, _ = _candidates(module)
         if len(classes) == 1:
@@ -145,7 +275,7 @@ def attribute(module: types.ModuleType, attr: str | None, where: str) -> tuple[s
     # defines (not one it imports: 'from subprocess import run' makes no model builder of run)
     home = getattr(obj, "__module__", None) or ""
     if callable(obj) and not isinstance(obj, nn.Module) and not (inspect.isclass(obj) and issubclass(obj, nn.Module)) \
-            and home != module.__name__ and not home.startswith(module.__name__ + "."):   # a package's own modules
+            and home != module.__name__ and not (package and (home == package or home.startswith(package + "."))):
         raise UsageError(f"{where}:{attr} is {getattr(obj, '__module__', None) or 'a'}.{getattr(obj, '__qualname__', type(obj).__name__)},"
                          f" not an nn.Module class or a function {where} defines; write a function there that "
                          f"returns the model ({_listing(module)})", key="model")
@@ -153,8 +283,11 @@ def attribute(module: types.ModuleType, attr: str | None, where: str) -> tuple[s
 
 
 def description(obj: Any) -> str:
-    doc = (inspect.getdoc(obj) or "").strip().splitlines() if obj is not None else []
-    return doc[0].strip()[:200] if doc else ""
+    """The first line of the object's own docstring: a class's, never one it inherits (a class without
+    one is not "Base class for all neural network modules.")."""
+    doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else getattr(obj, "__doc__", None)
+    lines = inspect.cleandoc(doc).splitlines() if isinstance(doc, str) else []
+    return lines[0].strip()[:200] if lines else ""
 
 
 def no_dropout_at(source: ModelSource, model_kwargs: dict[str, Any]) -> None:
@@ -201,8 +334,8 @@ def call_builder(obj: Any, source: ModelSource, model_kwargs: dict[str, Any]) ->
         raise UsageError(f"{where} needs {', '.join(missing)}: give {'them' if len(missing) > 1 else 'it'} as "
                          f"model_args in the change-log, or on the command line (--model-arg {missing[0]}=VALUE)",
                          key="model_args")
-    folder = str(Path(source.path).parent) if source.path else None
-    with user_code(source.path, f"building {where}"), (_on_path(folder) if folder else contextlib.nullcontext()):
+    folder = str(Path(source.path).parent) if source.path and source.siblings else None
+    with user_code(source.path, f"building {where}"), _siblings(folder):
         model = obj(**given)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{where} returned {type(model).__name__}, not an nn.Module", key="model")
