@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["State", "Geometry", "Window", "START", "Row", "Tracer", "op_name", "tensors", "call_geometry",
-           "window", "step", "layer_type"]
+           "window", "step", "label"]
 
 
 class State(NamedTuple):
@@ -200,13 +200,13 @@ def step(states: list[State], geom: Geometry | None, x: torch.Tensor | None, y: 
     return r, j, False, flat, None
 
 
-def layer_type(module: nn.Module) -> str:
+def label(module: nn.Module) -> str:
     """A leaf module's type as the table shows it: ``Dropout(p=0.1)``, else its class name."""
     name = type(module).__name__
     return f"{name}(p={module.p:g})" if isinstance(module, nn.modules.dropout._DropoutNd) else name
 
 
-def _op_type(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+def _op_label(name: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
     """A functional op's type as the table shows it: ``dropout(p=0.1)``, else its name."""
     if name.startswith("dropout") or name.endswith("alpha_dropout"):
         p = _arg(args, kwargs, 1, "p", 0.5)
@@ -223,6 +223,7 @@ class Row:
     name: str
     type: str
     module: nn.Module | None
+    label: str = ""  # the type as the table shows it (``Dropout(p=0.1)``)
     ops: dict[str, int] = field(default_factory=dict)
     uncounted: list[str] = field(default_factory=list)
     geom: Geometry | None = None
@@ -285,7 +286,8 @@ class Tracer(TorchFunctionMode):
         self.owners.pop()
 
     def _enter_leaf(self, module: nn.Module, inputs: Any) -> None:
-        self.frames.append(Row(self.names.get(id(module)) or type(module).__name__, layer_type(module), module))
+        self.frames.append(Row(self.names.get(id(module)) or type(module).__name__, type(module).__name__, module,
+                               label(module)))
 
     def _leave_leaf(self, module: nn.Module, inputs: Any, output: Any) -> None:
         row = self.frames.pop()
@@ -313,7 +315,7 @@ class Tracer(TorchFunctionMode):
                     self.frames[-1].add(name, cost, geom)
                 else:  # outside every leaf: a row of its own
                     owner = self.owners[-1] if self.owners else ""
-                    row = Row(f"{owner + '.' if owner else ''}forward: {name}", _op_type(name, args, kwargs), None)
+                    row = Row(f"{owner + '.' if owner else ''}forward: {name}", name, None, _op_label(name, args, kwargs))
                     row.add(name, cost, geom)
                     self._add_row(row, ins, ys)
         finally:

@@ -82,6 +82,7 @@ class LayerInfo:
     jump_in: int = 1  # the jump of its (first) input
     window: dict[str, int] | None = None  # what the formula applied: k, s, p, d, n_in, n_out; None: no window
     called: bool = True  # False: a module that forward never calls (its parameters still count)
+    label: str = ""  # the type as the table shows it: ``Dropout(p=0.1)``, ``dropout(p=0.25)``; else the type
 
 
 @dataclass
@@ -257,7 +258,7 @@ def summarize(
         row.geom.padding if row.geom else None, row.input_shape, row.output_shape, row.params, row.trainable,
         row.buffers, sum(row.ops.values()) // batch, row.state.r, row.state.j, row.state.glob or row.state.r >= side,
         row.shared_with, {k: v // batch for k, v in row.ops.items()}, list(dict.fromkeys(row.uncounted)),
-        row.r_in, row.j_in, row.window._asdict() if row.window else None)
+        row.r_in, row.j_in, row.window._asdict() if row.window else None, label=row.label or row.type)
         for index, row in enumerate(rows)]
     # parameters that no row used (held by a module that was never called, or never used) still
     # count: give them a row so the table adds up to the totals
@@ -270,7 +271,8 @@ def summarize(
                 len(layers), mod_name or "(model)", type(module).__name__ + " (not called)", None, None, None, None,
                 None, sum(p.numel() for p in leftover), sum(p.numel() for p in leftover if p.requires_grad), 0, 0,
                 last.rf if last else 1, last.jump if last else 1, last.rf_global if last else False,
-                rf_in=last.rf if last else 1, jump_in=last.jump if last else 1, called=False))
+                rf_in=last.rf if last else 1, jump_in=last.jump if last else 1, called=False,
+                label=type(module).__name__ + " (not called)"))
 
     calls: dict[str, int] = {}
     for row in rows:

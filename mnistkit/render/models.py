@@ -47,9 +47,8 @@ def _rf_line(s: "ModelSummary") -> str:
     return last_spatial
 
 
-def _params_total(s: "ModelSummary") -> str:
-    total = fmt_int(s.total_params)
-    return f"{total}, of which {fmt_int(s.uncalled_params)} in layers forward never calls" if s.uncalled_params else total
+def _uncalled(s: "ModelSummary") -> str:
+    return f", of which {fmt_int(s.uncalled_params)} in layers forward never calls" if s.uncalled_params else ""
 
 
 def summary_table(s: "ModelSummary", console: Console) -> Group:
@@ -76,7 +75,7 @@ def summary_table(s: "ModelSummary", console: Console) -> Group:
             for layer in s.layers:
                 params = fmt_int(layer.params) if layer.shared_with is None else f"shared #{layer.shared_with}"
                 name = layer.name.removeprefix("net.")
-                cells = [str(layer.index), name] + ([layer.type] if wide else []) + [fmt_geometry(layer)]
+                cells = [str(layer.index), name] + ([layer.label or layer.type] if wide else []) + [fmt_geometry(layer)]
                 cells += ([fmt_shape(layer.input_shape)] if wide else []) + [fmt_shape(layer.output_shape)]
                 cells += [params, _mult_adds_cell(layer), _rf_cell(layer)]
                 table.add_row(*(Text(c) for c in cells))
@@ -90,7 +89,7 @@ def summary_table(s: "ModelSummary", console: Console) -> Group:
     uses = ", ".join(f"{label} {'yes' if on else 'no'}" for label, on in (
         ("BatchNorm", s.has_batchnorm), ("Dropout", s.has_dropout), ("GAP head", s.gap_head), ("FC head", s.fc_head)))
     lines = [
-        f"Parameters: {_params_total(s)} (trainable {fmt_int(s.trainable_params)}, "
+        f"Parameters: {fmt_int(s.total_params)}{_uncalled(s)} (trainable {fmt_int(s.trainable_params)}, "
         f"non-trainable {fmt_int(s.non_trainable_params)})",
         f"Buffers: {fmt_int(s.buffers)} values (BatchNorm running statistics; not parameters)",
         f"Memory: parameters {fmt_bytes(s.param_bytes)}, buffers {fmt_bytes(s.buffer_bytes)}",
@@ -136,11 +135,11 @@ def summary_markdown(s: "ModelSummary") -> str:
              "|--:|:--|:--|:--|:--|--:|--:|--:|"]
     for layer in s.layers:
         params = fmt_int(layer.params) if layer.shared_with is None else f"shared #{layer.shared_with}"
-        cells = [str(layer.index), layer.name.removeprefix("net."), layer.type, fmt_geometry(layer),
+        cells = [str(layer.index), layer.name.removeprefix("net."), layer.label or layer.type, fmt_geometry(layer),
                  fmt_shape(layer.output_shape), params, _mult_adds_cell(layer), _rf_cell(layer)]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     verdict = "PASS" if s.within_budget else "FAIL"
-    lines += ["", f"**Totals:** {_params_total(s)} parameters ({fmt_int(s.trainable_params)} trainable), "
+    lines += ["", f"**Totals:** {fmt_int(s.total_params)} parameters{_uncalled(s)} ({fmt_int(s.trainable_params)} trainable), "
               f"{fmt_int(s.buffers)} buffer values, {fmt_int(s.mult_adds)} mult-adds per image"
               f"{_not_counted(s)}, receptive field {_rf_line(s)}.",
               "", f"**Budget:** {fmt_int(s.trainable_params)} trainable params < {fmt_int(s.budget)}: {verdict} "
