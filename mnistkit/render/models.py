@@ -43,7 +43,7 @@ def _rf_caption(s: "ModelSummary") -> str:
 def _rf_line(s: "ModelSummary") -> str:
     last_spatial = f"{s.rf}x{s.rf} pixels, jump {s.jump}"
     if s.rf_global:
-        return f"global: the output sees the whole image ({s.rf_output} by the formula; last layer with a map: {last_spatial})"
+        return f"global: {s.rf_output} by the formula at the output (last layer with a map: {last_spatial})"
     return last_spatial
 
 
