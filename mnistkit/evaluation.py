@@ -40,27 +40,36 @@ def _fold_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
     """An inference copy of ``model`` in which every BatchNorm that directly follows a
     convolution in a plain ``nn.Sequential`` is folded into that convolution's weights and bias,
     with the BatchNorm's running statistics: one pass over the activations instead of two.
     ``model`` itself is not changed; a model without such pairs comes back as it is. A
     BatchNorm that applies its ReLU itself (a backend's fused block: ``includes_relu``) leaves
-    its ReLU in its place."""
+    its ReLU in its place. The folded convolutions keep the layout the model trained in
+    (``channels_last``; by default read from the strides of the model's weights): a conv's output
+    layout follows its weight's, and a model trained in the default layout may ``view`` it."""
     import copy
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    from mnistkit.backends.layout import trained_channels_last
+
     pairs = _fold_pairs(model)
     if not pairs:
         return model
+    if channels_last is None:
+        channels_last = trained_channels_last(model)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     folded = copy.deepcopy(model).eval()
     for path, a, b in pairs:
         seq = folded.get_submodule(path)
         conv, bn = seq._modules[a], seq._modules[b]
-        channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last)
         conv = fuse_conv_bn_eval(conv, bn)
-        seq._modules[a] = conv.to(memory_format=torch.channels_last) if channels_last else conv
+        # exactly this layout's strides: a weight with one input channel or a 1x1 kernel is
+        # "contiguous" in both, and `.to(memory_format=...)` would keep whichever it has
+        conv.weight.data = torch.empty_like(conv.weight, memory_format=fmt).copy_(conv.weight.data)
+        seq._modules[a] = conv
         seq._modules[b] = nn.ReLU() if getattr(bn, "includes_relu", False) else nn.Identity()
     return folded
 
@@ -81,7 +90,7 @@ def evaluate(model: nn.Module, batches: EvalBatches, label_smoothing: float = 0.
     when a list is given."""
     # BatchNorm folded into the convolutions: 1.3x (I1) to 2.3x (I3) faster on CPU; the logits
     # move by rounding only (bench/fold_check.py: no test prediction changes on the trained runs)
-    net = fold_batchnorm(model)
+    net = fold_batchnorm(model, batches.channels_last)
     was_training = net.training
     net.eval()
     loss_sum = torch.zeros((), device=batches.y.device)
@@ -133,16 +142,22 @@ def checkpoint_recipe(checkpoint: dict[str, Any], where: str = "checkpoint") -> 
 
 
 def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None, path: str | Path | None = None,
-               model_code: str | Path | None = None) -> nn.Module:
+               model_code: str | Path | None = None, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model of a checkpoint (at ``path``) and load its weights: a registered name
     from the registry, a YAML architecture from the checkpoint, the user's Python file only as
-    ``modelref.from_record`` allows (``model_code``: a file the user names and trusts)."""
+    ``modelref.from_record`` allows (``model_code``: a file the user names and trusts); or a copy
+    of ``model``, a model object the caller made (a class from a notebook cell)."""
     name = checkpoint.get("model")
     recipe = recipe or checkpoint_recipe(checkpoint)
-    where = str(path.parent if path is not None and (Path(path).parent / "config.yaml").is_file() else path or "the checkpoint")
-    source = from_record(checkpoint.get("model_source"), where, checkpoint.get("model_text"), model_code,
-                         fallback_name=str(name), run_dir=Path(path).parent if path is not None else None)
-    model, _ = build(source, recipe.model_kwargs(), check=False)
+    if model is not None:
+        import copy
+
+        model = copy.deepcopy(model)
+    else:
+        where = str(path.parent if path is not None and (Path(path).parent / "config.yaml").is_file() else path or "the checkpoint")
+        source = from_record(checkpoint.get("model_source"), where, checkpoint.get("model_text"), model_code,
+                             fallback_name=str(name), run_dir=Path(path).parent if path is not None else None)
+        model, _ = build(source, recipe.model_kwargs(), check=False)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as exc:
@@ -173,17 +188,33 @@ class EvaluationReport:
         return out
 
 
+def guarded(checkpoint: dict[str, Any], given: bool = False) -> Any:
+    """Where a checkpoint's model runs: an exception of the user's own model (a file's, a
+    module's, or a model object the caller gave: ``given``) is one line naming their file and line."""
+    import contextlib
+
+    from mnistkit.usercode import user_code
+
+    record = checkpoint.get("model_source")
+    kind = record.get("kind") if isinstance(record, dict) else None
+    if not given and kind not in ("file", "module", "instance"):
+        return contextlib.nullcontext()
+    return user_code(None, f"running {checkpoint.get('model')}")
+
+
 def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir: str | None = None,
                         device: str = "auto", batch_size: int | None = None,
-                        model_code: str | Path | None = None) -> EvaluationReport:
+                        model_code: str | Path | None = None, model: nn.Module | None = None) -> EvaluationReport:
     """Test loss/accuracy, per-class figures and confusion matrix of a run or checkpoint. The
     data is the run's own (its dataset and data folder) unless ``dataset``/``data_dir`` say
-    otherwise."""
+    otherwise. ``model``: a model object of the run's architecture to load its weights into (a
+    copy), for a class defined in a notebook or a script."""
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    model = load_model(ckpt, recipe, path, model_code).to(dev)
+    given = model is not None   # the user's model raising is one line naming their file: guarded()
+    model = load_model(ckpt, recipe, path, model_code, model).to(dev)
     try:
         saved = DataOptions.from_dict(ckpt.get("data") or {})
     except MnistkitError:
@@ -195,11 +226,12 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
     batches = EvalBatches(test, batch_size or recipe.test_batch_size, dev, recipe.mean, recipe.std,
                           channels_last=recipe.channels_last)
     preds: list[torch.Tensor] = []
-    result = evaluate(model, batches, recipe.label_smoothing, predictions=preds)  # the loss as the run recorded it
+    with guarded(ckpt, given):
+        result = evaluate(model, batches, recipe.label_smoothing, predictions=preds)  # the loss as the run recorded it
     predicted = torch.cat(preds).cpu()
     report = per_class_report(test.labels, predicted)
     wrong = (predicted != test.labels).nonzero().squeeze(1)
-    with torch.inference_mode():
+    with torch.inference_mode(), guarded(ckpt, given):
         model.eval()
         probs = torch.softmax(model(batches.x[wrong.to(dev)]).float(), 1).cpu() if len(wrong) else torch.zeros(0, 10)
     confidence = probs.gather(1, predicted[wrong].unsqueeze(1)).squeeze(1) if len(wrong) else torch.zeros(0)

@@ -66,15 +66,15 @@ class ExportResult:
                 "bytes": self.bytes, "check": self.check.to_dict() if self.check else None}
 
 
-def _load(target: str | os.PathLike, model_code: str | os.PathLike | None = None
-          ) -> tuple[Path, dict[str, Any], Any, torch.nn.Module]:
+def _load(target: str | os.PathLike, model_code: str | os.PathLike | None = None,
+          model: torch.nn.Module | None = None) -> tuple[Path, dict[str, Any], Any, torch.nn.Module]:
     from mnistkit.evaluation import checkpoint_recipe, load_model
     from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
-    model = load_model(ckpt, recipe.replace(channels_last=False), path, model_code).eval()
+    model = load_model(ckpt, recipe.replace(channels_last=False), path, model_code, model).eval()
     return path, ckpt, recipe, model
 
 
@@ -104,23 +104,28 @@ def onnx_parity(data: bytes, model: torch.nn.Module, images: torch.Tensor, datas
 
 
 def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None, check: bool = True,
-           data_dir: str | None = None, model_code: str | os.PathLike | None = None) -> ExportResult:
+           data_dir: str | None = None, model_code: str | os.PathLike | None = None,
+           model: torch.nn.Module | None = None) -> ExportResult:
     """Write the checkpoint of ``target`` as ``fmt`` (onnx or safetensors) to ``output``
     (default: beside the checkpoint, ``model.onnx`` / ``model.safetensors``). An ONNX file is
     checked on the run's own test set unless ``check`` is off."""
+    from mnistkit.evaluation import guarded
     from mnistkit.outputs import check_output, write_output
 
     if fmt not in FORMATS:
         from mnistkit.errors import UsageError
 
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    path, ckpt, recipe, model = _load(target, model_code)
+    given = model is not None   # the user's model raising is one line naming their file: guarded()
+    path, ckpt, recipe, model = _load(target, model_code, model)
+
     out = Path(output) if output else path.parent / f"model.{fmt}"
     check_output(out, inputs=(path,))
     parity = None
     if fmt == "onnx":
         _need("onnx", "onnx")
-        data = onnx_bytes(model)
+        with guarded(ckpt, given):
+            data = onnx_bytes(model)
         if check:
             from mnistkit.data import load_dataset
             from mnistkit.recipe import DataOptions
@@ -131,7 +136,8 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
                 saved = DataOptions()
             test = load_dataset(saved.dataset, "test", data_dir or saved.data_dir, seed=recipe.seed)
             x = (test.images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std
-            parity = onnx_parity(data, model, x, saved.dataset)
+            with guarded(ckpt, given):
+                parity = onnx_parity(data, model, x, saved.dataset)
             if not parity.finite:
                 raise MnistkitError(f"{path}'s model gives logits that are not finite numbers (NaN or infinite "
                                     "weights?), so no export can agree with it; nothing was written")

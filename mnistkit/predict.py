@@ -182,25 +182,30 @@ class PredictResult:
 
 
 def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto",
-            model_code: str | os.PathLike | None = None) -> PredictResult:
+            model_code: str | os.PathLike | None = None, model: torch.nn.Module | None = None) -> PredictResult:
     """Predict every image with the checkpoint of ``target`` (a run folder or a .pt file).
     An image that cannot be used gets ``error`` set; the others are predicted."""
     from mnistkit.device import resolve_device
-    from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, load_model
+    from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, guarded, load_model
     from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    model = fold_batchnorm(load_model(ckpt, recipe, path, model_code).to(dev).eval())  # as evaluate computes it
+    given = model is not None   # the user's model raising is one line naming their file: guarded()
+    model = fold_batchnorm(load_model(ckpt, recipe, path, model_code, model).to(dev).eval(),  # as evaluate computes it
+                           recipe.channels_last)
     channels = torch.channels_last if recipe.channels_last else torch.contiguous_format
 
     def run(batch: list[Prediction]) -> None:
         x = torch.stack([p.pixels for p in batch]).unsqueeze(1).to(dev)
         x = ((x - recipe.mean) / recipe.std).contiguous(memory_format=channels)
-        with torch.inference_mode():
-            probs = torch.softmax(model(x).float(), dim=1).cpu()
+        with torch.inference_mode(), guarded(ckpt, given):
+            out = model(x).float()
+        if out.dim() == 1 and len(batch) == 1:   # a `.squeeze()` head drops the batch of one
+            out = out.unsqueeze(0)
+        probs = torch.softmax(out, dim=1).cpu()
         for p, row in zip(batch, probs):
             values, digits = row.topk(3)
             p.top3 = [(int(d), float(v)) for d, v in zip(digits, values)]

@@ -16,7 +16,7 @@ from mnistkit.batches import EvalBatches, TrainBatches
 from mnistkit.data import load_splits, provenance
 from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
 from mnistkit.errors import RunError, UsageError
-from mnistkit.modelref import ModelSource, build
+from mnistkit.modelref import ModelSource, build, redraw
 from mnistkit.usercode import user_code
 from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, set_bn_momentum
 from mnistkit.recipe import DataOptions, Recipe
@@ -46,15 +46,21 @@ class Session:
     @classmethod
     def build(cls, source: ModelSource, recipe: Recipe, data: DataOptions, device: str,
               instance: nn.Module | None = None) -> "Session":
-        """``instance``: a model object made by the caller, trained as it is (``source`` records
-        where its class came from)."""
+        """``instance``: a model object made by the caller, trained in place, its weights drawn
+        anew under the recipe's seed (``modelref.redraw``; ``source`` records where its class came from)."""
         dev = resolve_device(device)
         recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
         seed_everything(recipe.seed)
         train_split, val_split, test_split = load_splits(data, recipe.seed)
-        model, notes = (instance, []) if instance is not None else build(source, recipe.model_kwargs())
+        model, notes = redraw(instance, source) if instance is not None else build(source, recipe.model_kwargs())
+        source = source.with_architecture(model)   # what it computes: a run's identity (identity.py)
         model = model.to(dev)
         set_bn_momentum(model, recipe.bn_momentum)
+        # channels_last only where the model runs in it (a `view` head does not): found out with
+        # one step of a copy; the run records the layout it used, as it records what "auto" meant
+        layout = backends.choose_layout(model, dev, recipe.channels_last, recipe.precision == "bf16",
+                                        source.path)
+        recipe = recipe.replace(channels_last=layout.channels_last)
         if recipe.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # a model of the user's own gets the kernel only where every BatchNorm it has can be fused
@@ -73,7 +79,8 @@ class Session:
         session = cls(source, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
                       val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
                       provenance(data, train_split, val_split, test_split),
-                      WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, [*notes, prepared.note])
+                      WeightAverage(model, recipe.ema) if recipe.ema > 0 else None,
+                      [*notes, *([layout.note] if layout.note else []), prepared.note])
         if per_step and scheduler.total_steps > recipe.epochs * len(batches):
             session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
                                  f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "

@@ -67,11 +67,12 @@ def torch_dir() -> str:
 
 @contextlib.contextmanager
 def _siblings(folder: str | None) -> Iterator[None]:
-    """While a model file runs, ``import helpers`` finds the ``helpers.py`` beside it, and only
-    that one: the folder is searched after everything installed (a planted ``torchvision.py``
-    never shadows torchvision), a module of the same name another model file's folder gave is
-    hidden meanwhile, and what this folder gave is taken out of ``sys.modules`` afterwards (the
-    file's own module keeps its references). ``folder`` None: nothing beside the file is imported."""
+    """While a model file of the user's runs, ``import helpers`` finds the ``helpers.py`` beside
+    it, and only that one: the folder comes first on the path (as for a script Python runs), a
+    module of the same name that another folder gave is hidden meanwhile, and what this folder
+    gave is taken out of ``sys.modules`` afterwards (the file's own module keeps its references).
+    ``folder`` None (a file named with ``--model-code``, a run folder's copy): nothing beside the
+    file is imported."""
     if folder is None:
         yield
         return
@@ -91,7 +92,7 @@ def _siblings(folder: str | None) -> Iterator[None]:
     before = set(sys.modules)
     added = folder not in sys.path
     if added:
-        sys.path.append(folder)
+        sys.path.insert(0, folder)
     try:
         yield
     finally:
