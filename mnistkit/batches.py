@@ -48,6 +48,7 @@ class EvalBatches:
     def __init__(self, split: Split, batch_size: int, device: torch.device,
                  mean: float = MEAN, std: float = STD, channels_last: bool = False) -> None:
         self.x = split.images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
+        self.channels_last = channels_last   # the layout the model trained in: evaluation keeps it
         if channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = split.labels.to(device)

@@ -13,6 +13,10 @@ optimizer; the rest of mnistkit never imports a backend's module. Backends:
   kernel's accuracy did not differ from PyTorch's beyond noise.)
 
 A run records the resolved backend, and its start says in one line what the backend did.
+
+``choose_layout`` (``backends/layout.py``) decides, before that, whether the model trains
+channels_last: where the recipe asks for it and the model runs in it (a ``view`` head does not);
+the run records the layout it used.
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "Prepared", "resolve", "prepare"]
+from mnistkit.backends.layout import choose as choose_layout
+
+__all__ = ["BACKENDS", "Prepared", "resolve", "prepare", "choose_layout"]
 
 BACKENDS = ("auto", "torch", "fused")
 
