@@ -37,17 +37,26 @@ _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 @contextlib.contextmanager
 def user_code(path: str | None, what: str) -> Iterator[None]:
     """An exception raised by the user's code is one ModelCodeError naming their file and line
-    (the original is chained, for a debug run's whole traceback)."""
+    (the original is chained, for a debug run's whole traceback). Warnings their code causes
+    (torch's "Initializing zero-element tensors is a no-op" for a width of 0) are not printed:
+    what goes wrong is said in that one line."""
+    import warnings
+
     try:
-        yield
-    except MnistkitError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except (MnistkitError, KeyboardInterrupt):
         raise
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - anything their code raises
+    except BaseException as exc:  # noqa: BLE001 - anything their code raises: SystemExit, GeneratorExit, their own
         raise ModelCodeError(f"{what} failed: {_where_it_failed(exc, path)}") from exc
 
 
 def _where_it_failed(exc: BaseException, path: str | None) -> str:
-    detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    try:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+    except BaseException:  # noqa: BLE001 - an exception whose __str__ raises in turn
+        detail = "(its message cannot be shown)"
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{exc.filename}, line {exc.lineno}: SyntaxError: {exc.msg}"
     frames = traceback.extract_tb(exc.__traceback__)

@@ -366,3 +366,54 @@ def test_concurrent_trainings_each_keep_their_trust_entry(tmp_path, monkeypatch)
     with multiprocessing.get_context("fork").Pool(16) as pool:
         assert all(pool.map(_remember, [(tmp_path / f"m{i}.py", sha) for i, sha in enumerate(shas)]))
     assert sorted(trust._read()) == shas   # (read the same way in 0.11)
+
+
+BOOM_PY = '''
+import torch.nn as nn
+
+class Boom(BaseException):
+    pass
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise ValueError("no")
+
+class A(nn.Module):
+    def __init__(self):
+        super().__init__()
+        raise Boom("boom")
+
+class B(nn.Module):
+    def __init__(self):
+        super().__init__()
+        raise GeneratorExit()
+
+class C(nn.Module):
+    def __init__(self):
+        super().__init__()
+        raise Unprintable()
+
+class W(nn.Module):
+    def __init__(self, width=0):
+        super().__init__()
+        self.c = nn.Conv2d(1, width, 3)
+        self.fc = nn.Linear(1, 10)
+
+    def forward(self, x):
+        return self.fc(self.c(x).mean((1, 2, 3))[:, None])
+'''
+
+
+@pytest.mark.parametrize("name, needle", [("A", "line 14, in __init__: Boom: boom"), ("B", "GeneratorExit"),
+                                          ("C", "Unprintable: (its message cannot be shown)"),
+                                          ("W", "line 33, in forward: RuntimeError")])
+def test_whatever_a_models_init_raises_is_one_line_without_warnings(runner, tmp_path, monkeypatch, name, needle):
+    """Issue 37 item 7: a BaseException subclass, GeneratorExit, an exception whose __str__
+    raises, and torch's UserWarning before the error line (a width of 0)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "boom.py").write_text(BOOM_PY)
+    for command in (["summary", f"boom.py:{name}"], ["train", f"boom.py:{name}", "--dataset", "synthetic",
+                                                     "--limit", "64", "--epochs", "1"]):
+        line = one_line_error(runner.invoke(app, command), 1)
+        assert needle in line and "boom.py" in line, line
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
