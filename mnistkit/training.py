@@ -215,10 +215,11 @@ def _epochs(s: Session, writer: RunWriter, callback: Callback | None, start_epoc
         try:
             best = writer.commit(row, s.eval_model.state_dict(), s.resumable_state())
         except OSError as exc:
-            raise RunError(
-                f"cannot write the results of epoch {epoch} in {writer.run_dir} ({exc.strerror or exc}); "
-                f"the folder still holds epoch {writer.epoch} whole: make room, then resume with: "
-                f"mnistkit train --resume {shlex.quote(str(writer.run_dir))}") from None
+            then = (f"the folder still holds epoch {writer.epoch} whole: make room, then resume with: mnistkit "
+                    f"train --resume {shlex.quote(str(writer.run_dir))}" if writer.epoch else
+                    "no epoch was kept (a new run's folder is removed): make room, then train again")
+            raise RunError(f"cannot write the results of epoch {epoch} in {writer.run_dir} "
+                           f"({exc.strerror or exc}); {then}") from None
         if callback:
             callback.on_epoch(row, best)
 

@@ -314,6 +314,8 @@ CASES = [
          "no checkpoint"),
     # 6. faults during a run
     Case("disk-full-at-epoch-2", fault_during_training("enospc-epoch"), 1, "still holds epoch 1 whole"),
+    Case("disk-full-at-epoch-1", fault_during_training("enospc-epoch", at_epoch=1), 1,
+         "no epoch was kept (a new run's folder is removed): make room, then train again"),
     Case("disk-full-creating-the-run", fault_during_training("enospc-create"), 1, "cannot write a run folder"),
     Case("sigterm-during-training", fault_during_training("sigterm"), 143, "terminated (SIGTERM)"),
     Case("ctrl-c-during-training", fault_during_training("sigint"), 130, "Resume with: mnistkit train --resume '"),
