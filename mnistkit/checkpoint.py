@@ -44,6 +44,9 @@ def resolve_checkpoint(target: str | os.PathLike) -> Path:
         raise RunError(f"{path} has no checkpoint (best.pt or last.pt); is it a run folder?")
     if not path.exists():
         raise RunError(f"{path} does not exist; pass a run folder (e.g. runs/I3-...) or a .pt checkpoint")
+    from mnistkit.safeio import open_regular
+
+    open_regular(path, RunError, "a checkpoint").close()   # a named pipe would block torch.load forever
     return path
 
 

@@ -23,6 +23,7 @@ import torch
 from mnistkit.errors import DataError, UsageError
 from mnistkit.augment import affine_theta, augment_batch
 from mnistkit.recipe import Augment, DataOptions, Dataset, choices, expand_path
+from mnistkit.safeio import open_regular
 
 __all__ = [
     "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",
@@ -118,7 +119,7 @@ def read_idx(path: str | os.PathLike, expect_magic: int | None = None, digest: l
     is a list, the sha256 of the decompressed file is appended to it."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, DataError, "an IDX") as fh:   # a named pipe or a device: refused, never read
             gz = fh.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
             head = _read_exactly(fh, 4)

@@ -5,27 +5,64 @@ can cost memory. Every failure is one ``error`` with a message that names the fi
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
 MAX_NODES = 20_000  # YAML nodes after alias expansion: nested aliases cannot blow up memory
 
 
-def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> bytes:
-    """The bytes of a small file, refusing anything larger than ``limit`` bytes (and endless
-    sources such as /dev/zero) without reading more than ``limit + 1`` bytes."""
+KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+         (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file of ``mode`` is when it is not a regular file ("a named pipe"), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: str | os.PathLike, error: type[Exception], what: str) -> BinaryIO:
+    """``path`` opened for reading in binary, refused in one line unless it is a regular file: a
+    named pipe, a device or a socket could block a reader forever (or never end). The file is
+    opened without blocking (a named pipe with no writer would block ``open`` itself) and checked
+    on the descriptor, so that a swap after a check cannot slip one in."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(limit + 1)
+        kind = not_regular(os.stat(path).st_mode)   # a device is never even opened
+        if kind is None:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                kind = not_regular(os.fstat(fd).st_mode)
+                if kind is None:
+                    return os.fdopen(fd, "rb")
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
     except FileNotFoundError:
         raise error(f"{path} not found; give the path of an existing file") from None
-    except IsADirectoryError:
-        raise error(f"{path} is a folder, not {what} file") from None
     except PermissionError:
         raise error(f"cannot read {path}: permission denied; check its permissions") from None
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if kind == "a folder":
+        raise error(f"{path} is a folder, not {what} file")
+    raise error(f"{path} is {kind}, not a regular file; it is not {what} file")
+
+
+def read_bytes_bounded(path: str | os.PathLike, limit: int, error: type[Exception], what: str) -> bytes:
+    """The bytes of a small regular file, refusing anything larger than ``limit`` bytes without
+    reading more than ``limit + 1`` bytes, and anything that is not a regular file (a named pipe
+    would block, a device never end) without reading it at all."""
+    path = Path(path)
+    fh = open_regular(path, error, what)
+    try:
+        with fh:
+            raw = fh.read(limit + 1)
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(raw) > limit:

@@ -236,7 +236,8 @@ CASES = [
     Case("yaml-alias-bomb-in-cwd", lambda t, g, mp: (t.joinpath("experiments.yaml").write_text(laughs()),
                                                      mp.chdir(t), ["train", *SYN, "--runs-dir", str(t / "r")])[2],
          1, "more than 20,000 YAML nodes"),
-    Case("experiments-endless-source", _args("compare", "--experiments", "/dev/zero"), 1, "larger than 1,024 KiB"),
+    Case("experiments-endless-source", _args("compare", "--experiments", "/dev/zero"), 1,
+         "/dev/zero is a character device, not a regular file"),
     Case("experiments-huge-file", lambda t, g, mp: (t.joinpath("big.yaml").write_text("# " + "x" * (2 << 20)),
                                                     ["compare", "--experiments", str(t / "big.yaml")])[1],
          1, "larger than 1,024 KiB"),
@@ -767,3 +768,61 @@ def test_ctrl_c_while_a_picture_is_drawn_lets_it_finish_then_stops_in_one_line(r
         signal.signal(signal.SIGINT, previous)
     assert finished == [True]
     assert result.exit_code == 130 and result.stderr.strip() == "error: interrupted" and not out.exists()
+
+
+# ---------------------------------------------------------------- issue 37: hostile inputs, round four
+
+def _cli(args: list[str], cwd: Path, timeout: int = 60) -> subprocess.CompletedProcess:
+    """The CLI in its own process, with a clock: a reader that blocks fails the test instead of
+    hanging it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mnistkit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def _one_error(proc: subprocess.CompletedProcess, needle: str) -> str:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
+
+
+@pytest.fixture
+def fifo_runs(tmp_path, good_run):
+    """A runs folder of a good run and one whose metrics.jsonl is a named pipe nobody writes."""
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run, runs / "ok")
+    shutil.copytree(good_run, runs / "bad")
+    (runs / "bad" / "metrics.jsonl").unlink()
+    os.mkfifo(runs / "bad" / "metrics.jsonl")
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["runs", "compare", "check", "report"])
+def test_a_named_pipe_in_a_run_folder_is_a_damaged_folder_and_the_rest_is_listed(command, fifo_runs, tmp_path):
+    args = {"runs": ["runs"], "compare": ["compare", "--all-runs"], "check": ["check"],
+            "report": ["report", "-o", str(tmp_path / "rep"), "--device", "cpu"]}[command]
+    proc = _cli([*args, "--runs-dir", str(fifo_runs)], tmp_path)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.returncode == (1 if command == "check" else 0), (proc.stdout, proc.stderr)
+    said = proc.stdout + proc.stderr
+    assert "metrics.jsonl is a named pipe, not a regular file" in said, said
+    if command == "runs":
+        assert "│ ok " in proc.stdout and "finished" in proc.stdout
+
+
+def test_a_named_pipe_is_never_read(fifo_runs, tmp_path):
+    """plot of the run, a change-log, a checkpoint and a sweep spec that are named pipes: one line each."""
+    _one_error(_cli(["plot", str(fifo_runs / "bad"), "-o", str(tmp_path / "c.png")], tmp_path),
+               "metrics.jsonl is a named pipe, not a regular file; it is not a metrics file")
+    os.mkfifo(tmp_path / "exp.yaml")
+    _one_error(_cli(["compare", "--experiments", str(tmp_path / "exp.yaml"), "--runs-dir", str(fifo_runs)], tmp_path),
+               "exp.yaml is a named pipe, not a regular file; it is not a change-log file")
+    os.mkfifo(tmp_path / "ck.pt")
+    _one_error(_cli(["evaluate", str(tmp_path / "ck.pt"), "--device", "cpu"], tmp_path),
+               "ck.pt is a named pipe, not a regular file")
+    os.mkfifo(tmp_path / "sweep.yaml")
+    _one_error(_cli(["sweep", str(tmp_path / "sweep.yaml"), "--runs-dir", str(tmp_path / "r")], tmp_path),
+               "sweep.yaml is a named pipe, not a regular file")
