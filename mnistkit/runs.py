@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -127,9 +126,9 @@ def read_metrics(run_dir: Path) -> list[EpochMetrics]:
     for n, line in enumerate(read_text_bounded(path, MAX_METRICS_BYTES, RunError, "a metrics").splitlines(), 1):
         if line.strip():
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                raise RunError(f"{path}:{n} is not valid JSON; the run folder is damaged") from None
+                data = strictjson.loads(line, allow_nan=True)   # as before: NaN is read (EpochMetrics checks)
+            except ValueError as exc:   # malformed, or nested too deeply to parse (RecursionError)
+                raise RunError(f"{path}:{n} is not valid JSON ({exc}); the run folder is damaged") from None
             rows.append(EpochMetrics.from_dict(data, where=f"{path}:{n}"))
     check_epochs(rows, str(path))
     return rows

@@ -32,9 +32,14 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(sanitize(obj), allow_nan=False, **kwargs)
 
 
-def loads(text: str) -> Any:
-    """Parse strictly: NaN, Infinity and -Infinity are refused."""
+def loads(text: str, allow_nan: bool = False) -> Any:
+    """Parse strictly: NaN, Infinity and -Infinity are refused (unless ``allow_nan``). Every
+    failure is a ValueError, JSON nested too deeply for the parser's recursion included (a
+    line of 200,000 ``[`` from a hostile file is damage, not a crash)."""
     def refuse(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
-    return json.loads(text, parse_constant=refuse)
+    try:
+        return json.loads(text) if allow_nan else json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None

@@ -826,3 +826,25 @@ def test_a_named_pipe_is_never_read(fifo_runs, tmp_path):
     os.mkfifo(tmp_path / "sweep.yaml")
     _one_error(_cli(["sweep", str(tmp_path / "sweep.yaml"), "--runs-dir", str(tmp_path / "r")], tmp_path),
                "sweep.yaml is a named pipe, not a regular file")
+
+
+@pytest.mark.parametrize("command", ["runs", "compare", "check", "plot"])
+def test_json_nested_too_deeply_is_a_damaged_folder(command, runner, tmp_path, good_run):
+    runs = tmp_path / "runs"
+    shutil.copytree(good_run, runs / "ok")
+    shutil.copytree(good_run, runs / "bad")
+    (runs / "bad" / "metrics.jsonl").write_text("[" * 200_000 + "\n")
+    args = {"runs": ["runs", "--runs-dir", str(runs)], "compare": ["compare", "--all-runs", "--runs-dir", str(runs)],
+            "check": ["check", "--runs-dir", str(runs)],
+            "plot": ["plot", str(runs / "bad"), "-o", str(tmp_path / "c.png")]}[command]
+    result = runner.invoke(app, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    said = result.stdout + result.stderr
+    assert "metrics.jsonl:1 is not valid JSON (nested too deeply); the run folder is damaged" in said, said
+    if command == "plot":
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    else:
+        assert result.exit_code == (1 if command == "check" else 0), said
+        assert "skipped a damaged run folder" in said or command == "runs", said
+        assert "│ ok " in result.stdout or command == "check", result.stdout
