@@ -7,7 +7,9 @@ traceback, and that no file that existed before changed."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -848,3 +850,59 @@ def test_json_nested_too_deeply_is_a_damaged_folder(command, runner, tmp_path, g
         assert result.exit_code == (1 if command == "check" else 0), said
         assert "skipped a damaged run folder" in said or command == "runs", said
         assert "│ ok " in result.stdout or command == "check", result.stdout
+
+
+ESCAPES = "\x1b]0;owned\x1b\\ \x1b[2J \x1b]52;c;cHduZWQ=\x07 \x9b2J"   # title, clear, clipboard, C1 CSI
+
+
+def _no_escape_reaches(result, shown=True) -> str:
+    said = result.stdout + result.stderr
+    assert "\x1b" not in said and "\x9b" not in said, repr(said[:3000])
+    assert "Traceback" not in said
+    if shown:
+        assert "\\x1b" in said, said   # shown for what it is, not dropped silently
+    return said
+
+
+def _escape_setup(tmp: Path, good: Path, what: str) -> list[str]:
+    if what == "runs":
+        runs = tmp / "runs"
+        shutil.copytree(good, runs / f"x{ESCAPES}y")
+        shutil.copytree(good, runs / "model")
+        edit_config(runs / "model", lambda d: d.update(model=f"I3{ESCAPES}"))
+        shutil.copytree(good, runs / "diverged")
+        (runs / "diverged" / "outcome.json").write_text(
+            json.dumps({"state": "diverged", "epoch": 1, "reason": f"loss {ESCAPES}"}))
+        return ["runs", "--runs-dir", str(runs)]
+    if what == "evaluate":
+        shutil.copytree(good, tmp / f"run{ESCAPES}")
+        return ["evaluate", str(tmp / f"run{ESCAPES}"), "--device", "cpu"]
+    if what.startswith("compare"):
+        path = changelog(tmp, lambda t: t.replace("changes: Transition layers (1x1) + tuned channels",
+                                                  f"changes: {json.dumps('Transition ' + ESCAPES)}"))
+        fmt = what.partition("-")[2]
+        return ["compare", "--experiments", str(path), "--runs-dir", str(tmp / "none")] + (["-f", fmt] if fmt else [])
+    if what == "summary":
+        arch = (ROOT / "examples" / "architectures" / "i3.yaml").read_text()
+        (tmp / "a.yaml").write_text(re.sub(r"(?m)^description: .*$",
+                                           lambda m: "description: " + json.dumps(f"Mine {ESCAPES}"), arch))
+        return ["summary", str(tmp / "a.yaml")]
+    if what == "sweep":
+        name = "lr\x1b]0;owned\x07\x1b[2J\x9b2J"   # a folder name: no backslash
+        (tmp / "s.yaml").write_text(f"name: {json.dumps(name)}\nmodels: [I3]\ngrid: {{lr: [0.1]}}\n")
+        return ["sweep", str(tmp / "s.yaml"), "--report", "--runs-dir", str(tmp / "r")]
+    if what == "error":
+        return ["evaluate", str(tmp / f"gone{ESCAPES}\nerror: forged second line")]
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize("what", ["runs", "evaluate", "compare", "compare-markdown", "compare-csv", "summary",
+                                  "sweep", "error"])
+def test_terminal_escapes_in_user_text_are_shown_not_obeyed(what, runner, tmp_path, good_run):
+    result = runner.invoke(app, _escape_setup(tmp_path, good_run, what))
+    said = _no_escape_reaches(result)
+    if what == "error":
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "\\nerror: forged second line" in result.stderr
+    else:
+        assert result.exit_code == 0, said

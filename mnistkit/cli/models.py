@@ -67,7 +67,7 @@ def summary(
     if fmt == "json":
         print_json({**render.summary_json(s, description), "source": source.to_record()})
     elif fmt == "markdown":
-        sys.stdout.write(s.rf_markdown() if rf else s.to_markdown())
+        sys.stdout.write(render.clean(s.rf_markdown() if rf else s.to_markdown(), lines=True))
     else:
         from rich.text import Text
 

@@ -163,9 +163,7 @@ def compare_cmd(
     report = compare.build_report(exp, runs_dir)
     if fmt == "table":
         if output:
-            from rich.console import Console
-
-            console = Console(record=True, width=render.WIDTH_OFF_TTY, file=io.StringIO())
+            console = render.SafeConsole(record=True, width=render.WIDTH_OFF_TTY, file=io.StringIO())
             console.print(render.compare_tables(report, console, all_runs))
             text = console.export_text()
         else:

@@ -10,7 +10,8 @@ at 120. Numeric columns fold instead of being cut: no number is ever shown as ``
 from rich.text import Text
 
 from mnistkit.render.common import (  # noqa: F401
-    WIDTH_OFF_TTY, error_line, fit, fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_pct,
+    WIDTH_OFF_TTY, SafeConsole, clean, csv_cell, error_line, fit, safe_cell, xml_text,
+    fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_pct,
     curves_png, fmt_rf, fmt_shape, json_text, mean_std, note_line, num_column, plain, png_bytes, pyplot,
     required_width, spec_table, stderr, stdout, yes_no,
 )

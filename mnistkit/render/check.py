@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree as ET
 
+from mnistkit.render.common import clean, xml_text
+
 if TYPE_CHECKING:  # pragma: no cover
     from mnistkit.check import Case, CheckReport
 
@@ -15,7 +17,7 @@ def check_line(case: "Case") -> str:
 
 
 def check_text(report: "CheckReport") -> str:
-    return "".join(check_line(c) + "\n" for c in report.cases)
+    return "".join(clean(check_line(c)) + "\n" for c in report.cases)
 
 
 def check_verdict(report: "CheckReport") -> str:
@@ -32,13 +34,15 @@ def check_junit(report: "CheckReport") -> str:
     for case in report.cases:
         by_iteration.setdefault(case.iteration, []).append(case)
     for iteration, cases in by_iteration.items():
-        suite = ET.SubElement(suites, "testsuite", name=iteration, tests=str(len(cases)),
+        suite = ET.SubElement(suites, "testsuite", name=xml_text(iteration), tests=str(len(cases)),
                               failures=str(sum(not c.passed for c in cases)), errors="0", skipped="0")
         for case in cases:
-            tc = ET.SubElement(suite, "testcase", classname=f"mnistkit.check.{iteration}", name=case.check)
+            tc = ET.SubElement(suite, "testcase", classname=xml_text(f"mnistkit.check.{iteration}"),
+                               name=xml_text(case.check))
+            detail = xml_text(case.detail)   # a change-log's text may hold what XML 1.0 forbids
             if case.passed:
-                ET.SubElement(tc, "system-out").text = case.detail
+                ET.SubElement(tc, "system-out").text = detail
             else:
-                ET.SubElement(tc, "failure", message=case.detail, type="constraint").text = case.detail
+                ET.SubElement(tc, "failure", message=detail, type="constraint").text = detail
     ET.indent(suites)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -19,31 +21,94 @@ if TYPE_CHECKING:  # pragma: no cover
 WIDTH_OFF_TTY = 120  # tables are complete at 120 columns; a pipe or file gets that width
 MIN_WIDTH = 40       # a narrower width (COLUMNS=0, a tiny pane) is taken as this one
 
+# --------------------------------------------------------------------------- user text, made safe
+
+# C0 controls, DEL and C1 controls: ESC starts the sequences that clear a screen, set a window
+# title or write the clipboard (OSC 52), and U+009B (CSI) does the same on some terminals. Rich
+# drops only BEL, BS, VT, FF and CR.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")   # keeps \t and \n
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _shown(match: "re.Match[str]") -> str:
+    char = match.group()
+    return _NAMED.get(char) or f"\\x{ord(char):02x}"
+
+
+def clean(text: Any, lines: bool = False) -> str:
+    """User text made safe to print or to write into a document someone will ``cat``: every
+    control character (C0, DEL, C1) is shown as its escape (ESC as ``\\x1b``, a newline as
+    ``\\n``), so a name, a change-log's text or a message can neither drive the terminal nor
+    break one line into two. ``lines=True`` keeps newlines and tabs (text meant to span lines: a
+    whole Markdown or CSV document). The one mechanism: every console of ``stdout``/``stderr``
+    applies it to all it prints, and the document writers apply it to what they return."""
+    return (_CONTROL_BUT_LINES if lines else _CONTROL).sub(_shown, str(text))
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")   # what a spreadsheet reads as the start of a formula
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: numbers stay numbers; text has its controls shown (newlines kept: the CSV
+    writer quotes them) and, when it begins like a formula (``=``, ``+``, ``-``, ``@``, a tab),
+    gets a leading ``'`` so that a spreadsheet shows it instead of running it (OWASP's advice
+    against CSV injection). None is an empty cell."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return value
+    text = clean(value, lines=True)
+    return "'" + text if text.startswith(_FORMULA) else text
+
+
+_XML_FORBIDDEN = re.compile("[\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text: Any) -> str:
+    """Text an XML 1.0 parser accepts: controls shown as ``clean`` shows them (XML forbids every
+    C0 control but tab, newline and CR), and the code points XML forbids outright (lone
+    surrogates, U+FFFE, U+FFFF) dropped."""
+    return _XML_FORBIDDEN.sub("", clean(text, lines=True))
+
+
+class SafeConsole(Console):
+    """A Rich console that never writes a control character it did not make itself: the text of
+    every segment goes through ``clean`` (newlines kept: they are the layout); Rich's own control
+    segments (cursor moves of a live display) and the styles it adds are left alone."""
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
+        for segment in super().render(renderable, options):
+            if segment.control is None and _CONTROL_BUT_LINES.search(segment.text):
+                segment = Segment(clean(segment.text, lines=True).replace("\t", " "), segment.style, None)
+            yield segment
+
 
 def stdout() -> Console:
     """Console for results, created per call so that redirected streams (tests, pipes) are
     honoured. Off a terminal there is no width to respect: use the width every table is complete
     at (COLUMNS still wins)."""
-    console = Console()
+    console = SafeConsole()
     if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=WIDTH_OFF_TTY)
+        console = SafeConsole(width=WIDTH_OFF_TTY)
     elif console.width < MIN_WIDTH:   # COLUMNS=0 printed nothing, COLUMNS=10 tables of empty cells
-        console = Console(width=MIN_WIDTH)
+        console = SafeConsole(width=MIN_WIDTH)
     return console
 
 
 def stderr() -> Console:
-    console = Console(stderr=True)
-    return Console(stderr=True, width=MIN_WIDTH) if console.width < MIN_WIDTH else console
+    console = SafeConsole(stderr=True)
+    return SafeConsole(stderr=True, width=MIN_WIDTH) if console.width < MIN_WIDTH else console
 
 
 def error_line(message: str) -> Text:
-    """The one line an error gets; the message is user text and never read as markup."""
-    return Text.assemble(("error: ", "bold red"), message)
+    """The one line an error gets; the message is user text: never read as markup, and its
+    control characters (a newline included) are shown, not obeyed."""
+    return Text.assemble(("error: ", "bold red"), clean(message))
 
 
 def note_line(message: str) -> Text:
-    return Text.assemble(("note: ", "yellow"), message)
+    return Text.assemble(("note: ", "yellow"), clean(message))
 
 
 def json_text(data: Any) -> str:
@@ -52,8 +117,8 @@ def json_text(data: Any) -> str:
 
 
 def md_cell(text: Any) -> str:
-    """User text as one Markdown table cell: one line, pipes escaped, never empty."""
-    return " ".join(str(text).split()).replace("|", "\\|") or " "
+    """User text as one Markdown table cell: one line, pipes escaped, controls shown, never empty."""
+    return clean(" ".join(str(text).split())).replace("|", "\\|") or " "
 
 
 def plain(cell: Any) -> str:
@@ -190,6 +255,16 @@ def png_bytes(fig: Any, plt: Any) -> bytes:
 # --------------------------------------------------------------------------- sweep
 
 
+def safe_cell(value: Any) -> Text:
+    """A table cell with its controls shown before the table is laid out (so its width is
+    right; the console would show them anyway)."""
+    if not isinstance(value, Text):
+        return Text(clean(value))
+    if not _CONTROL.search(value.plain):
+        return value
+    return Text(clean(value.plain), style=value.style)
+
+
 def spec_table(title: str, caption: str | None, specs: list[tuple[str, str, Callable[[int], Any]]],
                 n_rows: int) -> Table:
     """A table from column specs ``(header, kind, cell(i))``; kind: ``text`` (wraps), ``num``
@@ -206,7 +281,7 @@ def spec_table(title: str, caption: str | None, specs: list[tuple[str, str, Call
         else:
             t.add_column(header, min_width=10, overflow="fold")
     for i in range(n_rows):
-        t.add_row(*(v if isinstance(v := cell(i), Text) else Text(str(v)) for _, _, cell in specs))
+        t.add_row(*(safe_cell(cell(i)) for _, _, cell in specs))
     for column, (header, kind, _) in zip(t.columns, specs):
         if kind == "num":  # a fixed width: Rich narrows only the text columns, never a number
             cells = [plain(c) for c in column._cells]

@@ -11,7 +11,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from mnistkit.render.common import fit, fmt_int, fmt_pct, md_cell, mean_std, png_bytes, pyplot, spec_table
+from mnistkit.render.common import clean, csv_cell, fit, fmt_int, fmt_pct, md_cell, mean_std, png_bytes, pyplot, spec_table
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -294,7 +294,7 @@ def compare_markdown(report: dict[str, Any]) -> str:
         for it, params, epochs, cells, mean, low, last, sec in per_seed:
             lines.append("| " + " | ".join([it, params, epochs, *cells, mean, low, last, sec]) + " |")
         lines += ["", SEED_CAPTION]
-    return "\n".join(lines) + "\n"
+    return clean("\n".join(lines) + "\n", lines=True)
 
 
 def compare_csv(report: dict[str, Any]) -> str:
@@ -304,7 +304,7 @@ def compare_csv(report: dict[str, Any]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in flat_rows(report):
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
 

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from mnistkit.render.common import num_column, fit, fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, yes_no
+from mnistkit.render.common import SafeConsole, clean, num_column, fit, fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, yes_no
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnistkit.summary import LayerInfo, ModelSummary
@@ -121,7 +121,7 @@ def summary_text(s: "ModelSummary", width: int = 120) -> str:
     """The summary table as plain text (no colour), as ``print(summary)`` shows it."""
     import io
 
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False)
+    console = SafeConsole(file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False)
     console.print(summary_table(s, console))
     return console.file.getvalue()
 
@@ -221,7 +221,7 @@ def models_table(rows: list[tuple["ModelSummary", str]], console: Console) -> Re
 def recipe_text(model: str, recipe: dict[str, Any], described: str) -> str:
     import yaml
 
-    return f"# {model}: {described}\n" + yaml.safe_dump(recipe, sort_keys=False)
+    return clean(f"# {model}: {described}\n" + yaml.safe_dump(recipe, sort_keys=False), lines=True)
 
 
 # --------------------------------------------------------------------------- training display

@@ -12,7 +12,7 @@ import html
 import re
 from typing import TYPE_CHECKING, Any
 
-from mnistkit.render.common import curves_png, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, md_cell
+from mnistkit.render.common import clean, curves_png, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, md_cell
 from mnistkit.render.compare import compare_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -164,7 +164,7 @@ def report_markdown(bs: list[Block]) -> tuple[str, dict[str, bytes]]:
         else:
             text += f"\n![{b[2]}]({b[1]})\n"
             files[b[1]] = b[3]
-    return text, files
+    return clean(text, lines=True), files
 
 
 MARKS = str.maketrans({"✅": "✓", "❌": "✗"})  # text marks: every font has them, not every one has emoji
@@ -225,6 +225,7 @@ def report_html(bs: list[Block]) -> str:
         else:
             data = base64.b64encode(b[3]).decode("ascii")
             body.append(f'<p><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></p>')
-    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>mnistkit write-up</title>'
+    return clean('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>mnistkit write-up</title>'
             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
-            f'style-src \'unsafe-inline\'"><style>{STYLE}</style></head><body>\n' + "".join(body) + "</body></html>\n")
+            f'style-src \'unsafe-inline\'"><style>{STYLE}</style></head><body>\n' + "".join(body) + "</body></html>\n",
+                 lines=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console, RenderableType
 
-from mnistkit.render.common import fmt_int, fmt_pct, mean_std, spec_table
+from mnistkit.render.common import clean, csv_cell, fmt_int, fmt_pct, mean_std, spec_table
 
 
 def sweep_cells(row: dict[str, Any]) -> dict[str, str]:
@@ -56,7 +56,7 @@ def sweep_markdown(report: dict[str, Any]) -> str:
         cells = [c["config"], c["data"], c["done"], c["failed"] or "0", c["test"], c["min"]] + (
             [c["val"]] if has_val else [])
         lines.append("| " + " | ".join(cells + [c["passing"]]) + " |")
-    return "\n".join(lines) + "\n"
+    return clean("\n".join(lines) + "\n", lines=True)
 
 
 def sweep_csv(report: dict[str, Any]) -> str:
@@ -67,9 +67,9 @@ def sweep_csv(report: dict[str, Any]) -> str:
     writer.writeheader()
     for r in report["configs"]:
         t, v = r["test_acc"] or {}, r["val_acc"] or {}
-        writer.writerow({"config": r["config"], "model": r["model"], "trials": r["trials"], "done": r["done"],
+        writer.writerow({k: csv_cell(cell) for k, cell in {"config": r["config"], "model": r["model"], "trials": r["trials"], "done": r["done"],
                          "failed": r["failed"], "test_acc_mean": t.get("mean", ""), "test_acc_std": t.get("std") or "",
                          "test_acc_min": t.get("min", ""), "val_acc_mean": v.get("mean", ""),
                          "passing": r["passing"], "seeds_done": " ".join(map(str, r["seeds_done"])),
-                         **{k: r["values"].get(k, "") for k in report["varied"]}})
+                         **{k: r["values"].get(k, "") for k in report["varied"]}}.items()})
     return buffer.getvalue()
