@@ -906,3 +906,38 @@ def test_terminal_escapes_in_user_text_are_shown_not_obeyed(what, runner, tmp_pa
         assert "\\nerror: forged second line" in result.stderr
     else:
         assert result.exit_code == 0, said
+
+
+def test_check_junit_parses_whatever_the_text_holds(runner, tmp_path):
+    """A runs folder (or a change-log's text) with characters XML 1.0 forbids: the report still parses."""
+    from xml.etree import ElementTree as ET
+
+    out = tmp_path / "check.xml"
+    result = runner.invoke(app, ["check", "--format", "junit", "-i", "I3", "--runs-dir", str(tmp_path / "r\x01\x1bx"),
+                                 "-o", str(out)])
+    assert result.exit_code == 1, result.output   # a check failed: no run
+    root = ET.fromstring(out.read_text())   # before: not well-formed (invalid token)
+    details = [f.get("message") for f in root.iter("failure")]
+    assert details and all("r\\x01\\x1bx" in d for d in details), details
+    _no_escape_reaches(result)   # the failing checks on stderr too
+
+
+def test_compare_csv_text_cells_never_start_a_formula(runner, tmp_path):
+    import csv
+    import io
+
+    formulas = {"I3": '=HYPERLINK("http://evil.example","x")', "I4": "+1+cmd|' /C calc'!A0", "I1": "-2+3",
+                "I2": "@SUM(1,1)"}
+    text = (ROOT / "mnistkit" / "experiments.yaml").read_text()
+    for ident, formula in formulas.items():
+        text, n = re.subn(rf"(- id: {ident}\n(?:    #.*\n)*    model: .*\n    changes: ).*", lambda m: m.group(1)
+                          + json.dumps(formula), text)
+        assert n == 1, ident
+    (tmp_path / "exp.yaml").write_text(text)
+    result = runner.invoke(app, ["compare", "-f", "csv", "--experiments", str(tmp_path / "exp.yaml"),
+                                 "--runs-dir", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    rows = {r["id"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    for ident, formula in formulas.items():
+        assert rows[ident]["changes"] == "'" + formula, rows[ident]
+    assert rows["I3"]["test_acc_reported"] == "99.6" and rows["I3"]["params_measured"] == "14500"   # numbers stay
