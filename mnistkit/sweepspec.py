@@ -32,20 +32,23 @@ def _varies(key: Any) -> bool:
 def trial_recipe(exp: Any, model: Any, fixed: dict[str, Any], overrides: dict[str, Any], seed: int) -> Recipe:
     """The iteration's recipe, then the spec's fixed keys, then the trial's varied ones;
     ``augment.KEY`` (or a fixed ``augment:`` mapping) changes one field of the augmentation."""
-    import dataclasses
-
     from mnistkit.experiments import resolve_recipe
 
-    values = {k: v for k, v in {**fixed, **overrides}.items() if not k.startswith(MODEL_ARGS)}
-    augment = dict(values.pop("augment", None) or {})
-    augment.update({k.split(".", 1)[1]: values.pop(k) for k in list(values) if k.startswith("augment.")})
-    recipe = resolve_recipe(model, exp, **{**values, "seed": seed})
-    if augment:
-        try:
-            recipe = recipe.replace(augment=dataclasses.replace(recipe.augment, **augment))
-        except TypeError as exc:
-            raise UsageError(f"augment: {exc}") from None
-    return recipe
+    values = {k: v for k, v in {**fixed, **overrides}.items() if not k.startswith(MODEL_ARGS) and v is not None}
+    augment = values.pop("augment", None) or {}
+    if not isinstance(augment, dict):
+        raise UsageError(f"augment must be a mapping of augment keys to values, not {augment!r}", key="augment")
+    augment = {**augment, **{k.split(".", 1)[1]: values.pop(k) for k in list(values) if k.startswith("augment.")}}
+    data = resolve_recipe(model, exp).to_dict()
+    data.update(values, seed=seed)
+    data["augment"] = {**data["augment"], **augment}
+    # the recipe's own validation, types included (dataclasses.replace checked ranges only: epochs 1.5,
+    # batch_size true and lr abc passed here and failed as trials); one line naming the key
+    try:
+        return Recipe.from_dict(data, where="recipe")
+    except UsageError as exc:
+        named = exc.key and exc.detail and not exc.detail.startswith("unknown key")
+        raise UsageError(f"{exc.key} {exc.detail}" if named else str(exc), key=exc.key, detail=exc.detail) from None
 
 
 @dataclass(frozen=True)

@@ -941,3 +941,28 @@ def test_compare_csv_text_cells_never_start_a_formula(runner, tmp_path):
     for ident, formula in formulas.items():
         assert rows[ident]["changes"] == "'" + formula, rows[ident]
     assert rows["I3"]["test_acc_reported"] == "99.6" and rows["I3"]["params_measured"] == "14500"   # numbers stay
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("grid: {epochs: [1.5]}", "trial I3-epochs1.5-seed42: epochs must be int, not float (1.5)"),
+    ("grid: {batch_size: [true]}", "trial I3-batch_sizeTrue-seed42: batch_size must be int, not bool (True)"),
+    ("recipe: {lr: abc}", "trial I3-seed42: lr must be float, not str ('abc')"),
+    ("recipe: {epochs: 2.5}", "trial I3-seed42: epochs must be int, not float (2.5)"),
+    ("grid: {augment.degrees: [x]}", "augment.degrees must be float, not str ('x')"),
+    ("recipe: {augment: true}", "augment must be a mapping"),
+])
+def test_a_sweep_specs_values_are_checked_as_the_recipe_checks_them_before_any_trial(spec, needle, tmp_path):
+    from mnistkit.sweepspec import SweepError, load_spec
+
+    (tmp_path / "s.yaml").write_text(f"name: s\nmodels: [I3]\n{spec}\ndata: {{dataset: synthetic, limit: 64}}\n")
+    with pytest.raises(SweepError) as info:   # before: accepted, and the trial failed (or trained with True)
+        load_spec(tmp_path / "s.yaml")
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_sweep_spec_with_a_wrong_type_is_one_line_and_writes_nothing(runner, tmp_path):
+    (tmp_path / "s.yaml").write_text("name: s\nmodels: [I3]\nrecipe: {lr: abc}\ndata: {dataset: synthetic, limit: 64}\n")
+    result = runner.invoke(app, ["sweep", str(tmp_path / "s.yaml"), "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 's.yaml'}: trial I3-seed42: lr must be float, not str ('abc')"], result.stderr
+    assert not (tmp_path / "r").exists()
