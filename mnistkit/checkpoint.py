@@ -157,9 +157,9 @@ def _check_checkpoint(data: dict[str, Any], path: Path) -> None:
     if not isinstance(data.get("model"), str):
         raise bad("it names no model")
     if data.get("model_source") is not None:
-        from mnistkit.modelref import _source_of
+        from mnistkit.rebuild import read_record
 
-        recorded = _source_of(data["model_source"], str(path)).name
+        recorded = read_record(data["model_source"], str(path)).name
         if recorded.lower() != data["model"].lower():
             raise bad(f"it names model {data['model']!r} but its model_source is {recorded!r}")
         if data.get("model_text") is not None and not isinstance(data["model_text"], str):

@@ -16,7 +16,8 @@ from mnistkit.batches import EvalBatches
 from mnistkit.data import load_dataset, resolve_data_dir
 from mnistkit.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
-from mnistkit.modelref import build, from_record
+from mnistkit.modelref import build
+from mnistkit.rebuild import from_record
 from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
 from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 from mnistkit.metrics import EpochMetrics
@@ -40,6 +41,23 @@ def _fold_pairs(model: nn.Module) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def channels_last_strides(t: torch.Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels_last and not also in the default layout. A
+    conv weight with one input channel or a 1x1 kernel passes ``is_contiguous`` for both
+    layouts; its strides still say which one it was made in."""
+    if t.dim() != 4:
+        return False
+    n, c, h, w = t.shape
+    last = (h * w * c, 1, w * c, c)
+    first = (c * h * w, h * w, w, 1)
+    return tuple(t.stride()) == last and last != first
+
+
+def trained_channels_last(model: nn.Module) -> bool:
+    """Whether ``model`` was converted to channels_last: one of its 4-d parameters says so."""
+    return any(channels_last_strides(p) for p in model.parameters())
+
+
 def fold_batchnorm(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
     """An inference copy of ``model`` in which every BatchNorm that directly follows a
     convolution in a plain ``nn.Sequential`` is folded into that convolution's weights and bias,
@@ -53,7 +71,6 @@ def fold_batchnorm(model: nn.Module, channels_last: bool | None = None) -> nn.Mo
 
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    from mnistkit.backends.layout import trained_channels_last
 
     pairs = _fold_pairs(model)
     if not pairs:
@@ -145,7 +162,7 @@ def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None, path: s
                model_code: str | Path | None = None, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model of a checkpoint (at ``path``) and load its weights: a registered name
     from the registry, a YAML architecture from the checkpoint, the user's Python file only as
-    ``modelref.from_record`` allows (``model_code``: a file the user names and trusts); or a copy
+    ``rebuild.from_record`` allows (``model_code``: a file the user names and trusts); or a copy
     of ``model``, a model object the caller made (a class from a notebook cell)."""
     name = checkpoint.get("model")
     recipe = recipe or checkpoint_recipe(checkpoint)

@@ -161,8 +161,9 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
 
 def load_safetensors(path: str | os.PathLike, model_code: str | os.PathLike | None = None) -> torch.nn.Module:
     """Rebuild a model from an exported ``.safetensors`` file, without pickle (a Python model of
-    the user's own as ``modelref.from_record`` allows)."""
-    from mnistkit.modelref import build, from_record
+    the user's own as ``rebuild.from_record`` allows)."""
+    from mnistkit.modelref import build
+    from mnistkit.rebuild import from_record
     from mnistkit.recipe import Recipe
 
     st = _need("safetensors", "safetensors")

@@ -108,9 +108,9 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     threads = data.get("threads")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096):
         raise RunError(f"{path}: threads is {threads!r}, not a number of threads; the run folder is damaged")
-    from mnistkit.modelref import _source_of
+    from mnistkit.rebuild import read_record
 
-    source = _source_of(data["model_source"], str(path)) if data.get("model_source") is not None else None
+    source = read_record(data["model_source"], str(path)) if data.get("model_source") is not None else None
     return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source)
 
 

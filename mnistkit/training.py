@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shlex
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +20,8 @@ from torch import nn
 from mnistkit.errors import ModelCodeError, RunError, TrainingDiverged, TrainingInterrupted, UsageError
 from mnistkit.evaluation import evaluate
 from mnistkit.lock import FolderLock
-from mnistkit.modelref import ModelSource, from_instance, from_record, resolve
+from mnistkit.modelref import ModelSource, from_instance, resolve
+from mnistkit.rebuild import from_record
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.checkpoint import check_resumable, load_checkpoint
 from mnistkit.metrics import EpochMetrics, selected_on
@@ -230,15 +230,9 @@ def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, da
     """Train ``model`` (a reference: ``"I3"``, ``"mynet.py:Net"``, ``"s1.yaml"``, with ``model_args``;
     a ``ModelSource``; or a model object, trained as it is) with ``recipe`` on ``data``, into a new
     run folder under ``runs_dir``. ``callback=mnistkit.progress()`` shows the CLI's display."""
-    from mnistkit import trust
-
     instance = model if isinstance(model, nn.Module) else None
     source = from_instance(model) if instance is not None else resolve(model, args=model_args)
-    if source.path and source.kind in ("file", "module"):   # recorded from the runs folder too: a moved project finds it
-        source = replace(source, relpath=os.path.relpath(source.path, Path(runs_dir).resolve()))
-    s = Session.build(source, recipe or Recipe(), data or DataOptions(), device, instance)
-    if source.kind in ("file", "module") and source.path and source.sha256:
-        trust.remember(source.path, source.sha256)   # you named this code: rebuilding the run may import it
+    s = Session.build(source.recorded_in(runs_dir), recipe or Recipe(), data or DataOptions(), device, instance)
     meta = s.meta()
     config = {k: v for k, v in meta.items() if k != "model_text"}
     copy = {source.copy_name: source.text.encode("utf-8")} if source.copy_name and source.text else {}

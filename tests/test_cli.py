@@ -242,4 +242,4 @@ def test_help_shows_flags_as_flags_and_values_with_their_type(runner):
         assert result.exit_code == 0, (name, result.output)
         assert "<bool>" not in result.output, (name, result.output)   # --json, --version, --debug take no value
     summary = runner.invoke(app, ["summary", "--help"], env={"COLUMNS": "200"}).output
-    assert re.search(r"--json\s+Print one JSON object", summary) and re.search(r"--budget\s+<int range>", summary)
+    assert re.search(r"--json\s+The same as --format json", summary) and re.search(r"--budget\s+<int range>", summary)

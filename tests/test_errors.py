@@ -133,7 +133,7 @@ def test_checkpoint_of_another_model(runner, run_dir, tmp_path):
     ckpt["model"] = "Z9"
     ckpt["model_source"] = {**ckpt["model_source"], "name": "Z9", "reference": "Z9"}
     torch.save(ckpt, tmp_path / "unknown.pt")
-    assert "unknown model 'Z9'" in one_line_error(evaluate(runner, tmp_path / "unknown.pt"), 1)
+    assert "registered model 'Z9', which mnistkit does not have" in one_line_error(evaluate(runner, tmp_path / "unknown.pt"), 1)
 
 
 def test_checkpoint_from_a_newer_format(runner, run_dir, tmp_path):

@@ -139,7 +139,8 @@ def test_safetensors_round_trip_without_pickle(runner, trained, tmp_path):
 
     out = tmp_path / "i3.safetensors"
     assert runner.invoke(app, ["export", str(trained), "-f", "safetensors", "-o", str(out)]).exit_code == 0
-    assert b"mnistkit_model" in out.read_bytes()[:4096]  # the metadata header, readable without pickle
+    raw = out.read_bytes()
+    assert b"mnistkit_model" in raw[8:8 + int.from_bytes(raw[:8], "little")]  # the JSON header, readable without pickle
     rebuilt = load_safetensors(out)
     original = load_model(load_checkpoint(trained / "best.pt")).eval()
     x = torch.randn(16, 1, 28, 28)

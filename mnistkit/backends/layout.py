@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Layout", "choose", "channels_last_strides", "trained_channels_last"]
+__all__ = ["Layout", "choose"]
 
 PROBE_SHAPE = (2, 1, 28, 28)   # two images: BatchNorm in train mode needs more than one value per channel
 
@@ -98,20 +98,3 @@ def choose(model: nn.Module, device: torch.device, channels_last: bool, bf16: bo
             if "view size is not compatible" in str(failed) else "")
     return Layout(False, f"layout: PyTorch's default, not channels_last: the model fails in channels_last "
                          f"({_reason(failed, path)}){hint}")
-
-
-def channels_last_strides(t: torch.Tensor) -> bool:
-    """Whether a 4-d tensor is laid out channels_last and not also in the default layout. A
-    conv weight with one input channel or a 1x1 kernel passes ``is_contiguous`` for both
-    layouts; its strides still say which one it was made in."""
-    if t.dim() != 4:
-        return False
-    n, c, h, w = t.shape
-    last = (h * w * c, 1, w * c, c)
-    first = (c * h * w, h * w, w, 1)
-    return tuple(t.stride()) == last and last != first
-
-
-def trained_channels_last(model: nn.Module) -> bool:
-    """Whether ``model`` was converted to channels_last: one of its 4-d parameters says so."""
-    return any(channels_last_strides(p) for p in model.parameters())

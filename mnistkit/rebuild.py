@@ -1,0 +1,111 @@
+"""Rebuilding a run's model from what the run recorded (its config or checkpoint): a record
+names only what its kind allows, and Python code runs only where its content is content the
+user named (``trust.py``): the recorded file, the same file where a moved or copied project now
+has it, or the run folder's own copy. ``read_record`` is the one reader of a recorded
+``model_source``: bounded, every field checked."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mnistkit.errors import RunError, UsageError
+from mnistkit.modelref import KINDS, ModelSource, _check_args, _registered
+from mnistkit.usercode import read_source
+
+__all__ = ["from_record", "read_record"]
+
+
+def from_record(record: Any, where: str, text: str | None = None, model_code: str | Path | None = None,
+                fallback_name: str | None = None, run_dir: Path | None = None) -> ModelSource:
+    """The model a run (its config or checkpoint) trained, ready to build. ``text`` is a YAML
+    architecture's source as the checkpoint holds it; ``model_code`` a Python file the user
+    names and trusts; ``run_dir`` the run's folder. A record names only what its kind allows: a
+    registered model through the registry; Python code (a file's, a module's) only where its
+    content is what the run recorded and this user named that content before (``trust.py``):
+    the recorded file, the same file where the project now lies (moved or copied), else the run
+    folder's own copy; nothing is imported by a recorded name."""
+    from mnistkit import trust
+
+    if record is None:   # before 0.10: a registered name
+        return _registered(str(fallback_name), (), None, registry_only=True)
+    src = read_record(record, where)
+    copy = Path(run_dir) / src.copy_name if run_dir is not None and src.copy_name else None
+    if src.kind == "registered":
+        return _registered(src.name, src.args, None, registry_only=True)
+    if src.kind == "yaml":
+        if text is None and copy is not None and copy.is_file():
+            text = read_source(copy, "a YAML architecture")[0]
+        if text is None or hashlib.sha256(text.encode("utf-8")).hexdigest() != src.sha256:
+            raise RunError(f"{where}: its YAML architecture is missing or does not match its SHA-256; the run "
+                           "folder is damaged")
+        return replace(src, text=text)
+    if src.kind == "instance":
+        return src
+    if model_code is not None:   # the user's word for this file; nothing else of its folder is imported
+        path = Path(model_code).resolve()
+        code_text, sha = read_source(path, "a Python")
+        trust.remember(path, sha)
+        return replace(src, kind="file", path=str(path), text=code_text, sha256=sha, siblings=False)
+    keep = f" (the run folder keeps a copy: {copy})" if copy is not None and copy.is_file() else ""
+    how = f"name the file as the model code (--model-code FILE){keep}"
+    places = [Path(src.path)] if src.path else []
+    if src.relpath and run_dir is not None:
+        places.append(Path(run_dir).parent / src.relpath)
+    found = None
+    for place in places:   # the recorded file, then where the moved or copied project has it
+        if place.is_file() and read_source(place, "a Python")[1] == src.sha256:
+            found = place.resolve()
+            break
+    if found is None and copy is not None and copy.is_file() and read_source(copy, "a Python")[1] == src.sha256:
+        found = copy   # the very code that trained, kept in the run folder (nothing beside it is imported)
+    if found is None:
+        now = next((p for p in places if p.is_file()), None)
+        state = (f"{now} now has other content" if now is not None else f"{src.path or src.reference} is missing")
+        raise RunError(f"{where} trained {src.reference} from code with SHA-256 {src.sha256}; {state}: to use a "
+                       f"file as it was, {how}")
+    if not trust.is_trusted(src.sha256 or ""):
+        raise RunError(f"{where} names model code {found} (SHA-256 {(src.sha256 or '')[:16]}...) that you have not "
+                       f"used on this machine; mnistkit runs code only from files you name: if you trust it, {how}")
+    return replace(src, path=str(found), text=read_source(found, "a Python")[0], siblings=found != copy)
+
+
+def read_record(record: Any, where: str) -> ModelSource:
+    """A recorded ``model_source`` as a ModelSource; anything else is a damaged run folder."""
+    def damaged(what: str) -> RunError:
+        return RunError(f"{where}: its model_source {what}; the run folder is damaged")
+
+    if not isinstance(record, dict):
+        raise damaged("is not a mapping")
+    strings = ("reference", "kind", "name", "path", "relpath", "module", "attr", "sha256", "description", "fingerprint")
+    for key in strings:
+        value = record.get(key)
+        if value is not None and (not isinstance(value, str) or len(value) > 4096):
+            raise damaged(f"{key} is not a short text")
+    kind = record.get("kind")
+    if kind not in KINDS or not record.get("name") or not record.get("reference"):
+        raise damaged(f"kind {kind!r} is not one of {', '.join(KINDS)}" if kind not in KINDS else "names no model")
+    sha = record.get("sha256")
+    if kind in ("file", "module", "yaml") and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise damaged("has no SHA-256")
+    if kind in ("file", "module") and not record.get("attr"):
+        raise damaged("names no class or function")
+    try:
+        args = _check_args(record.get("args") or {}, where)
+    except UsageError:
+        raise damaged("has model_args that are not plain values") from None
+    fingerprint, layers = record.get("fingerprint"), record.get("architecture") or []
+    if fingerprint is not None and not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise damaged("has a fingerprint that is not a SHA-256")
+    from mnistkit.identity import MAX_LINE, MAX_LINES
+
+    if not isinstance(layers, list) or len(layers) > MAX_LINES or \
+            not all(isinstance(x, str) and len(x) <= MAX_LINE for x in layers):
+        raise damaged("has an architecture that is not a list of short lines")
+    return ModelSource(record["reference"], kind, record["name"], record.get("path"), record.get("module"),
+                       record.get("attr"), sha, args, record.get("description") or "", layers=tuple(layers),
+                       fingerprint=fingerprint, relpath=record.get("relpath"))
+
