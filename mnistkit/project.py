@@ -21,6 +21,9 @@ def init_project(folder: str | os.PathLike = ".") -> list[Path]:
     """Write the starting project into ``folder`` (made when missing); returns the files written."""
     from mnistkit.outputs import atomic_write_all, check_output
 
+    if os.fspath(folder) == "":   # Path("") is the current folder: an unset variable must not write there
+        raise UsageError("the project's folder is an empty path; name a folder (mnistkit init my-project), "
+                         "or '.' for the current one")
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root} is a file, not a folder; name a new or existing folder for the project")

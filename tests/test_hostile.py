@@ -966,3 +966,33 @@ def test_a_sweep_spec_with_a_wrong_type_is_one_line_and_writes_nothing(runner, t
     assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 's.yaml'}: trial I3-seed42: lr must be float, not str ('abc')"], result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, name", [
+    (["init", ""], "folder"),
+    (["predict", "RUN", ""], "images"),
+    (["predict", "", "x.png"], "target"),
+    (["evaluate", ""], "target"),
+    (["plot", ""], "runs"),
+])
+def test_an_empty_path_is_refused_not_taken_as_the_current_folder(args, name, runner, tmp_path, good_run,
+                                                                  monkeypatch):
+    shutil.copytree(good_run, tmp_path / "RUN")
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.exit_code, result.output)   # before: init wrote here, predict read here
+    assert result.stderr.strip().splitlines() == [
+        f"error: Invalid value for '{name}': an empty path; name a file or a folder ('.' for the current folder); "
+        f"see 'mnistkit {args[0]} --help'"], result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_init_project_refuses_an_empty_folder(tmp_path, monkeypatch):
+    from mnistkit.errors import UsageError
+    from mnistkit.project import init_project
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="empty path"):
+        init_project("")
+    assert not list(tmp_path.iterdir())

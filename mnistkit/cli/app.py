@@ -132,6 +132,15 @@ def handles_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def nonempty_path(value: Any) -> Any:
+    """Typer callback for a path argument: an empty path (a variable that was not set, ``""``)
+    is refused in one line instead of being taken as the current folder."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(v is not None and str(v) == "" for v in values):
+        raise typer.BadParameter("an empty path; name a file or a folder ('.' for the current folder)")
+    return value
+
+
 def examples(*lines: str) -> str:
     return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, print_json, note, BUDGET, JSON, EXPERIMENTS, MODEL_ARG, MODEL_HELP
+from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, print_json, note, BUDGET, JSON,
+                              EXPERIMENTS, MODEL_ARG, MODEL_HELP)
 
 
 def _models_overview(as_json: bool, budget: int) -> None:
@@ -116,7 +117,8 @@ def recipe_cmd(
 @app.command("init", epilog=examples("mnistkit init demo && cd demo && mnistkit summary S1"))
 @handles_errors
 def init_cmd(
-    folder: str = typer.Argument(".", help="The project's folder (made when missing; must not hold these files yet)."),
+    folder: str = typer.Argument(".", help="The project's folder (made when missing; must not hold these files yet).",
+                                 callback=nonempty_path),
 ) -> None:
     """Start a project of your own: a change-log with the assignment's constraints, S1 in models.py,
     S2 as a YAML architecture, and a .gitignore for runs/."""

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, note, print_json, say, JSON, EXPERIMENTS, MODEL_CODE
+from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, note, print_json, say, JSON,
+                              EXPERIMENTS, MODEL_CODE)
 from mnistkit.recipe import DEFAULT_RUNS_DIR, Dataset
 
 
@@ -18,7 +19,8 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, Dataset
                                          "--confusion confusion.png"))
 @handles_errors
 def evaluate_cmd(
-    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file.",
+                                 callback=nonempty_path),
     dataset: Optional[Dataset] = typer.Option(None, "--dataset", case_sensitive=False,
                                               help="mnist or synthetic (default: the run's)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files (default: the run's)."),
@@ -59,8 +61,10 @@ def evaluate_cmd(
                                         "mnistkit predict runs/I3-20261125-101500/best.pt photo.jpg --json"))
 @handles_errors
 def predict_cmd(
-    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
-    images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...) or folders of them."),
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file.",
+                                 callback=nonempty_path),
+    images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...) or folders of them.",
+                                       callback=nonempty_path),
     show: bool = typer.Option(False, "--show", help="Also draw each 28x28 input as the model saw it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
     model_code: Optional[str] = MODEL_CODE,
@@ -86,7 +90,8 @@ def predict_cmd(
                                        "mnistkit export runs/I3-20261125-101500 --format safetensors -o i3.safetensors"))
 @handles_errors
 def export_cmd(
-    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file."),
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file.",
+                                 callback=nonempty_path),
     fmt: str = typer.Option(..., "--format", "-f", help="onnx or safetensors."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The file to write (default: beside the checkpoint)."),
     check: bool = typer.Option(True, "--check/--no-check", help="ONNX: compare with PyTorch on the whole test set."),
@@ -240,7 +245,8 @@ def check_cmd(
                                      "mnistkit plot runs/ -o all-runs.png", "mnistkit plot runs/sweep-lr"))
 @handles_errors
 def plot_cmd(
-    runs: List[str] = typer.Argument(..., help="Run folders, or folders of runs (every run in them)."),
+    runs: List[str] = typer.Argument(..., help="Run folders, or folders of runs (every run in them).",
+                                     callback=nonempty_path),
     output: str = typer.Option("curves.png", "--output", "-o", help="The PNG to write."),
 ) -> None:
     """Draw train and test loss and accuracy per epoch, and the LR, of any runs (finished or not, short or full)."""
