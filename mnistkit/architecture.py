@@ -67,6 +67,7 @@ MAX_BYTES = 256 * 1024        # an architecture is a few hundred bytes; comments
 MAX_LAYERS = 256
 MAX_PARAMS = 5_000_000
 MAX_VALUES = 1 << 22          # values per image out of one layer (1024x64x64)
+MAX_TOTAL_VALUES = 1 << 23    # out of all layers together: the forward pass's memory per image (32 MiB in fp32)
 INPUT = (1, 28)               # channels, side: MNIST digits are 1x28x28
 CLASSES = 10
 WHAT = "a YAML architecture"
@@ -258,7 +259,7 @@ def _walk(layers: list, src: _Source) -> tuple[tuple[dict[str, Any], ...], int]:
     flat_at: int | None = None   # the row that flattened the image (then ``channels`` counts features)
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
-    params, biggest = 0, (0, 0)
+    params, biggest, total = 0, (0, 0), 0
     for i, raw in enumerate(layers):
         kind, args, at = _row(raw, i, src)
         label, here = f"layers[{i}] ({kind})", ("layers", i)
@@ -301,6 +302,9 @@ def _walk(layers: list, src: _Source) -> tuple[tuple[dict[str, Any], ...], int]:
         if channels * side * side > MAX_VALUES:
             src.fail(here, f"{label}: its output, {channels}x{side}x{side} = {channels * side * side:,} values per "
                            f"image, is more than mnistkit builds ({MAX_VALUES:,})")
+        if (total := total + channels * side * side) > MAX_TOTAL_VALUES:   # by arithmetic, before any allocation
+            src.fail(here, f"{label}: up to here the layers output {total:,} values per image in all, more than "
+                           f"mnistkit builds ({MAX_TOTAL_VALUES:,}): use fewer channels, less padding or fewer layers")
         rows.append(row)
         params, biggest = params + n, max(biggest, (n, i))
     if flat_at is None or channels != CLASSES:

@@ -217,6 +217,11 @@ ERRORS = [
                                                                      "dilation 4)"),
     (BLOCK + "  - conv: {channels: 1024, kernel: 1, padding: 14}\n  - conv: {channels: 1024, kernel: 1, padding: 14}"
      "\n", 6, "layers[4] (conv): its output, 1024x82x82 = 6,885,376 values per image, is more than mnistkit builds"),
+    # 256 layers of 8,330 parameters whose padding grows the map (5.4 GB for a summary of one image in 0.11):
+    # bounded by arithmetic before anything is allocated
+    ("layers:\n" + "  - conv: {channels: 8, kernel: 1, padding: 14}\n" * 3 + "  - conv: {channels: 8, kernel: 1}\n" * 250
+     + "  - gap\n  - flatten\n  - linear: 10\n", 86, "layers[84] (conv): up to here the layers output 8,410,752 values "
+     "per image in all, more than mnistkit builds (8,388,608)"),
     (BLOCK + "  - conv: 16\n", 5, "layers[3] (conv): the architecture ends in 16x24x24 values per image, not 10 class "
                                   "scores: end with gap, a 1x1 conv to 10 channels and flatten, or flatten and "
                                   "linear: 10"),
