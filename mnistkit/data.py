@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mnistkit.errors import DataError, UsageError
+from mnistkit.errors import DataError, MnistkitError, UsageError
 from mnistkit.augment import affine_theta, augment_batch
 from mnistkit.recipe import Augment, DataOptions, Dataset, choices, expand_path
 from mnistkit.safeio import open_regular
@@ -290,6 +290,25 @@ def make_synthetic(split: str = "train", n: int | None = None, seed: int = 0) ->
     contrast = 0.7 + 0.3 * torch.rand(n, 1, 1, 1, generator=g)
     x = (x * contrast + 0.08 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     return Split((x.squeeze(1) * 255).round().to(torch.uint8), labels)
+
+
+def run_test_split(recorded: Any, dataset: str | None = None, data_dir: str | os.PathLike | None = None,
+                   seed: int = 0) -> tuple[str, Split]:
+    """(dataset, test split) to measure a run on: ``dataset``/``data_dir`` where the user gives
+    them, else the run's own. A data folder the run records (a received run names any path) is
+    only read, never created or downloaded into; where it holds no MNIST, the user's own data
+    folder ($MNISTKIT_DATA, else the cache) is used."""
+    try:
+        saved = DataOptions.from_dict(recorded if isinstance(recorded, dict) else {})
+    except MnistkitError:
+        saved = DataOptions()
+    name = dataset or saved.dataset
+    if data_dir is None and name == saved.dataset and saved.data_dir is not None:
+        try:
+            return name, load_dataset(name, "test", saved.data_dir, seed=seed, download=False)
+        except DataError:
+            pass
+    return name, load_dataset(name, "test", data_dir, seed=seed)
 
 
 def load_dataset(dataset: str, split: str, data_dir: str | os.PathLike | None = None, seed: int = 0,

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.batches import EvalBatches
-from mnistkit.data import load_dataset, resolve_data_dir
+from mnistkit.data import run_test_split
 from mnistkit.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
 from mnistkit.modelref import build
 from mnistkit.rebuild import from_record
-from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
+from mnistkit.recipe import Recipe, upgrade_recorded
 from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 from mnistkit.metrics import EpochMetrics
 
@@ -232,14 +232,7 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
     dev = resolve_device(device)
     given = model is not None   # the user's model raising is one line naming their file: guarded()
     model = load_model(ckpt, recipe, path, model_code, model).to(dev)
-    try:
-        saved = DataOptions.from_dict(ckpt.get("data") or {})
-    except MnistkitError:
-        saved = DataOptions()
-    data = DataOptions(dataset or saved.dataset,
-                       data_dir if data_dir is not None else (saved.data_dir if saved.dataset == (dataset or saved.dataset)
-                                                              else None))
-    test = load_dataset(data.dataset, "test", resolve_data_dir(data.data_dir), seed=recipe.seed)
+    name, test = run_test_split(ckpt.get("data"), dataset, data_dir, seed=recipe.seed)
     batches = EvalBatches(test, batch_size or recipe.test_batch_size, dev, recipe.mean, recipe.std,
                           channels_last=recipe.channels_last)
     preds: list[torch.Tensor] = []
@@ -263,6 +256,6 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
             continue
         if row.epoch == ckpt.get("epoch"):
             recorded = row.test_acc
-    return EvaluationReport(str(path), str(ckpt.get("model")), ckpt.get("epoch"), data.dataset, result.n,
+    return EvaluationReport(str(path), str(ckpt.get("model")), ckpt.get("epoch"), name, result.n,
                             result.loss, result.acc, recorded, report["confusion_matrix"], report["per_class"],
                             mistakes, test.images[wrong[order]] if len(wrong) else test.images[:0])

@@ -127,17 +127,12 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
         with guarded(ckpt, given):
             data = onnx_bytes(model)
         if check:
-            from mnistkit.data import load_dataset
-            from mnistkit.recipe import DataOptions
+            from mnistkit.data import run_test_split
 
-            try:
-                saved = DataOptions.from_dict(ckpt.get("data") or {})
-            except MnistkitError:
-                saved = DataOptions()
-            test = load_dataset(saved.dataset, "test", data_dir or saved.data_dir, seed=recipe.seed)
+            dataset, test = run_test_split(ckpt.get("data"), data_dir=data_dir, seed=recipe.seed)
             x = (test.images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std
             with guarded(ckpt, given):
-                parity = onnx_parity(data, model, x, saved.dataset)
+                parity = onnx_parity(data, model, x, dataset)
             if not parity.finite:
                 raise MnistkitError(f"{path}'s model gives logits that are not finite numbers (NaN or infinite "
                                     "weights?), so no export can agree with it; nothing was written")

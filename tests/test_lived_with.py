@@ -417,3 +417,30 @@ def test_whatever_a_models_init_raises_is_one_line_without_warnings(runner, tmp_
         line = one_line_error(runner.invoke(app, command), 1)
         assert needle in line and "boom.py" in line, line
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_a_received_runs_data_folder_is_never_created_or_downloaded_into(runner, tmp_path, monkeypatch):
+    """Issue 37 item 9: evaluate and export read the data folder a run records only where it holds
+    MNIST; elsewhere they use the user's own (MNISTKIT_DATA), never create the sender's path."""
+    from helpers import write_fake_mnist
+
+    write_fake_mnist(tmp_path / "mine", n_train=128, n_test=32)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "I0", "--epochs", "1", "--data-dir", str(tmp_path / "mine"), "--device", "cpu",
+                                 "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    run = Path(json.loads(result.stdout)["run_dir"])
+    chosen = tmp_path / "senders" / "choice"
+    for name in ("config.yaml",):
+        cfg = yaml.safe_load((run / name).read_text())
+        cfg["data"]["data_dir"] = str(chosen)
+        (run / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["data"]["data_dir"] = str(chosen)
+        torch.save(ckpt, run / name)
+    monkeypatch.setenv("MNISTKIT_DATA", str(tmp_path / "mine"))
+    for args in (["evaluate", str(run), "--json"], ["export", str(run), "--format", "onnx", "-o", "x.onnx"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert not (tmp_path / "senders").exists()
