@@ -62,6 +62,7 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 MAX_CONFIG_BYTES = 1 << 20
+STAGED = {"config", "best", "last", "metrics", "outcome", "model"}   # what a writer stages as .NAME.*.tmp
 MAX_METRICS_BYTES = 16 << 20  # a line is about 300 bytes: tens of thousands of epochs
 MEASURED_ON = {"dataset": str, "official_mnist": bool, "train_samples": int, "val_samples": int,
                "test_samples": int, "full_training_set": bool}
@@ -189,6 +190,10 @@ class RunWriter:
                  lock: FolderLock | None = None) -> None:
         self.run_dir, self.meta, self.lock = Path(run_dir), meta, lock   # the folder's lock, held while writing
         self.metrics: list[EpochMetrics] = list(metrics or [])
+        if lock is not None:   # a writer killed while staging (kill -9) left its hidden temp files: ours to remove
+            for stale in self.run_dir.glob(".*.tmp"):
+                if stale.name.split(".")[1] in STAGED and stale.is_file() and not stale.is_symlink():
+                    stale.unlink(missing_ok=True)
 
     def abandon(self) -> None:
         """Remove the folder of a run that failed before its first epoch (it holds nothing of use);

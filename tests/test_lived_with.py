@@ -444,3 +444,22 @@ def test_a_received_runs_data_folder_is_never_created_or_downloaded_into(runner,
         result = runner.invoke(app, args)
         assert result.exit_code == 0, (args, result.output)
     assert not (tmp_path / "senders").exists()
+
+
+def test_a_writer_taking_a_folder_removes_what_a_killed_writer_staged_and_nothing_else(tmp_path):
+    """Issue 37 item 11: kill -9 while staging left hidden .best.pt.*.tmp files that no resume removed."""
+    from mnistkit.lock import FolderLock
+    from mnistkit.runs import RunWriter
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ours = [run / ".best.pt.k3j2.tmp", run / ".last.pt.x.tmp", run / ".metrics.jsonl.q.tmp"]
+    theirs = [run / ".notes.txt.tmp", run / "best.pt"]
+    for p in ours + theirs:
+        p.write_bytes(b"x")
+    lock = FolderLock.acquire(run)
+    try:
+        RunWriter(run, {}, lock=lock)
+    finally:
+        lock.release()
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
