@@ -162,6 +162,9 @@ def parse_model_args(pairs: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise UsageError(f"model argument {pair!r}: the value is not a number, word or [list]",
                              key="model_args") from None
+        if key.strip() in out:
+            raise UsageError(f"model argument {key.strip()!r} is given twice ({key.strip()}={out[key.strip()]!r} and "
+                             f"{pair!r}); give it once", key="model_args")
         out[key.strip()] = value
     _check_args(out, "model arguments")
     return out

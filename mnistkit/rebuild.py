@@ -33,6 +33,11 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
     if record is None:   # before 0.10: a registered name
         return _registered(str(fallback_name), (), None, registry_only=True)
     src = read_record(record, where)
+    if model_code is not None and src.kind not in ("file", "module"):
+        what = {"registered": f"the registered model {src.name}", "yaml": "a YAML architecture it keeps",
+                "instance": "a model object (in Python, give evaluate, predict or export the object: model=)"}[src.kind]
+        raise UsageError(f"{where} trained {what}: model code is for a run of a Python file's model; drop it",
+                         key="model_code")
     copy = Path(run_dir) / src.copy_name if run_dir is not None and src.copy_name else None
     if src.kind == "registered":
         return _registered(src.name, src.args, None, registry_only=True)

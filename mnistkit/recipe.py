@@ -19,6 +19,8 @@ from mnistkit.errors import UsageError
 __all__ = ["Dataset", "Precision", "Backend", "Scheduler", "Interpolation", "Augment", "Recipe", "DataOptions",
            "DEFAULT_BUDGET", "DEFAULT_RUNS_DIR", "MEAN", "STD", "choices", "expand_path", "upgrade_recorded"]
 
+MAX_EPOCHS = 10_000   # an MNIST run of a tiny CNN is tens of epochs: more is a typo (--epochs 1e23)
+
 DEFAULT_BUDGET = 20_000  # the assignment's parameter budget (strictly fewer)
 DEFAULT_RUNS_DIR = "runs"
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set pixel mean and standard deviation
@@ -163,7 +165,7 @@ class Recipe:
         for key, enum in (("scheduler", Scheduler), ("precision", Precision), ("backend", Backend)):
             object.__setattr__(self, key, check_choice(getattr(self, key), enum, key))
         _check("", [
-            ("epochs", self.epochs >= 1, "must be at least 1"),
+            ("epochs", 1 <= self.epochs <= MAX_EPOCHS, f"must be a whole number from 1 to {MAX_EPOCHS:,}"),
             ("batch_size", self.batch_size >= 1, "must be at least 1"),
             ("test_batch_size", self.test_batch_size >= 1, "must be at least 1"),
             ("lr", self.lr > 0, "must be a positive number"),
