@@ -77,7 +77,7 @@ def holder(folder: str | os.PathLike) -> int | None:
     if fcntl is None or not path.is_file() or path.is_symlink():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))   # never blocks, even on a swapped-in pipe
     except OSError:
         return None
     try:
