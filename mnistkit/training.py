@@ -24,7 +24,7 @@ from mnistkit.modelref import ModelSource, from_instance, resolve
 from mnistkit.rebuild import from_record
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.checkpoint import check_resumable, load_checkpoint
-from mnistkit.metrics import EpochMetrics, selected_on
+from mnistkit.metrics import EpochMetrics, StepLosses, selected_on
 from mnistkit.runs import RunWriter, Terminated, read_config, sigterm_as_interrupt, write_outcome
 from mnistkit.device import threads
 from mnistkit.session import Session
@@ -92,7 +92,8 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
     return loss.detach(), (out.detach().argmax(1) == y).sum()
 
 
-def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None) -> tuple[float, float, int]:
+def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None,
+                    trace: StepLosses | None = None) -> tuple[float, float, int]:
     """One pass over the training set; returns (mean loss, accuracy in percent, images seen)."""
     last_sync = time.perf_counter()
     loss_sum = torch.zeros((), device=s.device)
@@ -106,6 +107,8 @@ def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None) ->
         loss_sum += loss * len(y)
         correct += hits
         seen += len(y)
+        if trace is not None:   # the step losses the run records (metrics.StepLosses: no host sync)
+            trace.add(step, loss_sum, seen)
         if step == steps or time.perf_counter() - last_sync >= SYNC_SECONDS:   # a host sync, twice a second
             last_sync = time.perf_counter()
             mean_loss = float(loss_sum) / seen
@@ -192,7 +195,8 @@ def _epochs(s: Session, writer: RunWriter, callback: Callback | None, start_epoc
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
         t0 = time.perf_counter()
         try:
-            train_loss, train_acc, seen = train_one_epoch(s, epoch, callback)
+            trace = StepLosses(len(s.batches))
+            train_loss, train_acc, seen = train_one_epoch(s, epoch, callback, trace)
             lr = s.optimizer.param_groups[0]["lr"]
             if s.scheduler is not None and not s.per_step:
                 s.scheduler.step()
@@ -211,7 +215,7 @@ def _epochs(s: Session, writer: RunWriter, callback: Callback | None, start_epoc
                                    f"lr {recipe.lr / 10:g}; {_kept(writer)}") from None
         row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
                            round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
-                           val.loss if val else None, val.acc if val else None)
+                           val.loss if val else None, val.acc if val else None, trace.points())
         try:
             best = writer.commit(row, s.eval_model.state_dict(), s.resumable_state())
         except OSError as exc:
