@@ -296,8 +296,9 @@ def run_test_split(recorded: Any, dataset: str | None = None, data_dir: str | os
                    seed: int = 0) -> tuple[str, Split]:
     """(dataset, test split) to measure a run on: ``dataset``/``data_dir`` where the user gives
     them, else the run's own. A data folder the run records (a received run names any path) is
-    only read, never created or downloaded into; where it holds no MNIST, the user's own data
-    folder ($MNISTKIT_DATA, else the cache) is used."""
+    only read, never created or downloaded into, and used only where it holds the official MNIST
+    files (a sender cannot choose the test set); else the user's own data folder
+    ($MNISTKIT_DATA, else the cache) is used."""
     try:
         saved = DataOptions.from_dict(recorded if isinstance(recorded, dict) else {})
     except MnistkitError:
@@ -305,7 +306,9 @@ def run_test_split(recorded: Any, dataset: str | None = None, data_dir: str | os
     name = dataset or saved.dataset
     if data_dir is None and name == saved.dataset and saved.data_dir is not None:
         try:
-            return name, load_dataset(name, "test", saved.data_dir, seed=seed, download=False)
+            split = load_dataset(name, "test", saved.data_dir, seed=seed, download=False)
+            if split.official:
+                return name, split
         except DataError:
             pass
     return name, load_dataset(name, "test", data_dir, seed=seed)

@@ -17,7 +17,7 @@ from mnistkit.data import run_test_split
 from mnistkit.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
 from mnistkit.modelref import build
-from mnistkit.rebuild import from_record
+from mnistkit.rebuild import check_identity, from_record
 from mnistkit.recipe import Recipe, upgrade_recorded
 from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 from mnistkit.metrics import EpochMetrics
@@ -175,6 +175,7 @@ def load_model(checkpoint: dict[str, Any], recipe: Recipe | None = None, path: s
         source = from_record(checkpoint.get("model_source"), where, checkpoint.get("model_text"), model_code,
                              fallback_name=str(name), run_dir=Path(path).parent if path is not None else None)
         model, _ = build(source, recipe.model_kwargs(), check=False)
+        check_identity(source, model, where)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as exc:

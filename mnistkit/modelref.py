@@ -99,6 +99,13 @@ class ModelSource:
             lines = architecture(model, summary)
         return replace(self, layers=tuple(lines), fingerprint=fingerprint(lines, self.kwargs))
 
+    @property
+    def build_key(self) -> str:
+        """What is built of the code: the class or function and its arguments (``trust``)."""
+        import json
+
+        return f"{self.attr}({json.dumps(self.kwargs, sort_keys=True)})"
+
     def recorded_in(self, runs_dir: str | Path) -> "ModelSource":
         """This source as a run in ``runs_dir`` records it: a file's path also from the runs folder
         (where a moved or copied project finds it), and its content remembered as named by this
@@ -107,7 +114,7 @@ class ModelSource:
             return self
         from mnistkit import trust
 
-        trust.remember(self.path, self.sha256)
+        trust.remember(self.path, self.sha256, self.build_key)
         return replace(self, relpath=os.path.relpath(self.path, Path(runs_dir).resolve()))
 
     def to_record(self) -> dict[str, Any]:
@@ -363,12 +370,13 @@ def redraw(model: Any, source: ModelSource) -> tuple[Any, list[str]]:
     try:
         with user_code(source.path, f"building {source.shown} anew"):   # as a reference builds it: the same run
             fresh = type(model)()
-        ours, theirs = model.state_dict(), fresh.state_dict()
-        if list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in ours):
-            with torch.no_grad():
-                model.load_state_dict(theirs)
-            return model, []
-    except (MnistkitError, TypeError):
+            ours, theirs = model.state_dict(), fresh.state_dict()
+            if list(ours) == list(theirs) and all(ours[k].shape == theirs[k].shape for k in ours):
+                with torch.no_grad():
+                    model.load_state_dict(theirs)
+                return model, [f"{source.name}'s weights are drawn anew under the seed ({type(model).__name__}() "
+                               "built under it), as a reference's are: weights it held before are not trained on"]
+    except MnistkitError:   # a class that needs arguments, lazy layers...: the object's own weights
         pass
     return model, [f"{source.name}'s initial weights are the object's own ({type(model).__name__}() without "
                    "arguments does not rebuild it): the seed decides the data order and Dropout, not them"]

@@ -14,9 +14,9 @@ from typing import Any
 
 from mnistkit.errors import RunError, UsageError
 from mnistkit.modelref import KINDS, ModelSource, _check_args, _registered
-from mnistkit.usercode import read_source
+from mnistkit.usercode import module_file, read_source
 
-__all__ = ["from_record", "read_record"]
+__all__ = ["from_record", "read_record", "check_identity"]
 
 
 def from_record(record: Any, where: str, text: str | None = None, model_code: str | Path | None = None,
@@ -50,32 +50,54 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
         return replace(src, text=text)
     if src.kind == "instance":
         return src
-    if model_code is not None:   # the user's word for this file; nothing else of its folder is imported
+    if model_code is not None:   # the user's word for this file; in the run folder, for it alone
         path = Path(model_code).resolve()
         code_text, sha = read_source(path, "a Python")
-        trust.remember(path, sha)
-        return replace(src, kind="file", path=str(path), text=code_text, sha256=sha, siblings=False)
+        inside = run_dir is not None and path.parent == Path(run_dir).resolve()   # a received folder's neighbours
+        src = replace(src, kind="file", path=str(path), text=code_text, sha256=sha, siblings=not inside)
+        trust.remember(path, sha, src.build_key)
+        return src
     keep = f" (the run folder keeps a copy: {copy})" if copy is not None and copy.is_file() else ""
     how = f"name the file as the model code (--model-code FILE){keep}"
     places = [Path(src.path)] if src.path else []
     if src.relpath and run_dir is not None:
         places.append(Path(run_dir).parent / src.relpath)
-    found = None
-    for place in places:   # the recorded file, then where the moved or copied project has it
-        if place.is_file() and read_source(place, "a Python")[1] == src.sha256:
-            found = place.resolve()
-            break
-    if found is None and copy is not None and copy.is_file() and read_source(copy, "a Python")[1] == src.sha256:
-        found = copy   # the very code that trained, kept in the run folder (nothing beside it is imported)
+    found = code_text = None
+    # the recorded file, then where the moved or copied project has it, then the run folder's copy
+    for place in places + ([copy] if copy is not None else []):
+        if place.is_file():
+            code_text, sha = read_source(place, "a Python")
+            if sha == src.sha256:
+                found = place.resolve()
+                break
     if found is None:
         now = next((p for p in places if p.is_file()), None)
         state = (f"{now} now has other content" if now is not None else f"{src.path or src.reference} is missing")
         raise RunError(f"{where} trained {src.reference} from code with SHA-256 {src.sha256}; {state}: to use a "
                        f"file as it was, {how}")
-    if not trust.is_trusted(src.sha256 or ""):
-        raise RunError(f"{where} names model code {found} (SHA-256 {(src.sha256 or '')[:16]}...) that you have not "
-                       f"used on this machine; mnistkit runs code only from files you name: if you trust it, {how}")
-    return replace(src, path=str(found), text=read_source(found, "a Python")[0], siblings=found != copy)
+    if not trust.is_trusted(src.sha256 or "", src.build_key):
+        raise RunError(f"{where} names model code {found} (SHA-256 {(src.sha256 or '')[:16]}..., building "
+                       f"{src.build_key[:80]}) that you have not used on this machine; mnistkit runs code only from "
+                       f"files you name: if you trust it, {how}")
+    # the files beside it are imported only where this user named that very file (a received run's
+    # relpath or copy brings no neighbours); a module's package only where its name finds that file
+    own = trust.trusted_at(found, src.sha256 or "")
+    if src.kind == "module" and module_file(src.module or "") != found:
+        src = replace(src, kind="file", module=None)
+    return replace(src, path=str(found), text=code_text, siblings=own and src.kind == "file")
+
+
+def check_identity(source: ModelSource, model: Any, where: str) -> None:
+    """The model rebuilt is the one the run trained (its recorded architecture), or one line
+    naming the first layer that differs."""
+    if not source.fingerprint:   # recorded before 0.12
+        return
+    from mnistkit.identity import first_difference
+
+    now = source.with_architecture(model)
+    if now.fingerprint != source.fingerprint:
+        raise RunError(f"{where}: the model rebuilt from {source.path or source.reference} is not the one the run "
+                       f"trained: {first_difference(list(source.layers), list(now.layers))}")
 
 
 def read_record(record: Any, where: str) -> ModelSource:

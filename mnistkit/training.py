@@ -21,7 +21,7 @@ from mnistkit.errors import ModelCodeError, RunError, TrainingDiverged, Training
 from mnistkit.evaluation import evaluate
 from mnistkit.lock import FolderLock
 from mnistkit.modelref import ModelSource, from_instance, resolve
-from mnistkit.rebuild import from_record
+from mnistkit.rebuild import check_identity, from_record
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.checkpoint import check_resumable, load_checkpoint
 from mnistkit.metrics import EpochMetrics, StepLosses, selected_on
@@ -288,14 +288,12 @@ def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, 
         raise RunError(f"{last} holds model {state['model']!r}, the run is {config.model!r}; the run folder is damaged")
     try:
         s = Session.build(source, config.recipe, config.data, device)
-    except UsageError as exc:
+    except UsageError as exc:   # the backend it trained with does not run here: no message is parsed
         if exc.key != "backend":
             raise
-        why = str(exc).split(": ", 1)[-1].split("; use")[0]
-        where = ("on the CPU (--device cpu)" if "CPU only" in why else "with channels_last" if "channels_last" in why
-                 else "where the kernel builds (a C compiler)")
         raise UsageError(f"{run_dir} trained with backend {config.recipe.backend}, and resumes only with it: "
-                         f"{why}; resume it {where}, or start a new run", key="backend") from None
+                         f"{exc.detail}; resume it where it runs, or start a new run", key="backend") from None
+    check_identity(source, s.model, str(run_dir))   # the code found computes the model the run trained
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
     with threads(config.threads):   # the run's own thread count: the same sums, the same run

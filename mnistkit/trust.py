@@ -9,7 +9,9 @@ that very content on this machine before: by training from it, or by pointing at
 rebuild from their files (or the run folder's copy) without naming them again; content this
 user never named stays refused. The record lives in the user's own state folder
 (``$XDG_STATE_HOME/mnistkit/trusted-code.json``, by default ``~/.local/state``), is used only
-when it is the user's own and not writable by others, and holds ``sha256 -> [paths]``. A damaged
+when it is the user's own and not writable by others, and holds, for each content's SHA-256,
+the paths it was named at and what was built of it (a class or function with its arguments:
+a record someone sent cannot make a trusted file run another function of it). A damaged
 record trusts nothing (and the next write replaces it). Like direnv's ``allow``.
 """
 
@@ -21,7 +23,7 @@ import os
 import stat
 from pathlib import Path
 
-__all__ = ["store_path", "is_trusted", "remember"]
+__all__ = ["store_path", "is_trusted", "trusted_at", "remember"]
 
 MAX_BYTES = 1 << 20
 MAX_ENTRIES = 2000   # oldest forgotten first
@@ -44,7 +46,8 @@ def _private(path: Path) -> bool:
     return True
 
 
-def _read() -> dict[str, list[str]]:
+def _read() -> dict[str, dict[str, list[str]]]:
+    """``sha256 -> {"paths": [...], "builds": [...]}`` (a version-1 record: paths only)."""
     path = store_path()
     if not _private(path):
         return {}
@@ -56,25 +59,39 @@ def _read() -> dict[str, list[str]]:
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         return {}
-    return {k: [p for p in v if isinstance(p, str)] for k, v in data["files"].items()
-            if isinstance(k, str) and isinstance(v, list)}
+
+    def strings(v: object) -> list[str]:
+        return [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+
+    return {k: {"paths": strings(v), "builds": []} if isinstance(v, list) else
+            {"paths": strings(v.get("paths")), "builds": strings(v.get("builds"))}
+            for k, v in data["files"].items() if isinstance(k, str) and isinstance(v, (list, dict))}
 
 
-def is_trusted(sha256: str) -> bool:
-    """This user named a file with content ``sha256`` before."""
-    return bool(_read().get(sha256))
+def is_trusted(sha256: str, build: str | None = None) -> bool:
+    """This user named content ``sha256`` before (and built ``build`` of it: a class or
+    function with its arguments, ``ModelSource.build_key``)."""
+    entry = _read().get(sha256)
+    return bool(entry) and (build is None or build in entry["builds"])
 
 
-def remember(path: str | os.PathLike, sha256: str) -> bool:
-    """Record that this user named ``path`` with content ``sha256``; False where the record
-    cannot be written (a read-only home): the run still trains, rebuilding it then needs the
-    file named again."""
-    from mnistkit.outputs import atomic_write
+def trusted_at(path: str | os.PathLike, sha256: str) -> bool:
+    """This user named the file at ``path`` with content ``sha256``: there, the files beside it
+    are theirs too."""
+    return str(Path(path).resolve()) in (_read().get(sha256) or {}).get("paths", [])
 
+
+def remember(path: str | os.PathLike, sha256: str, build: str | None = None) -> bool:
+    """Record that this user named ``path`` with content ``sha256`` (and built ``build`` of it);
+    False where the record cannot be written (a read-only home): the run still trains,
+    rebuilding it then needs the file named again."""
     import fcntl
 
+    from mnistkit.outputs import atomic_write
+
     where = str(Path(path).resolve())
-    if where in _read().get(sha256, []):
+    entry = _read().get(sha256) or {"paths": [], "builds": []}
+    if where in entry["paths"] and (build is None or build in entry["builds"]):
         return True
     target = store_path()
     try:
@@ -88,11 +105,14 @@ def remember(path: str | os.PathLike, sha256: str) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             files = _read()
-            if where not in files.get(sha256, []):
-                files.setdefault(sha256, []).append(where)
-                while sum(len(v) for v in files.values()) > MAX_ENTRIES:
-                    files.pop(next(iter(files)))
-                atomic_write(target, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+            entry = files.pop(sha256, None) or {"paths": [], "builds": []}   # re-inserted: the newest last
+            for key, value in (("paths", where), ("builds", build)):
+                if value is not None and value not in entry[key]:
+                    entry[key].append(value)
+            files[sha256] = entry
+            while sum(len(v["paths"]) + len(v["builds"]) for v in files.values()) > MAX_ENTRIES:
+                files.pop(next(iter(files)))   # the least recently named first
+            atomic_write(target, json.dumps({"version": 2, "files": files}, indent=1) + "\n")
         finally:
             os.close(fd)
     except Exception:  # an OSError, a RunError from atomic_write: a run never fails for this record

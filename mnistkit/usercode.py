@@ -7,13 +7,11 @@ one ``ModelCodeError`` naming their file and line (the original chained for a de
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import inspect
 import os
 import re
-import symtable
 import sys
 import sysconfig
 import traceback
@@ -21,6 +19,7 @@ import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from mnistkit.definitions import definitions
 from mnistkit.errors import MnistkitError, ModelCodeError, RunError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +30,6 @@ __all__ = ["user_code", "read_source", "exec_file", "attribute", "description", 
 
 MAX_SOURCE_BYTES = 1 << 20        # a model file is a few KiB
 CHECK_INPUT = (2, 1, 28, 28)
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @contextlib.contextmanager
@@ -141,7 +139,7 @@ def exec_file(text: str, path: str, sha256: str, needed: str | None = None, sibl
     if key in _LOADED:
         return _LOADED[key]
     code = compile(definitions(text, path, needed), path, "exec", dont_inherit=True)
-    name = f"mnistkit_user.{_NAME.sub('_', Path(path).stem)}_{sha256[:12]}_{len(_LOADED)}"
+    name = f"mnistkit_user.{re.sub(r'[^A-Za-z0-9_]+', '_', Path(path).stem)}_{sha256[:12]}_{len(_LOADED)}"
     module = types.ModuleType(name)
     module.__file__ = path
     if package:
@@ -156,95 +154,6 @@ def exec_file(text: str, path: str, sha256: str, needed: str | None = None, sibl
     _LOADED[key] = module
     return module
 
-
-
-# --------------------------------------------------------------------------- definitions only
-#
-# A model file is often a whole script: the classes, then `model = Net(); train(model)` with no
-# `if __name__ == "__main__":` guard. mnistkit runs only what the model needs: the file's imports,
-# class and function definitions, and the module-level assignments the model uses (found name by
-# name, through the globals each function and class refers to); every other top-level
-# statement (a call, a loop, a training) is left out.
-
-_DEFS = (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-_SCOPES = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def _bound(node: ast.stmt) -> set[str]:
-    """The module-level names a top-level statement binds."""
-    if isinstance(node, _SCOPES):
-        return {node.name}
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"}
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del))}
-
-
-def _loads(nodes: list[Any]) -> set[str]:
-    return {n.id for node in nodes if node is not None for n in ast.walk(node)
-            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-
-
-def _globals(table: symtable.SymbolTable) -> set[str]:
-    """The global names a function or class body (and what it nests) refers to."""
-    out = {s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()}
-    for child in table.get_children():
-        out |= _globals(child)
-    return out
-
-
-def _plain(node: ast.stmt) -> bool:
-    """A statement that only binds names: an assignment, or an if/try made of such statements and
-    definitions (``try: import x except ImportError: x = None``), never ``if __name__ == ...``."""
-    if isinstance(node, (*_DEFS, ast.Assign, ast.AugAssign, ast.Pass)) or \
-            (isinstance(node, ast.AnnAssign) and node.value is not None):
-        return True
-    if isinstance(node, ast.If):
-        return "__name__" not in _loads([node.test]) and all(_plain(s) for s in node.body + node.orelse)
-    if isinstance(node, ast.Try):
-        return all(_plain(s) for s in node.body + node.orelse + node.finalbody + [s for h in node.handlers
-                                                                               for s in h.body])
-    return False
-
-
-def definitions(text: str, path: str, needed: str | None) -> ast.Module:
-    """The part of a model file that defines ``needed`` (a top-level name; None: each of its
-    classes): imports, classes, functions, and the assignments the model uses. A name the model
-    needs that only a left-out statement sets is refused in one line, never run."""
-    try:
-        tree = ast.parse(text, path)
-        tables = {(t.get_name(), t.get_lineno()): t for t in symtable.symtable(text, path, "exec").get_children()}
-    except SyntaxError as exc:
-        raise ModelCodeError(f"importing {path} failed: {path}, line {exc.lineno}: SyntaxError: {exc.msg}") from None
-    body = tree.body
-
-    def uses(s: ast.stmt) -> set[str]:
-        if isinstance(s, _SCOPES):   # what the definition itself evaluates, then what its body refers to
-            outer = [*s.decorator_list, *getattr(s, "bases", []), *(k.value for k in getattr(s, "keywords", []))]
-            if not isinstance(s, ast.ClassDef):
-                outer += [*s.args.defaults, *s.args.kw_defaults]
-            table = tables.get((s.name, s.lineno))
-            return _loads(outer) | (_globals(table) if table is not None else _loads(s.body))
-        return _loads([s])
-
-    wanted = {needed} if needed else {s.name for s in body if isinstance(s, ast.ClassDef)}
-    keep = [isinstance(s, _DEFS) for s in body]
-    todo, seen = set(wanted), set()
-    while todo:   # what the model needs, name by name
-        name = todo.pop()
-        seen.add(name)
-        for i, s in enumerate(body):
-            if name in _bound(s) and _plain(s):
-                keep[i] = True
-                todo |= uses(s) - seen
-    defined = set().union(set(), *(_bound(s) for s, k in zip(body, keep) if k))
-    for s, k in zip(body, keep):
-        late = sorted((_bound(s) & seen) - defined) if not k else []
-        if late:
-            raise UsageError(f"{path}, line {s.lineno}: the model needs {late[0]!r}, which only this statement sets; "
-                             "mnistkit runs only a model file's imports, classes, functions and the assignments they "
-                             "use: set it in an assignment or inside the model", key="model")
-    tree.body = [s for s, k in zip(body, keep) if k]
-    return tree
 
 
 def _candidates(module: types.ModuleType) -> tuple[list[str], list[str]]:

@@ -155,3 +155,196 @@ def test_bounds_and_duplicates_are_one_line(runner, tmp_path, monkeypatch):
     for code in ("m.py", "missing.py"):
         line = one_line_error(runner.invoke(app, ["evaluate", run, "--model-code", code]), 2)
         assert "trained the registered model I0: model code is for a run of a Python file's model" in line
+
+
+# ---------------------------------------------------------------- a review's attacks on the rebuild (issue 36)
+
+HELPED_PY = '''
+import torch.nn as nn
+import helpers
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.1))
+        self.fc = nn.Linear(4 * 26 * 26, helpers.CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.body(x).flatten(1))
+
+
+def main(epochs=3):
+    open("SIDE", "w").write("main ran")
+
+
+history = main()
+'''
+
+
+def _train_helped(runner, project):
+    (project / "model.py").write_text(HELPED_PY)   # a script: training runs its definitions only
+    (project / "helpers.py").write_text("CLASSES = 10\n")
+    result = runner.invoke(app, ["train", "model.py:Net", "--dataset", "synthetic", "--limit", "64", "--epochs", "1",
+                                 "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    return Path(json.loads(result.stdout)["run_dir"])
+
+
+def _forge(run, **fields):
+    for name in ("config.yaml",):
+        cfg = yaml.safe_load((run / name).read_text())
+        cfg["model_source"].update(fields)
+        (run / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["model_source"].update(fields)
+        torch.save(ckpt, run / name)
+
+
+def test_a_received_runs_relpath_brings_no_neighbours_of_trusted_code(runner, tmp_path, monkeypatch):
+    """The run folder holds a trusted file's very bytes and a helpers.py beside them; its record
+    points there (path gone, relpath forged): the trusted code runs, its neighbours never."""
+    import shutil
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    run = _train_helped(runner, project)
+    received = tmp_path / "received" / "r1"
+    shutil.copytree(run, received)
+    (received / "sub").mkdir()
+    shutil.copy(run / "model.py", received / "sub" / "model.py")
+    for folder in (received, received / "sub"):
+        (folder / "helpers.py").write_text("open('PWNED', 'w').write('x')\nCLASSES = 10\n")
+    for relpath in ("r1/sub/model.py", "r1/model.py"):
+        _forge(received, path="/nonexistent/model.py", relpath=relpath)
+        monkeypatch.syspath_prepend(str(tmp_path / "empty"))
+        runner.invoke(app, ["evaluate", str(received), "--dataset", "synthetic"])
+        monkeypatch.chdir(tmp_path / "received")
+        runner.invoke(app, ["evaluate", "r1", "--dataset", "synthetic"])
+        monkeypatch.chdir(project)
+        assert not list(tmp_path.rglob("PWNED")), relpath
+
+
+@pytest.mark.parametrize("attr", ["history", "main"])
+def test_a_record_cannot_choose_another_entry_point_of_a_trusted_file(runner, tmp_path, monkeypatch, attr):
+    """A record naming the variable `history = main()` or the function `main` of a file the user
+    trusted (for Net) runs neither: trust covers what the user built of the file."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    run = _train_helped(runner, project)
+    assert not (project / "SIDE").exists()
+    _forge(run, attr=attr, args={"epochs": 10 ** 9} if attr == "main" else {})
+    result = runner.invoke(app, ["evaluate", str(run), "--dataset", "synthetic"])
+    assert result.exit_code != 0 and not (project / "SIDE").exists(), result.output
+
+
+STUDENT_SCRIPT = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+try:
+    from apex.normalization import FusedLayerNorm as Norm
+except ImportError:
+    from torch.nn import BatchNorm2d as Norm
+
+cfg = {}
+cfg["width"] = 8
+
+if True:
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(c, cfg["width"], 3), Norm(cfg["width"])
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b = Block(1)
+        self.fc = nn.Linear(cfg["width"] * 26 * 26, 10)
+
+    def forward(self, x):
+        return F.log_softmax(self.fc(self.b(x).view(x.size(0), -1)), dim=1)
+
+    def fit(self):
+        for epoch in range(3):
+            for x, y in train_loader:
+                loss = F.nll_loss(self(x), y)
+            acc = loss
+        print(acc)
+
+
+def loader():
+    open("DOWNLOADED", "w").write("the data was fetched")
+    return []
+
+
+train_loader = loader()
+model = Net()
+optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+model.fit()
+'''
+
+
+def test_a_students_script_builds_from_its_model_alone(tmp_path, monkeypatch):
+    """A fit method's globals (a loader, an optimizer) are not the model's; an import in a try,
+    a class in an if, an item set on a dict are definitions the model needs."""
+    from mnistkit.modelref import build, resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.py").write_text(STUDENT_SCRIPT)
+    model, _ = build(resolve("net.py:Net"))
+    assert not (tmp_path / "DOWNLOADED").exists()
+    assert model.b.conv.out_channels == 8 and type(model.b.bn).__name__ == "BatchNorm2d"
+
+
+def test_a_model_object_with_lazy_layers_trains_with_its_own_weights_said(tmp_path):
+    import mnistkit
+    from mnistkit import DataOptions, Recipe
+    from torch import nn
+
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.LazyLinear(10)
+            self.drop = nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.fc(self.drop(self.bn(self.c(x))).flatten(1))
+
+    net = Lazy()
+    net(torch.zeros(1, 1, 28, 28))
+    notes = []
+
+    class Notes:
+        def on_start(self, start):
+            notes.extend(start.notes)
+
+        def on_step(self, step):
+            pass
+
+        def on_epoch(self, row, best):
+            pass
+
+    mnistkit.train(net, Recipe(epochs=1, batch_size=32), DataOptions("synthetic", limit=64), device="cpu",
+                   runs_dir=tmp_path / "runs", callback=Notes())
+    assert any("initial weights are the object's own" in n for n in notes), notes
+
+
+def test_a_base_exception_in_forward_is_one_line_through_the_layout_check(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ge.py").write_text("import torch.nn as nn\nclass Boom(BaseException):\n    pass\n"
+                                    "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                                    "        self.fc = nn.Linear(784, 10)\n    def forward(self, x):\n"
+                                    "        if self.training:\n            raise Boom('in training')\n"
+                                    "        return self.fc(x.flatten(1))\n")
+    result = runner.invoke(app, ["train", "ge.py:Net", "--dataset", "synthetic", "--limit", "64", "--quiet"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert lines[-1].startswith("error: ") and "ge.py, line 10, in forward: Boom: in training" in lines[-1]

@@ -60,7 +60,7 @@ def resolve(backend: str, device: torch.device, channels_last: bool) -> tuple[st
     if why is None:
         return "fused", None
     if backend == "fused":
-        raise UsageError(f"backend 'fused' cannot be used here: {why}; use auto or torch", key="backend")
+        raise UsageError(f"backend 'fused' cannot be used here: {why}; use auto or torch", key="backend", detail=why)
     return "torch", why
 
 
@@ -82,7 +82,7 @@ def prepare(model: nn.Module, backend: str, device: torch.device, channels_last:
                 from mnistkit.errors import UsageError
 
                 raise UsageError(f"backend 'fused' trains a model of your own only when every BatchNorm can be "
-                                 f"fused; {reasons}; use auto or torch", key="backend")
+                                 f"fused; {reasons}; use auto or torch", key="backend", detail=reasons)
             return Prepared(model, "torch", "backend torch: PyTorch's own ops (the fused kernel takes a model of "
                                             f"your own only when every BatchNorm can be fused; {reasons})")
     fused, left = fuse(model)

@@ -87,12 +87,16 @@ def choose(model: nn.Module, device: torch.device, channels_last: bool, bf16: bo
         with _rng_kept(device):
             _step(model, device, True, bf16)
         return Layout(True)
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - anything the model raises
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - anything the model raises
         failed = exc
     try:
         with _rng_kept(device):
             _step(model, device, False, bf16)
-    except (Exception, SystemExit):  # noqa: BLE001 - the model's own error: training reports it
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - the model's own error: training reports it
         return Layout(True)
     hint = ("; x.flatten(1) or x.reshape(...) instead of x.view(...) runs in both"
             if "view size is not compatible" in str(failed) else "")

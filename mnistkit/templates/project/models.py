@@ -4,8 +4,9 @@ of [B, 1, 28, 28] MNIST digits to [B, 10] class scores. Name one wherever mnistk
     mnistkit summary models.py:S1      (or S1: the change-log's iteration of that id)
     mnistkit train S1
 
-A run records this file's SHA-256 and keeps a copy of it; edit S1 and its older runs no longer
-count for it in `mnistkit compare`. Start S2, S3 ... as new classes (or as YAML, like s2.yaml).
+A run records what S1 computes (its layers, their settings and shapes) and keeps a copy of this
+file: a docstring, a comment or a new class here keeps S1's runs counting in `mnistkit compare`;
+a changed layer does not (compare names it). Start S2, S3 ... as new classes (or as YAML, like s2.yaml).
 """
 
 from torch import nn
