@@ -56,7 +56,7 @@ def make_plan(experiments: Any, model: Any = None, all_iterations: bool = False,
     elif model is not None:
         models = [resolve(model, args=model_args, experiments=exp)]
     else:
-        models = [exp.model_source(exp.iterations[-1], model_args) if exp.iterations
+        models = [exp.model_source(exp.final, model_args) if exp.iterations
                   else resolve(list_models()[-1], args=model_args)]
     notes = tuple(f"note: {source.shown} is not in {exp.path}; it trains with the default recipe"
                   for source in models if exp.iteration_of(source) is None)

@@ -1,4 +1,4 @@
-"""`summary`, `models`, `recipe`: what a model is and how it trains."""
+"""`summary`, `models`, `recipe`, `augment`: what a model is and how it trains."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, print_json, note, BUDGET, JSON,
+from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, print_json, note, say, BUDGET, JSON,
                               EXPERIMENTS, MODEL_ARG, MODEL_HELP)
 
 
@@ -112,6 +112,51 @@ def recipe_cmd(
     if exp.iteration_of(source) is None:
         note(f"{source.shown} is not in {exp.path}; it trains with the default recipe")
     sys.stdout.write(render.recipe_text(source.name, recipe.to_dict(), exp.described))
+
+
+@app.command("augment", epilog=examples("mnistkit augment I3", "mnistkit augment I4 --seed 1 -n 16 -o i4-aug.png",
+                                       "mnistkit augment S1 --json"))
+@handles_errors
+def augment_cmd(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the change-log's final iteration."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="The seed whose first batch is shown (default: "
+                                                                   "the recipe's)."),
+    count: int = typer.Option(32, "--count", "-n", min=1, max=256, help="How many digits of the batch to show."),
+    dataset: str = typer.Option("mnist", "--dataset", help="mnist, or synthetic (made locally, no download)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files "
+                                           "(default: $MNISTKIT_DATA, else ~/.cache/mnistkit; downloaded if absent)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="As train's --limit: the first N training images."),
+    val: int = typer.Option(0, "--val", min=0, help="As train's --val: N training images held out."),
+    device: str = typer.Option("auto", "--device", help="Where the batch is drawn, as train would (a GPU's random "
+                                                        "numbers differ from the CPU's): auto, cpu, cuda or mps."),
+    experiments: Optional[str] = EXPERIMENTS,
+    output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PNG",
+                                         help="The picture to write (default: augment.png; with --json, only when given)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the parameters drawn for each digit as JSON on stdout."),
+) -> None:
+    """Draw training digits as the recipe's augmentation transforms them: the trainer's own first batch for that seed."""
+    from mnistkit.augpreview import augment_preview
+    from mnistkit.experiments import find_experiments, resolve_recipe
+    from mnistkit.modelref import resolve
+    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.recipe import DataOptions, check_choice, Dataset
+    from mnistkit.render.augment import augment_png
+
+    output = output or (None if as_json else "augment.png")
+    exp = find_experiments(experiments)
+    check_outputs([output], inputs=(exp.path,))
+    data = DataOptions(check_choice(dataset, Dataset, "dataset"), data_dir, limit, val)
+    source = exp.model_source(exp.final) if model is None and exp.iterations else resolve(model or "I3", experiments=exp)
+    if exp.iteration_of(source) is None:
+        note(f"{source.shown} is not in {exp.path}; it trains with the default recipe")
+    recipe = resolve_recipe(source, exp).replace(seed=seed)
+    preview = augment_preview(source.name, recipe, data, device=device, count=count)
+    png = augment_png(preview) if output else None
+    if as_json:
+        print_json({**preview.to_dict(), "experiments": str(exp.path)})
+    if output:
+        write_output(output, png)
+        say(f"wrote {output}: {preview.model}, {preview.provenance}")
 
 
 @app.command("init", epilog=examples("mnistkit init demo && cd demo && mnistkit summary S1"))
