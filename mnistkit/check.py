@@ -1,5 +1,9 @@
 """The change-log's constraints as a gate: every iteration (or one) checked, each check a case
-that passed or failed with one line saying why. ``static`` checks what needs no training (the
+that passed or failed with one line saying why. The constraints are the assignment's, and the
+assignment is handed in as one model: they *gate* the final iteration (``final: true`` in the
+change-log, else the last one); the other iterations are exploratory (a baseline below the target
+is the point of a baseline), so their cases are reported, never gated. An iteration named with
+``iteration=`` is gated, as is every one with ``every=True``. ``static`` checks what needs no training (the
 model's parameters, BatchNorm, Dropout, GAP head; the recipe's epochs); otherwise the accuracy
 checks use the comparable runs as ``compare`` does, and an iteration with none fails them.
 Pure data: ``render`` writes the lines, the JUnit XML and the JSON.
@@ -25,6 +29,7 @@ class Case:
     check: str        # params, batchnorm, dropout, gap_head, epochs, test_acc, consistent
     passed: bool
     detail: str       # what was measured, against what limit
+    gated: bool = True  # False: an exploratory iteration's case, shown and never failing the gate
 
 
 @dataclass
@@ -34,10 +39,21 @@ class CheckReport:
     static: bool
     cases: list[Case] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)   # run folders that could not be read (skipped)
+    final: str | None = None   # the final iteration's id
+
+    @property
+    def gated(self) -> list[Case]:
+        return [c for c in self.cases if c.gated]
 
     @property
     def failed(self) -> list[Case]:
-        return [c for c in self.cases if not c.passed]
+        """The gated cases that failed: what makes the gate fail."""
+        return [c for c in self.cases if c.gated and not c.passed]
+
+    @property
+    def not_gated_failed(self) -> list[Case]:
+        """Exploratory iterations' cases that did not pass: reported, never failing the gate."""
+        return [c for c in self.cases if not c.gated and not c.passed]
 
     @property
     def passed(self) -> bool:
@@ -45,33 +61,39 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"experiments": self.experiments, "runs_dir": self.runs_dir, "static": self.static,
-                "passed": self.passed, "checks": len(self.cases), "failed": len(self.failed),
+                "passed": self.passed, "final": self.final, "checks": len(self.cases),
+                "gated": len(self.gated), "failed": len(self.failed),
+                "not_gated_failed": len(self.not_gated_failed),
                 "cases": [asdict(c) for c in self.cases], "damaged_runs": self.damaged}
 
 
 def run_checks(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_DIR, *,
-               iteration: str | None = None, static: bool = False) -> CheckReport:
-    """Check every iteration of ``experiments`` (or the one of id ``iteration``)."""
+               iteration: str | None = None, static: bool = False, every: bool = False) -> CheckReport:
+    """Check every iteration of ``experiments`` (or the one of id ``iteration``, gated): the final
+    iteration's cases gate, the others' are reported (``every``: every iteration's gate)."""
     if iteration is not None:
         iteration = experiments.iteration(iteration).id  # an unknown id is one line naming the known ones
-    out = checks_of(build_report(experiments, runs_dir, static=static), iteration, static)
-    if not out.cases:   # zero checks must not read as a pass
+    out = checks_of(build_report(experiments, runs_dir, static=static), iteration, static, every)
+    if not out.gated:   # zero checks must not read as a pass
         raise UsageError(f"{experiments.path} gives nothing to check: it has no iteration or no constraint "
                          "(constraints: max_params, batchnorm, dropout, gap_head, max_epochs, min_test_acc)")
     return out
 
 
-def checks_of(report: dict[str, Any], iteration: str | None = None, static: bool = False) -> CheckReport:
-    """The checks of a ``compare.build_report`` report (of one iteration id, or all)."""
+def checks_of(report: dict[str, Any], iteration: str | None = None, static: bool = False,
+              every: bool = False) -> CheckReport:
+    """The checks of a ``compare.build_report`` report (of one iteration id, or all); the final
+    iteration's gate, the others' are reported only (unless named, or ``every``)."""
     out = CheckReport(report["experiments"], None if static else report["runs_dir"], static,
-                      damaged=[d["why"] for d in report.get("damaged_runs", [])])
+                      damaged=[d["why"] for d in report.get("damaged_runs", [])], final=report.get("final"))
     c = report["constraints"]
     for row in report["iterations"]:
         if iteration is not None and row["id"] != iteration:
             continue
+        gated = every or iteration is not None or row.get("final", True)
         for check, value in row["checks"].items():
             passed = value["of"] > 0 and value["passed"] == value["of"] if isinstance(value, dict) else bool(value)
-            out.cases.append(Case(row["id"], check, passed, _detail(check, value, row, c, report)))
+            out.cases.append(Case(row["id"], check, passed, _detail(check, value, row, c, report), gated))
     return out
 
 

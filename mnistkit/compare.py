@@ -209,6 +209,7 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
     all_runs, damaged = ([], []) if static else read_runs(runs_dir)
     rows: list[dict[str, Any]] = []
     previous: dict[str, Any] | None = None
+    final = experiments.final
     for it in experiments.iterations:
         source = experiments.model_source(it)
         wanted = Recipe.from_dict(experiments.recipe_for(it), where=f"{experiments.path} ({it.id})")
@@ -222,6 +223,7 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
         reported = it.reported
         row: dict[str, Any] = {
             "id": it.id,
+            "final": it is final,   # the iteration handed in: the one check gates (experiments.final)
             "model": it.model,
             "changes": it.changes,
             "target": it.target,
@@ -246,6 +248,7 @@ def build_report(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS_D
         previous = row
     return {"experiments": str(experiments.path), "experiments_source": experiments.source,
             "runs_dir": str(runs_dir), "constraints": c, "consistent_epochs": CONSISTENT_EPOCHS,
+            "final": final.id if final else None, "final_marked": experiments.final_marked,
             "damaged_runs": damaged,
             "comparable_means": "official MNIST files, the whole training set (no limit, no validation split), "
                                 "all the epochs of the iteration's change-log recipe, that recipe (any seed)",
@@ -288,7 +291,7 @@ COLUMNS = [
     "train_acc_mean", "test_acc_reported", "test_acc_mean", "test_acc_std", "test_acc_min", "seeds",
     "seeds_passing", "seeds_consistent", "best_test_acc_mean", "gap_mean", "epochs_reported", "epochs_measured",
     "train_samples", "lr_scheduler_reported", "lr_measured", "scheduler_measured", "delta_test_acc",
-    "delta_params", "other_runs",
+    "delta_params", "other_runs", "final",
 ]
 
 
@@ -313,5 +316,6 @@ def flat_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "scheduler_measured": m["scheduler"] if m else None,
             "delta_test_acc": row["delta_test_acc"], "delta_params": row["delta_params"],
             "other_runs": len(row["other_runs"]),
+            "final": row.get("final", False),   # last: older readers keep their columns
         })
     return out

@@ -26,7 +26,7 @@ MAX_BYTES = 1 << 20  # a change-log is a few KiB; anything larger (or endless) i
 _NUM = (int, float)
 _TOP = {"version": (int,), "constraints": (dict,), "defaults": (dict,), "iterations": (list,)}
 _ITERATION = {"id": (str,), "model": (str,), "model_args": (dict,), "changes": (str,), "target": (str,),
-              "analysis": (str,), "reported": (dict,), "recipe": (dict,)}
+              "analysis": (str,), "reported": (dict,), "recipe": (dict,), "final": (bool,)}
 _CONSTRAINTS = {"max_params": (int,), "batchnorm": (bool,), "dropout": (bool,), "gap_head": (bool,),
                 "max_epochs": (int,), "min_test_acc": _NUM}
 _REPORTED = {"params": (int,), "train_acc": _NUM, "test_acc": _NUM, "epochs": (int,), "lr_scheduler": (str,)}
@@ -42,6 +42,7 @@ class Iteration:
     model_args: dict[str, Any] = field(default_factory=dict)
     target: str = ""      # the user's own words (the exercise's Target / Analysis): shown, never written
     analysis: str = ""
+    final: bool = False   # marked `final: true`: the iteration handed in, the one `check` gates
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,18 @@ class Experiments:
         why = {"given": "as given", "current folder": "found in the current folder",
                "packaged": "the one shipped with mnistkit; no ./experiments.yaml here"}[self.source]
         return f"change-log: {self.path} ({why})"
+
+    @property
+    def final(self) -> Iteration | None:
+        """The iteration handed in: the one marked ``final: true``, else the last one listed.
+        ``check`` gates it; every other iteration is exploratory (shown, never gated)."""
+        marked = [it for it in self.iterations if it.final]
+        return marked[0] if marked else (self.iterations[-1] if self.iterations else None)
+
+    @property
+    def final_marked(self) -> bool:
+        """Whether the change-log names its final iteration (else the last one stands for it)."""
+        return any(it.final for it in self.iterations)
 
     def iteration(self, ident: str) -> Iteration:
         for it in self.iterations:
@@ -185,6 +198,7 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     recipe_check(("defaults",), defaults)
     iterations: list[Iteration] = []
     seen: set[str] = set()
+    final: str | None = None
     known_models = {m.lower() for m in list_models()}
     from mnistkit.modelref import _check_args, _split
     for n, raw in enumerate(data["iterations"]):
@@ -197,6 +211,11 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
         if it_id.lower() in seen:
             check.fail(where + ("id",), f"iteration id {it_id!r} appears twice")
         seen.add(it_id.lower())
+        if raw.get("final"):
+            if final is not None:
+                check.fail(where + ("final",), f"{final} and {it_id} are both marked final; mark one iteration "
+                                               "final: true (the one handed in)")
+            final = it_id
         model = raw.get("model", it_id)
         try:
             target, attr = _split(model.strip())
@@ -218,7 +237,7 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
         recipe = raw.get("recipe") or {}
         it = Iteration(id=it_id, model=model, changes=raw.get("changes", ""), reported=dict(reported),
                        recipe=dict(recipe), model_args=model_args or {}, target=raw.get("target", "").strip(),
-                       analysis=raw.get("analysis", "").strip())
+                       analysis=raw.get("analysis", "").strip(), final=bool(raw.get("final")))
         merged = Experiments(path, constraints, defaults, (it,)).recipe_for(it)
         recipe_check(where + ("recipe",), merged)
         iterations.append(it)

@@ -1,7 +1,7 @@
 """The write-up the exercise ends in, as data: the change-log report (``compare``), the checks,
 each iteration's layer table and data-flow graph, the training curves of the comparable runs,
 and the evaluation (misclassified digits, confusion matrix) of the final iteration's best
-comparable run. Nothing here formats text: ``render.report`` writes the Markdown and the HTML.
+comparable run (the final iteration: ``Experiments.final``, never merely the last one measured). Nothing here formats text: ``render.report`` writes the Markdown and the HTML.
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def build_write_up(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = WriteUp(report, checks, parts, stamp)
     out.notes += [f"skipped a damaged run folder: {d['why']}" for d in report.get("damaged_runs", [])]
-    measured = [p for p in parts if p.row["measured"]]
-    if evaluate_best and measured:
-        final = measured[-1].row
+    final_part = next((p for p in parts if p.row.get("final")), parts[-1] if parts else None)
+    if evaluate_best and final_part is not None and final_part.row["measured"]:
+        final = final_part.row
         best = max(final["measured"]["per_seed"], key=lambda s: s["test_acc"])
         out.best_run = {"iteration": final["id"], **best}
         try:

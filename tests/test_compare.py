@@ -160,9 +160,9 @@ def test_exports_hold_the_same_numbers(tmp_path):
         for key in ("params_measured", "test_acc_mean", "seeds_passing", "train_samples"):
             assert got[key] == ("" if want[key] is None else str(want[key]))
     md = render.compare_markdown(report)
-    i3 = next(line for line in md.splitlines() if line.startswith("| I3 | gap"))
+    i3 = next(line for line in md.splitlines() if line.startswith("| I3 (final) | gap"))
     assert "99.50 ± 0.03%" in i3 and "| 2 |" in i3
-    checklist = next(line for line in md.splitlines() if line.startswith("| I3 | ✅"))
+    checklist = next(line for line in md.splitlines() if line.startswith("| I3 (final) | ✅"))
     assert "✅ 2/2" in checklist
 
 

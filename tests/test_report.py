@@ -54,7 +54,8 @@ def test_the_report_folder_has_every_part_computed(runner, project, tmp_path):
     # I3's result is the two seeds' final epochs; the others say they have no comparable run
     assert "over 2 seeds (1, 2): MNIST, 60,000 training images, 4 epochs" in md
     assert md.count("no comparable run yet") == 3
-    assert "| I1 | params | **FAIL** | 20,978 trainable parameters" in md
+    assert "| I1 | params | not met | 20,978 trainable parameters" in md   # exploratory: shown, not gated
+    assert "Every check of the final iteration, I3, passes." not in md and "checks of the final iteration, I3, fail" in md
     assert f"(seed 1, `{run}`)" in md and "synthetic test images" in md  # evaluated on the run's own data
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / link).is_file()
@@ -196,3 +197,22 @@ def test_a_report_folder_keeps_what_you_added_and_never_takes_the_current_folder
         result = runner.invoke(app, ["report", "--runs-dir", "r", "-o", target])
         assert result.exit_code == 1 and "it is the current folder or holds it" in result.stderr
     assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
+
+
+def test_the_at_a_glance_and_the_checklist_show_the_final_iteration_not_the_last(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments.yaml").write_text(
+        "version: 1\nconstraints: {max_params: 20000, batchnorm: true}\niterations:\n"
+        "  - {id: I0, model: I0, changes: base}\n  - {id: I3, model: I3, changes: gap, final: true}\n"
+        "  - {id: I1, model: I1, changes: a later experiment}\n")
+    result = runner.invoke(app, ["report", "--runs-dir", "r"])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "report" / "README.md").read_text()
+    assert "## The model at a glance: I3, the final iteration\n\nI3 is the iteration handed in (marked " \
+           "`final: true` in the change-log)" in md and "| Parameters | 14,500 trainable" in md
+    assert "Every check of the final iteration, I3, passes." in md
+    gated = md.split("| Iteration | Check |")[1].split("\n\n")[0]
+    assert "| I3 | params | pass |" in gated and "| I0 |" not in gated and "| I1 |" not in gated
+    assert "| I0 | batchnorm | not met |" in md and "| I1 | params | not met |" in md   # shown, not gated
+    assert "The mistakes shown here are the final iteration's (I3)" in md
+    assert "| I3 (final) |" in md   # compare's tables in the write-up show every iteration, the final marked

@@ -197,14 +197,17 @@ def compare_cmd(
 def check_cmd(
     runs_dir: str = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where run folders are."),
     experiments: Optional[str] = EXPERIMENTS,
-    iteration: Optional[str] = typer.Option(None, "--iteration", "-i", help="Check this iteration only (its id)."),
+    iteration: Optional[str] = typer.Option(None, "--iteration", "-i", help="Check this iteration only (its id), "
+                                                                            "gated whether final or not."),
+    all_iterations: bool = typer.Option(False, "--all-iterations", help="Gate every iteration, exploratory ones "
+                                                                         "too (by default only the final one gates)."),
     static: bool = typer.Option(False, "--static", help="Only what needs no training: parameters, BatchNorm, "
                                                         "Dropout, GAP head, the recipe's epochs (no runs read)."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="text (default), junit or json."),
     as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
-    """The change-log's constraints as a gate: exit 0 when every check passes, 1 when one fails, 2 when they cannot be checked."""
+    """The change-log's constraints as a gate on the final iteration: exit 0 when its checks pass, 1 when one fails, 2 when they cannot be checked."""
     from mnistkit import render
     from mnistkit.check import run_checks
     from mnistkit.errors import MnistkitError, UsageError
@@ -215,7 +218,7 @@ def check_cmd(
         fmt = choose_format(fmt, as_json, ("text", "junit", "json"))
         exp = find_experiments(experiments)
         check_outputs([output], inputs=(exp.path,))
-        report = run_checks(exp, runs_dir, iteration=iteration, static=static)
+        report = run_checks(exp, runs_dir, iteration=iteration, static=static, every=all_iterations)
         text = {"text": render.check_text, "junit": render.check_junit, "json": render.json_text}[fmt](
             report.to_dict() if fmt == "json" else report)
         if output:

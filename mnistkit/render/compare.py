@@ -80,11 +80,30 @@ def how_to_make(row: dict[str, Any]) -> str:
     return f"mnistkit train {shlex.quote(row['id'])} --seeds 3"
 
 
-def compare_cells(row: dict[str, Any]) -> dict[str, str]:
+FINAL_MARK = " (final)"
+
+
+def iteration_cell(row: dict[str, Any], mark: bool = True) -> str:
+    """An iteration's id, marked when it is the final one (the one ``check`` gates) and ``mark``
+    (a change-log of one iteration has nothing to tell apart)."""
+    return row["id"] + (FINAL_MARK if mark and row.get("final") else "")
+
+
+def gate_note(report: dict[str, Any]) -> str:
+    """Which iteration the checklist gates, in one sentence."""
+    final, rows = report.get("final"), report["iterations"]
+    if final is None or len(rows) < 2:
+        return ""
+    how = "marked final: true" if report.get("final_marked") else "the last one; mark another with final: true"
+    return (f"mnistkit check gates the final iteration, {final} ({how}); the others are exploratory: "
+            "shown here, never failing the check.")
+
+
+def compare_cells(row: dict[str, Any], mark: bool = True) -> dict[str, str]:
     """The text of one iteration's cells, shared by the markdown export and the Rich tables."""
     rep, m = row["reported"], row["measured"]
     return {
-        "id": row["id"],
+        "id": iteration_cell(row, mark),
         "changes": row["changes"],
         "params": (f"{rep['params']:,}" if "params" in rep else "-") + f" / {row['params']:,}",
         "test_reported": fmt_pct(rep.get("test_acc")),
@@ -107,7 +126,7 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
     c = report["constraints"]
     target = c.get("min_test_acc")
     rows = report["iterations"]
-    cells = [compare_cells(row) for row in rows]
+    cells = [compare_cells(row, len(rows) > 1) for row in rows]
     n = len(rows)
     curves = [v for row in rows if row["measured"] for v in row["measured"]["test_acc_curve"]]
     lo, hi = (min(curves), max(curves)) if curves else (None, None)
@@ -173,12 +192,12 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
              "consistent": f"last {report['consistent_epochs']} ≥ {target}"}
 
     def checklist(labels: dict[str, str]) -> Callable[[], Table]:
-        specs = [("Iter", "fixed", lambda i: rows[i]["id"])]
+        specs = [("Iter", "fixed", lambda i: cells[i]["id"])]
         specs += [(labels[k], "mark", (lambda k: lambda i: Text(*check_cell(rows[i]["checks"].get(k))))(k))
                   for k in keys]
         specs.append(("All", "mark", lambda i: Text(*check_cell(overall(rows[i], keys)))))
         return lambda: spec_table("Assignment checklist (comparable runs only; accuracy checks count seeds)",
-                                   None, specs, n)
+                                   gate_note(report) or None, specs, n)
 
     parts: list[RenderableType] = [
         Text(f"Runs used: {report['comparable_means']}.", style="dim"), changelog, measured,
@@ -267,7 +286,7 @@ def compare_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["iterations"]:
-        cell = compare_cells(row)
+        cell = compare_cells(row, len(report["iterations"]) > 1)
         params = cell["params"] + ("" if row["params_match"] else " **MISMATCH**")
         lines.append("| " + " | ".join([md_cell(cell["id"]), md_cell(cell["changes"]), params, cell["test_reported"], cell["test_measured"],
                                          cell["test_min"], cell["seeds"], cell["train"], cell["best"], cell["gap"],
@@ -278,7 +297,9 @@ def compare_markdown(report: dict[str, Any]) -> str:
     for row in report["iterations"]:
         marks = [check_cell(row["checks"].get(k))[0].replace("✓", "✅").replace("✗", "❌") for k in keys]
         every = check_cell(overall(row, keys))[0].replace("✓", "✅").replace("✗", "❌")
-        lines.append(f"| {md_cell(row['id'])} | " + " | ".join(marks) + f" | {every} |")
+        lines.append(f"| {md_cell(iteration_cell(row, len(report['iterations']) > 1))} | " + " | ".join(marks) + f" | {every} |")
+    if gate_note(report):
+        lines += ["", gate_note(report)]
     noted = [row for row in report["iterations"] if row.get("target") or row.get("analysis")]
     if noted:
         lines += ["", "| Iter | Model | Target | Analysis |", "|---|---|---|---|"]
@@ -318,7 +339,7 @@ def compare_plot(report: dict[str, Any]) -> bytes:
         if m:
             curve = m["test_acc_curve"]
             ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3,
-                    label=f"{row['id']} ({row['params']:,} params, {m['n']} seed{'s' if m['n'] > 1 else ''})")
+                    label=f"{iteration_cell(row)} ({row['params']:,} params, {m['n']} seed{'s' if m['n'] > 1 else ''})")
             drawn += 1
     target = report["constraints"].get("min_test_acc")
     if target is not None:
