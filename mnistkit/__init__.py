@@ -28,6 +28,7 @@ _LAZY = {
     "train": "mnistkit.training",
     "make_plan": "mnistkit.plan",
     "train_plan": "mnistkit.plan",
+    "lr_find": "mnistkit.lrfind",
     "prepare": "mnistkit.backends",
     "resume": "mnistkit.training",
     "progress": "mnistkit.render.training",
