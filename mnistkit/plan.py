@@ -68,18 +68,22 @@ def train_plan(plan: Plan, data: DataOptions | None = None, overrides: dict[str,
                run: Callable[..., Any] | None = None,
                on_group: Callable[[str, list[Any]], None] | None = None) -> list[Any]:
     """Train every model of ``plan`` once per seed, each with its iteration's recipe and
-    ``overrides`` (recipe keys; ``None`` values ignored). ``run(train, *args, **kwargs)`` makes
-    each training (default: calls it; the CLI wraps a progress display around it);
-    ``on_group(model, results)`` is told when a model's seeds are done. Returns every result."""
+    ``overrides`` (recipe keys, ``augment.KEY`` for one augmentation field; ``None`` values
+    ignored; applied by ``Recipe.with_settings``, so typed and checked as the change-log is).
+    Every recipe is built, and so checked, before the first training. ``run(train, *args,
+    **kwargs)`` makes each training (default: calls it; the CLI wraps a progress display around
+    it); ``on_group(model, results)`` is told when a model's seeds are done. Returns every result."""
     from mnistkit.experiments import resolve_recipe
     from mnistkit.training import train
 
     run = run or (lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    recipes = [[resolve_recipe(source, plan.experiments).with_settings(
+                    {**(overrides or {}), **({"seed": seed} if seed is not None else {})}) for seed in plan.seeds]
+               for source in plan.models]
     results: list[Any] = []
-    for source in plan.models:
+    for source, its_recipes in zip(plan.models, recipes):
         group = []
-        for seed in plan.seeds:
-            recipe = resolve_recipe(source, plan.experiments, **{**(overrides or {}), "seed": seed})
+        for recipe in its_recipes:
             group.append(run(train, source, recipe, data or DataOptions(), device=device, runs_dir=runs_dir))
         if on_group:
             on_group(source.name, group)

@@ -111,12 +111,14 @@ def default_workers() -> int:
 
 
 def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, workers: int | None = None,
-              ray: str | None = None, device: str = "cpu", resume: bool = False,
+              ray: str | None = None, device: str = "auto", resume: bool = False,
               on_result: Callable[[dict[str, Any], int], None] | None = None,
-              keep_memory: bool = False) -> list[dict[str, Any]]:
+              keep_memory: bool = False, threads: int | None = None) -> list[dict[str, Any]]:
     """Run every trial of ``spec`` (those not finished yet when ``resume``); returns one record
     per trial, in the spec's order. Local workers by default; ``ray`` = ``auto``, an address,
-    or ``local`` (an embedded Ray on this machine) runs them as Ray tasks. ``keep_memory``:
+    or ``local`` (an embedded Ray on this machine) runs them as Ray tasks. ``device``: as
+    ``train``'s (``auto``: cuda, then mps, then cpu). ``threads``: torch's threads in each trial
+    (default: the cores shared out between the workers); every run records it. ``keep_memory``:
     each worker keeps freed memory for reuse (``backends.memory``; the CLI asks for it)."""
     root = Path(runs_dir) / spec.name
     if root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()) and not resume:
@@ -129,17 +131,20 @@ def run_sweep(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR, w
                        "can write to") from None
     lock = FolderLock.acquire(root, "sweep")   # two sweeps of one folder at once trained trials twice
     try:
-        return _sweep(spec, root, workers, ray, device, on_result, keep_memory)
+        return _sweep(spec, root, workers, ray, device, on_result, keep_memory, threads)
     finally:
         lock.release()
 
 
 def _sweep(spec: SweepSpec, root: Path, workers: int | None, ray: str | None, device: str,
-           on_result: Callable[[dict[str, Any], int], None] | None, keep_memory: bool) -> list[dict[str, Any]]:
+           on_result: Callable[[dict[str, Any], int], None] | None, keep_memory: bool,
+           threads: int | None = None) -> list[dict[str, Any]]:
     workers = workers or default_workers()
     if workers < 1:
         raise UsageError("workers must be at least 1")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be a positive whole number, not {threads!r}", key="threads")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
     base = {"root": str(root), "recipe": spec.recipe, "data": spec.data.to_dict(), "device": device,
             "experiments": spec.experiments, "threads": threads, "keep_memory": keep_memory}
     payloads = [{**base, "trial": t, "trial_recipe": spec.recipes[t.name].to_dict()} for t in spec.trials]

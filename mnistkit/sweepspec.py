@@ -95,9 +95,11 @@ def _fail(path: Path, message: str) -> SweepError:
     return SweepError(f"{path}: {message}")
 
 
-def load_spec(path: str | os.PathLike) -> SweepSpec:
+def load_spec(path: str | os.PathLike, settings: dict[str, Any] | None = None) -> SweepSpec:
     """Read and check a sweep spec, and expand its trials; every trial's recipe is built (and
-    so validated) here, before anything runs."""
+    so validated) here, before anything runs. ``settings`` (recipe keys, ``augment.KEY``; as
+    ``recipe.parse_settings`` gives them) are fixed for every trial over the spec's ``recipe:``;
+    a key the spec varies cannot be fixed."""
     from mnistkit.experiments import find_experiments
     from mnistkit.modelref import build, resolve
 
@@ -139,6 +141,9 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
     for key in fixed:
         if key in REPLACED:
             raise _fail(path, f"recipe: {key} {REPLACED[key]}")
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    if settings:
+        fixed = {**fixed, **settings}
     grid, search = data.get("grid"), data.get("random")
     if grid is not None and search is not None:
         raise _fail(path, "give grid or random, not both")
@@ -163,6 +168,11 @@ def load_spec(path: str | os.PathLike) -> SweepSpec:
         configs = [tuple(zip(varied, combo)) for combo in itertools.product(*(grid[k] for k in varied))]
     elif search is not None:
         configs, varied = _random_configs(path, search)
+    varies = set(varied) & set(settings) | ({"seed"} & set(settings))
+    if varies:
+        key = sorted(varies)[0]
+        what = "seeds" if key == "seed" else "grid" if grid is not None else "random search"
+        raise _fail(path, f"{key} is varied by the spec's {what}; a setting cannot fix it (drop it, or edit the spec)")
     if len(sources) * len(configs) * len(seeds) > MAX_TRIALS:
         raise _fail(path, f"{len(sources) * len(configs) * len(seeds):,} trials; a sweep runs at most {MAX_TRIALS:,}")
     trials = tuple(Trial(src.name, s, c, _with_args(src, c, path)) for src in sources for c in configs for s in seeds)

@@ -198,6 +198,30 @@ MODEL_CODE = typer.Option(None, "--model-code", metavar="FILE",
                                "the run came from elsewhere): you name it, so you trust it; the run folder keeps "
                                "a copy (model.py).")
 
+SET = typer.Option(None, "--set", metavar="KEY=VALUE",
+                   help="Any recipe key, over the change-log's recipe: weight_decay=5e-4, augment.degrees=7, "
+                        "channels_last=false, scheduler=step (repeatable; values read as YAML scalars; checked as "
+                        "the change-log's recipe is checked).")
+THREADS = typer.Option(None, "--threads", min=1, max=1024,
+                       help="torch's CPU threads for the work (default: torch's, one per core); runs record it. "
+                            "Fewer than the cores helps where other jobs share the machine.")
+
+
+def recipe_settings(pairs: Any, named: dict[str, tuple[str, Any]] | None = None) -> dict[str, Any]:
+    """``--set`` pairs and the named recipe options (``{"lr": ("--lr", 0.1)}``) as one dict of
+    recipe keys (``augment.KEY`` for an augmentation field); a key given both ways is one line."""
+    from mnistkit.errors import UsageError
+    from mnistkit.recipe import parse_settings
+
+    values = parse_settings(list(pairs or []))
+    for key, (flag, value) in (named or {}).items():
+        if value is None:
+            continue
+        if key in values:
+            raise UsageError(f"{key} is given twice, by {flag} and by --set {key}=...; give it once", key=key)
+        values[key] = value.value if hasattr(value, "value") else value
+    return values
+
 
 def main() -> None:
     app()

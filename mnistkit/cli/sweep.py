@@ -8,12 +8,13 @@ from typing import Optional
 
 import typer
 
-from mnistkit.cli.app import app, handles_errors, examples, print_json, fail
+from mnistkit.cli.app import app, handles_errors, examples, print_json, fail, recipe_settings, SET, THREADS
 from mnistkit.recipe import DEFAULT_RUNS_DIR
 
 
 @app.command("sweep", epilog=examples("mnistkit sweep examples/sweep-i3-lr.yaml",
                                       "mnistkit sweep spec.yaml --workers 1",
+                                      "mnistkit sweep spec.yaml --set epochs=2 --threads 1",
                                       "mnistkit sweep spec.yaml --ray HEAD:6379",
                                       "mnistkit sweep spec.yaml --resume",
                                       "mnistkit sweep spec.yaml --report --format markdown"))
@@ -32,7 +33,10 @@ def sweep_cmd(
     report_only: bool = typer.Option(False, "--report", help="Only print the table of the trials done so far."),
     fmt: Optional[str] = typer.Option(None, "--format", "-f", help="table (default), markdown, json or csv."),
     as_json: bool = typer.Option(False, "--json", help="The same as --format json."),
-    device: str = typer.Option("cpu", "--device", help="Device for every trial (cpu, cuda, ...)."),
+    device: str = typer.Option("auto", "--device", help="Device for every trial, as train's: auto (cuda, then mps, "
+                                                        "then cpu), cpu, cuda, cuda:N or mps."),
+    settings: Optional[list[str]] = SET,
+    threads_n: Optional[int] = THREADS,
 ) -> None:
     """Many trainings at once: a grid or random search of recipes over seeds, locally or on Ray."""
     import time
@@ -45,7 +49,7 @@ def sweep_cmd(
     fmt = "json" if as_json else (fmt or "table").lower()
     if fmt not in formats:
         raise UsageError(f"unknown format {fmt!r}; choose one of: {', '.join(formats)}")
-    spec = load_spec(spec_file)
+    spec = load_spec(spec_file, settings=recipe_settings(settings))
     seconds = None
     if not report_only:
         err = render.stderr()
@@ -67,7 +71,7 @@ def sweep_cmd(
         try:
             with sigterm_as_interrupt():   # SIGTERM stops the trials as cleanly as Ctrl-C
                 last_records = run_sweep(spec, runs_dir, workers=workers, ray=ray, device=device, resume=resume,
-                                         on_result=said, keep_memory=True)
+                                         on_result=said, keep_memory=True, threads=threads_n)
         except KeyboardInterrupt as exc:
             what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
             fail(f"{what}; every trial stopped after its last finished epoch; run only what is missing with: "
