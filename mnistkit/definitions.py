@@ -123,7 +123,9 @@ def definitions(text: str, path: str, needed: str | None) -> ast.Module:
                 (_globals(table) if table is not None else _loads(s.body))
         return _loads([s])
 
-    if needed and any(needed in _bound(s) for s in body) and not any(_defines(s, needed) for s in body):
+    imported = set().union(set(), *(_bound(s) for s in body if isinstance(s, (ast.Import, ast.ImportFrom))))
+    if needed and needed not in imported and any(needed in _bound(s) for s in body) and \
+            not any(_defines(s, needed) for s in body):
         raise UsageError(f"{path}: {needed} is a variable, not a class or a function the file defines; mnistkit builds "
                          f"a model from a class or a function (def build(): return ...)", key="model")
     wanted = {needed} if needed else {s.name for s in body if isinstance(s, ast.ClassDef)}

@@ -359,10 +359,10 @@ def test_interrupt_message_prints_a_resume_command_that_works_in_a_shell(runner,
 
     real = training.train_one_epoch
 
-    def ctrl_c_in_epoch_2(s, epoch, callback=None):
+    def ctrl_c_in_epoch_2(s, epoch, *args, **kwargs):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real(s, epoch, callback)
+        return real(s, epoch, *args, **kwargs)
 
     monkeypatch.setattr(training, "train_one_epoch", ctrl_c_in_epoch_2)
     runs = tmp_path / "my [v2] runs"

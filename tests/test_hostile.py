@@ -207,10 +207,10 @@ def fault_during_training(fault: str, at_epoch: int = 2):
             real_epoch = training.train_one_epoch
             sig = signal.SIGTERM if fault == "sigterm" else signal.SIGINT
 
-            def signalled(s, epoch, callback=None):
+            def signalled(s, epoch, *args, **kwargs):
                 if epoch == at_epoch:
                     os.kill(os.getpid(), sig)
-                return real_epoch(s, epoch, callback)
+                return real_epoch(s, epoch, *args, **kwargs)
 
             mp.setattr(training, "train_one_epoch", signalled)
             previous = signal.signal(signal.SIGINT, signal.default_int_handler)
