@@ -32,7 +32,7 @@ class EpochMetrics:
     val_acc: float | None = None
     # the training loss inside the epoch at a bounded rate: (step, mean loss of the steps since the
     # previous point), at most MAX_STEP_POINTS of them, the last at the epoch's last step. Runs of
-    # 0.12 and before have none; readers before 0.13 ignore the key
+    # 0.11 and before have none; readers of 0.11 and before ignore the key
     step_losses: tuple[tuple[int, float], ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:

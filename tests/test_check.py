@@ -30,7 +30,7 @@ def test_static_checks_of_the_shipped_change_log(runner):
     assert ("all 4 static checks (no training) of the final iteration I3 passed; exploratory iterations, not "
             "gated: 3 of 20 checks not met") in result.stderr
 
-    # every iteration gates on request, as before 0.13; a named iteration gates, final or not
+    # every iteration gates on request, as before 0.12; a named iteration gates, final or not
     every = runner.invoke(app, ["check", "--static", "--all-iterations"])
     assert every.exit_code == 1 and "3 of 24 static checks (no training) failed" in every.stderr
     assert "FAIL  I1 params: 20,978 trainable parameters; fewer than 20,000 allowed (978 over)" in every.stdout

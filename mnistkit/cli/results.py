@@ -252,15 +252,15 @@ def plot_cmd(
                                      callback=nonempty_path),
     output: str = typer.Option("curves.png", "--output", "-o", help="The PNG to write."),
 ) -> None:
-    """Draw train and test loss and accuracy per epoch, and the LR, of any runs (finished or not, short or full)."""
+    """Draw accuracy and loss (train, test, validation on shared axes), the step losses and the LR of any runs, overlaid and labelled by what differs."""
     from mnistkit import render
-    from mnistkit.curves import run_curves
+    from mnistkit.curves import run_curves, shared_facts
     from mnistkit.outputs import check_outputs, write_output
 
     curves = run_curves(runs)
     check_outputs([output], inputs=tuple(c.run for c in curves))
     png = render.curves_png(curves, title=f"Training curves of {len(curves)} run{'s' * (len(curves) != 1)} "
-                                          "(test: each run's own test set)")
+                                          "(test: each run's own test set)", shared=shared_facts(curves))
     write_output(output, png)
     say(f"wrote {output}: {len(curves)} run{'s' * (len(curves) != 1)}")
 
