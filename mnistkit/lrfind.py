@@ -79,14 +79,21 @@ class LRFind:
     images: int = 0                # training images the steps drew (with repeats where the set is smaller)
     notes: list[str] = field(default_factory=list)
 
-    def recipe_line(self, recipe: dict[str, Any] | None = None) -> str | None:
-        """The change-log line that trains with the suggestion: ``recipe: {lr: 0.12}``, or the
-        iteration's own ``recipe`` mapping (given) with its lr replaced. Never written anywhere."""
+    def recipe_line(self, recipe: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> str | None:
+        """The change-log line that trains with the suggestion: ``recipe: {lr: 0.12}``; given the
+        iteration's own ``recipe`` mapping and the ``settings`` the test ran with (``augment.KEY``
+        too), that mapping with them and the suggested lr. Never written anywhere."""
         if self.suggestion.lr is None:
             return None
         import yaml
 
-        mapping = {**(recipe or {}), "lr": self.suggestion.lr}
+        mapping = dict(recipe or {})
+        for key, value in {**(settings or {}), "lr": self.suggestion.lr}.items():
+            if key.startswith("augment."):
+                augment = mapping.get("augment")
+                mapping["augment"] = {**(augment if isinstance(augment, dict) else {}), key[len("augment."):]: value}
+            elif value is not None:
+                mapping[key] = value
         return "recipe: " + yaml.safe_dump(mapping, default_flow_style=True, sort_keys=False, width=10_000).strip()
 
     def to_dict(self) -> dict[str, Any]:

@@ -168,8 +168,10 @@ def test_the_text_names_the_rule_and_the_change_log_line(runner, tmp_path, monke
     result = runner.invoke(app, ["lr-find", "I3", *SYN, "--steps", "30", "--no-plot", "--set", "batch_size=32"])
     assert result.exit_code == 0, result.output
     assert "LR range test of I3" in result.stdout and "synthetic" in result.stdout
-    if "suggested max_lr" in result.stdout:
-        assert "min/10" in result.stdout and "recipe: {epochs: 15, batch_size: 128" in result.stdout
+    if "suggested max_lr" in result.stdout:   # the line to paste carries the settings the test ran with
+        assert "min/10" in result.stdout and "recipe: {epochs: 15, batch_size: 32, weight_decay: 0.0005, lr: " \
+            in result.stdout
+        assert "or for one run: mnistkit train I3 --set batch_size=32 --lr " in result.stdout
     else:
         assert "no suggestion" in result.stdout
 

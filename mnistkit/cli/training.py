@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any, Callable, Optional
 
 import typer
@@ -185,7 +186,8 @@ def lr_find_cmd(
     exp = find_experiments(experiments)
     plan = make_plan(exp, model, False, [None], parse_model_args(model_arg or []) or None)
     source = plan.models[0]
-    recipe = resolve_recipe(source, exp).with_settings(recipe_settings(settings))
+    given = recipe_settings(settings)
+    recipe = resolve_recipe(source, exp).with_settings(given)
     picture = None if no_plot else (output or "lr-find.png")
     if picture is not None:
         try:
@@ -200,23 +202,33 @@ def lr_find_cmd(
     err = render.stderr()
     for line in (exp.described, *plan.notes):
         say(line)
+    from mnistkit.backends.memory import keep_freed_memory, release_memory
+
     display = LRFindDisplay(err)
+    keep_freed_memory()   # as train: each step's buffers are reused, not faulted in anew
     try:
         with threads(threads_n):
             result = lr_find(source, recipe, DataOptions(dataset.value, data_dir, limit), device, steps=steps,
                              start_lr=start_lr, end_lr=end_lr, on_step=display.on_step)
     finally:
         display.close()
+        release_memory()
     data = result.to_dict()
     it = exp.iteration_of(source)
-    data["recipe_line"] = result.recipe_line(it.recipe if it is not None else None)
+    data["recipe_line"] = result.recipe_line(it.recipe if it is not None else None, given)
     data["iteration"] = it.id if it is not None else None
     data["experiments"] = str(exp.path)
+    if result.suggestion.lr is not None:   # the same recipe for one run, from the command line
+        data["train_command"] = " ".join(["mnistkit train", shlex.quote(model or source.name),
+                                          *(f"--model-arg {shlex.quote(a)}" for a in model_arg or []),
+                                          *(f"--set {shlex.quote(str(p))}" for p in settings or []
+                                            if str(p).partition("=")[0].strip() != "lr"),
+                                          f"--lr {result.suggestion.lr:g}"])
     if picture is not None:
         write_output(picture, lr_find_png(data))
         data["picture"] = picture
-    where = (f"{exp.path}, iteration {it.id} (replacing its recipe line; the file is not edited)" if it is not None
-             else f"the iteration of {source.shown} in your change-log (the file is not edited)")
+    where = (f"{exp.path}, iteration {it.id} (in place of its recipe line; the file is not edited)"
+             if it is not None else f"your change-log, in the iteration that trains {source.shown}")
     if as_json:
         print_json(data)
     else:

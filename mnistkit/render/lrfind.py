@@ -99,6 +99,8 @@ def lr_find_text(r: dict[str, Any], line: str | None, where: str) -> Group:
     if line:
         parts.append(Text(f"to use it, put in {where}:"))
         parts.append(Text(f"  {line}", style="bold"))
+    if r.get("train_command"):
+        parts.append(Text(f"or for one run: {r['train_command']}"))
     return Group(*parts)
 
 
@@ -107,7 +109,7 @@ def lr_find_png(r: dict[str, Any]) -> bytes:
     the smoothed minimum and the recipe's own LR marked; what it was measured on in the title."""
     plt = pyplot()
     t, s, curve = r["test"], r["suggestion"], r["curve"]
-    fig, ax = plt.subplots(figsize=(8.5, 5.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
     lrs = [p["lr"] for p in curve]
     ax.plot(lrs, [p["loss"] for p in curve], color="#999999", linewidth=0.7, alpha=0.6, label="loss of each step")
     ax.plot(lrs, [p["smoothed"] for p in curve], color="#1f77b4", linewidth=2.0,
@@ -131,7 +133,7 @@ def lr_find_png(r: dict[str, Any]) -> bytes:
         ax.set_ylim(bottom=min(0.0, min(finite)), top=top)
         ax.set_xlim(t["start_lr"], max(t["end_lr"] if not t["stopped"] else lrs[-1] * 1.5, r["current_lr"] * 1.5))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)   # off the curve
     stop = (f"stopped at step {t['steps_done']} of {t['steps']}: the loss diverged" if t["stopped"]
             else f"all {t['steps']} steps")
     ax.set_title(f"LR range test: {provenance(r)}\nLR {t['start_lr']:g} to {t['end_lr']:g}, momentum "
