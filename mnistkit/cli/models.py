@@ -154,6 +154,7 @@ def augment_cmd(
     png = augment_png(preview) if output else None
     if as_json:
         print_json({**preview.to_dict(), "experiments": str(exp.path)})
+    say(exp.described)
     if output:
         write_output(output, png)
         say(f"wrote {output}: {preview.model}, {preview.provenance}")
