@@ -105,10 +105,20 @@ def test_recording_keeps_nothing_outside_its_block():
     assert len(drawn) == 1 and drawn[0].angle.shape == (3,) and _local.recorders == []
 
 
+def test_set_previews_a_recipe_change_before_the_change_log_has_it(runner):
+    args = ["augment", "I3", "--dataset", "synthetic", "--limit", "600", "--device", "cpu", "-n", "6", "--json"]
+    data = json.loads(runner.invoke(app, [*args, "--set", "augment.degrees=30", "--set", "seed=4"]).stdout)
+    assert data["augment"]["degrees"] == 30.0 and data["seed"] == 4
+    assert max(abs(d["angle"]) for d in data["images"]) > 10   # the recipe's 10 could not draw it
+    twice = runner.invoke(app, [*args, "--seed", "1", "--set", "seed=2"])
+    assert twice.exit_code != 0 and "seed is given twice" in twice.stderr
+
+
 @pytest.mark.parametrize("args, needle", [
     (["augment", "I9"], "I9"),
     (["augment", "I3", "-n", "0"], "--count"),
     (["augment", "I3", "--dataset", "cifar"], "dataset must be one of mnist, synthetic"),
+    (["augment", "I3", "--set", "augment.degrees=500"], "augment.degrees must be in [0, 180]"),
 ])
 def test_wrong_input_is_one_line(runner, args, needle):
     result = runner.invoke(app, args)

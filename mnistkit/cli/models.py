@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, print_json, note, say, BUDGET, JSON,
-                              EXPERIMENTS, MODEL_ARG, MODEL_HELP)
+from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, print_json, note, recipe_settings, say,
+                              BUDGET, JSON, EXPERIMENTS, MODEL_ARG, MODEL_HELP, SET)
 
 
 def _models_overview(as_json: bool, budget: int) -> None:
@@ -115,6 +115,7 @@ def recipe_cmd(
 
 
 @app.command("augment", epilog=examples("mnistkit augment I3", "mnistkit augment I4 --seed 1 -n 16 -o i4-aug.png",
+                                       "mnistkit augment I3 --set augment.degrees=20 --set augment.interpolation=bilinear",
                                        "mnistkit augment S1 --json"))
 @handles_errors
 def augment_cmd(
@@ -133,6 +134,7 @@ def augment_cmd(
     output: Optional[str] = typer.Option(None, "--output", "-o", metavar="PNG",
                                          help="The picture to write (default: augment.png; with --json, only when given)."),
     as_json: bool = typer.Option(False, "--json", help="Print the parameters drawn for each digit as JSON on stdout."),
+    settings: Optional[list[str]] = SET,
 ) -> None:
     """Draw training digits as the recipe's augmentation transforms them: the trainer's own first batch for that seed."""
     from mnistkit.augpreview import augment_preview
@@ -149,7 +151,7 @@ def augment_cmd(
     source = exp.model_source(exp.final) if model is None and exp.iterations else resolve(model or "I3", experiments=exp)
     if exp.iteration_of(source) is None:
         note(f"{source.shown} is not in {exp.path}; it trains with the default recipe")
-    recipe = resolve_recipe(source, exp).replace(seed=seed)
+    recipe = resolve_recipe(source, exp).with_settings(recipe_settings(settings, {"seed": ("--seed", seed)}))
     preview = augment_preview(source.name, recipe, data, device=device, count=count)
     png = augment_png(preview) if output else None
     if as_json:
