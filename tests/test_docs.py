@@ -1,6 +1,6 @@
 """Docs that cannot rot: every `mnistkit ...` command in a bash block of README.md, docs/ and
 bench/README.md runs (offline: on synthetic digits, in a temporary folder, one epoch where it
-trains), every option any page names exists in that command, and every relative link and anchor
+trains, 20 steps for lr-find), every option any page names exists in that command, and every relative link and anchor
 resolves."""
 
 import glob
@@ -59,7 +59,8 @@ def offline_args(tokens: list[str], cwd: Path) -> list[str]:
         if skip:
             skip = False
             continue
-        if t in ("--data-dir", "--epochs", "--seeds") and tokens[0] == "train":
+        if t in ("--data-dir", "--epochs", "--seeds") and tokens[0] == "train" or \
+                t in ("--data-dir", "--steps") and tokens[0] == "lr-find":
             skip = True
             continue
         if t in FILES:
@@ -73,6 +74,8 @@ def offline_args(tokens: list[str], cwd: Path) -> list[str]:
         args += TRAINING
     if args[0] == "sweep":
         args.append("--report")
+    if args[0] == "lr-find":   # a short test on synthetic digits
+        args += ["--dataset", "synthetic", "--limit", "256", "--steps", "20", "--device", "cpu"]
     return args
 
 

@@ -92,6 +92,12 @@ def test_an_early_spike_neither_becomes_the_minimum_nor_stops_the_test():
     assert s.lr == float(f"{lrs[69] / 10:.2g}")
     lagging = suggest(lrs, curve.running, skip=skipped(100))
     assert lagging.min_step - 1 >= 69 + 5
+    # why the rule reads the minimum, not the steepest fall (docs/commands.md): the spike's decay
+    # is the steepest part of the smoothed curve, at an LR 1000x below the valley's
+    smoothed = [p.smoothed for p in points]
+    first = skipped(100)
+    steepest = min(range(first, 69), key=lambda i: (smoothed[i + 1] - smoothed[i]) / math.log10(lrs[i + 1] / lrs[i]))
+    assert lrs[steepest] < lrs[69] / 1000
 
 
 def test_divergence_and_a_loss_that_is_not_finite_stop_the_test():
