@@ -21,8 +21,9 @@ from typing import Any, Callable, Sequence
 from mnistkit.errors import UsageError
 from mnistkit.recipe import DataOptions, Recipe
 
-__all__ = ["lr_find", "LRFind", "LRPoint", "Suggestion", "Curve", "smooth", "smooth_centered", "suggest", "lr_schedule", "RULE",
-           "check_options", "DEFAULT_STEPS", "DEFAULT_START", "DEFAULT_END", "DEFAULT_DIVERGE", "DEFAULT_BETA"]
+__all__ = ["lr_find", "LRFind", "LRPoint", "Suggestion", "Curve", "smooth", "smooth_centered", "suggest", "lr_schedule",
+           "RULE", "check_options", "DEFAULT_STEPS", "DEFAULT_START", "DEFAULT_END", "DEFAULT_DIVERGE",
+           "DEFAULT_BETA"]
 
 DEFAULT_STEPS = 200      # 40 steps a decade over 1e-4..10: less than half an epoch of MNIST at batch 128
 DEFAULT_START = 1e-4     # SGD with momentum moves nothing below this in 200 steps

@@ -98,7 +98,7 @@ def _fail(path: Path, message: str) -> SweepError:
 def load_spec(path: str | os.PathLike, settings: dict[str, Any] | None = None) -> SweepSpec:
     """Read and check a sweep spec, and expand its trials; every trial's recipe is built (and
     so validated) here, before anything runs. ``settings`` (recipe keys, ``augment.KEY``; as
-    ``recipe.parse_settings`` gives them) are fixed for every trial over the spec's ``recipe:``;
+    ``settings.parse_settings`` gives them) are fixed for every trial over the spec's ``recipe:``;
     a key the spec varies cannot be fixed."""
     from mnistkit.experiments import find_experiments
     from mnistkit.modelref import build, resolve

@@ -211,7 +211,7 @@ def recipe_settings(pairs: Any, named: dict[str, tuple[str, Any]] | None = None)
     """``--set`` pairs and the named recipe options (``{"lr": ("--lr", 0.1)}``) as one dict of
     recipe keys (``augment.KEY`` for an augmentation field); a key given both ways is one line."""
     from mnistkit.errors import UsageError
-    from mnistkit.recipe import parse_settings
+    from mnistkit.settings import parse_settings
 
     values = parse_settings(list(pairs or []))
     for key, (flag, value) in (named or {}).items():

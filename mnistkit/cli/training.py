@@ -123,7 +123,8 @@ def train_cmd(
         from mnistkit.device import threads
         from mnistkit.modelref import parse_model_args
 
-        overrides = recipe_settings(settings, {"epochs": ("--epochs", epochs), "batch_size": ("--batch-size", batch_size),
+        overrides = recipe_settings(settings, {"epochs": ("--epochs", epochs),
+                                               "batch_size": ("--batch-size", batch_size),
                                                "lr": ("--lr", lr), "seed": ("--seed", seed),
                                                "precision": ("--precision", precision),
                                                "backend": ("--backend", backend)})
@@ -158,7 +159,8 @@ def lr_find_cmd(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="The picture to write (default: lr-find.png; "
                                          "needs mnistkit[plot])."),
     no_plot: bool = typer.Option(False, "--no-plot", help="Draw no picture."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, then cpu."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps; auto picks cuda, then mps, "
+                                                        "then cpu."),
     dataset: Dataset = typer.Option(Dataset.mnist, "--dataset", case_sensitive=False,
                                     help="mnist, or synthetic (made locally, no download)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files "
