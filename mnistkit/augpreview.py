@@ -83,7 +83,7 @@ def augment_preview(model: str = "", recipe: Recipe | None = None, data: DataOpt
     if not 1 <= count <= MAX_COUNT:
         raise UsageError(f"count must be 1 to {MAX_COUNT}, not {count}", key="count")
     dev = resolve_device(device)
-    split = load_splits(data, recipe.seed)[0]
+    split = load_splits(data)[0]
     with recording() as drawn:
         x, y = next(iter(trainer_batches(recipe, split, dev)))
     n = min(count, len(y))

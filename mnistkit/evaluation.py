@@ -233,7 +233,7 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
     dev = resolve_device(device)
     given = model is not None   # the user's model raising is one line naming their file: guarded()
     model = load_model(ckpt, recipe, path, model_code, model).to(dev)
-    name, test = run_test_split(ckpt.get("data"), dataset, data_dir, seed=recipe.seed)
+    name, test = run_test_split(ckpt.get("data"), dataset, data_dir)
     batches = EvalBatches(test, batch_size or recipe.test_batch_size, dev, recipe.mean, recipe.std,
                           channels_last=recipe.channels_last)
     preds: list[torch.Tensor] = []

@@ -129,7 +129,7 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
         if check:
             from mnistkit.data import run_test_split
 
-            dataset, test = run_test_split(ckpt.get("data"), data_dir=data_dir, seed=recipe.seed)
+            dataset, test = run_test_split(ckpt.get("data"), data_dir=data_dir)
             x = (test.images.unsqueeze(1).float() / 255 - recipe.mean) / recipe.std
             with guarded(ckpt, given):
                 parity = onnx_parity(data, model, x, dataset)

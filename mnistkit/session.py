@@ -51,7 +51,7 @@ class Session:
         dev = resolve_device(device)
         recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
         seed_everything(recipe.seed)
-        train_split, val_split, test_split = load_splits(data, recipe.seed)
+        train_split, val_split, test_split = load_splits(data)
         model, notes = redraw(instance, source) if instance is not None else build(source, recipe.model_kwargs())
         source = source.with_architecture(model)   # what it computes: a run's identity (identity.py)
         model = model.to(dev)
