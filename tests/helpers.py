@@ -28,3 +28,12 @@ def write_fake_mnist(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool
                 (folder / name).write_bytes(raw)
         data[prefix] = (images, labels)
     return data
+
+
+def one_line_error(result, code):
+    """A CLI result that failed with ``code`` and said so in exactly one line ``error: ...``, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]

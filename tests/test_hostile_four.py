@@ -9,16 +9,11 @@ import pytest
 import torch
 import yaml
 
+from helpers import one_line_error
 from mnistkit.cli import app
 
 pytestmark = pytest.mark.slow
 
-
-def one_line_error(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 def _remember(args):

@@ -56,12 +56,6 @@ iterations:
 '''
 
 
-def one_line_error(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
 
 def train_cli(runner, *args):
     result = runner.invoke(app, ["train", *args, "--dataset", "synthetic", "--limit", "256", "--device", "cpu",

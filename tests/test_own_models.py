@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from helpers import one_line_error
 from mnistkit.cli import app
 from mnistkit.errors import ModelCodeError, RunError, UsageError
 from mnistkit.modelref import build, parse_model_args, resolve
@@ -62,13 +63,6 @@ iterations:
     recipe: {epochs: 1, batch_size: 64, lr: 0.05}
 '''
 
-
-def one_line_error(result, code):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture
