@@ -200,10 +200,28 @@ class EvaluationReport:
     per_class: list[dict[str, Any]]
     mistakes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # most confident first
     mistake_images: Any = None  # uint8 [M, 28, 28] in the order of ``mistakes`` (not in JSON)
+    best_chosen_on: str | None = None  # best.pt: "test" or "validation" chose its epoch; None otherwise
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mistake_images"}
         return out
+
+
+def best_chosen_on(checkpoint: dict[str, Any]) -> str | None:
+    """For a ``best.pt`` (a run writes it without the state to resume: no ``optimizer``), the
+    split that chose its epoch: ``"test"`` (then its test accuracy is optimistic: the figure
+    that chose it) or ``"validation"``; ``None`` for ``last.pt`` or a checkpoint without metrics."""
+    from mnistkit.metrics import selected_on
+
+    rows = []
+    for raw in checkpoint.get("metrics") or []:
+        try:
+            rows.append(EpochMetrics.from_dict(raw))
+        except MnistkitError:
+            return None
+    if "optimizer" in checkpoint or not rows:
+        return None
+    return selected_on(rows)
 
 
 def guarded(checkpoint: dict[str, Any], given: bool = False) -> Any:
@@ -259,4 +277,5 @@ def evaluate_checkpoint(target: str | Path, dataset: str | None = None, data_dir
             recorded = row.test_acc
     return EvaluationReport(str(path), str(ckpt.get("model")), ckpt.get("epoch"), name, result.n,
                             result.loss, result.acc, recorded, report["confusion_matrix"], report["per_class"],
-                            mistakes, test.images[wrong[order]] if len(wrong) else test.images[:0])
+                            mistakes, test.images[wrong[order]] if len(wrong) else test.images[:0],
+                            best_chosen_on(ckpt))

@@ -175,10 +175,12 @@ class PredictResult:
     epoch: int
     trained_on: dict[str, Any]
     predictions: list[Prediction]
+    best_chosen_on: str | None = None   # best.pt: "test" or "validation" chose its epoch; None otherwise
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "model": self.model, "epoch": self.epoch,
-                "trained_on": self.trained_on, "predictions": [p.to_dict() for p in self.predictions]}
+                "trained_on": self.trained_on, "best_chosen_on": self.best_chosen_on,
+                "predictions": [p.to_dict() for p in self.predictions]}
 
 
 def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto",
@@ -186,7 +188,7 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
     """Predict every image with the checkpoint of ``target`` (a run folder or a .pt file).
     An image that cannot be used gets ``error`` set; the others are predicted."""
     from mnistkit.device import resolve_device
-    from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, guarded, load_model
+    from mnistkit.evaluation import best_chosen_on, checkpoint_recipe, fold_batchnorm, guarded, load_model
     from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(target)
@@ -227,4 +229,5 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
     if batch:
         run(batch)
     trained_on = ckpt.get("measured_on") if isinstance(ckpt.get("measured_on"), dict) else {}
-    return PredictResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on), results)
+    return PredictResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on), results,
+                         best_chosen_on(ckpt))

@@ -1,4 +1,4 @@
-"""`evaluate`, `predict`, `export`, `runs`, `compare`: what the runs measured."""
+"""`evaluate`, `predict`, `explain`, `export`, `runs`, `compare`: what the runs measured."""
 
 from __future__ import annotations
 
@@ -82,6 +82,58 @@ def predict_cmd(
     failed = [r for r in result.predictions if r.error]
     for r in failed:
         render.stderr().print(render.error_line(r.error), highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("explain", epilog=examples("mnistkit explain runs/I3-20261125-101500 examples/three.png",
+                                        "mnistkit explain runs/I3-20261125-101500 a.png b.png -o seen.png   "
+                                        "seen-1-a.png, seen-2-b.png",
+                                        "mnistkit explain runs/my-run models-net.png --channels 4 --json"))
+@handles_errors
+def explain_cmd(
+    target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file.",
+                                 callback=nonempty_path),
+    images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...) or folders of them, read as "
+                                       "predict reads them.", callback=nonempty_path),
+    channels: int = typer.Option(8, "--channels", min=1, max=1024,
+                                 help="How many channels of each convolution's output to draw (the first N)."),
+    output: str = typer.Option("explain.png", "--output", "-o", help="The PNG to write (several images: "
+                               "STEM-N-IMAGE.png beside it, one per image; needs mnistkit[plot])."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    model_code: Optional[str] = MODEL_CODE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout: each image's prediction, "
+                                                       "the convolutions and their shapes (no pixels)."),
+) -> None:
+    """What the model sees: each digit, its prediction, every convolution's feature maps and a Grad-CAM map."""
+    from mnistkit import render
+    from mnistkit.checkpoint import resolve_checkpoint
+    from mnistkit.explain import explain
+    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.predict import image_files
+    from mnistkit.render.explain import explain_paths, explain_png, explain_text
+
+    files = image_files(images)
+    paths = explain_paths(output, len(files), [str(f) for f in files])
+    check_outputs(paths, inputs=(resolve_checkpoint(target), *files))
+    render.pyplot()   # matplotlib missing is one line before the model runs
+    result = explain(target, images, channels=channels, device=device, model_code=model_code)
+    pictures = {e.path: (path, explain_png(result, e)) for e, path in zip(result.explanations, paths) if not e.error}
+    for path, png in pictures.values():
+        write_output(path, png)
+    written = {k: v[0] for k, v in pictures.items()}
+    if as_json:
+        data = result.to_dict()
+        for item in data["images"]:
+            item["picture"] = written.get(item["path"])
+        print_json(data)
+    elif written:   # no image readable: the error lines say it all
+        render.stdout().print(explain_text(result, written))
+    failed = [e for e in result.explanations if e.error]
+    for e in failed:
+        render.stderr().print(render.error_line(e.error), highlight=False, soft_wrap=True)
+    if written:
+        say(f"wrote {', '.join(written.values())}")
     if failed:
         raise typer.Exit(1)
 

@@ -14,9 +14,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from mnistkit.evaluation import EvaluationReport
 
 
+def best_line(on: str | None, epoch: Any) -> Text | None:
+    """One line saying which split chose best.pt's epoch (``None`` for another checkpoint)."""
+    if on == "test":
+        return Text(f"best.pt: epoch {epoch} was chosen on the test set (the run held out no validation split), so "
+                    "its test accuracy is optimistic: the figure that chose it", style="yellow")
+    if on == "validation":
+        return Text(f"best.pt: epoch {epoch} was chosen on the validation split; the test set did not choose it")
+    return None
+
+
 def evaluation(report: "EvaluationReport") -> Group:
+    chosen = best_line(report.best_chosen_on, report.epoch)
     head = [
         Text(f"Checkpoint: {report.checkpoint} ({report.model}, epoch {report.epoch})"),
+        *([chosen] if chosen else []),
         Text(f"Test set: {report.dataset}, {fmt_int(report.samples)} images"),
         Text.assemble("Test loss ", (f"{report.test_loss:.4f}", "bold"), ", accuracy ",
                       (f"{report.test_acc:.2f}%", "bold"),
@@ -71,7 +83,8 @@ def predictions(result: Any, show: bool = False) -> Group:
             continue
         top = ", ".join(f"{d}: {p:.1%}" for d, p in r.top3)
         table.add_row(Text(r.path), Text(str(r.digit), style="bold"), f"{r.probability:.1%}", top)
-    parts: list[RenderableType] = [table]
+    chosen = best_line(getattr(result, "best_chosen_on", None), result.epoch)
+    parts: list[RenderableType] = [table, *([chosen] if chosen else [])]
     if show:
         for r in results:
             if r.pixels is not None:
