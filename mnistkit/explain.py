@@ -167,17 +167,12 @@ def explain_pixels(model: nn.Module, x: torch.Tensor, channels: int = DEFAULT_CH
             "cam": cam, "cam_layer": cam_layer, "functional_convs": recorder.functional}
 
 
-def explain(target: str | os.PathLike, images: list[str | os.PathLike], channels: int = DEFAULT_CHANNELS,
-            device: str = "auto", model_code: str | os.PathLike | None = None,
-            model: nn.Module | None = None) -> ExplainResult:
-    """Explain every image with the checkpoint of ``target`` (a run folder or a .pt file), one
-    image at a time. An image that cannot be used gets ``error`` set; the others are explained.
-    ``model``: a model object of the run's architecture (a copy gets the weights), as ``predict``."""
+def _loaded(target: str | os.PathLike, channels: int, device: str, model_code: Any, model: nn.Module | None) -> Any:
+    """The checkpoint, its recipe, the model (a fresh copy in eval mode) and the device."""
     from mnistkit.checkpoint import load_checkpoint, resolve_checkpoint
     from mnistkit.device import resolve_device
     from mnistkit.errors import UsageError
-    from mnistkit.evaluation import best_chosen_on, checkpoint_recipe, guarded, load_model
-    from mnistkit.predict import ImageError, image_files, preprocess, read_image
+    from mnistkit.evaluation import checkpoint_recipe, load_model
 
     if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= 1024:
         raise UsageError(f"channels must be a whole number from 1 to 1024, not {channels!r}", key="channels")
@@ -185,9 +180,38 @@ def explain(target: str | os.PathLike, images: list[str | os.PathLike], channels
     ckpt = load_checkpoint(path)
     recipe = checkpoint_recipe(ckpt, str(path))
     dev = resolve_device(device)
-    given = model is not None
     net = load_model(ckpt, recipe, path, model_code, model).to(dev).eval()   # a fresh copy: the run is only read
+    return path, ckpt, recipe, net, dev
+
+
+def _one(ckpt: dict[str, Any], recipe: Any, net: nn.Module, dev: Any, name: str, pixels: torch.Tensor,
+         channels: int, given: bool) -> Explanation:
+    from mnistkit.evaluation import guarded
+
     layout = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    x = ((pixels.view(1, 1, *pixels.shape).to(dev) - recipe.mean) / recipe.std).contiguous(memory_format=layout)
+    with guarded(ckpt, given):
+        found = explain_pixels(net, x, channels)
+    return Explanation(name, pixels=pixels, **found)
+
+
+def _result(path: Any, ckpt: dict[str, Any], recipe: Any, channels: int, out: list[Explanation]) -> ExplainResult:
+    from mnistkit.evaluation import best_chosen_on
+
+    trained_on = ckpt.get("measured_on") if isinstance(ckpt.get("measured_on"), dict) else {}
+    return ExplainResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on),
+                         best_chosen_on(ckpt), recipe.seed, channels, out)
+
+
+def explain(target: str | os.PathLike, images: list[str | os.PathLike], channels: int = DEFAULT_CHANNELS,
+            device: str = "auto", model_code: str | os.PathLike | None = None,
+            model: nn.Module | None = None) -> ExplainResult:
+    """Explain every image with the checkpoint of ``target`` (a run folder or a .pt file), one
+    image at a time. An image that cannot be used gets ``error`` set; the others are explained.
+    ``model``: a model object of the run's architecture (a copy gets the weights), as ``predict``."""
+    from mnistkit.predict import ImageError, image_files, preprocess, read_image
+
+    path, ckpt, recipe, net, dev = _loaded(target, channels, device, model_code, model)
     out: list[Explanation] = []
     for file in image_files(list(images)):
         try:
@@ -196,10 +220,17 @@ def explain(target: str | os.PathLike, images: list[str | os.PathLike], channels
             message = str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}"
             out.append(Explanation(str(file), error=message))
             continue
-        x = ((pixels.view(1, 1, *pixels.shape).to(dev) - recipe.mean) / recipe.std).contiguous(memory_format=layout)
-        with guarded(ckpt, given):
-            found = explain_pixels(net, x, channels)
-        out.append(Explanation(str(file), pixels=pixels, **found))
-    trained_on = ckpt.get("measured_on") if isinstance(ckpt.get("measured_on"), dict) else {}
-    return ExplainResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on),
-                         best_chosen_on(ckpt), recipe.seed, channels, out)
+        out.append(_one(ckpt, recipe, net, dev, str(file), pixels, channels, model is not None))
+    return _result(path, ckpt, recipe, channels, out)
+
+
+def explain_digits(target: str | os.PathLike, digits: torch.Tensor, names: list[str] | None = None,
+                   channels: int = DEFAULT_CHANNELS, device: str = "cpu", model_code: Any = None,
+                   model: nn.Module | None = None) -> ExplainResult:
+    """The same for digits already in MNIST's form (``[N, 28, 28]``, uint8 0-255 or floats in
+    [0, 1]: test images, the report's mistakes); nothing is read from files or re-prepared."""
+    path, ckpt, recipe, net, dev = _loaded(target, channels, device, model_code, model)
+    digits = digits.float() / 255 if not digits.is_floating_point() else digits.float()
+    names = names or [f"digit {i}" for i in range(len(digits))]
+    out = [_one(ckpt, recipe, net, dev, n, d, channels, model is not None) for n, d in zip(names, digits)]
+    return _result(path, ckpt, recipe, channels, out)

@@ -20,6 +20,8 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR
 
 __all__ = ["IterationPart", "WriteUp", "build_write_up"]
 
+EXPLAINED = 3   # the report explains this many of the final iteration's most confident mistakes
+
 
 @dataclass
 class IterationPart:
@@ -37,6 +39,7 @@ class WriteUp:
     generated: str
     version: str = __version__
     best: Any = None             # evaluation.EvaluationReport of the best comparable run (final epoch)
+    explained: Any = None        # explain.ExplainResult of its most confident mistakes (EXPLAINED of them)
     best_run: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what could not be included, and why
 
@@ -67,6 +70,13 @@ def build_write_up(experiments: Experiments, runs_dir: str | Path = DEFAULT_RUNS
             from mnistkit.evaluation import evaluate_checkpoint
 
             out.best = evaluate_checkpoint(Path(best["run"]) / "last.pt", device=device)
+            if out.best.mistakes:   # what the model saw in its most confident mistakes
+                from mnistkit.explain import explain_digits
+
+                shown = out.best.mistakes[:EXPLAINED]
+                out.explained = explain_digits(Path(best["run"]) / "last.pt", out.best.mistake_images[:EXPLAINED],
+                                               [f"test digit {m['index']} (true {m['label']})" for m in shown],
+                                               channels=6, device=device)
         except MnistkitError as exc:
             out.notes.append(f"the misclassified digits and the confusion matrix of {best['run']} are left out: {exc}")
     return out

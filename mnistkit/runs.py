@@ -80,6 +80,7 @@ class RunConfig:
     shards: int = 1  # row blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
     threads: int | None = None  # torch's intra-op threads it trained with (None: not recorded, before 0.9)
     model_source: Any = None    # modelref.ModelSource as recorded (None before 0.10: a registered name)
+    device: str | None = None   # where it started training (cpu, cuda:0, mps); None where not recorded
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -112,7 +113,9 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     from mnistkit.rebuild import read_record
 
     source = read_record(data["model_source"], str(path)) if data.get("model_source") is not None else None
-    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source)
+    device = data.get("device")
+    device = device if isinstance(device, str) and 0 < len(device) <= 32 else None   # shown, never used
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source, device)
 
 
 def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:
@@ -320,6 +323,8 @@ class RunSummary:
     final_test_acc: float | None = None
     best_test_acc: float | None = None
     best_selected_on: str | None = None
+    device: str | None = None     # config.yaml's device: where it started training
+    precision: str | None = None  # the precision it trained in (bf16, fp32)
     modified: float = 0.0  # seconds since the epoch
     why: str | None = None
 
@@ -341,7 +346,8 @@ def summarize_run(run: Path) -> RunSummary:
     pid = holder(run)
     base = dict(run=str(run), model=config.model, dataset=config.data.dataset,
                 train_samples=on.get("train_samples") or config.data.limit, seed=config.recipe.seed,
-                epochs_done=len(metrics), epochs_planned=config.recipe.epochs, modified=modified)
+                epochs_done=len(metrics), epochs_planned=config.recipe.epochs, modified=modified,
+                device=config.device, precision=config.recipe.precision)
     if metrics:
         best = best_row(metrics)
         base.update(final_test_acc=metrics[-1].test_acc, best_test_acc=best.test_acc,

@@ -43,9 +43,13 @@ def test_the_report_folder_has_every_part_computed(runner, project, tmp_path):
     args = ["report", "--experiments", str(exp.path), "--runs-dir", str(runs), "-o", str(out), "--device", "cpu"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"README.md", "curves.png", "misclassified.png", "confusion.png",
-                                               ".mnistkit-report"}
-    assert all((out / n).read_bytes().startswith(PNG) for n in ("curves.png", "misclassified.png", "confusion.png"))
+    names = {p.name for p in out.iterdir()}
+    explained = sorted(n for n in names if n.startswith("explain-"))   # explain on the 3 most confident mistakes
+    assert names - set(explained) == {"README.md", "curves.png", "misclassified.png", "confusion.png",
+                                      ".mnistkit-report"}
+    assert explained == ["explain-1.png", "explain-2.png", "explain-3.png"]
+    assert all((out / n).read_bytes().startswith(PNG) for n in ("curves.png", "misclassified.png", "confusion.png",
+                                                                *explained))
     md = (out / "README.md").read_text()
     assert "## The model at a glance: I3, the final iteration" in md and "| Parameters | 14,500 trainable" in md
     for it in ("I0", "I1", "I2", "I3"):
@@ -74,7 +78,8 @@ def test_the_html_report_is_one_self_contained_file(runner, project, tmp_path):
     assert result.exit_code == 0, result.output
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert page.count("<img ") == 3 and page.count('src="data:image/png;base64,') == 3
+    # curves, misclassified, confusion, and explain on the 3 most confident mistakes
+    assert page.count("<img ") == 6 and page.count('src="data:image/png;base64,') == 6
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from anywhere
     assert "default-src 'none'" in page and "<script" not in page
     assert page.count("<table>") >= 4 and "<h2>I3: gap</h2>" in page and "<pre>[0] input 1x28x28\n   ↓\n[1] c1.conv" in page

@@ -160,6 +160,14 @@ def blocks(w: "WriteUp") -> list[Block]:
 
         out += [("image", "misclassified.png", "misclassified digits", errors_png(w.best)),
                 ("image", "confusion.png", "confusion matrix", confusion_png(w.best))]
+        if w.explained is not None:   # mnistkit explain on the most confident mistakes
+            from mnistkit.render.explain import explain_png
+
+            out.append(("md", f"\nWhat the model saw in its {len(w.explained.explanations)} most confident mistakes "
+                              "(`mnistkit explain`): each convolution's first channels and Grad-CAM for the "
+                              "predicted class.\n\n"))
+            out += [("image", f"explain-{i}.png", e.path, explain_png(w.explained, e))
+                    for i, e in enumerate(w.explained.explanations, 1)]
     else:
         name = final.row["id"] if final else None
         out.append(("md", "No comparable run to evaluate yet." + (
