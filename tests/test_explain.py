@@ -170,3 +170,13 @@ def test_evaluate_and_predict_say_best_was_chosen_on_the_test_set(runner, runs):
     assert json.loads(runner.invoke(app, ["predict", str(run), str(THREE), "--json"]).stdout)["best_chosen_on"] == "test"
     last = runner.invoke(app, ["evaluate", str(run / "last.pt"), "--device", "cpu", "--json"])
     assert json.loads(last.stdout)["best_chosen_on"] is None    # last.pt: no choice was made
+
+
+def test_runs_json_names_each_runs_device_and_precision(runner, runs):
+    import yaml
+
+    root, folders = runs
+    listed = json.loads(runner.invoke(app, ["runs", "--runs-dir", str(root / "runs"), "--json"]).stdout)["runs"]
+    assert {r["device"] for r in listed} == {"cpu"}   # as config.yaml records it
+    recorded = yaml.safe_load((folders["registered"] / "config.yaml").read_text())["recipe"]["precision"]
+    assert recorded in {r["precision"] for r in listed} and recorded in ("bf16", "fp32")
