@@ -74,10 +74,12 @@ class ExplainResult:
     seed: int
     channels: int
     explanations: list[Explanation]
+    inputs: str = "as predict prepares it"   # how the pixels were made (the picture says it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "model": self.model, "epoch": self.epoch, "seed": self.seed,
                 "trained_on": self.trained_on, "best_chosen_on": self.best_chosen_on, "channels": self.channels,
+                "inputs": self.inputs,
                 "cam": "Grad-CAM for the predicted class on the last convolution with a spatial map",
                 "images": [e.to_dict() for e in self.explanations]}
 
@@ -195,12 +197,13 @@ def _one(ckpt: dict[str, Any], recipe: Any, net: nn.Module, dev: Any, name: str,
     return Explanation(name, pixels=pixels, **found)
 
 
-def _result(path: Any, ckpt: dict[str, Any], recipe: Any, channels: int, out: list[Explanation]) -> ExplainResult:
+def _result(path: Any, ckpt: dict[str, Any], recipe: Any, channels: int, out: list[Explanation],
+            inputs: str = "as predict prepares it") -> ExplainResult:
     from mnistkit.evaluation import best_chosen_on
 
     trained_on = ckpt.get("measured_on") if isinstance(ckpt.get("measured_on"), dict) else {}
     return ExplainResult(str(path), str(ckpt["model"]), int(ckpt["epoch"]), dict(trained_on),
-                         best_chosen_on(ckpt), recipe.seed, channels, out)
+                         best_chosen_on(ckpt), recipe.seed, channels, out, inputs)
 
 
 def explain(target: str | os.PathLike, images: list[str | os.PathLike], channels: int = DEFAULT_CHANNELS,
@@ -233,4 +236,4 @@ def explain_digits(target: str | os.PathLike, digits: torch.Tensor, names: list[
     digits = digits.float() / 255 if not digits.is_floating_point() else digits.float()
     names = names or [f"digit {i}" for i in range(len(digits))]
     out = [_one(ckpt, recipe, net, dev, n, d, channels, model is not None) for n, d in zip(names, digits)]
-    return _result(path, ckpt, recipe, channels, out)
+    return _result(path, ckpt, recipe, channels, out, "as stored, not re-prepared")

@@ -87,9 +87,8 @@ def predict_cmd(
 
 
 @app.command("explain", epilog=examples("mnistkit explain runs/I3-20261125-101500 examples/three.png",
-                                        "mnistkit explain runs/I3-20261125-101500 a.png b.png -o seen.png   "
-                                        "seen-1-a.png, seen-2-b.png",
-                                        "mnistkit explain runs/my-run models-net.png --channels 4 --json"))
+                                        "mnistkit explain runs/I3-20261125-101500 a.png b.png -o seen.png",
+                                        "mnistkit explain runs/I3-20261125-101500 my-digits/ --channels 4 --json"))
 @handles_errors
 def explain_cmd(
     target: str = typer.Argument(..., help="A run folder (uses its best.pt) or a checkpoint file.",

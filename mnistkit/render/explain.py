@@ -76,7 +76,7 @@ def explain_png(result: Any, e: Any) -> bytes:
     pixels = e.pixels.numpy()
     a0, a1, a2 = axes[0, 0], axes[0, 1], axes[0, 2]
     a0.imshow(pixels, cmap="gray", vmin=0, vmax=1)
-    a0.set_title("input (28x28, as\npredict prepares it)", fontsize=7)
+    a0.set_title(f"input (28x28,\n{getattr(result, 'inputs', 'as predict prepares it')})", fontsize=7)
     a1.imshow(pixels, cmap="gray", vmin=0, vmax=1)
     if e.cam is not None:
         cam = e.cam.numpy()
