@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnistkit.compare import build_report
+from mnistkit.compare import build_report, earlier_version
 from mnistkit.errors import UsageError
 from mnistkit.experiments import Experiments
 from mnistkit.recipe import DEFAULT_RUNS_DIR
@@ -117,7 +117,7 @@ def _detail(check: str, value: Any, row: dict[str, Any], c: dict[str, Any], repo
         n = row['recipe']['epochs']
         return (f"no comparable run in {report['runs_dir']} (the whole training set, "
                 f"{'all ' + str(n) + ' epochs' if n != 1 else 'the 1 epoch'} of the iteration's recipe): train one with "
-                f"'mnistkit train {row['id']}'")
+                f"'mnistkit train {row['id']}'{earlier_version(row)}")
     seeds = ", ".join(str(s) for s in m["seeds"])
     if check == "test_acc":
         finals = ", ".join(f"{s['test_acc']:.2f}%" for s in m["per_seed"])

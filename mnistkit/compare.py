@@ -139,6 +139,12 @@ def _model_change(config: RunConfig, source: Any) -> tuple[bool, str | None]:
     return True, f"model_args {rs.kwargs} (change-log: {source.kwargs})"
 
 
+def earlier_version(row: dict[str, Any]) -> str:
+    """Where an iteration's runs trained an earlier version of its model: which layer changed."""
+    changed = [w for r in row["other_runs"] for w in r["why_not"] if "changed since this run" in w]
+    return (f" ({len(changed)} run(s) of {row['id']} trained an earlier version: {changed[0]})" if changed else "")
+
+
 def iteration_runs(runs: list[tuple[Path, RunConfig, list[EpochMetrics]]], it: Iteration, wanted: Recipe,
                    threshold: float | None, source: Any) -> list[dict[str, Any]]:
     """The runs of the iteration's model; those of an older version of it (its source or its

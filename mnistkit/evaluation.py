@@ -199,7 +199,8 @@ class EvaluationReport:
     confusion_matrix: list[list[int]]
     per_class: list[dict[str, Any]]
     mistakes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # most confident first
-    mistake_images: Any = None  # uint8 [M, 28, 28] in the order of ``mistakes`` (not in JSON)
+    # uint8 [M, 28, 28] in the order of ``mistakes`` (not in JSON; not in the repr a notebook shows)
+    mistake_images: Any = dataclasses.field(default=None, repr=False)
     best_chosen_on: str | None = None  # best.pt: "test" or "validation" chose its epoch; None otherwise
 
     def to_dict(self) -> dict[str, Any]:

@@ -223,7 +223,13 @@ def resolve(reference: "str | ModelSource", base: str | Path | None = None, args
         it = next((i for i in experiments.iterations if i.id.lower() == target.lower()), None)
         if it is not None:
             return experiments.model_source(it, args)
-    return _registered(reference, frozen, base)
+    try:
+        return _registered(reference, frozen, base)
+    except UnknownModelError as exc:   # perhaps a typo of an iteration's id: name them too
+        if experiments is None or not experiments.iterations:
+            raise
+        ids = ", ".join(i.id for i in experiments.iterations)
+        raise UnknownModelError(f"{exc}; the change-log {experiments.path} has the iterations {ids}") from None
 
 
 def _path(target: str, base: str | Path | None) -> Path:

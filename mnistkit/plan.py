@@ -58,8 +58,15 @@ def make_plan(experiments: Any, model: Any = None, all_iterations: bool = False,
     else:
         models = [exp.model_source(exp.final, model_args) if exp.iterations
                   else resolve(list_models()[-1], args=model_args)]
-    notes = tuple(f"note: {source.shown} is not in {exp.path}; it trains with the default recipe"
-                  for source in models if exp.iteration_of(source) is None)
+    def note(source: Any) -> str | None:
+        it = exp.iteration_of(source)
+        if it is None:
+            return f"note: {source.shown} is not in {exp.path}; it trains with the default recipe"
+        if it.id.lower() != source.name.lower():   # named by its file, not its id: say whose recipe it takes
+            return f"note: {source.shown} is {it.id} in {exp.path}; it trains with {it.id}'s recipe"
+        return None
+
+    notes = tuple(n for n in map(note, models) if n)
     return Plan(exp, tuple(models), tuple(seeds or [None]), notes)
 
 

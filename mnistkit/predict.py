@@ -158,7 +158,7 @@ class Prediction:
     probability: float | None = None
     top3: list[tuple[int, float]] = field(default_factory=list)
     error: str | None = None
-    pixels: torch.Tensor | None = None  # the 28x28 input the model saw (for --show)
+    pixels: torch.Tensor | None = field(default=None, repr=False)  # the 28x28 input the model saw (for --show)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "digit": self.digit, "probability": self.probability,

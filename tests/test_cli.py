@@ -138,7 +138,7 @@ def test_train_defaults_to_the_final_iteration(runner, tmp_path):
     assert result.exit_code == 0, result.output
     from mnistkit.experiments import find_experiments
 
-    assert json.loads(result.stdout)["model"] == find_experiments().iterations[-1].model == "I5"
+    assert json.loads(result.stdout)["model"] == find_experiments().final.model == "I3"   # final: true in the change-log
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -341,3 +341,22 @@ def test_the_seed_decides_a_model_objects_run_and_the_object_is_trained_in_place
     assert not torch.equal(nets[0].fc.weight, nets[2].fc.weight)
     assert results[0].metrics[-1].test_acc == results[1].metrics[-1].test_acc
 
+
+
+def test_compare_and_check_say_when_an_iterations_runs_trained_an_earlier_version(runner, project):
+    """A new user's trial: after a channel change, plain compare only said 'no comparable run' and
+    the student thought their run had vanished; a typo of an iteration's id listed only I0..I5;
+    training the change-log's model by its file took that iteration's recipe without a word."""
+    from helpers import one_line_error
+
+    train_cli(runner, "S1")
+    (project / "model.py").write_text(STUDENT_PY.replace("nn.Conv2d(1, 8,", "nn.Conv2d(1, 10,")
+                                      .replace("BatchNorm2d(8)", "BatchNorm2d(10)").replace("Conv2d(8, 12", "Conv2d(10, 12"))
+    for command in (["compare"],):   # (check says the same where the change-log sets min_test_acc)
+        result = runner.invoke(app, command)
+        assert "1 run(s) of S1 trained an earlier version: the model changed since this run: conv1.0" in \
+            " ".join(result.output.split()), result.output
+    line = one_line_error(runner.invoke(app, ["train", "S2", "--dataset", "synthetic"]), 1)
+    assert "the change-log experiments.yaml has the iterations S1" in line
+    result = runner.invoke(app, ["train", "model.py:Net", "--dataset", "synthetic", "--limit", "64", "--epochs", "1"])
+    assert "note: Net (model.py:Net) is S1 in experiments.yaml; it trains with S1's recipe" in result.output

@@ -227,10 +227,12 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
             return lambda: spec_table(title, SEED_CAPTION, specs, len(per_seed))
 
         parts.append(fit(console, [seed_table(True), seed_table(False)]))
+    from mnistkit.compare import earlier_version
+
     for row in rows:
         if not row["measured"]:
             parts.append(Text(f"{row['id']}: no comparable run in {report['runs_dir']}; make one with: "
-                              f"{how_to_make(row)}", style="yellow"))
+                              f"{how_to_make(row)}{earlier_version(row)}", style="yellow"))
     for bad in report.get("damaged_runs", []):
         parts.append(Text(f"skipped a damaged run folder: {bad['why']}", style="red"))
     others = [(row["id"], r) for row in rows for r in row["other_runs"]]

@@ -54,7 +54,7 @@ class TrainDisplay:
         self.console.print(Text.assemble(
             f"{verb} ", (start.model, "bold"),
             f" ({fmt_int(start.params)} params, seed {start.recipe.seed}) on {start.device}: {split} "
-            f"({start.data.dataset}), {start.epochs} epochs of {start.steps} steps"))
+            f"({start.data.dataset}), {start.epochs} epoch{'s' * (start.epochs != 1)} of {start.steps} steps"))
         self.console.print(Text(f"Run folder: {start.run_dir}"))
         for note in start.notes:
             self.console.print(note_line(note))
