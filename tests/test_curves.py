@@ -15,7 +15,7 @@ from mnistkit.curves import label_by_differences, run_curves, shared_facts
 from mnistkit.errors import RunError
 from mnistkit.metrics import MAX_STEP_POINTS, EpochMetrics, StepLosses
 from mnistkit.recipe import Augment, DataOptions, Recipe
-from mnistkit.render.common import curves_png, run_colours
+from mnistkit.render.curves import curves_png, run_colours
 from mnistkit.runs import read_metrics
 from mnistkit.training import train
 from tests.test_compare import recorded_run

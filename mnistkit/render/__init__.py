@@ -12,9 +12,10 @@ from rich.text import Text
 from mnistkit.render.common import (  # noqa: F401
     WIDTH_OFF_TTY, SafeConsole, clean, csv_cell, error_line, fit, safe_cell, xml_text,
     fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_pct,
-    curves_png, fmt_rf, fmt_shape, json_text, mean_std, note_line, num_column, plain, png_bytes, pyplot,
+    fmt_shape, json_text, mean_std, note_line, num_column, plain, png_bytes, pyplot,
     required_width, spec_table, stderr, stdout, yes_no,
 )
+from mnistkit.render.curves import curves_png, run_colours  # noqa: F401
 from mnistkit.render.models import (  # noqa: F401
     models_json, models_table, recipe_text, summary_json, summary_table,
 )

@@ -12,7 +12,8 @@ import html
 import re
 from typing import TYPE_CHECKING, Any
 
-from mnistkit.render.common import clean, curves_png, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, md_cell
+from mnistkit.render.common import clean, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, md_cell
+from mnistkit.render.curves import curves_png
 from mnistkit.render.compare import compare_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
