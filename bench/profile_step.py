@@ -153,7 +153,7 @@ def main() -> None:
                 it = iter(batches)
                 x, y = next(it)
             preparing[0] += time.perf_counter() - t
-            train_step(model, x, y, opt, None, recipe.label_smoothing, bf16, recipe.channels_last, recipe.grad_clip)
+            train_step(model, x, y, opt, **recipe.replace(precision="bf16" if bf16 else "fp32").step_options)
 
         def steps():
             for _ in range(args.steps):

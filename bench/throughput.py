@@ -183,7 +183,7 @@ def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels
         except StopIteration:
             it = iter(batches)
             x, y = next(it)
-        loss, _ = train_step(model, x, y, opt, sched, bf16=bf16, channels_last=channels_last)
+        loss, _ = train_step(model, x, y, opt, scheduler=sched, bf16=bf16, channels_last=channels_last)
         loss_sum += loss
         seen += len(y)
     float(loss_sum)  # one sync at the end, as the trainer syncs only every SYNC_SECONDS

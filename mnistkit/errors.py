@@ -4,7 +4,7 @@ stderr; a Python caller catches ``MnistkitError``. Messages speak of values, nev
 from __future__ import annotations
 
 __all__ = ["MnistkitError", "UsageError", "UnknownModelError", "DataError", "RunError", "ExperimentsError",
-           "TrainingDiverged", "TrainingInterrupted", "SweepError", "ModelCodeError"]
+           "TrainingDiverged", "TrainingInterrupted", "TrainingTerminated", "SweepError", "ModelCodeError"]
 
 
 class MnistkitError(Exception):
@@ -52,6 +52,12 @@ class TrainingInterrupted(MnistkitError):
     """Ctrl-C (or SIGTERM) during training; the run folder stays resumable."""
 
     exit_code = 130
+
+
+class TrainingTerminated(TrainingInterrupted):
+    """SIGTERM (a scheduler, ``kill``) during training; the run folder stays resumable."""
+
+    exit_code = 143
 
 
 class SweepError(MnistkitError):

@@ -248,8 +248,7 @@ def lr_find(model: Any, recipe: Recipe | None = None, data: DataOptions | None =
                 group["lr"] = lr
                 if "momentum" in group:
                     group["momentum"] = momentum
-            loss, _ = train_step(s.model, x, y, s.optimizer, None, ran.label_smoothing, ran.precision == "bf16",
-                                 ran.channels_last, ran.grad_clip)
+            loss, _ = train_step(s.model, x, y, s.optimizer, **ran.step_options)
             images += len(y)
             stopped = curve.add(lr, float(loss))
             if on_step and len(curve.losses) == i:

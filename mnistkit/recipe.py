@@ -161,6 +161,12 @@ class Recipe:
     # resolved one. No figure depends on it beyond rounding: the same network, the same step
     backend: str = "auto"
 
+    @property
+    def step_options(self) -> dict[str, Any]:
+        """What ``training.train_step`` takes of the recipe."""
+        return {"label_smoothing": self.label_smoothing, "bf16": self.precision == "bf16",
+                "channels_last": self.channels_last, "grad_clip": self.grad_clip}
+
     def __post_init__(self) -> None:
         for key, enum in (("scheduler", Scheduler), ("precision", Precision), ("backend", Backend)):
             object.__setattr__(self, key, check_choice(getattr(self, key), enum, key))

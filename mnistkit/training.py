@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnistkit.errors import ModelCodeError, RunError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.errors import (ModelCodeError, RunError, TrainingDiverged, TrainingInterrupted, TrainingTerminated,
+                             UsageError)
 from mnistkit.evaluation import evaluate
 from mnistkit.lock import FolderLock
 from mnistkit.modelref import ModelSource, from_instance, resolve
@@ -73,10 +74,11 @@ class Callback(Protocol):
     def on_epoch(self, row: EpochMetrics, best: bool) -> None: ...
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                scheduler: Any = None, label_smoothing: float = 0.0, bf16: bool = False,
                channels_last: bool = False, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step; returns (loss, correct) as device tensors: no host sync here."""
+    """One optimisation step; returns (loss, correct) as device tensors: no host sync here.
+    The options are a recipe's (``Recipe.step_options``)."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -98,10 +100,10 @@ def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None,
     last_sync = time.perf_counter()
     loss_sum = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
-    seen, steps, r = 0, len(s.batches), s.recipe
+    seen, steps = 0, len(s.batches)
     for step, (x, y) in enumerate(s.batches, 1):
-        loss, hits = train_step(s.model, x, y, s.optimizer, s.scheduler if s.per_step else None, r.label_smoothing,
-                                r.precision == "bf16", r.channels_last, r.grad_clip)
+        loss, hits = train_step(s.model, x, y, s.optimizer, scheduler=s.scheduler if s.per_step else None,
+                                **s.recipe.step_options)
         if s.average:
             s.average.update((epoch - 1) * steps + step - 1)
         loss_sum += loss * len(y)
@@ -178,12 +180,10 @@ def _fit(s: Session, writer: RunWriter, callback: Callback | None) -> RunResult:
         with sigterm_as_interrupt(), s.guard():
             _epochs(s, writer, callback, start_epoch)
     except KeyboardInterrupt as exc:
-        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        error = TrainingInterrupted(
-            f"{what}; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
-            f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}")
-        error.exit_code = code
-        raise error from None
+        error, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(exc, Terminated) else \
+            (TrainingInterrupted, "interrupted")
+        raise error(f"{what}; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
+                    f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}") from None
     finally:
         getattr(callback, "close", lambda: None)()   # a progress display stops, however the run ended
     return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
