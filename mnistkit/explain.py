@@ -212,18 +212,13 @@ def explain(target: str | os.PathLike, images: list[str | os.PathLike], channels
     """Explain every image with the checkpoint of ``target`` (a run folder or a .pt file), one
     image at a time. An image that cannot be used gets ``error`` set; the others are explained.
     ``model``: a model object of the run's architecture (a copy gets the weights), as ``predict``."""
-    from mnistkit.predict import ImageError, image_files, preprocess, read_image
+    from mnistkit.predict import read_images
 
     path, ckpt, recipe, net, dev = _loaded(target, channels, device, model_code, model)
     out: list[Explanation] = []
-    for file in image_files(list(images)):
-        try:
-            pixels = preprocess(read_image(file))
-        except ImageError as exc:
-            message = str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}"
-            out.append(Explanation(str(file), error=message))
-            continue
-        out.append(_one(ckpt, recipe, net, dev, str(file), pixels, channels, model is not None))
+    for file, pixels, message in read_images(images):
+        out.append(Explanation(file, error=message) if pixels is None else
+                   _one(ckpt, recipe, net, dev, file, pixels, channels, model is not None))
     return _result(path, ckpt, recipe, channels, out)
 
 

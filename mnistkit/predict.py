@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -183,6 +183,16 @@ class PredictResult:
                 "predictions": [p.to_dict() for p in self.predictions]}
 
 
+def read_images(images: list[str | os.PathLike]) -> Iterator[tuple[str, torch.Tensor | None, str | None]]:
+    """``(file, pixels, None)`` for each image file (folders expanded), prepared as MNIST was made,
+    or ``(file, None, why)`` for one that cannot be used."""
+    for file in image_files(list(images)):
+        try:
+            yield str(file), preprocess(read_image(file)), None
+        except ImageError as exc:
+            yield str(file), None, str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}"
+
+
 def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: str = "auto",
             model_code: str | os.PathLike | None = None, model: torch.nn.Module | None = None) -> PredictResult:
     """Predict every image with the checkpoint of ``target`` (a run folder or a .pt file).
@@ -214,14 +224,11 @@ def predict(target: str | os.PathLike, images: list[str | os.PathLike], device: 
             p.digit, p.probability = p.top3[0]
 
     results, batch = [], []
-    for file in image_files(list(images)):
-        try:
-            pixels = preprocess(read_image(file))
-        except ImageError as exc:
-            message = str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}"
-            results.append(Prediction(str(file), error=message))
+    for file, pixels, message in read_images(images):
+        if pixels is None:
+            results.append(Prediction(file, error=message))
             continue
-        results.append(Prediction(str(file), pixels=pixels))
+        results.append(Prediction(file, pixels=pixels))
         batch.append(results[-1])
         if len(batch) == PREDICT_BATCH:   # bounded: 20,000 images in one batch took 2.4 GB
             run(batch)
