@@ -33,6 +33,8 @@ def _recipe_differences(run: dict[str, Any], wanted: dict[str, Any]) -> list[str
     for key, value in wanted.items():
         if key in _IGNORED or (key == "precision" and value == "auto"):
             continue
+        if key.startswith("distill_") and not wanted.get("teacher") and not run.get("teacher"):
+            continue   # no teacher: its settings teach nothing
         if key == "augment":
             for k, v in value.items():
                 if run.get("augment", {}).get(k) != v:
@@ -94,6 +96,7 @@ def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted
         "seconds": round(sum(r.seconds for r in metrics), 1),
         "seconds_per_epoch": round(statistics.median(r.seconds for r in metrics), 2),
         "test_acc_curve": [r.test_acc for r in metrics],
+        "teacher": config.teacher,   # the run that taught it (distill.py), None: none
     }
 
 
@@ -199,6 +202,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
                      for r in used],
         "seconds_per_epoch": stats([r["seconds_per_epoch"] for r in used]),
         "test_acc_curve": [statistics.fmean(c[i] for c in curves) for i in range(min(map(len, curves)))],
+        # the runs that taught them (distill.py), each once: {run, model, sha256, epoch, test_acc, ...}
+        "teachers": list({r["teacher"]["sha256"]: r["teacher"] for r in used if r.get("teacher")}.values()),
     }
 
 

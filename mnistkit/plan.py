@@ -91,7 +91,8 @@ def train_plan(plan: Plan, data: DataOptions | None = None, overrides: dict[str,
     for source, its_recipes in zip(plan.models, recipes):
         group = []
         for recipe in its_recipes:
-            group.append(run(train, source, recipe, data or DataOptions(), device=device, runs_dir=runs_dir))
+            group.append(run(train, source, recipe, data or DataOptions(), device=device, runs_dir=runs_dir,
+                             experiments=plan.experiments))
         if on_group:
             on_group(source.name, group)
         results += group

@@ -160,6 +160,12 @@ class Recipe:
     # (fused where the kernel builds and passes its self-test, else torch). The run records the
     # resolved one. No figure depends on it beyond rounding: the same network, the same step
     backend: str = "auto"
+    # knowledge distillation (Hinton et al., 2015; mnistkit/distill.py): a teacher, a finished run's
+    # folder or a change-log iteration (its best comparable run), whose softened outputs the model
+    # also learns: (1 - alpha) * CE + alpha * T^2 * KL(teacher/T || model/T). "" is no teacher
+    teacher: str = ""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
 
     @property
     def step_options(self) -> dict[str, Any]:
@@ -195,6 +201,10 @@ class Recipe:
             ("bn_momentum", 0 < self.bn_momentum <= 1, "must be in (0, 1]"),
             ("std", self.std > 0, "must be positive"),
             ("seed", 0 <= self.seed < 2**63, "must be a non-negative integer"),
+            ("teacher", len(self.teacher) <= 4096 and "\n" not in self.teacher and "\0" not in self.teacher,
+             "must be a run folder or an iteration's name"),
+            ("distill_alpha", 0 <= self.distill_alpha <= 1, "must be in [0, 1] (the teacher's share of the loss)"),
+            ("distill_temperature", 0 < self.distill_temperature <= 100, "must be in (0, 100]"),
         ], self)
 
     def model_kwargs(self) -> dict[str, Any]:

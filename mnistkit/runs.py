@@ -81,6 +81,7 @@ class RunConfig:
     threads: int | None = None  # torch's intra-op threads it trained with (None: not recorded, before 0.9)
     model_source: Any = None    # modelref.ModelSource as recorded (None before 0.10: a registered name)
     device: str | None = None   # where it started training (cpu, cuda:0, mps); None where not recorded
+    teacher: dict[str, Any] | None = None   # the run that taught it (distill.py); None: no teacher
 
 
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
@@ -115,7 +116,23 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     source = read_record(data["model_source"], str(path)) if data.get("model_source") is not None else None
     device = data.get("device")
     device = device if isinstance(device, str) and 0 < len(device) <= 32 else None   # shown, never used
-    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source, device)
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source, device,
+                     read_teacher_record(data.get("teacher"), str(path)))
+
+
+def read_teacher_record(value: Any, where: str) -> dict[str, Any] | None:
+    """A run's recorded teacher, every field checked (config.yaml is read as possibly damaged)."""
+    if value is None:
+        return None
+    fields = {"run": str, "model": str, "checkpoint": str, "sha256": str, "epoch": int, "test_acc": float}
+    ok = isinstance(value, dict) and all(
+        isinstance(value.get(k), t) and not isinstance(value.get(k), bool) for k, t in fields.items())
+    ok = ok and len(value["run"]) <= 4096 and len(value["sha256"]) == 64 and \
+        all(c in "0123456789abcdef" for c in value["sha256"]) and value["checkpoint"] == "last.pt" and \
+        (value.get("relpath") is None or (isinstance(value["relpath"], str) and len(value["relpath"]) <= 4096))
+    if not ok:
+        raise RunError(f"{where}: its teacher record is not what mnistkit writes; the run folder is damaged")
+    return dict(value)
 
 
 def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from mnistkit import backends
 from mnistkit.batches import EvalBatches, TrainBatches
 from mnistkit.data import load_splits, provenance
+from mnistkit.distill import load_teacher
 from mnistkit.device import resolve_device, resolve_precision, seed_everything, versions
 from mnistkit.errors import RunError, UsageError
 from mnistkit.modelref import ModelSource, build, redraw
@@ -42,12 +43,14 @@ class Session:
     measured_on: dict[str, Any]
     average: WeightAverage | None = None
     notes: list[str] = field(default_factory=list)
+    teacher: Any = None     # distill.Teacher: the run whose outputs the model also learns
 
     @classmethod
     def build(cls, source: ModelSource, recipe: Recipe, data: DataOptions, device: str,
-              instance: nn.Module | None = None) -> "Session":
+              instance: nn.Module | None = None, teacher: Any = None) -> "Session":
         """``instance``: a model object made by the caller, trained in place, its weights drawn
-        anew under the recipe's seed (``modelref.redraw``; ``source`` records where its class came from)."""
+        anew under the recipe's seed (``modelref.redraw``; ``source`` records where its class came from).
+        ``teacher``: where the recipe's teacher is (``distill.TeacherRef``)."""
         dev = resolve_device(device)
         recipe = recipe.replace(precision=resolve_precision(recipe.precision, dev))
         seed_everything(recipe.seed)
@@ -74,17 +77,26 @@ class Session:
             if split is not None else None for split in (test_split, val_split))
         if not any(p.requires_grad for p in model.parameters()):
             raise UsageError(f"{source.name} has no trainable parameters: there is nothing to train")
+        if recipe.teacher and teacher is None:
+            raise UsageError("the recipe names a teacher, but none was found for it (distill.find_teacher)",
+                             key="teacher")
+        taught = load_teacher(teacher, recipe, data, dev, source) if recipe.teacher else None
         optimizer = build_optimizer(model, recipe)
         scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
         session = cls(source, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
                       val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
                       provenance(data, train_split, val_split, test_split),
                       WeightAverage(model, recipe.ema) if recipe.ema > 0 else None,
-                      [*notes, *([layout.note] if layout.note else []), prepared.note])
+                      [*notes, *([layout.note] if layout.note else []), prepared.note], taught)
         if per_step and scheduler.total_steps > recipe.epochs * len(batches):
             session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
                                  f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
                                  "LR will not finish annealing")
+        if taught is not None:
+            t = taught.record
+            session.notes.append(f"teacher: {t['run']} ({t['model']}, epoch {t['epoch']}, test {t['test_acc']:.2f}%); "
+                                 f"loss (1 - {recipe.distill_alpha:g}) * CE + {recipe.distill_alpha:g} * T^2 * KL, "
+                                 f"T = {recipe.distill_temperature:g}")
         return session
 
     @property
@@ -105,9 +117,10 @@ class Session:
     def meta(self) -> dict[str, Any]:
         """What config.yaml and every checkpoint record of the run."""
         text = {"model_text": self.source.text} if self.source.kind == "yaml" else {}   # data: rebuilt from here
-        return {"model": self.model_name, "model_source": self.source.to_record(), **text, "params": self.params, "recipe": self.recipe.to_dict(),
-                "data": self.data.to_dict(), "measured_on": self.measured_on, "versions": versions(),
-                "threads": torch.get_num_threads()}   # results depend on it in the last digits
+        taught = {"teacher": self.teacher.record} if self.teacher else {}
+        return {"model": self.model_name, "model_source": self.source.to_record(), **text, "params": self.params,
+                "recipe": self.recipe.to_dict(), **taught, "data": self.data.to_dict(), "measured_on": self.measured_on,
+                "versions": versions(), "threads": torch.get_num_threads()}   # results depend on it in the last digits
 
     def finite_weights(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for m in {self.model, self.eval_model}

@@ -19,6 +19,7 @@ from torch import nn
 
 from mnistkit.errors import (ModelCodeError, RunError, TrainingDiverged, TrainingInterrupted, TrainingTerminated,
                              UsageError)
+from mnistkit.distill import TeacherRef, find_teacher
 from mnistkit.evaluation import evaluate
 from mnistkit.lock import FolderLock
 from mnistkit.modelref import ModelSource, from_instance, resolve
@@ -75,15 +76,17 @@ class Callback(Protocol):
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *,
-               scheduler: Any = None, label_smoothing: float = 0.0, bf16: bool = False,
+               scheduler: Any = None, teacher: Any = None, label_smoothing: float = 0.0, bf16: bool = False,
                channels_last: bool = False, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step; returns (loss, correct) as device tensors: no host sync here.
-    The options are a recipe's (``Recipe.step_options``)."""
+    The options are a recipe's (``Recipe.step_options``); a ``teacher`` (``distill.Teacher``) adds
+    the distillation term on the same batch."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         out = model(x)
-        loss = F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        loss = (F.cross_entropy(out, y, label_smoothing=label_smoothing) if teacher is None
+                else teacher.loss(out, x, y, label_smoothing))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -103,7 +106,7 @@ def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None,
     seen, steps = 0, len(s.batches)
     for step, (x, y) in enumerate(s.batches, 1):
         loss, hits = train_step(s.model, x, y, s.optimizer, scheduler=s.scheduler if s.per_step else None,
-                                **s.recipe.step_options)
+                                teacher=s.teacher, **s.recipe.step_options)
         if s.average:
             s.average.update((epoch - 1) * steps + step - 1)
         loss_sum += loss * len(y)
@@ -230,13 +233,18 @@ def _epochs(s: Session, writer: RunWriter, callback: Callback | None, start_epoc
 
 def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, data: DataOptions | None = None,
           device: str = "auto", runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None,
-          run_name: str | None = None, model_args: dict[str, Any] | None = None) -> RunResult:
+          run_name: str | None = None, model_args: dict[str, Any] | None = None,
+          experiments: Any = None) -> RunResult:
     """Train ``model`` (a reference: ``"I3"``, ``"mynet.py:Net"``, ``"s1.yaml"``, with ``model_args``;
     a ``ModelSource``; or a model object, trained as it is) with ``recipe`` on ``data``, into a new
-    run folder under ``runs_dir``. ``callback=mnistkit.progress()`` shows the CLI's display."""
+    run folder under ``runs_dir``. ``callback=mnistkit.progress()`` shows the CLI's display. A
+    recipe's ``teacher`` that names an iteration is looked up in ``experiments`` (the change-log)."""
     instance = model if isinstance(model, nn.Module) else None
     source = from_instance(model) if instance is not None else resolve(model, args=model_args)
-    s = Session.build(source.recorded_in(runs_dir), recipe or Recipe(), data or DataOptions(), device, instance)
+    recipe = recipe or Recipe()
+    teacher = TeacherRef((find_teacher(recipe.teacher, runs_dir, experiments),), runs_dir=runs_dir) \
+        if recipe.teacher else None
+    s = Session.build(source.recorded_in(runs_dir), recipe, data or DataOptions(), device, instance, teacher)
     meta = s.meta()
     config = {k: v for k, v in meta.items() if k != "model_text"}
     copy = {source.copy_name: source.text.encode("utf-8")} if source.copy_name and source.text else {}
@@ -287,7 +295,8 @@ def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, 
     if state["model"] != config.model:
         raise RunError(f"{last} holds model {state['model']!r}, the run is {config.model!r}; the run folder is damaged")
     try:
-        s = Session.build(source, config.recipe, config.data, device)
+        teacher = TeacherRef.recorded(config.teacher, run_dir) if config.teacher else None
+        s = Session.build(source, config.recipe, config.data, device, teacher=teacher)
     except UsageError as exc:   # the backend it trained with does not run here: no message is parsed
         if exc.key != "backend":
             raise

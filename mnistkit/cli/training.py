@@ -19,6 +19,7 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, Backend, Dataset, Precision
     "mnistkit train S1                                 your change-log's iteration S1 (its model and recipe)",
     "mnistkit train models.py:Net --model-arg width=12 a model of your own, the default recipe",
     "mnistkit train I3 --set weight_decay=1e-4 --set augment.degrees=7   any recipe key over the change-log's",
+    "mnistkit train I5 --teacher I3                    distil I5 from I3's best comparable run",
     "mnistkit train --resume runs/I3-20261125-101500   continue an interrupted run"))
 @handles_errors
 def train_cmd(
@@ -58,6 +59,10 @@ def train_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display and no per-epoch rows."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files into the run "
                                      "folder (tensorboard --logdir runs); needs mnistkit[tensorboard]."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="RUN|ITERATION",
+                                          help="Distil from a teacher: a finished run's folder, or an iteration (its "
+                                               "best comparable run); the loss mixes in its softened outputs "
+                                               "(--set distill_alpha=0.5 --set distill_temperature=4)."),
     settings: Optional[list[str]] = SET,
     threads_n: Optional[int] = THREADS,
 ) -> None:
@@ -97,7 +102,7 @@ def train_cmd(
                                       ("--limit", limit), ("--val", val or None), ("--data-dir", data_dir),
                                       ("--precision", precision), ("--backend", backend),
                                       ("--experiments", experiments), ("--model-arg", model_arg or None),
-                                      ("--set", settings or None), ("--threads", threads_n))
+                                      ("--set", settings or None), ("--threads", threads_n), ("--teacher", teacher))
                  if v is not None]
         if given:
             raise UsageError(f"--resume continues a run with its own recipe and data; drop {', '.join(given)}")
@@ -127,7 +132,8 @@ def train_cmd(
                                                "batch_size": ("--batch-size", batch_size),
                                                "lr": ("--lr", lr), "seed": ("--seed", seed),
                                                "precision": ("--precision", precision),
-                                               "backend": ("--backend", backend)})
+                                               "backend": ("--backend", backend),
+                                               "teacher": ("--teacher", teacher)})
         plan = make_plan(find_experiments(experiments), model, all_iterations,
                          parse_seeds(seeds) if seeds is not None else [seed], parse_model_args(model_arg or []) or None)
         pending += [plan.experiments.described, *plan.notes]

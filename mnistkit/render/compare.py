@@ -227,6 +227,7 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
             return lambda: spec_table(title, SEED_CAPTION, specs, len(per_seed))
 
         parts.append(fit(console, [seed_table(True), seed_table(False)]))
+    parts += [Text(line) for line in teacher_lines(report)]
     from mnistkit.compare import earlier_version
 
     for row in rows:
@@ -252,6 +253,16 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
         parts.append(spec_table("Other runs: experiments, not the iterations (never counted in the checklist)",
                                  None, specs, len(others)))
     return Group(*parts)
+
+
+def teacher_lines(report: dict[str, Any]) -> list[str]:
+    """Which run taught an iteration's comparable runs (distillation), one line per teacher."""
+    out = []
+    for row in report["iterations"]:
+        for t in (row["measured"] or {}).get("teachers") or []:
+            out.append(f"{row['id']} was taught by {t['model']}: {t['run']} (epoch {t['epoch']}, test {t['test_acc']:.2f}%, "
+                       f"checkpoint SHA-256 {t['sha256'][:12]}...)")
+    return out
 
 
 SEED_CAPTION = ("s / epoch: the median seconds of an epoch, training plus its evaluation, over the seeds' runs "
@@ -317,6 +328,9 @@ def compare_markdown(report: dict[str, Any]) -> str:
         for it, params, epochs, cells, mean, low, last, sec in per_seed:
             lines.append("| " + " | ".join([it, params, epochs, *cells, mean, low, last, sec]) + " |")
         lines += ["", SEED_CAPTION]
+    taught = teacher_lines(report)
+    if taught:
+        lines += ["", *taught]
     return clean("\n".join(lines) + "\n", lines=True)
 
 
