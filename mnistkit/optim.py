@@ -53,7 +53,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
-    """Returns (scheduler, per_step): OneCycleLR steps every batch, StepLR every epoch."""
+    """The LR schedule, stepped after every batch: OneCycleLR over the run's steps, or StepLR
+    whose step_size epochs are counted in steps (the same LR in every step of an epoch)."""
     if recipe.scheduler == "onecycle":
         # OneCycleLR divides by its warm-up length: it needs pct_start * total_steps > 1. A very
         # short run gets the shortest schedule that works and stops before its end (see notes).
@@ -65,10 +66,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_
             # rounded so that the default 0.9 +- 0.05 gives exactly PyTorch's 0.85 and 0.95
             base_momentum=round(recipe.momentum - recipe.momentum_cycle, 12),
             max_momentum=round(recipe.momentum + recipe.momentum_cycle, 12),
-        ), True
+        )
     if recipe.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size, gamma=recipe.gamma), False
-    return None, False
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.step_size * steps_per_epoch,
+                                               gamma=recipe.gamma)
+    return None
+
+
+def per_step_schedule(state: Any, recipe: Recipe, steps_per_epoch: int) -> Any:
+    """A resumable StepLR state as this version steps it: runs before 0.12 stepped StepLR once an
+    epoch (their step_size counts epochs)."""
+    if recipe.scheduler == "step" and isinstance(state, dict) and state.get("step_size") == recipe.step_size \
+            and steps_per_epoch > 1 and isinstance(state.get("last_epoch"), int):
+        return {**state, "step_size": recipe.step_size * steps_per_epoch,
+                "last_epoch": state["last_epoch"] * steps_per_epoch}
+    return state
 
 
 class WeightAverage:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import threading
@@ -292,7 +293,14 @@ class RunWriter:
             files.append((self.run_dir / "last.pt", checkpoint_bytes(
                 {**self.meta, "epoch": row.epoch, "metrics": rows, "state_dict": weights, **state})))
             files.append((self.run_dir / "metrics.jsonl", metrics_text(metrics).encode()))
-            atomic_write_all(files)  # metrics.jsonl last: whatever it lists, the checkpoints hold
+            try:
+                atomic_write_all(files)  # metrics.jsonl last: whatever it lists, the checkpoints hold
+            except OSError as exc:
+                then = (f"the folder still holds epoch {self.epoch} whole: make room, then resume with: mnistkit "
+                        f"train --resume {shlex.quote(str(self.run_dir))}" if self.epoch else
+                        "no epoch was kept (a new run's folder is removed): make room, then train again")
+                raise RunError(f"cannot write the results of epoch {row.epoch} in {self.run_dir} "
+                               f"({exc.strerror or exc}); {then}") from None
             self.metrics = metrics
         return is_best
 

@@ -4,6 +4,7 @@ the same way for a new run and a resumed one; and what a resumable checkpoint ho
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +20,14 @@ from mnistkit.device import resolve_device, resolve_precision, seed_everything, 
 from mnistkit.errors import RunError, UsageError
 from mnistkit.modelref import ModelSource, build, redraw
 from mnistkit.usercode import user_code
-from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, set_bn_momentum
+from mnistkit.optim import WeightAverage, build_optimizer, build_scheduler, per_step_schedule, set_bn_momentum
 from mnistkit.recipe import DataOptions, Recipe
 
-__all__ = ["Session"]
+__all__ = ["Session", "Diverged"]
+
+
+class Diverged(Exception):
+    """The numbers stopped being finite; the trainer says what the run folder kept."""
 
 
 @dataclass
@@ -34,7 +39,6 @@ class Session:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    per_step: bool          # OneCycleLR steps every batch, StepLR every epoch
     batches: TrainBatches
     test_batches: EvalBatches
     val_batches: EvalBatches | None
@@ -82,13 +86,13 @@ class Session:
                              key="teacher")
         taught = load_teacher(teacher, recipe, data, dev, source) if recipe.teacher else None
         optimizer = build_optimizer(model, recipe)
-        scheduler, per_step = build_scheduler(optimizer, recipe, len(batches))
-        session = cls(source, recipe, data, dev, model, optimizer, scheduler, per_step, batches, test_batches,
+        scheduler = build_scheduler(optimizer, recipe, len(batches))
+        session = cls(source, recipe, data, dev, model, optimizer, scheduler, batches, test_batches,
                       val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
                       provenance(data, train_split, val_split, test_split),
                       WeightAverage(model, recipe.ema) if recipe.ema > 0 else None,
                       [*notes, *([layout.note] if layout.note else []), prepared.note], taught)
-        if per_step and scheduler.total_steps > recipe.epochs * len(batches):
+        if getattr(scheduler, "total_steps", 0) > recipe.epochs * len(batches):
             session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
                                  f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
                                  "LR will not finish annealing")
@@ -122,9 +126,14 @@ class Session:
                 "recipe": self.recipe.to_dict(), **taught, "data": self.data.to_dict(), "measured_on": self.measured_on,
                 "versions": versions(), "threads": torch.get_num_threads()}   # results depend on it in the last digits
 
-    def finite_weights(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for m in {self.model, self.eval_model}
-                   for t in m.state_dict().values() if t.is_floating_point())
+    def check_finite(self, epoch: int, test: Any, val: Any) -> None:
+        """``Diverged`` unless the weights and the evaluated losses are finite."""
+        if not all(bool(torch.isfinite(t).all()) for m in {self.model, self.eval_model}
+                   for t in m.state_dict().values() if t.is_floating_point()):
+            raise Diverged(f"the weights stopped being finite at epoch {epoch}")
+        for name, result in (("test", test), ("validation", val)):
+            if result is not None and not math.isfinite(result.loss):
+                raise Diverged(f"the {name} loss became {result.loss} at epoch {epoch}")
 
     def resumable_state(self) -> dict[str, Any]:
         # with a moving average, "state_dict" (what evaluate, predict and export read) holds the
@@ -144,7 +153,7 @@ class Session:
                 self.model.load_state_dict(state["state_dict"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None:
-                self.scheduler.load_state_dict(state["scheduler"])
+                self.scheduler.load_state_dict(per_step_schedule(state["scheduler"], self.recipe, len(self.batches)))
             rng = state["rng"]
             random.setstate(rng["python"])
             torch.set_rng_state(rng["torch"])

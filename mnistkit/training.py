@@ -11,7 +11,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from mnistkit.checkpoint import check_resumable, load_checkpoint
 from mnistkit.metrics import EpochMetrics, StepLosses, selected_on
 from mnistkit.runs import RunWriter, Terminated, read_config, sigterm_as_interrupt, write_outcome
 from mnistkit.device import threads
-from mnistkit.session import Session
+from mnistkit.session import Diverged, Session
 
 __all__ = ["train", "resume", "train_one_epoch", "train_step", "RunResult", "RunStart", "StepInfo", "Callback"]
 
@@ -98,15 +98,17 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: to
 
 
 def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None,
-                    trace: StepLosses | None = None) -> tuple[float, float, int]:
-    """One pass over the training set; returns (mean loss, accuracy in percent, images seen)."""
+                    trace: StepLosses | None = None) -> tuple[float, float, int, float]:
+    """One pass over the training set; returns (mean loss, accuracy in percent, images seen, the
+    LR of its last step). The schedule steps with every batch (``optim.build_scheduler``)."""
     last_sync = time.perf_counter()
     loss_sum = torch.zeros((), device=s.device)
     correct = torch.zeros((), device=s.device, dtype=torch.long)
     seen, steps = 0, len(s.batches)
     for step, (x, y) in enumerate(s.batches, 1):
-        loss, hits = train_step(s.model, x, y, s.optimizer, scheduler=s.scheduler if s.per_step else None,
-                                teacher=s.teacher, **s.recipe.step_options)
+        lr = s.optimizer.param_groups[0]["lr"]
+        loss, hits = train_step(s.model, x, y, s.optimizer, scheduler=s.scheduler, teacher=s.teacher,
+                                **s.recipe.step_options)
         if s.average:
             s.average.update((epoch - 1) * steps + step - 1)
         loss_sum += loss * len(y)
@@ -118,24 +120,10 @@ def train_one_epoch(s: Session, epoch: int, callback: Callback | None = None,
             last_sync = time.perf_counter()
             mean_loss = float(loss_sum) / seen
             if not math.isfinite(mean_loss):
-                raise _Diverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
+                raise Diverged(f"the training loss became {mean_loss} at epoch {epoch}, step {step}")
             if callback:
-                callback.on_step(StepInfo(epoch, step, steps, mean_loss, 100.0 * int(correct) / seen,
-                                          s.optimizer.param_groups[0]["lr"], seen))
-    return float(loss_sum) / seen, 100.0 * int(correct) / seen, seen
-
-
-class _Diverged(Exception):
-    pass
-
-
-def _kept(writer: RunWriter) -> str:
-    """What a diverged run leaves: only finite epochs are ever committed."""
-    if writer.epoch == 0:
-        return (f"no epoch finished with finite numbers, so the run has no trained checkpoint "
-                f"({writer.run_dir / 'last.pt'} holds the untrained initial weights)")
-    return (f"{writer.run_dir / 'last.pt'} holds epoch {writer.epoch}, the last with finite weights "
-            f"(best.pt: epoch {writer.best.epoch})")
+                callback.on_step(StepInfo(epoch, step, steps, mean_loss, 100.0 * int(correct) / seen, lr, seen))
+    return float(loss_sum) / seen, 100.0 * int(correct) / seen, seen, lr
 
 
 @dataclass
@@ -170,65 +158,57 @@ class RunResult:
 
 
 def _fit(s: Session, writer: RunWriter, callback: Callback | None) -> RunResult:
-    start_epoch, recipe = writer.epoch, s.recipe
+    """The epoch loop: train, evaluate, commit. Every way it can stop is said once, in ``_translated``."""
+    recipe, t_run = s.recipe, time.perf_counter()
+    seconds_before = sum(r.seconds for r in writer.metrics)
     if callback:
         m = s.measured_on
-        callback.on_start(RunStart(writer.run_dir, s.model_name, s.params, str(s.device), recipe.epochs, start_epoch,
+        callback.on_start(RunStart(writer.run_dir, s.model_name, s.params, str(s.device), recipe.epochs, writer.epoch,
                                    len(s.batches), m["train_samples"], m["val_samples"], m["test_samples"], recipe,
                                    s.data, writer.best, tuple(s.notes)))
-    t_run = time.perf_counter()
-    seconds_before = sum(r.seconds for r in writer.metrics)
     s.model.train()
-    try:
-        with sigterm_as_interrupt(), s.guard():
-            _epochs(s, writer, callback, start_epoch)
-    except KeyboardInterrupt as exc:
-        error, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(exc, Terminated) else \
-            (TrainingInterrupted, "interrupted")
-        raise error(f"{what}; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
-                    f"{recipe.epochs}. Resume with: mnistkit train --resume {shlex.quote(str(writer.run_dir))}") from None
-    finally:
-        getattr(callback, "close", lambda: None)()   # a progress display stops, however the run ended
+    with _translated(s, writer, callback):
+        for epoch in range(writer.epoch + 1, recipe.epochs + 1):
+            t0 = time.perf_counter()
+            trace = StepLosses(len(s.batches))
+            train_loss, train_acc, seen, lr = train_one_epoch(s, epoch, callback, trace)
+            train_seconds = time.perf_counter() - t0
+            test = evaluate(s.eval_model, s.test_batches, recipe.label_smoothing)
+            val = evaluate(s.eval_model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
+            s.check_finite(epoch, test, val)
+            row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
+                               round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
+                               val.loss if val else None, val.acc if val else None, trace.points())
+            best = writer.commit(row, s.eval_model.state_dict(), s.resumable_state())
+            if callback:
+                callback.on_epoch(row, best)
     return RunResult(writer.run_dir, s.model_name, s.params, recipe.epochs, writer.metrics, writer.best,
                      seconds_before + time.perf_counter() - t_run, str(s.device), recipe.seed, s.measured_on)
 
 
-def _epochs(s: Session, writer: RunWriter, callback: Callback | None, start_epoch: int) -> None:
-    recipe = s.recipe
-    for epoch in range(start_epoch + 1, recipe.epochs + 1):
-        t0 = time.perf_counter()
-        try:
-            trace = StepLosses(len(s.batches))
-            train_loss, train_acc, seen = train_one_epoch(s, epoch, callback, trace)
-            lr = s.optimizer.param_groups[0]["lr"]
-            if s.scheduler is not None and not s.per_step:
-                s.scheduler.step()
-            train_seconds = time.perf_counter() - t0
-            test = evaluate(s.eval_model, s.test_batches, recipe.label_smoothing)
-            val = evaluate(s.eval_model, s.val_batches, recipe.label_smoothing) if s.val_batches else None
-            if not s.finite_weights():
-                raise _Diverged(f"the weights stopped being finite at epoch {epoch}")
-            for name, result in (("test", test), ("validation", val)):
-                if result is not None and not math.isfinite(result.loss):
-                    raise _Diverged(f"the {name} loss became {result.loss} at epoch {epoch}")
-        except _Diverged as exc:
-            with contextlib.suppress(OSError):  # so that `mnistkit runs` can say so
-                write_outcome(writer.run_dir, "diverged", epoch, str(exc))
-            raise TrainingDiverged(f"{exc}: the learning rate ({recipe.lr:g}) is likely too high, try "
-                                   f"lr {recipe.lr / 10:g}; {_kept(writer)}") from None
-        row = EpochMetrics(epoch, train_loss, train_acc, test.loss, test.acc, lr,
-                           round(time.perf_counter() - t0, 3), round(seen / train_seconds, 1),
-                           val.loss if val else None, val.acc if val else None, trace.points())
-        try:
-            best = writer.commit(row, s.eval_model.state_dict(), s.resumable_state())
-        except OSError as exc:
-            then = (f"the folder still holds epoch {writer.epoch} whole: make room, then resume with: mnistkit "
-                    f"train --resume {shlex.quote(str(writer.run_dir))}" if writer.epoch else
-                    "no epoch was kept (a new run's folder is removed): make room, then train again")
-            raise RunError(f"cannot write the results of epoch {epoch} in {writer.run_dir} "
-                           f"({exc.strerror or exc}); {then}") from None
-        if callback:
-            callback.on_epoch(row, best)
+@contextlib.contextmanager
+def _translated(s: Session, writer: RunWriter, callback: Callback | None) -> Iterator[None]:
+    """Around the fit: Ctrl-C and SIGTERM, a diverged run, the user's model raising (``Session.guard``)
+    each become one error saying what the run folder keeps and how to go on."""
+    resume_with = f"mnistkit train --resume {shlex.quote(str(writer.run_dir))}"
+    try:
+        with sigterm_as_interrupt(), s.guard():
+            yield
+    except KeyboardInterrupt as exc:
+        error, what = (TrainingTerminated, "terminated (SIGTERM)") if isinstance(exc, Terminated) else \
+            (TrainingInterrupted, "interrupted")
+        raise error(f"{what}; {writer.run_dir / 'last.pt'} holds the state after epoch {writer.epoch} of "
+                    f"{s.recipe.epochs}. Resume with: {resume_with}") from None
+    except Diverged as exc:
+        with contextlib.suppress(OSError):  # so that `mnistkit runs` can say so
+            write_outcome(writer.run_dir, "diverged", writer.epoch + 1, str(exc))
+        kept = (f"{writer.run_dir / 'last.pt'} holds epoch {writer.epoch}, the last with finite weights (best.pt: "
+                f"epoch {writer.best.epoch})" if writer.epoch else "no epoch finished with finite numbers, so the run "
+                f"has no trained checkpoint ({writer.run_dir / 'last.pt'} holds the untrained initial weights)")
+        raise TrainingDiverged(f"{exc}: the learning rate ({s.recipe.lr:g}) is likely too high, try "
+                               f"lr {s.recipe.lr / 10:g}; {kept}") from None
+    finally:
+        getattr(callback, "close", lambda: None)()   # a progress display stops, however the run ended
 
 
 def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, data: DataOptions | None = None,

@@ -457,7 +457,7 @@ def test_onecycle_cycles_the_recipes_momentum_not_pytorchs_default():
         recipe = Recipe(epochs=2, **kw)
         model = torch.nn.Linear(2, 2)
         opt = build_optimizer(model, recipe)
-        sched, per_step = build_scheduler(opt, recipe, steps_per_epoch=10)
+        sched = build_scheduler(opt, recipe, steps_per_epoch=10)
         seen = [opt.param_groups[0]["momentum"]]
         for _ in range(19):
             opt.step()
@@ -509,3 +509,28 @@ def test_a_run_resumes_with_the_threads_it_trained_with(tmp_path):
         assert seen.threads == 1 and torch.get_num_threads() == 2   # the run's threads, then the caller's again
     finally:
         torch.set_num_threads(before)
+
+
+def test_steplr_steps_with_every_batch_and_keeps_each_epochs_lr_and_old_states_resume(tmp_path):
+    # the schedule steps in one place (every batch); StepLR's step_size still counts epochs, and
+    # each epoch records the LR its steps used
+    from mnistkit.optim import build_optimizer, build_scheduler, per_step_schedule
+
+    recipe = small(epochs=3, scheduler="step", step_size=1, gamma=0.1, lr=0.1)
+    result = train("I3", recipe, DataOptions("synthetic", limit=300), device="cpu", runs_dir=tmp_path)
+    assert [r.lr for r in result.metrics] == pytest.approx([0.1, 0.01, 0.001])
+    # a run of 0.11 stepped StepLR once an epoch: its state resumes in steps
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, recipe)
+    old = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    old.step()
+    sched = build_scheduler(build_optimizer(model, recipe), recipe, steps_per_epoch=3)
+    sched.optimizer.load_state_dict(opt.state_dict())   # as Session.restore does
+    sched.load_state_dict(per_step_schedule(old.state_dict(), recipe, 3))
+    assert (sched.last_epoch, sched.step_size) == (3, 3)
+    lrs = []
+    for _ in range(4):
+        lrs.append(sched.optimizer.param_groups[0]["lr"])
+        sched.optimizer.step()
+        sched.step()
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001])
