@@ -21,7 +21,7 @@ import torch
 
 from mnistkit.experiments import find_experiments, resolve_recipe
 from mnistkit.recipe import DataOptions
-from mnistkit.training import train
+from mnistkit.training.loop import train
 
 
 class Lines:

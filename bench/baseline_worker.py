@@ -33,7 +33,7 @@ def main() -> None:
         raise SystemExit(f"{tree} is not a mnistkit source tree (imported {mnistkit.__file__})")
     from mnistkit.data import Augment, load_mnist
     try:
-        from mnistkit.batches import TrainBatches
+        from mnistkit.data.batches import TrainBatches
     except ImportError:   # before 0.9
         from mnistkit.data import TrainBatches
     from mnistkit.models import get_model
@@ -48,7 +48,7 @@ def main() -> None:
         keep_freed_memory()
         rate = tp.default_rate
     else:   # mnistkit 0.8
-        from mnistkit.device import keep_freed_memory, resolve_bn_relu, resolve_precision, resolve_shards
+        from mnistkit.training.device import keep_freed_memory, resolve_bn_relu, resolve_precision, resolve_shards
         from mnistkit.recipe import Recipe
 
         keep_freed_memory()

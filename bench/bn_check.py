@@ -74,7 +74,7 @@ def grad_errors(name: str, batch: int) -> dict[str, float]:
 
 def trained_layers(run: str, data_dir: str, batch: int) -> None:
     from mnistkit.data import load_mnist
-    from mnistkit.checkpoint import load_checkpoint
+    from mnistkit.runs.checkpoint import load_checkpoint
     from mnistkit.runs import read_config
 
     config = read_config(run)

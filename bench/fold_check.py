@@ -1,4 +1,4 @@
-"""Evaluation folds BatchNorm into the convolutions (``mnistkit.evaluation.fold_batchnorm``):
+"""Evaluation folds BatchNorm into the convolutions (``mnistkit.training.evaluation.fold_batchnorm``):
 check, on trained checkpoints and the real test set, that this changes no prediction.
 
     .venv/bin/python bench/fold_check.py --data-dir ../shared/mnist runs-readme [more run folders or runs dirs]
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from mnistkit.batches import EvalBatches
+from mnistkit.data.batches import EvalBatches
 from mnistkit.data import load_mnist
-from mnistkit.evaluation import checkpoint_recipe, fold_batchnorm, load_model
-from mnistkit.checkpoint import load_checkpoint
+from mnistkit.training.evaluation import checkpoint_recipe, fold_batchnorm, load_model
+from mnistkit.runs.checkpoint import load_checkpoint
 from mnistkit.runs import find_runs
 
 

@@ -27,9 +27,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from mnistkit import backends
     from mnistkit.backends.memory import keep_freed_memory
-    from mnistkit.batches import TrainBatches
+    from mnistkit.data.batches import TrainBatches
     from mnistkit.data import load_mnist
-    from mnistkit.device import resolve_precision
+    from mnistkit.training.device import resolve_precision
     from mnistkit.models import get_model
     from mnistkit.recipe import Recipe
 

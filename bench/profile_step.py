@@ -37,14 +37,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from mnistkit import backends
 from mnistkit.backends.memory import keep_freed_memory
-from mnistkit.batches import TrainBatches
+from mnistkit.data.batches import TrainBatches
 from mnistkit.data import load_mnist
-from mnistkit.device import resolve_precision
+from mnistkit.training.device import resolve_precision
 from mnistkit.errors import UsageError
 from mnistkit.models import get_model
-from mnistkit.optim import build_optimizer
+from mnistkit.training.optim import build_optimizer
 from mnistkit.recipe import Recipe
-from mnistkit.training import train_step
+from mnistkit.training.loop import train_step
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 15) -> float:

@@ -6,7 +6,7 @@
 reference: torchvision.datasets.MNIST + DataLoader(batch_size=256, shuffle=True, num_workers=2)
            + Compose([RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02)), ToTensor(),
            Normalize((0.1307,), (0.3081,))]) + a plain SGD/OneCycleLR loop with loss.item() per step.
-mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.train_step with
+mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.loop.train_step with
            the default backend (and the other one beside it, where the fused kernel runs).
 baseline:  with --baseline DIR, the default step of the mnistkit in DIR, timed by its own
            bench/throughput.py in a process of its own (so "before" and "after" share one run).
@@ -41,15 +41,15 @@ import torch
 
 from mnistkit import backends
 from mnistkit.backends.memory import keep_freed_memory
-from mnistkit.batches import EvalBatches, TrainBatches
+from mnistkit.data.batches import EvalBatches, TrainBatches
 from mnistkit.data import Augment, load_mnist
-from mnistkit.device import resolve_precision
-from mnistkit.evaluation import evaluate
+from mnistkit.training.device import resolve_precision
+from mnistkit.training.evaluation import evaluate
 from mnistkit.models import get_model
-from mnistkit.optim import build_optimizer
+from mnistkit.training.optim import build_optimizer
 from mnistkit.recipe import Recipe
-from mnistkit.summary import summarize
-from mnistkit.training import train_step
+from mnistkit.introspect.summary import summarize
+from mnistkit.training.loop import train_step
 
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 

@@ -16,7 +16,7 @@ import yaml
 
 from mnistkit.errors import ExperimentsError, UsageError
 from mnistkit.recipe import Recipe
-from mnistkit.safeio import load_yaml_bounded
+from mnistkit.runs.safeio import load_yaml_bounded
 
 DEFAULT_PATH = Path("experiments.yaml")  # looked for in the current folder
 PACKAGED_PATH = Path(__file__).with_name("experiments.yaml")  # the change-log shipped with mnistkit
@@ -82,7 +82,7 @@ class Experiments:
     def model_source(self, it: Iteration, args: dict[str, Any] | None = None) -> Any:
         """The model an iteration trains (a ``modelref.ModelSource`` named by the iteration's id):
         its reference taken from the change-log's folder, with its model_args (then ``args``)."""
-        from mnistkit.modelref import resolve
+        from mnistkit.usermodels.modelref import resolve
 
         return resolve(it.model, base=self.path.parent, args={**it.model_args, **(args or {})} or None,
                        name=it.id)
@@ -100,7 +100,7 @@ class Experiments:
     def iteration_of(self, source: Any) -> Iteration | None:
         """The iteration that trains ``source`` (a ``modelref.ModelSource``): the one it was
         resolved from, else one whose model is that registered name, or that file and name."""
-        from mnistkit.modelref import _path, _split
+        from mnistkit.usermodels.modelref import _path, _split
 
         for it in self.iterations:
             if it.id.lower() == source.name.lower() and it.model == source.reference:
@@ -200,7 +200,7 @@ def load_experiments(path: str | os.PathLike = DEFAULT_PATH) -> Experiments:
     seen: set[str] = set()
     final: str | None = None
     known_models = {m.lower() for m in list_models()}
-    from mnistkit.modelref import _check_args, _split
+    from mnistkit.usermodels.modelref import _check_args, _split
     for n, raw in enumerate(data["iterations"]):
         where = ("iterations", n)
         check.mapping(where, raw, _ITERATION, required=("id",))

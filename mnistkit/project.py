@@ -19,7 +19,7 @@ FILES = {"experiments.yaml": "experiments.yaml", "models.py": "models.py", "s2.y
 
 def init_project(folder: str | os.PathLike = ".") -> list[Path]:
     """Write the starting project into ``folder`` (made when missing); returns the files written."""
-    from mnistkit.outputs import atomic_write_all, check_output
+    from mnistkit.runs.outputs import atomic_write_all, check_output
 
     if os.fspath(folder) == "":   # Path("") is the current folder: an unset variable must not write there
         raise UsageError("the project's folder is an empty path; name a folder (mnistkit init my-project), "

@@ -160,7 +160,7 @@ class Recipe:
     # (fused where the kernel builds and passes its self-test, else torch). The run records the
     # resolved one. No figure depends on it beyond rounding: the same network, the same step
     backend: str = "auto"
-    # knowledge distillation (Hinton et al., 2015; mnistkit/distill.py): a teacher, a finished run's
+    # knowledge distillation (Hinton et al., 2015; mnistkit/training/distill.py): a teacher, a finished run's
     # folder or a change-log iteration (its best comparable run), whose softened outputs the model
     # also learns: (1 - alpha) * CE + alpha * T^2 * KL(teacher/T || model/T). "" is no teacher
     teacher: str = ""

@@ -8,7 +8,7 @@ os.environ.setdefault("COLUMNS", "200")
 # The core tests pin the plain backend: backend auto resolves to torch (PyTorch's own ops) in this
 # process and in every process a test starts. tests/test_backends.py turns the kernel back on.
 os.environ["MNISTKIT_FUSED"] = "0"
-# Which model files the user has named (mnistkit/trust.py) is recorded in the user's state folder:
+# Which model files the user has named (mnistkit/usermodels/trust.py) is recorded in the user's state folder:
 # never the real one in tests, one fresh folder per test session (and its child processes)
 if "MNISTKIT_TEST_STATE" not in os.environ:
     import tempfile

@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mnistkit.augment import recording
-from mnistkit.augpreview import augment_preview
+from mnistkit.data.augment import recording
+from mnistkit.training.augpreview import augment_preview
 from mnistkit.cli import app
 from mnistkit.experiments import resolve_recipe
-from mnistkit.modelref import resolve
+from mnistkit.usermodels.modelref import resolve
 from mnistkit.recipe import Augment, DataOptions, Recipe
 from mnistkit.render.augment import augment_png, shown_pixels
-from mnistkit.session import Session
+from mnistkit.training.session import Session
 
 DATA = DataOptions("synthetic", limit=600)
 
@@ -46,7 +46,7 @@ def test_the_grid_is_pixel_identical_to_the_batch_the_trainer_draws(recipe):
 
 
 def test_the_parameters_drawn_are_those_that_warped_each_digit():
-    from mnistkit.augment import affine_theta, augment_batch
+    from mnistkit.data.augment import affine_theta, augment_batch
 
     recipe = Recipe(batch_size=16, seed=5, augment=Augment(degrees=30, translate=0.1))
     preview = augment_preview("I3", recipe, DATA, device="cpu", count=16)
@@ -96,7 +96,7 @@ def test_the_title_carries_the_settings_and_the_provenance():
 
 
 def test_recording_keeps_nothing_outside_its_block():
-    from mnistkit.augment import _local, sample_affine
+    from mnistkit.data.augment import _local, sample_affine
 
     g = torch.Generator().manual_seed(0)
     with recording() as drawn:

@@ -19,11 +19,11 @@ from torch import nn
 from mnistkit import backends, get_model
 from mnistkit.backends import fused, kernel
 from mnistkit.errors import UsageError
-from mnistkit.evaluation import fold_batchnorm
-from mnistkit.optim import SGD
+from mnistkit.training.evaluation import fold_batchnorm
+from mnistkit.training.optim import SGD
 from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs import read_config
-from mnistkit.training import resume, train, train_step
+from mnistkit.training.loop import resume, train, train_step
 
 CPU = torch.device("cpu")
 COMPILER = kernel._compiler() if sys.platform.startswith("linux") else None

@@ -6,7 +6,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from mnistkit.check import run_checks
+from mnistkit.results.check import run_checks
 from mnistkit.cli import app
 from mnistkit.experiments import find_experiments
 from mnistkit.recipe import Recipe

@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnistkit import compare, render, strictjson
+from mnistkit import render
+
+from mnistkit.results import compare
+
+from mnistkit.runs import strictjson
 from mnistkit.cli import app
 from mnistkit.errors import ExperimentsError
 from mnistkit.experiments import find_experiments, load_experiments
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.metrics import EpochMetrics
+from mnistkit.runs.metrics import EpochMetrics
 from mnistkit.runs import write_metrics
-from mnistkit.training import train
+from mnistkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "mnistkit" / "experiments.yaml"

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from mnistkit.cli import app
-from mnistkit.curves import label_by_differences, run_curves, shared_facts
+from mnistkit.results.curves import label_by_differences, run_curves, shared_facts
 from mnistkit.errors import RunError
-from mnistkit.metrics import MAX_STEP_POINTS, EpochMetrics, StepLosses
+from mnistkit.runs.metrics import MAX_STEP_POINTS, EpochMetrics, StepLosses
 from mnistkit.recipe import Augment, DataOptions, Recipe
 from mnistkit.render.curves import curves_png, run_colours
 from mnistkit.runs import read_metrics
-from mnistkit.training import train
+from mnistkit.training.loop import train
 from tests.test_compare import recorded_run
 
 
@@ -72,7 +72,7 @@ def test_the_picture_is_written_and_readable(runner, tmp_path):
 def test_validation_and_step_losses_are_drawn_and_a_run_without_them_still_is(tmp_path):
     rows = [EpochMetrics(e, 1 / e, 90 + e, 1.2 / e, 89 + e, 0.1, 1.0, 100.0, 1.1 / e, 89.5 + e,
                          tuple((s, 2.0 / (e + s / 10)) for s in range(2, 21, 2))) for e in range(1, 6)]
-    from mnistkit.curves import RunCurve
+    from mnistkit.results.curves import RunCurve
 
     curves = label_by_differences([RunCurve("a", "", "a", tuple(rows), {"model": "I3", "seed": "1"}),
                                    RunCurve("b", "", "b", tuple(r.__class__(**{**r.to_dict(), "step_losses": None,

@@ -7,8 +7,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from mnistkit import data as D
-from mnistkit.augment import affine_theta, augment_batch, sample_affine
-from mnistkit.batches import TrainBatches
+from mnistkit.data.augment import affine_theta, augment_batch, sample_affine
+from mnistkit.data.batches import TrainBatches
 from mnistkit.data import Augment, DataError, load_mnist, make_synthetic, read_idx
 from mnistkit.recipe import MEAN, STD
 

@@ -12,12 +12,12 @@ import yaml
 
 from helpers import one_line_error
 from mnistkit.cli import app
-from mnistkit.checkpoint import load_checkpoint
-from mnistkit.distill import distillation_loss, find_teacher
+from mnistkit.runs.checkpoint import load_checkpoint
+from mnistkit.training.distill import distillation_loss, find_teacher
 from mnistkit.errors import TrainingInterrupted
 from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs import read_config, read_metrics
-from mnistkit.training import resume, train
+from mnistkit.training.loop import resume, train
 
 pytestmark = pytest.mark.slow   # trainings of a second or two on 256 synthetic digits
 DATA = DataOptions("synthetic", limit=256)

@@ -15,9 +15,9 @@ import torch
 from mnistkit.cli import app
 from mnistkit.errors import RunError
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from mnistkit.runs.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from mnistkit.runs import read_metrics
-from mnistkit.training import train
+from mnistkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,7 +286,7 @@ def test_every_json_output_parses_strictly(runner, tmp_path, run_dir):
     # a never-predicted class has no precision: null, where Python's json would write NaN
     report = strict(outputs[2].stdout)
     assert all(row["precision"] is None or 0 <= row["precision"] <= 100 for row in report["per_class"])
-    from mnistkit import strictjson
+    from mnistkit.runs import strictjson
 
     assert strictjson.dumps({"a": float("nan"), "b": [float("inf")]}) == '{"a": null, "b": [null]}'
 
@@ -355,7 +355,7 @@ def test_user_text_is_never_read_as_markup(runner, name, code):
 def test_interrupt_message_prints_a_resume_command_that_works_in_a_shell(runner, tmp_path, monkeypatch):
     import shlex
 
-    import mnistkit.training as training
+    import mnistkit.training.loop as training
 
     real = training.train_one_epoch
 

@@ -72,8 +72,8 @@ def conv_names(model: nn.Module) -> list[str]:
 def test_explain_draws_a_picture_and_names_every_conv(runner, runs, kind, tmp_path):
     from PIL import Image
 
-    from mnistkit.checkpoint import load_checkpoint
-    from mnistkit.evaluation import load_model
+    from mnistkit.runs.checkpoint import load_checkpoint
+    from mnistkit.training.evaluation import load_model
 
     root, folders = runs
     run = folders[kind]
@@ -98,7 +98,7 @@ def test_explain_draws_a_picture_and_names_every_conv(runner, runs, kind, tmp_pa
 
 
 def test_the_python_api_with_a_model_object(runs):
-    from mnistkit.explain import explain
+    from mnistkit.inference.explain import explain
 
     root, folders = runs
     namespace: dict = {}
@@ -120,7 +120,7 @@ def test_the_python_api_with_a_model_object(runs):
 
 
 def test_grad_cam_by_hand_and_functional_convs_counted():
-    from mnistkit.explain import explain_pixels
+    from mnistkit.inference.explain import explain_pixels
 
     class Mixed(nn.Module):
         def __init__(self):

@@ -26,8 +26,8 @@ import yaml
 
 from mnistkit.cli import app
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.checkpoint import load_checkpoint
-from mnistkit.training import train
+from mnistkit.runs.checkpoint import load_checkpoint
+from mnistkit.training.loop import train
 
 from helpers import write_fake_mnist
 
@@ -185,8 +185,8 @@ def fault_during_training(fault: str, at_epoch: int = 2):
     """A fault in the middle of a real training run: a full disk at a chosen write, SIGTERM,
     or Ctrl-C, injected where the operating system would deliver it."""
     def setup(tmp, good, mp):
-        import mnistkit.outputs as runs
-        import mnistkit.training as training
+        import mnistkit.runs.outputs as runs
+        import mnistkit.training.loop as training
 
         if fault == "enospc-epoch":
             real = runs._stage
@@ -551,7 +551,7 @@ def test_predict_never_hands_a_disguised_postscript_file_to_ghostscript(tmp_path
     # issue 29, item 4: Pillow opens by content; an EPS named x.png went to Ghostscript
     from PIL import EpsImagePlugin
 
-    from mnistkit.predict import ImageError, read_image
+    from mnistkit.inference.predict import ImageError, read_image
 
     called = []
     monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a) or (_ for _ in ()).throw(
@@ -581,7 +581,7 @@ def test_a_checkpoint_swapped_for_another_models_is_refused(runner, tmp_path):
 
     from mnistkit.cli import app
     from mnistkit.recipe import DataOptions, Recipe
-    from mnistkit.training import train
+    from mnistkit.training.loop import train
 
     data = DataOptions("synthetic", limit=64)
     i3 = train("I3", Recipe(epochs=1, batch_size=64), data, device="cpu", runs_dir=tmp_path).run_dir
@@ -601,10 +601,10 @@ def test_one_writer_per_run_folder(runner, tmp_path):
     # it back; two resumes at once were both accepted; runs listed a training run as resumable
     from mnistkit.cli import app
     from mnistkit.errors import RunError
-    from mnistkit.lock import FolderLock, holder
+    from mnistkit.runs.lock import FolderLock, holder
     from mnistkit.recipe import DataOptions, Recipe
     from mnistkit.runs import summarize_run
-    from mnistkit.training import resume, train
+    from mnistkit.training.loop import resume, train
     from mnistkit.errors import TrainingInterrupted
 
     class Stop:
@@ -637,8 +637,8 @@ def test_one_writer_per_run_folder(runner, tmp_path):
 def test_two_sweeps_of_one_folder_at_once_are_refused(tmp_path):
     # issue 29, item 7
     from mnistkit.errors import RunError
-    from mnistkit.lock import FolderLock
-    from mnistkit.sweep import load_spec, run_sweep
+    from mnistkit.runs.lock import FolderLock
+    from mnistkit.sweeps.sweep import load_spec, run_sweep
 
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text("name: two\nmodels: [I4]\nseeds: [1]\nrecipe: {epochs: 1, batch_size: 64}\n"
@@ -660,7 +660,7 @@ def test_an_output_is_never_an_input_or_a_file_of_a_run(runner, tmp_path):
     # file; `evaluate RUN/last.pt --errors RUN/last.pt` replaced last.pt with a PNG
     from mnistkit.cli import app
     from mnistkit.recipe import DataOptions, Recipe
-    from mnistkit.training import train
+    from mnistkit.training.loop import train
 
     run = train("I4", Recipe(epochs=1, batch_size=64), DataOptions("synthetic", limit=64), device="cpu",
                 runs_dir=tmp_path / "runs").run_dir
@@ -952,7 +952,7 @@ def test_compare_csv_text_cells_never_start_a_formula(runner, tmp_path):
     ("recipe: {augment: true}", "augment must be a mapping"),
 ])
 def test_a_sweep_specs_values_are_checked_as_the_recipe_checks_them_before_any_trial(spec, needle, tmp_path):
-    from mnistkit.sweepspec import SweepError, load_spec
+    from mnistkit.sweeps.spec import SweepError, load_spec
 
     (tmp_path / "s.yaml").write_text(f"name: s\nmodels: [I3]\n{spec}\ndata: {{dataset: synthetic, limit: 64}}\n")
     with pytest.raises(SweepError) as info:   # before: accepted, and the trial failed (or trained with True)

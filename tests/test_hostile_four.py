@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def _remember(args):
-    from mnistkit import trust
+    from mnistkit.usermodels import trust
 
     return trust.remember(*args)
 
@@ -27,7 +27,7 @@ def test_concurrent_trainings_each_keep_their_trust_entry(tmp_path, monkeypatch)
     is read, changed and rewritten under one lock (0.11 kept 5-7 of 16)."""
     import multiprocessing
 
-    from mnistkit import trust
+    from mnistkit.usermodels import trust
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     shas = [f"{i:064x}" for i in range(16)]
@@ -116,7 +116,7 @@ def test_a_received_runs_data_folder_is_never_created_or_downloaded_into(runner,
 
 def test_a_writer_taking_a_folder_removes_what_a_killed_writer_staged_and_nothing_else(tmp_path):
     """Issue 37 item 11: kill -9 while staging left hidden .best.pt.*.tmp files that no resume removed."""
-    from mnistkit.lock import FolderLock
+    from mnistkit.runs.lock import FolderLock
     from mnistkit.runs import RunWriter
 
     run = tmp_path / "run"
@@ -290,7 +290,7 @@ model.fit()
 def test_a_students_script_builds_from_its_model_alone(tmp_path, monkeypatch):
     """A fit method's globals (a loader, an optimizer) are not the model's; an import in a try,
     a class in an if, an item set on a dict are definitions the model needs."""
-    from mnistkit.modelref import build, resolve
+    from mnistkit.usermodels.modelref import build, resolve
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "net.py").write_text(STUDENT_SCRIPT)

@@ -17,7 +17,7 @@ import yaml
 
 from mnistkit.cli import app
 from mnistkit.errors import UsageError
-from mnistkit.modelref import build, resolve
+from mnistkit.usermodels.modelref import build, resolve
 
 pytestmark = pytest.mark.slow   # most tests here train a model for a second
 
@@ -65,7 +65,7 @@ def train_cli(runner, *args):
 
 
 def measured(project):
-    from mnistkit.compare import build_report
+    from mnistkit.results.compare import build_report
     from mnistkit.experiments import load_experiments
 
     row = build_report(load_experiments(project / "experiments.yaml"), project / "runs")["iterations"][0]
@@ -197,8 +197,8 @@ def test_a_script_without_a_main_guard_is_never_run_again(runner, tmp_path, monk
 NOTEBOOK = '''
 import torch, torch.nn as nn, torch.nn.functional as F, mnistkit, json
 from mnistkit import DataOptions, Recipe
-from mnistkit.predict import predict
-from mnistkit.export import export
+from mnistkit.inference.predict import predict
+from mnistkit.inference.export import export
 
 class Net(nn.Module):
     def __init__(self):

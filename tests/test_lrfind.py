@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mnistkit.cli import app
-from mnistkit.lrfind import Curve, lr_find, lr_schedule, skipped, smooth, smooth_centered, suggest
+from mnistkit.training.lrfind import Curve, lr_find, lr_schedule, skipped, smooth, smooth_centered, suggest
 from mnistkit.recipe import DataOptions, Recipe
 
 SYN = ["--dataset", "synthetic", "--limit", "256", "--device", "cpu"]

@@ -87,7 +87,7 @@ def test_public_api_is_lazy_and_complete():
 
 
 def test_i4_meets_its_constraints():
-    from mnistkit.summary import summarize
+    from mnistkit.introspect.summary import summarize
 
     s = summarize(get_model("I4"), name="I4", budget=5000)
     assert s.trainable_params == 4_964 < 5_000 and s.within_budget
@@ -96,7 +96,7 @@ def test_i4_meets_its_constraints():
 
 def test_i5_meets_its_constraints():
     from mnistkit.experiments import PACKAGED_PATH, load_experiments
-    from mnistkit.summary import summarize
+    from mnistkit.introspect.summary import summarize
 
     s = summarize(get_model("I5"), name="I5", budget=3000)
     assert s.trainable_params == 2_882 < 3_000 and s.within_budget
@@ -111,7 +111,7 @@ def test_i5_is_the_searched_yaml_architecture_layer_for_layer():
     parameters in the same order, so that one seed initialises both alike and they compute alike."""
     from pathlib import Path
 
-    from mnistkit.architecture import load_architecture
+    from mnistkit.models.architecture import load_architecture
 
     yaml_path = Path(__file__).resolve().parents[1] / "examples" / "i5" / "c-sep16.yaml"
     torch.manual_seed(7)
@@ -131,7 +131,7 @@ def test_i5_is_the_searched_yaml_architecture_layer_for_layer():
 
 @pytest.mark.parametrize("name", ["I1", "I2", "I3", "I4", "I5"])
 def test_folding_batchnorm_into_the_convolutions_keeps_the_logits(name):
-    from mnistkit.evaluation import fold_batchnorm
+    from mnistkit.training.evaluation import fold_batchnorm
 
     torch.manual_seed(0)
     model = get_model(name).to(memory_format=torch.channels_last)
@@ -153,7 +153,7 @@ def test_folding_batchnorm_into_the_convolutions_keeps_the_logits(name):
 
 
 def test_a_model_without_conv_bn_pairs_is_evaluated_as_it_is():
-    from mnistkit.evaluation import fold_batchnorm
+    from mnistkit.training.evaluation import fold_batchnorm
 
     model = get_model("I0")
     assert fold_batchnorm(model) is model
@@ -199,7 +199,7 @@ def test_i5_trains_step_for_step_as_the_searched_yaml(tmp_path):
     from pathlib import Path
 
     import mnistkit
-    from mnistkit.checkpoint import load_checkpoint
+    from mnistkit.runs.checkpoint import load_checkpoint
     from mnistkit.experiments import PACKAGED_PATH, load_experiments, resolve_recipe
 
     recipe = resolve_recipe("I5", load_experiments(PACKAGED_PATH)).replace(epochs=1, batch_size=32)

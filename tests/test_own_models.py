@@ -16,7 +16,7 @@ from torch import nn
 from helpers import one_line_error
 from mnistkit.cli import app
 from mnistkit.errors import ModelCodeError, RunError, UsageError
-from mnistkit.modelref import build, parse_model_args, resolve
+from mnistkit.usermodels.modelref import build, parse_model_args, resolve
 
 pytestmark = pytest.mark.slow   # most tests here train a model for a second
 
@@ -119,7 +119,7 @@ def test_a_python_model_through_summary_train_evaluate_predict_export_resume(run
     assert check["passed"] and check["same_predictions"] == check["images"]
 
     # resume: a 2-epoch run interrupted in epoch 2 continues from its folder, from its recorded model
-    import mnistkit.training as training
+    import mnistkit.training.loop as training
     from mnistkit.errors import TrainingInterrupted
     from mnistkit.recipe import DataOptions, Recipe
 
@@ -175,8 +175,8 @@ def test_an_importable_module_and_a_model_object_from_python(project, monkeypatc
     assert source.kind == "module" and source.path == str(pkg / "nets.py") and len(source.sha256) == 64
 
     from mnistkit.recipe import DataOptions, Recipe
-    from mnistkit.training import train
-    from mnistkit.modelref import _file  # noqa: F401 - the class below comes from the user's file
+    from mnistkit.training.loop import train
+    from mnistkit.usermodels.modelref import _file  # noqa: F401 - the class below comes from the user's file
     module = __import__("mypkg.nets", fromlist=["S1"])
     result = train(module.S1(width=4), Recipe(epochs=1, batch_size=64, lr=0.05), DataOptions("synthetic", limit=128),
                    device="cpu", runs_dir=tmp_path / "runs")
@@ -186,7 +186,7 @@ def test_an_importable_module_and_a_model_object_from_python(project, monkeypatc
     seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     result = train(seq, Recipe(epochs=1, batch_size=64, lr=0.05), DataOptions("synthetic", limit=128), device="cpu",
                    runs_dir=tmp_path / "runs")
-    from mnistkit.evaluation import evaluate_checkpoint
+    from mnistkit.training.evaluation import evaluate_checkpoint
     with pytest.raises(RunError, match="mnistkit cannot rebuild it"):
         evaluate_checkpoint(result.run_dir, device="cpu")
 
@@ -257,7 +257,7 @@ def test_a_planted_run_folder_never_runs_its_code(runner, project, tmp_path, mon
 
 
 def test_the_trust_record_must_be_private(project, tmp_path, monkeypatch):
-    from mnistkit import trust
+    from mnistkit.usermodels import trust
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     assert trust.remember(project / "models.py", "a" * 64)
@@ -276,7 +276,7 @@ def test_the_trust_record_must_be_private(project, tmp_path, monkeypatch):
 
 
 def test_compare_keeps_runs_of_an_edited_file_and_moves_out_a_changed_model(runner, project):
-    from mnistkit.compare import build_report
+    from mnistkit.results.compare import build_report
     from mnistkit.experiments import load_experiments
 
     def s1_report():
@@ -445,7 +445,7 @@ def test_a_model_registered_from_the_users_code_trains_and_is_rebuilt_from_its_f
     """register_model in the user's process: the builder takes no dropout_at (it trained before
     0.10 only with both), and the run records the class's file so another process rebuilds it."""
     import mnistkit
-    from mnistkit.evaluation import evaluate_checkpoint
+    from mnistkit.training.evaluation import evaluate_checkpoint
     from mnistkit.models import _REGISTRY
     from mnistkit.recipe import DataOptions, Recipe
 
@@ -556,7 +556,7 @@ def test_a_model_with_nothing_to_train_is_one_line(runner, project):
 
 
 def test_module_file_finds_what_import_would_run_without_importing(tmp_path, monkeypatch):
-    from mnistkit.usercode import module_file
+    from mnistkit.usermodels.usercode import module_file
 
     (tmp_path / "foo").mkdir()
     (tmp_path / "foo.py").write_text("raise SystemExit('the module, not the package')\n")

@@ -11,11 +11,11 @@ import yaml
 from torch import nn
 
 from mnistkit.cli import app
-from mnistkit.graph import model_graph
+from mnistkit.introspect.graph import model_graph
 from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.render.report import mermaid, text_flow
-from mnistkit.summary import summarize
-from mnistkit.training import train
+from mnistkit.introspect.summary import summarize
+from mnistkit.training.loop import train
 from tests.test_compare import OFFICIAL, changelog_and_runs, recorded_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -157,7 +157,7 @@ def test_plot_draws_any_runs_and_labels_them(runner, tmp_path):
     result = runner.invoke(app, ["plot", str(a), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_bytes().startswith(PNG) and "1 run" in result.stderr
-    from mnistkit.curves import run_curves
+    from mnistkit.results.curves import run_curves
 
     (curve,) = run_curves([str(runs)])
     assert curve.label == "I4, 2 epochs, synthetic 128 images, seed 42" and len(curve.metrics) == 2

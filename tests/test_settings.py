@@ -137,7 +137,7 @@ def test_sweep_device_defaults_to_what_train_defaults_to():
     assert default("sweep") == default("train") == default("lr-find") == "auto"
     import inspect
 
-    from mnistkit.sweep import run_sweep
+    from mnistkit.sweeps.sweep import run_sweep
     assert inspect.signature(run_sweep).parameters["device"].default == "auto"
 
 

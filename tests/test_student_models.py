@@ -439,7 +439,7 @@ def _trained_like(channels_last: bool) -> nn.Module:
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["default", "channels_last"])
 def test_folding_batchnorm_keeps_the_layout_the_model_trained_in(channels_last):
-    from mnistkit.evaluation import fold_batchnorm
+    from mnistkit.training.evaluation import fold_batchnorm
 
     model = _trained_like(channels_last)
     x = torch.randn(4, 1, 28, 28)
@@ -479,9 +479,9 @@ def test_the_layout_probe_changes_nothing_and_says_why():
 
 
 def test_registered_models_keep_channels_last():
-    from mnistkit.modelref import resolve
+    from mnistkit.usermodels.modelref import resolve
     from mnistkit.recipe import DataOptions, Recipe
-    from mnistkit.session import Session
+    from mnistkit.training.session import Session
 
     s = Session.build(resolve("I1"), Recipe(epochs=1), DataOptions(dataset="synthetic", limit=64), "cpu")
     assert s.recipe.channels_last is True and not any(n.startswith("layout:") for n in s.notes)

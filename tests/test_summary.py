@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mnistkit.summary import summarize
+from mnistkit.introspect.summary import summarize
 from mnistkit.models import get_model, list_models
 
 

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mnistkit.errors import UsageError
 from mnistkit.models import get_model, list_models
-from mnistkit.summary import summarize
+from mnistkit.introspect.summary import summarize
 
 # ops that FlopCounterMode counts (2 FLOPs per mult-add); it leaves out BN and elementwise ops
 MATMUL_LIKE = {"conv2d", "conv_transpose2d", "linear", "matmul", "mm", "addmm", "bmm"}

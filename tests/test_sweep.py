@@ -15,7 +15,7 @@ import pytest
 from mnistkit.cli import app
 from mnistkit.errors import SweepError
 from mnistkit.runs import read_metrics
-from mnistkit.sweep import load_spec, run_sweep
+from mnistkit.sweeps.sweep import load_spec, run_sweep
 
 SPEC = """name: syn
 models: [I3]
@@ -142,7 +142,7 @@ def test_ray_missing_is_one_clear_line(runner, tmp_path, monkeypatch):
 
 def test_augmentation_keys_can_vary(tmp_path):
     from mnistkit.experiments import find_experiments
-    from mnistkit.sweep import trial_recipe
+    from mnistkit.sweeps.sweep import trial_recipe
 
     spec = load_spec(write(tmp_path, SPEC.replace("grid: {lr: [0.05, 0.1]}", "grid: {augment.degrees: [5, 10]}")))
     assert [t.name for t in spec.trials] == ["I3-augment.degrees5-seed1", "I3-augment.degrees5-seed2",
@@ -398,7 +398,7 @@ def test_a_stop_while_a_worker_is_idle_keeps_the_other_workers_clean_stop(tmp_pa
     driver = f"""
 import json, sys
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-from mnistkit.workers import run_in_workers
+from mnistkit.sweeps.workers import run_in_workers
 from tests.fake_trials import fake_trial
 got = []
 try:

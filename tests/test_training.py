@@ -4,14 +4,14 @@ import signal
 import pytest
 import torch
 
-from mnistkit.device import resolve_device, resolve_precision
+from mnistkit.training.device import resolve_device, resolve_precision
 from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
-from mnistkit.evaluation import evaluate_checkpoint, per_class_report
+from mnistkit.training.evaluation import evaluate_checkpoint, per_class_report
 from mnistkit.experiments import resolve_recipe
 from mnistkit.recipe import DataOptions, Recipe
-from mnistkit.checkpoint import load_checkpoint
+from mnistkit.runs.checkpoint import load_checkpoint
 from mnistkit.runs import read_config, read_metrics
-from mnistkit.training import resume, train
+from mnistkit.training.loop import resume, train
 
 SYN = DataOptions("synthetic")
 pytestmark = pytest.mark.slow  # most tests here train a model for a second or two
@@ -116,7 +116,7 @@ def test_ctrl_c_while_an_epoch_is_being_saved_leaves_consistent_files(tmp_path, 
     # and last.pt): the epoch's files must still be written whole and agree with each other.
     import os
 
-    import mnistkit.outputs as runs
+    import mnistkit.runs.outputs as runs
 
     real_stage = runs._stage
     staged = []
@@ -160,8 +160,8 @@ def test_divergence_stops_with_a_clear_message_and_keeps_no_bad_checkpoint(tmp_p
 
 def test_a_non_finite_test_loss_is_divergence_even_in_the_last_epoch(tmp_path, monkeypatch):
     # the training loss stays finite; only the evaluation goes bad (the case that used to exit 0)
-    import mnistkit.training as training
-    from mnistkit.evaluation import SplitResult
+    import mnistkit.training.loop as training
+    from mnistkit.training.evaluation import SplitResult
 
     real = training.evaluate
     calls = []
@@ -331,7 +331,7 @@ def test_a_quick_run_of_every_iteration_learns_and_stays_finite(tmp_path, model)
 def test_mnistkits_sgd_is_torchs_sgd_bit_for_bit(nesterov):
     # mnistkit's SGD skips torch's compile wrappers (start-up); the update and the state must not change
     from mnistkit.models import get_model
-    from mnistkit.optim import SGD
+    from mnistkit.training.optim import SGD
 
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     results = []
@@ -356,8 +356,8 @@ def test_mnistkits_sgd_is_torchs_sgd_bit_for_bit(nesterov):
 
 def test_gradient_clipping_acts_only_above_the_limit():
     from mnistkit.models import get_model
-    from mnistkit.optim import build_optimizer
-    from mnistkit.training import train_step
+    from mnistkit.training.optim import build_optimizer
+    from mnistkit.training.loop import train_step
 
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
     states = []
@@ -373,7 +373,7 @@ def test_gradient_clipping_acts_only_above_the_limit():
 
 def test_weight_average_follows_its_formula_and_copies_integer_buffers():
     from mnistkit.models import get_model
-    from mnistkit.optim import WeightAverage
+    from mnistkit.training.optim import WeightAverage
 
     torch.manual_seed(0)
     model = get_model("I3")
@@ -427,7 +427,7 @@ def test_moving_average_decay_is_checked():
 
 def test_bn_momentum_sets_the_running_statistics_weight_of_each_batch(tmp_path):
     from mnistkit.models import get_model
-    from mnistkit.optim import set_bn_momentum
+    from mnistkit.training.optim import set_bn_momentum
 
     model = get_model("I3").train()
     assert set_bn_momentum(model, 1.0) == 6
@@ -451,7 +451,7 @@ def test_bn_momentum_sets_the_running_statistics_weight_of_each_batch(tmp_path):
 def test_onecycle_cycles_the_recipes_momentum_not_pytorchs_default():
     # Before 0.6, OneCycleLR overwrote the recipe's momentum with its own 0.85-0.95: a momentum
     # lever in a sweep changed nothing. The recipe's momentum is now the centre of the cycle.
-    from mnistkit.optim import build_optimizer, build_scheduler
+    from mnistkit.training.optim import build_optimizer, build_scheduler
 
     def momenta(**kw):
         recipe = Recipe(epochs=2, **kw)
@@ -514,7 +514,7 @@ def test_a_run_resumes_with_the_threads_it_trained_with(tmp_path):
 def test_steplr_steps_with_every_batch_and_keeps_each_epochs_lr_and_old_states_resume(tmp_path):
     # the schedule steps in one place (every batch); StepLR's step_size still counts epochs, and
     # each epoch records the LR its steps used
-    from mnistkit.optim import build_optimizer, build_scheduler, per_step_schedule
+    from mnistkit.training.optim import build_optimizer, build_scheduler, per_step_schedule
 
     recipe = small(epochs=3, scheduler="step", step_size=1, gamma=0.1, lr=0.1)
     result = train("I3", recipe, DataOptions("synthetic", limit=300), device="cpu", runs_dir=tmp_path)

@@ -12,10 +12,10 @@ import torch
 
 from mnistkit.cli import app
 from mnistkit.errors import TrainingDiverged, TrainingInterrupted, UsageError
-from mnistkit.predict import preprocess, read_image
+from mnistkit.inference.predict import preprocess, read_image
 from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs import list_runs
-from mnistkit.training import train
+from mnistkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -133,9 +133,9 @@ def test_onnx_export_agrees_with_pytorch_on_the_whole_test_set(runner, trained, 
 
 def test_safetensors_round_trip_without_pickle(runner, trained, tmp_path):
     pytest.importorskip("safetensors")
-    from mnistkit.evaluation import load_model
-    from mnistkit.export import load_safetensors
-    from mnistkit.checkpoint import load_checkpoint
+    from mnistkit.training.evaluation import load_model
+    from mnistkit.inference.export import load_safetensors
+    from mnistkit.runs.checkpoint import load_checkpoint
 
     out = tmp_path / "i3.safetensors"
     assert runner.invoke(app, ["export", str(trained), "-f", "safetensors", "-o", str(out)]).exit_code == 0
@@ -223,7 +223,7 @@ def test_several_seeds_and_iterations_from_python(tmp_path):
 def test_an_export_of_nan_weights_is_refused_not_passed(runner, trained, tmp_path):
     # issue 29, item 14: max(worst, nan) kept worst, and a NaN model "passed" its parity check
     pytest.importorskip("onnxruntime")
-    from mnistkit.checkpoint import load_checkpoint, save_checkpoint
+    from mnistkit.runs.checkpoint import load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(trained / "best.pt")
     name = next(k for k in ckpt["state_dict"] if k.endswith("conv.weight"))
@@ -260,8 +260,8 @@ def test_exif_orientation_and_16_bit_scans_are_read_as_they_are_shown(tmp_path):
 
 def test_many_images_are_predicted_in_bounded_batches(trained, tmp_path, monkeypatch):
     # issue 29, item 15: every image went through the model in one batch (2.4 GB for 20,000 PNGs)
-    import mnistkit.evaluation as E
-    import mnistkit.predict as P
+    import mnistkit.training.evaluation as E
+    import mnistkit.inference.predict as P
 
     for i in range(5):
         draw_digit(str(i), (60, 60), (30, 30), 40, seed=i).save(tmp_path / f"{i}.png")
@@ -274,7 +274,7 @@ def test_many_images_are_predicted_in_bounded_batches(trained, tmp_path, monkeyp
         return model
 
     monkeypatch.setattr(P, "PREDICT_BATCH", 2)
-    monkeypatch.setattr("mnistkit.evaluation.load_model", spy)
+    monkeypatch.setattr("mnistkit.training.evaluation.load_model", spy)
     result = P.predict(trained, [tmp_path], device="cpu")
     assert seen == [2, 2, 1] and all(p.digit is not None for p in result.predictions)
 

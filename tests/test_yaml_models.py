@@ -1,4 +1,4 @@
-"""A model architecture as data (mnistkit/architecture.py): exact against the registered I3,
+"""A model architecture as data (mnistkit/models/architecture.py): exact against the registered I3,
 every error one line naming the file, the line and the layer, and nothing allocated or run
 before the file has been checked by arithmetic."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mnistkit.architecture import LAYER_TYPES, MAX_PARAMS, YamlNet, load_architecture, parse_architecture
+from mnistkit.models.architecture import LAYER_TYPES, MAX_PARAMS, YamlNet, load_architecture, parse_architecture
 from mnistkit.errors import UsageError
 from mnistkit.models import get_model
 

@@ -13,7 +13,7 @@ from mnistkit.cli.app import (app, handles_errors, examples, nonempty_path, prin
 
 def _models_overview(as_json: bool, budget: int) -> None:
     from mnistkit import render
-    from mnistkit.summary import summarize
+    from mnistkit.introspect.summary import summarize
     from mnistkit.models import get_model, list_models, model_info
 
     rows = [(summarize(get_model(name), name=name, budget=budget), model_info(name).description)
@@ -56,8 +56,8 @@ def summary(
         _models_overview(fmt == "json", budget or DEFAULT_BUDGET)
         return
     from mnistkit import render
-    from mnistkit.modelref import build, parse_model_args, resolve
-    from mnistkit.summary import summarize
+    from mnistkit.usermodels.modelref import build, parse_model_args, resolve
+    from mnistkit.introspect.summary import summarize
 
     exp = find_experiments(experiments)
     source = resolve(model, args=parse_model_args(model_arg or []) or None, experiments=exp)
@@ -103,7 +103,7 @@ def recipe_cmd(
     """Print the resolved training recipe of a model (its change-log entry over the defaults) as YAML."""
     from mnistkit import render
     from mnistkit.experiments import find_experiments, resolve_recipe
-    from mnistkit.modelref import resolve
+    from mnistkit.usermodels.modelref import resolve
 
     exp = find_experiments(experiments)
     source = resolve(model, experiments=exp)
@@ -137,10 +137,10 @@ def augment_cmd(
     settings: Optional[list[str]] = SET,
 ) -> None:
     """Draw training digits as the recipe's augmentation transforms them: the trainer's own first batch for that seed."""
-    from mnistkit.augpreview import augment_preview
+    from mnistkit.training.augpreview import augment_preview
     from mnistkit.experiments import find_experiments, resolve_recipe
-    from mnistkit.modelref import resolve
-    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.usermodels.modelref import resolve
+    from mnistkit.runs.outputs import check_outputs, write_output
     from mnistkit.recipe import DataOptions, check_choice, Dataset
     from mnistkit.render.augment import augment_png
 

@@ -34,9 +34,9 @@ def evaluate_cmd(
 ) -> None:
     """Test loss and accuracy, per-class figures and the confusion matrix of a checkpoint."""
     from mnistkit import render
-    from mnistkit.evaluation import evaluate_checkpoint
-    from mnistkit.checkpoint import resolve_checkpoint
-    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.training.evaluation import evaluate_checkpoint
+    from mnistkit.runs.checkpoint import resolve_checkpoint
+    from mnistkit.runs.outputs import check_outputs, write_output
 
     check_outputs([errors, confusion], inputs=(resolve_checkpoint(target),))
     report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device,
@@ -72,7 +72,7 @@ def predict_cmd(
 ) -> None:
     """Predict your own digit images: prepared as MNIST was (inverted, cropped, 20 px, centred by mass)."""
     from mnistkit import render
-    from mnistkit.predict import predict
+    from mnistkit.inference.predict import predict
 
     result = predict(target, images, device=device, model_code=model_code)
     if as_json:
@@ -106,10 +106,10 @@ def explain_cmd(
 ) -> None:
     """What the model sees: each digit, its prediction, every convolution's feature maps and a Grad-CAM map."""
     from mnistkit import render
-    from mnistkit.checkpoint import resolve_checkpoint
-    from mnistkit.explain import explain
-    from mnistkit.outputs import check_outputs, write_output
-    from mnistkit.predict import image_files
+    from mnistkit.runs.checkpoint import resolve_checkpoint
+    from mnistkit.inference.explain import explain
+    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.inference.predict import image_files
     from mnistkit.render.explain import explain_paths, explain_png, explain_text
 
     files = image_files(images)
@@ -152,7 +152,7 @@ def export_cmd(
 ) -> None:
     """Export a trained model to ONNX (checked with ONNX Runtime) or safetensors (no pickle)."""
     from mnistkit import render
-    from mnistkit.export import export
+    from mnistkit.inference.export import export
 
     result = export(target, fmt.lower(), output, check=check, data_dir=data_dir, model_code=model_code)
     if as_json:
@@ -209,9 +209,10 @@ def compare_cmd(
     plot: Optional[str] = typer.Option(None, "--plot", metavar="PNG", help="Also draw every iteration's test accuracy to this PNG."),
 ) -> None:
     """The change-log: reported figures beside measured ones (comparable runs, over seeds), deltas, and the assignment checks."""
-    from mnistkit import compare, render
+    from mnistkit import render
+    from mnistkit.results import compare
     from mnistkit.experiments import find_experiments
-    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.runs.outputs import check_outputs, write_output
 
     fmt = choose_format(fmt, as_json, ("table", "markdown", "json", "csv"))
     exp = find_experiments(experiments)
@@ -260,10 +261,10 @@ def check_cmd(
 ) -> None:
     """The change-log's constraints as a gate on the final iteration: exit 0 when its checks pass, 1 when one fails, 2 when they cannot be checked."""
     from mnistkit import render
-    from mnistkit.check import run_checks
+    from mnistkit.results.check import run_checks
     from mnistkit.errors import MnistkitError, UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.runs.outputs import check_outputs, write_output
 
     try:   # 1 means a check failed: anything else that goes wrong, before or after the checks, is 2
         fmt = choose_format(fmt, as_json, ("text", "junit", "json"))
@@ -305,8 +306,8 @@ def plot_cmd(
 ) -> None:
     """Draw accuracy and loss (train, test, validation on shared axes), the step losses and the LR of any runs, overlaid and labelled by what differs."""
     from mnistkit import render
-    from mnistkit.curves import run_curves, shared_facts
-    from mnistkit.outputs import check_outputs, write_output
+    from mnistkit.results.curves import run_curves, shared_facts
+    from mnistkit.runs.outputs import check_outputs, write_output
 
     curves = run_curves(runs)
     check_outputs([output], inputs=tuple(c.run for c in curves))
@@ -332,9 +333,9 @@ def report_cmd(
     from mnistkit import render
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.outputs import check_folder, check_outputs, write_folder, write_output
+    from mnistkit.runs.outputs import check_folder, check_outputs, write_folder, write_output
     from mnistkit.render.report import blocks, report_html, report_markdown
-    from mnistkit.report import build_write_up
+    from mnistkit.results.report import build_write_up
 
     fmt = fmt.lower()
     if fmt not in ("markdown", "html"):

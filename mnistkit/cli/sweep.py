@@ -43,7 +43,7 @@ def sweep_cmd(
 
     from mnistkit import render
     from mnistkit.errors import UsageError
-    from mnistkit.sweep import default_workers, load_spec, run_sweep, sweep_report
+    from mnistkit.sweeps.sweep import default_workers, load_spec, run_sweep, sweep_report
 
     formats = ("table", "markdown", "json", "csv")
     fmt = "json" if as_json else (fmt or "table").lower()

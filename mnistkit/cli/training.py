@@ -71,15 +71,15 @@ def train_cmd(
     from mnistkit.backends.memory import keep_freed_memory, release_memory
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.plan import make_plan, parse_seeds, train_plan
+    from mnistkit.training.plan import make_plan, parse_seeds, train_plan
     from mnistkit.recipe import DataOptions
-    from mnistkit.training import resume as resume_run
+    from mnistkit.training.loop import resume as resume_run
 
     console = render.stderr() if as_json else render.stdout()
     pending: list[str] = []  # said on stderr once training starts, so that an error stays one line
 
     def run(call: Callable, *args: Any, **kwargs: Any) -> dict:
-        from mnistkit.tensorboard import Callbacks, TensorBoard
+        from mnistkit.training.tensorboard import Callbacks, TensorBoard
 
         callbacks = Callbacks(TensorBoard() if tensorboard else None,
                               render.TrainDisplay(console, quiet=quiet, preamble=list(pending)))
@@ -115,7 +115,7 @@ def train_cmd(
     elif all_iterations and model is not None:
         raise UsageError("--all trains every iteration; drop MODEL")
     if tensorboard:
-        from mnistkit.tensorboard import require_tensorboard
+        from mnistkit.training.tensorboard import require_tensorboard
 
         require_tensorboard()   # before anything is trained or written
     keep_freed_memory()   # the CLI's process only: each step's buffers are reused, not faulted in anew
@@ -125,8 +125,8 @@ def train_cmd(
             if as_json:
                 print_json(result)
             return
-        from mnistkit.device import threads
-        from mnistkit.modelref import parse_model_args
+        from mnistkit.training.device import threads
+        from mnistkit.usermodels.modelref import parse_model_args
 
         overrides = recipe_settings(settings, {"epochs": ("--epochs", epochs),
                                                "batch_size": ("--batch-size", batch_size),
@@ -178,13 +178,13 @@ def lr_find_cmd(
 ) -> None:
     """The LR range test: a fresh copy of the model trains while the LR rises; suggests OneCycle's max_lr (min/10)."""
     from mnistkit import render
-    from mnistkit.device import threads
+    from mnistkit.training.device import threads
     from mnistkit.errors import MnistkitError, UsageError
     from mnistkit.experiments import find_experiments, resolve_recipe
-    from mnistkit.lrfind import check_options, lr_find
-    from mnistkit.modelref import parse_model_args
-    from mnistkit.outputs import check_outputs, write_output
-    from mnistkit.plan import make_plan
+    from mnistkit.training.lrfind import check_options, lr_find
+    from mnistkit.usermodels.modelref import parse_model_args
+    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.training.plan import make_plan
     from mnistkit.recipe import DataOptions
     from mnistkit.render.lrfind import LRFindDisplay, lr_find_png, lr_find_text
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from mnistkit.render.common import clean, png_bytes, pyplot
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.augpreview import AugmentPreview
+    from mnistkit.training.augpreview import AugmentPreview
 
 COLUMNS = 8
 

@@ -10,7 +10,7 @@ from xml.etree import ElementTree as ET
 from mnistkit.render.common import clean, xml_text
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.check import Case, CheckReport
+    from mnistkit.results.check import Case, CheckReport
 
 
 def check_line(case: "Case") -> str:
@@ -52,7 +52,7 @@ def check_junit(report: "CheckReport") -> str:
                               failures=str(sum(c.gated and not c.passed for c in cases)), errors="0",
                               skipped=str(sum(not c.gated and not c.passed for c in cases)))
         for case in cases:
-            tc = ET.SubElement(suite, "testcase", classname=xml_text(f"mnistkit.check.{iteration}"),
+            tc = ET.SubElement(suite, "testcase", classname=xml_text(f"mnistkit.results.check.{iteration}"),
                                name=xml_text(case.check))
             detail = xml_text(case.detail)   # a change-log's text may hold what XML 1.0 forbids
             if case.passed:

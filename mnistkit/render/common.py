@@ -12,10 +12,10 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from mnistkit import strictjson
+from mnistkit.runs import strictjson
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.summary import LayerInfo
+    from mnistkit.introspect.summary import LayerInfo
 
 
 WIDTH_OFF_TTY = 120  # tables are complete at 120 columns; a pipe or file gets that width

@@ -55,7 +55,7 @@ def check_keys(report: dict[str, Any]) -> list[str]:
 
 def check_cell(value: Any) -> tuple[str, str]:
     """(text, style) of a checklist cell. Per-seed checks say how many seeds held."""
-    from mnistkit.compare import check_passed
+    from mnistkit.results.compare import check_passed
 
     ok = check_passed(value)
     if ok is None:
@@ -67,7 +67,7 @@ def check_cell(value: Any) -> tuple[str, str]:
 
 
 def overall(row: dict[str, Any], keys: list[str]) -> Any:
-    from mnistkit.compare import check_passed
+    from mnistkit.results.compare import check_passed
 
     values = [check_passed(row["checks"].get(k)) for k in keys]
     return False if False in values else (None if None in values else True)
@@ -228,7 +228,7 @@ def compare_tables(report: dict[str, Any], console: Console, all_runs: bool = Fa
 
         parts.append(fit(console, [seed_table(True), seed_table(False)]))
     parts += [Text(line) for line in teacher_lines(report)]
-    from mnistkit.compare import earlier_version
+    from mnistkit.runs.comparable import earlier_version
 
     for row in rows:
         if not row["measured"]:
@@ -335,7 +335,7 @@ def compare_markdown(report: dict[str, Any]) -> str:
 
 
 def compare_csv(report: dict[str, Any]) -> str:
-    from mnistkit.compare import COLUMNS, flat_rows
+    from mnistkit.results.compare import COLUMNS, flat_rows
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")

@@ -11,7 +11,7 @@ from rich.text import Text
 from mnistkit.render.common import pyplot, num_column, png_bytes, fmt_bytes, fmt_int
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.evaluation import EvaluationReport
+    from mnistkit.training.evaluation import EvaluationReport
 
 
 def best_line(on: str | None, epoch: Any) -> Text | None:

@@ -12,7 +12,7 @@ from rich.text import Text
 from mnistkit.render.common import SafeConsole, clean, num_column, fit, fmt_bytes, fmt_geometry, fmt_int, fmt_mult_adds, fmt_shape, yes_no
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.summary import LayerInfo, ModelSummary
+    from mnistkit.introspect.summary import LayerInfo, ModelSummary
 
 
 def summary_json(s: "ModelSummary", description: str) -> dict[str, Any]:

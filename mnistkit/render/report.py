@@ -17,7 +17,7 @@ from mnistkit.render.curves import curves_png
 from mnistkit.render.compare import compare_markdown
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.report import WriteUp
+    from mnistkit.results.report import WriteUp
 
 Block = tuple  # ("md", text) | ("diagram", graph, summary) | ("image", file, alt, png bytes)
 

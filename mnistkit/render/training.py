@@ -12,8 +12,8 @@ from rich.text import Text
 from mnistkit.render.common import num_column, fmt_int, fmt_pct, note_line, stderr, stdout
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mnistkit.metrics import EpochMetrics
-    from mnistkit.training import RunStart, StepInfo
+    from mnistkit.runs.metrics import EpochMetrics
+    from mnistkit.training.loop import RunStart, StepInfo
 
 
 class TrainDisplay:
