@@ -4,9 +4,8 @@ One line ``MODEL STEPS`` in, images/s out.
 
     bench/baseline_worker.py DIR DATA_DIR [--batch-size 256] [--limit N]
 
-A tree that has ``throughput.default_rate`` (0.9 on) is asked for it; 0.8's (which has no such
-function) is timed as 0.8 trained by default: its kept memory, its sharded step (``shards:
-auto``) with the fused kernel, in the default precision and channels_last.
+The tree's ``throughput.default_rate`` (0.9 on) is asked for it, after the version's own kept
+memory, as its own benchmark does. (0.8's sharded step is gone with its option.)
 """
 from __future__ import annotations
 
@@ -31,34 +30,23 @@ def main() -> None:
 
     if not str(Path(mnistkit.__file__).resolve()).startswith(str(tree)):
         raise SystemExit(f"{tree} is not a mnistkit source tree (imported {mnistkit.__file__})")
-    from mnistkit.data import Augment, load_mnist
-    try:
-        from mnistkit.data.batches import TrainBatches
-    except ImportError:   # before 0.9
-        from mnistkit.data import TrainBatches
+    if not hasattr(tp, "default_rate"):
+        raise SystemExit(f"{tree} is mnistkit {mnistkit.__version__}: a baseline tree is 0.9 or later")
+    from mnistkit.data import load_mnist
     from mnistkit.models import get_model
+    from mnistkit.recipe import Augment
+    try:
+        from mnistkit.data.batches import TrainBatches   # 0.12 on: sub-packages
+    except ImportError:
+        from mnistkit.batches import TrainBatches        # 0.9 to 0.11
+    from mnistkit.backends.memory import keep_freed_memory   # as the version's own benchmark does
 
     train = load_mnist("train", Path(args.data_dir), download=False)
     if args.limit:
         train = train.head(args.limit)
     batches = TrainBatches(train, args.batch_size, torch.device("cpu"), Augment(), torch.Generator().manual_seed(0))
-    if hasattr(tp, "default_rate"):
-        from mnistkit.backends.memory import keep_freed_memory   # as the version's own benchmark does
-
-        keep_freed_memory()
-        rate = tp.default_rate
-    else:   # mnistkit 0.8
-        from mnistkit.training.device import keep_freed_memory, resolve_bn_relu, resolve_precision, resolve_shards
-        from mnistkit.recipe import Recipe
-
-        keep_freed_memory()
-        recipe, cpu = Recipe(), torch.device("cpu")
-        shards = resolve_shards(recipe.shards, cpu, recipe.channels_last)
-        kernel = shards > 1 or resolve_bn_relu(recipe.bn_relu, cpu, recipe.channels_last) == "fused"
-        bf16 = resolve_precision(recipe.precision, cpu) == "bf16"
-
-        def rate(name: str, batches: TrainBatches, steps: int) -> float:
-            return tp.time_mnistkit(get_model(name), batches, steps, bf16, recipe.channels_last, kernel, shards)
+    keep_freed_memory()
+    rate = tp.default_rate
 
     print(f"{mnistkit.__version__}", file=sys.stderr)
     for line in sys.stdin:

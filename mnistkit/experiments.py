@@ -125,9 +125,6 @@ class Experiments:
                     merged[key] = value
         return merged
 
-    def recipe_dict(self, model: str) -> dict[str, Any]:
-        """The recipe of the iteration of that id (or model name), as ``recipe_for``."""
-        return self.recipe_for(self.iteration_for_model(model))
 
 
 def _key_lines(root: Any) -> dict[tuple, int]:

@@ -17,7 +17,7 @@ from typing import Any
 from mnistkit.errors import UsageError
 
 __all__ = ["Dataset", "Precision", "Backend", "Scheduler", "Interpolation", "Augment", "Recipe", "DataOptions",
-           "DEFAULT_BUDGET", "DEFAULT_RUNS_DIR", "MEAN", "STD", "choices", "expand_path", "upgrade_recorded"]
+           "DEFAULT_BUDGET", "DEFAULT_RUNS_DIR", "MEAN", "STD", "choices", "expand_path", "recorded_recipe"]
 
 MAX_EPOCHS = 10_000   # an MNIST run of a tiny CNN is tens of epochs: more is a typo (--epochs 1e23)
 
@@ -287,20 +287,18 @@ class Recipe:
             raise UsageError(f"{exc.key} {exc.detail}" if named else str(exc), key=exc.key, detail=exc.detail) from None
 
 
-def upgrade_recorded(data: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """A recipe as a run recorded it (config.yaml, a checkpoint) in today's keys, and the number
-    of shards per step it trained with (0.7 and 0.8 split batches; 1 otherwise). Runs before 0.4
-    lack bn_relu (PyTorch's ops), runs before 0.7 lack shards (one thread, the whole batch)."""
-    data = dict(data)
-    bn_relu, shards = data.pop("bn_relu", "torch"), data.pop("shards", 1)
-    data.pop("optimizer", None)
-    shards = shards if isinstance(shards, int) and not isinstance(shards, bool) and shards > 0 else 1
-    data.setdefault("backend", "fused" if bn_relu == "fused" or shards > 1 else "torch")
-    return data, shards
+def recorded_recipe(data: dict[str, Any], where: str) -> "Recipe":
+    """A recipe as a run recorded it (config.yaml, a checkpoint). Runs of 0.8 and older recorded
+    no backend (bn_relu, shards): mnistkit 0.11 is the last version that reads them."""
+    if "backend" not in data:
+        detail = ("was recorded by mnistkit 0.8 or older (its recipe has no backend); mnistkit 0.11 is the last "
+                  "version that reads it: use 0.11 for it, or train it again")
+        raise UsageError(f"{where} {detail}", key="backend", detail=detail)
+    return Recipe.from_dict(data, where=where)
 
 
-# recipe keys of earlier versions, and what took their place (a change-log or sweep spec that
-# still has one gets this line; run folders that recorded them are read by runs.read_config)
+# recipe keys of earlier versions, and what took their place (a change-log, sweep spec or --set
+# that still has one gets this line)
 REPLACED = {
     "bn_relu": "was replaced by backend in 0.9 (auto, torch or fused); rename the key",
     "shards": "was removed in 0.9 (sharded steps are gone: they were no faster; see the README's Speed); delete the key",

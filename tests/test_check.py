@@ -10,7 +10,7 @@ from mnistkit.results.check import run_checks
 from mnistkit.cli import app
 from mnistkit.experiments import find_experiments
 from mnistkit.recipe import Recipe
-from tests.test_compare import changelog_and_runs, recorded_run
+from tests.test_compare import wanted, changelog_and_runs, recorded_run
 
 
 def test_static_checks_of_the_shipped_change_log(runner):
@@ -43,11 +43,11 @@ def test_static_checks_of_the_shipped_change_log(runner):
 
 def test_accuracy_checks_use_comparable_runs_and_no_run_fails(tmp_path, runner):
     exp, runs = changelog_and_runs(tmp_path)
-    i3 = Recipe.from_dict(exp.recipe_dict("I3"))
+    i3 = wanted(exp, "I3")
     for seed, accs in ((1, [99.0, 99.45, 99.5, 99.52]), (2, [99.0, 99.3, 99.5, 99.41])):
         recorded_run(runs, "I3", i3.replace(seed=seed), accs)
     # a shortened run is no evidence: it never makes a check pass
-    recorded_run(runs, "I1", Recipe.from_dict(exp.recipe_dict("I1")).replace(epochs=1), [99.9])
+    recorded_run(runs, "I1", wanted(exp, "I1").replace(epochs=1), [99.9])
 
     report = run_checks(exp, runs, iteration="I3")
     cases = {c.check: c for c in report.cases}
@@ -131,7 +131,7 @@ def test_a_check_whose_report_cannot_be_written_is_2_not_a_failed_constraint(run
 def test_the_final_iterations_accuracy_gates_and_an_exploratory_baseline_below_it_does_not(tmp_path, runner):
     exp, runs = changelog_and_runs(tmp_path)   # I0..I3, none marked: the last (I3) is final
     for it, accs in (("I3", [99.0, 99.45, 99.5, 99.52]), ("I2", [98.9, 99.0])):
-        recorded_run(runs, it, Recipe.from_dict(exp.recipe_dict(it)).replace(seed=1), accs)
+        recorded_run(runs, it, wanted(exp, it).replace(seed=1), accs)
     args = ["check", "--experiments", str(exp.path), "--runs-dir", str(runs)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -19,7 +19,7 @@ from mnistkit.errors import ExperimentsError
 from mnistkit.experiments import find_experiments, load_experiments
 from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.runs.metrics import EpochMetrics
-from mnistkit.runs import write_metrics
+from mnistkit.runs.metrics import metrics_text
 from mnistkit.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +50,8 @@ def recorded_run(runs: Path, model: str, recipe: Recipe, test_accs: list[float],
     config = {"model": model, "params": 0, "recipe": recipe.replace(precision="bf16").to_dict(),
               "data": DataOptions("mnist").to_dict(), "measured_on": measured_on}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    write_metrics(folder, [EpochMetrics(i + 1, 0.1, acc + 0.1, 0.02, acc, 0.01, 10.0, 5000.0)
-                           for i, acc in enumerate(test_accs)])
+    (folder / "metrics.jsonl").write_text(metrics_text([EpochMetrics(i + 1, 0.1, acc + 0.1, 0.02, acc, 0.01, 10.0,
+                                                                   5000.0) for i, acc in enumerate(test_accs)]))
     return folder
 
 
@@ -73,13 +73,14 @@ def changelog(tmp_path_factory):
     runs = root / "runs"
     results = {}
     for model in ("I0", "I1", "I3"):
-        recipe = Recipe.from_dict(exp.recipe_dict(model))
+        recipe = wanted(exp, model)
         results[model] = train(model, recipe, DataOptions("synthetic", limit=512), device="cpu", runs_dir=runs)
     return exp, runs, results
 
 
 def wanted(exp, model):
-    return Recipe.from_dict(exp.recipe_dict(model))
+    """The change-log's recipe of the iteration that trains ``model``."""
+    return Recipe.from_dict(exp.recipe_for(exp.iteration_for_model(model)))
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from mnistkit.recipe import DataOptions, Recipe
 from mnistkit.render.report import mermaid, text_flow
 from mnistkit.introspect.summary import summarize
 from mnistkit.training.loop import train
-from tests.test_compare import OFFICIAL, changelog_and_runs, recorded_run
+from tests.test_compare import wanted, OFFICIAL, changelog_and_runs, recorded_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +28,7 @@ def project(tmp_path_factory):
     one recorded (no checkpoint)."""
     root = tmp_path_factory.mktemp("report")
     exp, runs = changelog_and_runs(root)
-    recipe = Recipe.from_dict(exp.recipe_dict("I3"))
+    recipe = wanted(exp, "I3")
     run = train("I3", recipe.replace(seed=1), DataOptions("synthetic", limit=256), device="cpu", runs_dir=runs).run_dir
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["measured_on"] = OFFICIAL

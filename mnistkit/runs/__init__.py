@@ -25,7 +25,7 @@ import yaml
 
 from mnistkit.runs import strictjson
 from mnistkit.errors import RunError, UsageError
-from mnistkit.recipe import DataOptions, Recipe, upgrade_recorded
+from mnistkit.recipe import DataOptions, Recipe, recorded_recipe
 from mnistkit.runs.checkpoint import checkpoint_bytes, save_checkpoint
 from mnistkit.runs.lock import LOCK_NAME, FolderLock, holder
 from mnistkit.runs.metrics import EpochMetrics, best_row, check_epochs, metrics_text, selected_on
@@ -78,7 +78,6 @@ class RunConfig:
     recipe: Recipe
     data: DataOptions
     measured_on: dict[str, Any]  # empty for runs recorded before mnistkit checked its data
-    shards: int = 1  # row blocks per step of a 0.7/0.8 sharded run (it resumes only with 0.8)
     threads: int | None = None  # torch's intra-op threads it trained with (None: not recorded, before 0.9)
     model_source: Any = None    # modelref.ModelSource as recorded (None before 0.10: a registered name)
     device: str | None = None   # where it started training (cpu, cuda:0, mps); None where not recorded
@@ -96,8 +95,7 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
         raise RunError(f"{path} is not a mnistkit run config (it needs a model name and a recipe); "
                        "the run folder is damaged")
     try:
-        recorded, shards = upgrade_recorded(data["recipe"])
-        recipe = Recipe.from_dict(recorded, where=f"{path} recipe")
+        recipe = recorded_recipe(data["recipe"], where=f"{path} recipe")
         options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
     except (UsageError, TypeError) as exc:  # a damaged file, not a bad option
         raise RunError(f"{exc}; the run folder is damaged") from None
@@ -117,7 +115,7 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     source = read_record(data["model_source"], str(path)) if data.get("model_source") is not None else None
     device = data.get("device")
     device = device if isinstance(device, str) and 0 < len(device) <= 32 else None   # shown, never used
-    return RunConfig(path, data["model"], recipe, options, dict(measured_on), shards, threads, source, device,
+    return RunConfig(path, data["model"], recipe, options, dict(measured_on), threads, source, device,
                      read_teacher_record(data.get("teacher"), str(path)))
 
 
@@ -134,10 +132,6 @@ def read_teacher_record(value: Any, where: str) -> dict[str, Any] | None:
     if not ok:
         raise RunError(f"{where}: its teacher record is not what mnistkit writes; the run folder is damaged")
     return dict(value)
-
-
-def write_metrics(run_dir: Path, rows: list[EpochMetrics]) -> None:
-    atomic_write(run_dir / "metrics.jsonl", metrics_text(rows))
 
 
 def read_metrics(run_dir: Path) -> list[EpochMetrics]:

@@ -129,12 +129,12 @@ def load_spec(path: str | os.PathLike, settings: dict[str, Any] | None = None) -
         sources = [resolve(m, base=path.parent, experiments=exp) for m in models]
     except MnistkitError as exc:
         raise _fail(path, str(exc)) from None
-    seeds = data.get("seeds", [42])
-    if isinstance(seeds, int) and not isinstance(seeds, bool) and 1 <= seeds <= 100:
-        seeds = list(range(1, seeds + 1))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                           for s in seeds) or len(set(seeds)) != len(seeds):
-        raise _fail(path, "seeds must be a count (1 to 100) or a list of distinct non-negative integers")
+    from mnistkit.training.plan import parse_seeds
+
+    try:
+        seeds = parse_seeds([] if isinstance(data.get("seeds"), str) else data.get("seeds", [42]))
+    except UsageError:
+        raise _fail(path, "seeds must be a count (1 to 100) or a list of distinct non-negative integers") from None
     fixed = data.get("recipe") or {}
     if not isinstance(fixed, dict):
         raise _fail(path, "recipe must be a mapping of recipe keys to values")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mnistkit.errors import MnistkitError, RunError, TrainingDiverged, TrainingInterrupted, UsageError
+from mnistkit.runs.comparable import CONSISTENT_EPOCHS, at_target
 from mnistkit.runs.lock import LOCK_NAME, FolderLock
 from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions, Recipe
 from mnistkit.sweeps.spec import MAX_TRIALS, SweepSpec, Trial, load_spec, trial_recipe  # noqa: F401 (the sweep API)
@@ -286,8 +287,7 @@ def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR
         if final.val_acc is not None:
             row["vals"].append(final.val_acc)
         target = c.get("min_test_acc")
-        last3 = metrics[-3:]
-        ok = (target is None or (final.test_acc >= target and len(last3) == 3 and all(r.test_acc >= target for r in last3)))
+        ok = target is None or all(at_target(metrics, target))
         if "max_epochs" in c:
             ok = ok and len(metrics) < c["max_epochs"]
         row["passing"] += ok
@@ -298,5 +298,5 @@ def sweep_report(spec: SweepSpec, runs_dir: str | os.PathLike = DEFAULT_RUNS_DIR
         row["val_acc"] = stats(vals)
         rows.append(row)
     return {"sweep": spec.name, "spec": str(spec.path), "runs": str(root), "varied": list(spec.varied),
-            "constraints": c, "passing_means": "final test accuracy and each of the last 3 epochs at the target, "
+            "constraints": c, "passing_means": f"final test accuracy and each of the last {CONSISTENT_EPOCHS} epochs at the target, "
                                                "fewer epochs than the limit", "configs": rows}

@@ -18,7 +18,7 @@ from mnistkit.training.device import resolve_device
 from mnistkit.errors import MnistkitError, RunError, UsageError
 from mnistkit.usermodels.modelref import build
 from mnistkit.usermodels.rebuild import check_identity, from_record
-from mnistkit.recipe import Recipe, upgrade_recorded
+from mnistkit.recipe import Recipe, recorded_recipe
 from mnistkit.runs.checkpoint import load_checkpoint, resolve_checkpoint
 from mnistkit.runs.metrics import EpochMetrics
 
@@ -153,7 +153,7 @@ def checkpoint_recipe(checkpoint: dict[str, Any], where: str = "checkpoint") -> 
     if not isinstance(recipe, dict):
         raise RunError(f"{where} holds no readable recipe; it is not a mnistkit checkpoint")
     try:
-        return Recipe.from_dict(upgrade_recorded(recipe)[0], where=f"{where} recipe")
+        return recorded_recipe(recipe, where=f"{where} recipe")
     except UsageError as exc:  # a damaged file, not a bad option: exit code 1
         raise RunError(str(exc)) from None
 

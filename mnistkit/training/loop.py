@@ -261,9 +261,6 @@ def resume(run_dir: str | Path, device: str = "auto", callback: Callback | None 
 
 def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, lock: FolderLock,
             model_code: str | Path | None, model: ModelSource | None) -> RunResult:
-    if config.shards > 1:
-        raise UsageError(f"{run_dir} was trained with {config.shards} shards per step, which mnistkit 0.9 no longer "
-                         "has: resume it with mnistkit 0.8, or start a new run", key="shards")
     last = run_dir / "last.pt"
     state = load_checkpoint(last)
     check_resumable(state, last)

@@ -14,21 +14,24 @@ from mnistkit.recipe import DEFAULT_RUNS_DIR, DataOptions
 __all__ = ["parse_seeds", "Plan", "make_plan", "train_plan"]
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``3`` means seeds 1, 2, 3; ``1,2,42`` is an explicit list."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise UsageError(f"seeds must be a count (3 means seeds 1, 2, 3) or a comma-separated list of seeds, "
-                         f"not {text!r}") from None
-    if len(values) == 1:
-        if not 1 <= values[0] <= 100:
-            raise UsageError(f"a seed count must be 1 to 100, not {values[0]}")
-        return list(range(1, values[0] + 1))
-    if any(v < 0 for v in values) or len(set(values)) != len(values):
-        raise UsageError(f"seeds must be distinct non-negative integers, not {text!r}")
-    return values
+def parse_seeds(value: Any) -> list[int]:
+    """The one seed parser: a count (``3`` or ``"3"``: seeds 1, 2, 3) or a list of distinct
+    non-negative seeds (``"1,2,42"``, ``[1, 2, 42]``), as ``--seeds`` and a sweep spec give them."""
+    if isinstance(value, str):
+        try:
+            value = [int(p) for p in value.split(",")]
+        except ValueError:
+            raise UsageError(f"seeds must be a count (3 means seeds 1, 2, 3) or a comma-separated list of seeds, "
+                             f"not {value!r}") from None
+        value = value[0] if len(value) == 1 else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= 100:
+            raise UsageError(f"a seed count must be 1 to 100, not {value}")
+        return list(range(1, value + 1))
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                           for v in value) or len(set(value)) != len(value):
+        raise UsageError(f"seeds must be a count (1 to 100) or a list of distinct non-negative integers, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
