@@ -37,14 +37,6 @@ def test_each_model_has_a_one_line_description(name):
     assert "\n" not in model_info(name).description
 
 
-def test_bn_statistics_are_buffers_not_parameters():
-    model = get_model("I1")
-    param_names = {n for n, _ in model.named_parameters()}
-    buffer_names = {n for n, _ in model.named_buffers()}
-    assert not any("running" in n for n in param_names)
-    assert any(n.endswith("running_mean") for n in buffer_names)
-
-
 def test_assignment_features():
     def has(model, kind):
         return any(isinstance(m, kind) for m in model.modules())
@@ -79,9 +71,14 @@ def test_register_model_rejects_duplicates():
         register_model("i1")(lambda: nn.Identity())
 
 
-def test_public_api_is_lazy_and_complete():
+def test_every_public_name_resolves_to_the_object_its_module_defines():
+    # the lazy table names a module for each public name: one that moved (0.12's sub-packages)
+    # or was renamed must not leave `mnistkit.NAME` broken
+    import importlib
+
+    for name, module in mnistkit._LAZY.items():
+        assert getattr(mnistkit, name) is getattr(importlib.import_module(module), name), name
     assert mnistkit.get_model is get_model
-    assert callable(mnistkit.summarize)
     with pytest.raises(AttributeError):
         mnistkit.no_such_thing
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from mnistkit.errors import RunError
 from mnistkit.runs.safeio import read_text_bounded
 
-__all__ = ["atomic_write", "atomic_write_all", "check_output", "write_output", "write_folder", "check_folder"]
+__all__ = ["atomic_write", "atomic_write_all", "check_output_path", "write_output", "write_folder", "check_folder"]
 
 
 def _umask() -> int:
@@ -81,7 +81,7 @@ def atomic_write_all(files: list[tuple[Path, bytes]]) -> None:
 RUN_FILES = ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "outcome.json", ".lock", "model.py", "model.yaml")
 
 
-def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+def check_output_path(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
     """Refuse, before anything is written, an output path that cannot be written (a folder, a
     missing parent folder, a symlink loop), or that is, once links are resolved, one of the
     command's ``inputs`` or a file of a run folder (``export RUN -o RUN/best.pt`` replaced the
@@ -106,10 +106,10 @@ def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] 
 
 
 def check_outputs(paths: list[str | os.PathLike | None], inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """``check_output`` for each path given, and no two of them the same file."""
+    """``check_output_path`` for each path given, and no two of them the same file."""
     seen: dict[Path, str | os.PathLike] = {}
     for path in (p for p in paths if p):
-        check_output(path, inputs)
+        check_output_path(path, inputs)
         real = Path(os.path.realpath(path))
         if real in seen:
             raise RunError(f"cannot write {path}: it is also {seen[real]}, another output of this command; give "
