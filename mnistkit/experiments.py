@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from mnistkit.errors import ExperimentsError, UsageError
 from mnistkit.recipe import Recipe
-from mnistkit.runs.safeio import load_yaml_bounded
+from mnistkit.runs.safeio import load_yaml_bounded, yaml_line
 
 DEFAULT_PATH = Path("experiments.yaml")  # looked for in the current folder
 PACKAGED_PATH = Path(__file__).with_name("experiments.yaml")  # the change-log shipped with mnistkit
@@ -127,33 +126,12 @@ class Experiments:
 
 
 
-def _key_lines(root: Any) -> dict[tuple, int]:
-    """Line number of every mapping key and sequence item, by its path from the root node."""
-    lines: dict[tuple, int] = {}
-    stack: list[tuple[tuple, Any]] = [((), root)]
-    while stack:
-        path, node = stack.pop()
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                lines[path + (str(k.value),)] = k.start_mark.line + 1
-                stack.append((path + (str(k.value),), v))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                lines[path + (i,)] = v.start_mark.line + 1
-                stack.append((path + (i,), v))
-    return lines
-
-
 class _Checker:
     def __init__(self, path: Path, root: Any) -> None:
-        self.path, self.lines = path, _key_lines(root)
+        self.path, self.root = path, root
 
     def fail(self, where: tuple, message: str) -> None:
-        line = None
-        for n in range(len(where), -1, -1):  # the nearest enclosing node YAML knows
-            line = self.lines.get(where[:n])
-            if line:
-                break
+        line = yaml_line(self.root, where)   # the node's, else the nearest enclosing one's
         name = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in where).replace(".[", "[")
         at = f", line {line}" if line else ""
         raise ExperimentsError(f"{self.path}{at}: {name + ': ' if name else ''}{message}")

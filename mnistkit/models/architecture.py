@@ -59,7 +59,7 @@ import yaml
 from torch import nn
 
 from mnistkit.errors import UsageError
-from mnistkit.runs.safeio import _UniqueKeyLoader, check_yaml_size, read_bytes_bounded
+from mnistkit.runs.safeio import parse_yaml_bounded, read_bytes_bounded, yaml_line
 
 __all__ = ["Architecture", "YamlNet", "load_architecture", "parse_architecture", "LAYER_TYPES"]
 
@@ -168,34 +168,21 @@ def parse_architecture(text: str | bytes, where: str) -> Architecture:
     return _parse(bytes(text), str(where))
 
 
+class _ModelError(UsageError):
+    """A YAML architecture that cannot be read: a bad ``model`` (exit code 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, key="model")
+
+
 def _parse(raw: bytes, where: str) -> Architecture:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{where} is not UTF-8 text; it is not {WHAT} file", key="model") from None
-    data, root = _safe_yaml(text, where)
+    data, root = parse_yaml_bounded(text, where, _ModelError, WHAT)
     description, layers, params = _check(data, _Source(where, root))
     return Architecture(where, text, hashlib.sha256(raw).hexdigest(), data, description, layers, params)
-
-
-def _safe_yaml(text: str, where: str) -> tuple[Any, Any]:
-    """``(data, root node)`` as safeio.load_yaml_bounded gives them, from text already read."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        check_yaml_size(root, WHAT, where, UsageError)  # type: ignore[arg-type]
-        return yaml.load(text, Loader=_UniqueKeyLoader), root  # noqa: S506 - a SafeLoader
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f", line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
-        if problem.startswith("could not determine a constructor for the tag"):
-            tag = problem.rsplit(" ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
-            what = "a merge key (<<) is not supported: write the arguments out" if tag == "!!merge" else \
-                f"the tag {tag} is not allowed: an architecture is plain data (layer names, numbers, true/false)"
-            raise UsageError(f"{where}{at}: {what}", key="model") from None
-        raise UsageError(f"{where}{at}: not valid YAML ({problem})", key="model") from None
-    except RecursionError:
-        raise UsageError(f"{where}: nested too deeply to be {WHAT}", key="model") from None
 
 
 def _show(value: Any) -> str:
@@ -211,19 +198,7 @@ class _Source:
     root: Any   # the composed YAML node tree, for line numbers
 
     def line(self, path: tuple) -> int | None:
-        node, line = self.root, None
-        for step in path:
-            if isinstance(node, yaml.MappingNode):
-                match = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(step)]
-                if not match:
-                    break
-                line, node = match[0][0].start_mark.line + 1, match[0][1]
-            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
-                node = node.value[step]
-                line = node.start_mark.line + 1
-            else:
-                break
-        return line
+        return yaml_line(self.root, path)
 
     def fail(self, path: tuple, message: str) -> NoReturn:
         line = self.line(path)

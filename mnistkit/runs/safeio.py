@@ -118,15 +118,42 @@ def load_yaml_bounded(path: str | os.PathLike, limit: int, error: type[Exception
     marks), bounded in bytes and in expanded nodes, with unique keys. A YAML error is one line
     naming the file and the line."""
     path = Path(path)
-    text = read_text_bounded(path, limit, error, what)
+    return parse_yaml_bounded(read_text_bounded(path, limit, error, what), str(path), error, what)
+
+
+def parse_yaml_bounded(text: str, where: str, error: type[Exception], what: str) -> tuple[Any, Any]:
+    """``load_yaml_bounded`` of text already read (bounded by its reader); ``where`` names it.
+    Plain data only: a tag (``!!python/...``) or a merge key is one line saying so."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        check_yaml_size(root, what, path, error)
-        return yaml.load(text, Loader=_UniqueKeyLoader), root
+        check_yaml_size(root, what, where, error)  # type: ignore[arg-type]
+        return yaml.load(text, Loader=_UniqueKeyLoader), root  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise error(f"{path}{where}: not valid YAML ({problem})") from None
+        at = f", line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
+        if problem.startswith("could not determine a constructor for the tag"):
+            tag = problem.rsplit(" ", 1)[-1].strip("'").replace("tag:yaml.org,2002:", "!!")
+            raise error(f"{where}{at}: " + ("a merge key (<<) is not supported: write the values out" if tag == "!!merge"
+                        else f"the tag {tag} is not allowed: {what} is plain data (names, numbers, true/false)")) from None
+        raise error(f"{where}{at}: not valid YAML ({problem})") from None
     except RecursionError:
-        raise error(f"{path}: nested too deeply to be {what}") from None
+        raise error(f"{where}: nested too deeply to be {what}") from None
+
+
+def yaml_line(root: Any, path: tuple) -> int | None:
+    """The line of the node at ``path`` (mapping keys, sequence indices) in a composed YAML tree,
+    else of the nearest enclosing node YAML marks; the one way a record's error names its line."""
+    node, line = root, None
+    for step in path:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(step)]
+            if not match:
+                break
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and 0 <= step < len(node.value):
+            node = node.value[step]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
