@@ -199,8 +199,8 @@ def test_i5_trains_step_for_step_as_the_searched_yaml(tmp_path):
     from mnistkit.runs.checkpoint import load_checkpoint
     from mnistkit.experiments import PACKAGED_PATH, load_experiments, resolve_recipe
 
-    recipe = resolve_recipe("I5", load_experiments(PACKAGED_PATH)).replace(epochs=1, batch_size=32)
-    assert recipe.backend == "torch" and recipe.dropout == 0.01
+    recipe = resolve_recipe("I5", load_experiments(PACKAGED_PATH)).replace(epochs=1, batch_size=32, teacher="")
+    assert recipe.backend == "torch" and recipe.dropout == 0.01   # the architecture's test: no teacher
     data = mnistkit.DataOptions("synthetic", limit=128)
     yaml_path = Path(__file__).resolve().parents[1] / "examples" / "i5" / "c-sep16.yaml"
     runs = [mnistkit.train(m, recipe, data, device="cpu", runs_dir=tmp_path / name)

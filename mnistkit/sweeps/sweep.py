@@ -76,7 +76,7 @@ def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         else:   # the recipe the spec resolved: a worker needs neither the change-log nor the spec
             recipe = Recipe.from_dict(payload["trial_recipe"], where=f"trial {trial.name}")
             train(trial.source, recipe, DataOptions.from_dict(payload["data"]), device=payload["device"],
-                  runs_dir=root, run_name=trial.name)
+                  runs_dir=root, run_name=trial.name, experiments=payload.get("experiments"))   # a teacher's iteration
         return {**record, "status": "finished", "skipped": False}
     except TrainingDiverged as exc:
         return {**record, "status": "diverged", "error": str(exc)}
