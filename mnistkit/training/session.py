@@ -87,20 +87,22 @@ class Session:
         taught = load_teacher(teacher, recipe, data, dev, source) if recipe.teacher else None
         optimizer = build_optimizer(model, recipe)
         scheduler = build_scheduler(optimizer, recipe, len(batches))
-        session = cls(source, recipe, data, dev, model, optimizer, scheduler, batches, test_batches,
-                      val_batches, generator, sum(p.numel() for p in model.parameters() if p.requires_grad),
-                      provenance(data, train_split, val_split, test_split),
-                      WeightAverage(model, recipe.ema) if recipe.ema > 0 else None,
-                      [*notes, *([layout.note] if layout.note else []), prepared.note], taught)
+        notes = [*notes, *([layout.note] if layout.note else []), prepared.note]
         if getattr(scheduler, "total_steps", 0) > recipe.epochs * len(batches):
-            session.notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's "
-                                 f"warm-up needs: the schedule is stretched to {scheduler.total_steps} steps and the "
-                                 "LR will not finish annealing")
+            notes.append(f"this run has only {recipe.epochs * len(batches)} steps, fewer than OneCycleLR's warm-up "
+                         f"needs: the schedule is stretched to {scheduler.total_steps} steps and the LR will not "
+                         "finish annealing")
         if taught is not None:
             t = taught.record
-            session.notes.append(f"teacher: {t['run']} ({t['model']}, epoch {t['epoch']}, test {t['test_acc']:.2f}%); "
-                                 f"loss (1 - {recipe.distill_alpha:g}) * CE + {recipe.distill_alpha:g} * T^2 * KL, "
-                                 f"T = {recipe.distill_temperature:g}")
+            notes.append(f"teacher: {t['run']} ({t['model']}, epoch {t['epoch']}, test {t['test_acc']:.2f}%); loss "
+                         f"(1 - {recipe.distill_alpha:g}) * CE + {recipe.distill_alpha:g} * T^2 * KL, "
+                         f"T = {recipe.distill_temperature:g}")
+        session = cls(source=source, recipe=recipe, data=data, device=dev, model=model, optimizer=optimizer,
+                      scheduler=scheduler, batches=batches, test_batches=test_batches, val_batches=val_batches,
+                      generator=generator, params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      measured_on=provenance(data, train_split, val_split, test_split),
+                      average=WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, notes=notes,
+                      teacher=taught)
         return session
 
     @property
