@@ -122,7 +122,7 @@ def test_a_resumed_distilled_run_ends_where_an_uninterrupted_one_does(lab):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_teacher_by_iteration_is_its_best_comparable_run(tmp_path):
+def test_a_teacher_by_iteration_is_its_newest_comparable_run_never_the_best_on_test(tmp_path):
     from test_compare import OFFICIAL, recorded_run
 
     (tmp_path / "experiments.yaml").write_text(
@@ -130,12 +130,37 @@ def test_a_teacher_by_iteration_is_its_best_comparable_run(tmp_path):
         "  - {id: T1, model: I3, changes: teacher, recipe: {epochs: 3}}\n"
         "  - {id: S1, model: I5, changes: student, recipe: {epochs: 3, teacher: T1}}\n")
     runs = tmp_path / "runs"
-    low = recorded_run(runs, "I3", Recipe(epochs=3), [98.0, 99.0, 99.5], name="a")
-    best = recorded_run(runs, "I3", Recipe(epochs=3, seed=2), [98.0, 99.0, 99.6], name="b")
+    best = recorded_run(runs, "I3", Recipe(epochs=3), [98.0, 99.0, 99.7], name="a")
+    newest = recorded_run(runs, "I3", Recipe(epochs=3, seed=2), [98.0, 99.0, 99.5], name="b")
     recorded_run(runs, "I3", Recipe(epochs=3, seed=3), [99.9, 99.9], name="c")   # 2 of 3 epochs: not comparable
     recorded_run(runs, "I3", Recipe(epochs=3, seed=4), [99.8, 99.8, 99.8], dict(OFFICIAL, val_samples=5000), name="d")
-    assert find_teacher("t1", runs, tmp_path / "experiments.yaml") == best
-    assert find_teacher(str(low), runs, tmp_path / "experiments.yaml") == low
+    assert find_teacher("t1", runs, tmp_path / "experiments.yaml") == newest   # not `best`: chosen on test
+    assert find_teacher(str(best), runs, tmp_path / "experiments.yaml") == best
+
+
+def test_a_short_run_is_taught_by_the_newest_finished_run_on_its_own_data(lab, runner, tmp_path):
+    # `train --all --epochs 1 --dataset synthetic`: I5's teacher I3 is the I3 run just trained on those data
+    root, teacher, student = lab
+    runs = tmp_path / "runs"
+    mine = train("I3", small(epochs=1), DATA, device="cpu", runs_dir=runs).run_dir
+    train("I3", small(epochs=1), DataOptions("synthetic", limit=128), device="cpu", runs_dir=runs)   # other data
+    result = runner.invoke(app, ["train", f"{student}:Net", "--dataset", "synthetic", "--limit", "256", "--epochs", "1",
+                                 "--device", "cpu", "--runs-dir", str(runs), "-q", "--teacher", "I3", "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    run = json.loads(result.stdout)["run_dir"]
+    assert read_config(run).teacher["run"] == str(mine.resolve())
+
+
+def test_a_diverging_model_of_the_users_own_is_a_divergence_not_a_code_error(lab, runner, tmp_path):
+    root, teacher, student = lab
+    result = runner.invoke(app, ["train", f"{student}:Net", "--dataset", "synthetic", "--limit", "256", "--epochs", "1",
+                                 "--device", "cpu", "--runs-dir", str(tmp_path), "-q", "--lr", "1e12"])
+    assert result.exit_code == 3, result.output   # the divergence's exit code, not a model-code error's 1
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "the learning rate (1e+12) is likely too high" in line, line
+    assert "Traceback" not in result.output
 
 
 def test_compare_and_the_write_up_name_the_teacher(tmp_path, runner):
@@ -199,7 +224,7 @@ def test_every_teacher_that_cannot_teach_is_one_line_and_leaves_no_folder(lab, r
     cell = train(Cell(), small(epochs=1), DATA, device="cpu", runs_dir=tmp_path / "cell").run_dir
     cases = [
         (["--teacher", "nosuch"], 2, "teacher 'nosuch' is neither a run folder nor an iteration"),
-        (["--teacher", "I4"], 2, "has no comparable run of I4"),
+        (["--teacher", "I4"], 2, "has no finished run on the data this run trains on (synthetic, limit 256, val 0) of I4"),
         (["--teacher", str(garbled)], 1, f"teacher {garbled}"),
         (["--teacher", str(truncated)], 1, "last.pt"),
         (["--teacher", str(unfinished)], 2, "finished 1 of its 2 epochs: a teacher is a finished run"),

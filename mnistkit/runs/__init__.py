@@ -97,8 +97,9 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     try:
         recipe = recorded_recipe(data["recipe"], where=f"{path} recipe")
         options = DataOptions.from_dict(data.get("data") or {}, where=f"{path} data")
-    except (UsageError, TypeError) as exc:  # a damaged file, not a bad option
-        raise RunError(f"{exc}; the run folder is damaged") from None
+    except (UsageError, TypeError) as exc:  # a damaged file, not a bad option (or one of 0.8: that says so)
+        old = isinstance(exc, UsageError) and exc.key == "backend" and "0.8 or older" in str(exc)
+        raise RunError(str(exc) if old else f"{exc}; the run folder is damaged") from None
     measured_on = data.get("measured_on") or {}
 
     def wrong(key: str, kind: type) -> bool:
@@ -126,7 +127,9 @@ def read_teacher_record(value: Any, where: str) -> dict[str, Any] | None:
     fields = {"run": str, "model": str, "checkpoint": str, "sha256": str, "epoch": int, "test_acc": float}
     ok = isinstance(value, dict) and all(
         isinstance(value.get(k), t) and not isinstance(value.get(k), bool) for k, t in fields.items())
-    ok = ok and len(value["run"]) <= 4096 and len(value["sha256"]) == 64 and \
+    ok = ok and all(isinstance(value.get(k), str) and len(value[k]) <= 4096 and not set(value[k]) & {"\0", "\n"}
+                    for k in ("run", "model", *(("relpath",) if value.get("relpath") is not None else ()))) and \
+        len(value["sha256"]) == 64 and \
         all(c in "0123456789abcdef" for c in value["sha256"]) and value["checkpoint"] == "last.pt" and \
         (value.get("relpath") is None or (isinstance(value["relpath"], str) and len(value["relpath"]) <= 4096))
     if not ok:

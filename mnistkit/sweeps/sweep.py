@@ -76,7 +76,8 @@ def _run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         else:   # the recipe the spec resolved: a worker needs neither the change-log nor the spec
             recipe = Recipe.from_dict(payload["trial_recipe"], where=f"trial {trial.name}")
             train(trial.source, recipe, DataOptions.from_dict(payload["data"]), device=payload["device"],
-                  runs_dir=root, run_name=trial.name, experiments=payload.get("experiments"))   # a teacher's iteration
+                  runs_dir=root, run_name=trial.name, experiments=payload.get("experiments"),
+                  teachers_dir=payload.get("runs_dir"))   # a teacher named by its iteration: the sweep's runs folder
         return {**record, "status": "finished", "skipped": False}
     except TrainingDiverged as exc:
         return {**record, "status": "diverged", "error": str(exc)}
@@ -146,7 +147,8 @@ def _sweep(spec: SweepSpec, root: Path, workers: int | None, ray: str | None, de
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a positive whole number, not {threads!r}", key="threads")
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
-    base = {"root": str(root), "recipe": spec.recipe, "data": spec.data.to_dict(), "device": device,
+    base = {"root": str(root), "runs_dir": str(root.parent.resolve()), "recipe": spec.recipe,
+            "data": spec.data.to_dict(), "device": device,
             "experiments": spec.experiments, "threads": threads, "keep_memory": keep_memory}
     payloads = [{**base, "trial": t, "trial_recipe": spec.recipes[t.name].to_dict()} for t in spec.trials]
     done: dict[str, dict[str, Any]] = {}

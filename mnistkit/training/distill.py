@@ -12,6 +12,7 @@ teacher's final weights teach (``last.pt``), never an epoch chosen on the test s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -52,9 +53,14 @@ class Teacher:
     channels_last: bool            # the layout the teacher ran in (a `view` head needs its own)
     renormalise: tuple[float, float] | None   # (scale, shift) from the student's normalisation to its own
     record: dict[str, Any]         # what the run records of it
+    users_code: bool = False       # a model of the user's own: its errors are one line naming their file
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        from mnistkit.usermodels.usercode import user_code
+
+        guard = user_code(None, f"running the teacher {self.record['model']}") if self.users_code else \
+            contextlib.nullcontext()
+        with guard, torch.no_grad():
             if self.renormalise is not None:
                 x = x * self.renormalise[0] + self.renormalise[1]
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -82,10 +88,13 @@ class TeacherRef:
         return cls(tuple(places), record["sha256"], Path(run_dir).parent, Path(run_dir))
 
 
-def find_teacher(spec: str, runs_dir: str | os.PathLike, experiments: Any = None) -> Path:
-    """The run folder a recipe's ``teacher`` names: a run folder, or a change-log iteration's best
-    comparable run in ``runs_dir`` (the highest final test accuracy; the newest of equals)."""
-    from mnistkit.recipe import expand_path
+def find_teacher(spec: str, runs_dir: str | os.PathLike, experiments: Any = None, data: Any = None) -> Path:
+    """The run folder a recipe's ``teacher`` names: a run folder, or a change-log iteration's run in
+    ``runs_dir``: for a run on the whole official training set, the newest comparable run of the
+    iteration; for a shorter or held-out run (``data``: a limit, a validation split, synthetic
+    digits), the newest finished run of the iteration's model on those very data. Never chosen by
+    its test accuracy: that would choose the teacher on the test set."""
+    from mnistkit.recipe import DataOptions, expand_path
 
     path = Path(expand_path(spec))
     if (path / "config.yaml").is_file():
@@ -101,25 +110,38 @@ def find_teacher(spec: str, runs_dir: str | os.PathLike, experiments: Any = None
     from mnistkit.usermodels.modelref import build
     from mnistkit.recipe import Recipe
 
+    data = data or DataOptions()
     it = exp.iteration(spec)
     source = exp.model_source(it)
     wanted = Recipe.from_dict(exp.recipe_for(it), where=f"{exp.path} ({it.id})")
     model, _ = build(source, wanted.model_kwargs())
-    runs = [r for r in iteration_runs(read_runs(runs_dir)[0], it, wanted, None, source.with_architecture(model))
-            if r["comparable"]]
-    if not runs:
-        raise UsageError(f"teacher {it.id}: {runs_dir} has no comparable run of {it.id} (its whole recipe, the whole "
-                         f"training set); train one first (mnistkit train {it.id}), or name a run folder",
-                         key="teacher", detail="has no comparable run")
-    best = max(enumerate(runs), key=lambda ir: (ir[1]["test_acc"], ir[0]))[1]
-    return Path(best["run"])
+    runs = read_runs(runs_dir)[0]
+    records = iteration_runs(runs, it, wanted, None, source.with_architecture(model))
+    if data.dataset == "mnist" and data.limit is None and not data.val:
+        found, what = [r["run"] for r in records if r["comparable"]], "comparable run"
+        how = f"train one first (mnistkit train {it.id})"
+    else:
+        configs = {str(run): (config, metrics) for run, config, metrics in runs}
+        key = (data.dataset, data.limit, data.val, data.val_seed)
+        found = [r["run"] for r in records if not any("changed since" in w for w in r["why_not"])
+                 and r["epochs"] == r["planned_epochs"]
+                 and (lambda d: (d.dataset, d.limit, d.val, d.val_seed))(configs[r["run"]][0].data) == key]
+        what = f"finished run on the data this run trains on ({data.dataset}, limit {data.limit}, val {data.val})"
+        how = f"train one first with the same data options (mnistkit train {it.id} ...)"
+    if not found:
+        raise UsageError(f"teacher {it.id}: {runs_dir} has no {what} of {it.id}; {how}, or name a run folder",
+                         key="teacher", detail=f"has no {what}")
+    return Path(found[-1])   # runs are read oldest first
 
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise RunError(f"teacher {path} cannot be read ({exc.strerror or exc})") from None
     return h.hexdigest()
 
 
@@ -153,6 +175,9 @@ def load_teacher(ref: TeacherRef, recipe: Any, data: Any, device: torch.device, 
         done = metrics[-1].epoch if metrics else 0
         raise UsageError(f"teacher {where} finished {done} of its {config.recipe.epochs} epochs: a teacher is a "
                          "finished run (resume it first)", key="teacher", detail="is not a finished run")
+    if config.data.dataset != data.dataset:
+        raise UsageError(f"teacher {where} trained on {config.data.dataset} digits, this run trains on {data.dataset}: "
+                         "a teacher is trained on the data it teaches", key="teacher", detail="trained on other data")
     if data.val and (config.data.val, config.data.val_seed, config.data.limit) != (data.val, data.val_seed, data.limit):
         raise UsageError(f"teacher {where} trained on images this run holds out for validation (it held out "
                          f"{config.data.val:,} with val_seed {config.data.val_seed}, this run {data.val:,} with "
@@ -171,13 +196,14 @@ def load_teacher(ref: TeacherRef, recipe: Any, data: Any, device: torch.device, 
     if _sha256(path) != digest:   # replaced while it was read
         raise RunError(f"teacher {path} changed while it was read; try again")
     model = fold_batchnorm(model, own.channels_last).eval().requires_grad_(False)
-    with guarded(ckpt), torch.no_grad():
-        try:
+    try:
+        with guarded(ckpt), torch.no_grad():
             out = model(torch.zeros(2, 1, 28, 28, device=device).contiguous(
                 memory_format=torch.channels_last if own.channels_last else torch.contiguous_format))
-        except MnistkitError as exc:
-            raise UsageError(f"teacher {where} ({config.model}) cannot take the 1x28x28 images this run trains on: "
-                             f"{exc}", key="teacher", detail="cannot take 1x28x28 images") from None
+    except (MnistkitError, RuntimeError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UsageError(f"teacher {where} ({config.model}) cannot take the 1x28x28 images this run trains on: "
+                         f"{reason}", key="teacher", detail="cannot take 1x28x28 images") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, 10):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"teacher {where} ({config.model}) gives {shape} for two 1x28x28 images, not 10 class "
@@ -188,8 +214,11 @@ def load_teacher(ref: TeacherRef, recipe: Any, data: Any, device: torch.device, 
     record = {"run": str(where.resolve()), "model": config.model, "checkpoint": "last.pt", "sha256": digest,
               "epoch": metrics[-1].epoch, "test_acc": metrics[-1].test_acc, "params": _params(ckpt)}
     if ref.runs_dir is not None:
-        record["relpath"] = os.path.relpath(where.resolve(), Path(ref.runs_dir).resolve())
-    return Teacher(model, recipe.distill_alpha, recipe.distill_temperature, own.channels_last, renormalise, record)
+        with contextlib.suppress(ValueError):   # another drive: the absolute path only
+            record["relpath"] = os.path.relpath(where.resolve(), Path(ref.runs_dir).resolve())
+    kind = (ckpt.get("model_source") or {}).get("kind") if isinstance(ckpt.get("model_source"), dict) else None
+    return Teacher(model, recipe.distill_alpha, recipe.distill_temperature, own.channels_last, renormalise, record,
+                   users_code=kind in ("file", "module", "instance"))
 
 
 def _params(ckpt: dict[str, Any]) -> int | None:

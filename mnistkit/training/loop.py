@@ -214,17 +214,18 @@ def _translated(s: Session, writer: RunWriter, callback: Callback | None) -> Ite
 def train(model: str | ModelSource | nn.Module, recipe: Recipe | None = None, data: DataOptions | None = None,
           device: str = "auto", runs_dir: str | Path = DEFAULT_RUNS_DIR, callback: Callback | None = None,
           run_name: str | None = None, model_args: dict[str, Any] | None = None,
-          experiments: Any = None) -> RunResult:
+          experiments: Any = None, teachers_dir: str | Path | None = None) -> RunResult:
     """Train ``model`` (a reference: ``"I3"``, ``"mynet.py:Net"``, ``"s1.yaml"``, with ``model_args``;
     a ``ModelSource``; or a model object, trained as it is) with ``recipe`` on ``data``, into a new
     run folder under ``runs_dir``. ``callback=mnistkit.progress()`` shows the CLI's display. A
-    recipe's ``teacher`` that names an iteration is looked up in ``experiments`` (the change-log)."""
+    recipe's ``teacher`` that names an iteration is looked up in ``experiments`` (the change-log),
+    its runs in ``teachers_dir`` (default: ``runs_dir``)."""
     instance = model if isinstance(model, nn.Module) else None
     source = from_instance(model) if instance is not None else resolve(model, args=model_args)
-    recipe = recipe or Recipe()
-    teacher = TeacherRef((find_teacher(recipe.teacher, runs_dir, experiments),), runs_dir=runs_dir) \
-        if recipe.teacher else None
-    s = Session.build(source.recorded_in(runs_dir), recipe, data or DataOptions(), device, instance, teacher)
+    recipe, data = recipe or Recipe(), data or DataOptions()
+    teacher = TeacherRef((find_teacher(recipe.teacher, teachers_dir or runs_dir, experiments, data),),
+                         runs_dir=runs_dir) if recipe.teacher else None
+    s = Session.build(source.recorded_in(runs_dir), recipe, data, device, instance, teacher)
     meta = s.meta()
     config = {k: v for k, v in meta.items() if k != "model_text"}
     copy = {source.copy_name: source.text.encode("utf-8")} if source.copy_name and source.text else {}

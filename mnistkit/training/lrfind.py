@@ -228,9 +228,13 @@ def lr_find(model: Any, recipe: Recipe | None = None, data: DataOptions | None =
     instance = copy.deepcopy(model) if isinstance(model, nn.Module) else None   # the caller's object stays as it is
     source = from_instance(model) if instance is not None else resolve(model, args=model_args)
     # the optimizer as train builds it; the LR and momentum are set here every step, so no schedule
-    # (nor a moving average, which the test never reads) is built
-    s = Session.build(source, recipe.replace(scheduler="none", ema=0.0), data or DataOptions(), device, instance)
-    ran = s.recipe.replace(scheduler=recipe.scheduler, ema=recipe.ema)
+    # (nor a moving average, which the test never reads) is built; a teacher is left out: the test
+    # measures the model's own loss (its note says so)
+    s = Session.build(source, recipe.replace(scheduler="none", ema=0.0, teacher=""), data or DataOptions(), device,
+                      instance)
+    if recipe.teacher:
+        s.notes.append(f"the recipe's teacher ({recipe.teacher}) is left out: the test follows the cross-entropy alone")
+    ran = s.recipe.replace(scheduler=recipe.scheduler, ema=recipe.ema, teacher=recipe.teacher)
     momentum = peak_momentum(recipe)
     lrs = lr_schedule(start_lr, end_lr, steps)
     curve = Curve(beta, diverge, skipped(steps))

@@ -17,7 +17,7 @@ from mnistkit.data.batches import EvalBatches, TrainBatches
 from mnistkit.data import load_splits, provenance
 from mnistkit.training.distill import load_teacher
 from mnistkit.training.device import resolve_device, resolve_precision, seed_everything, versions
-from mnistkit.errors import RunError, UsageError
+from mnistkit.errors import MnistkitError, RunError, UsageError
 from mnistkit.usermodels.modelref import ModelSource, build, redraw
 from mnistkit.usermodels.usercode import user_code
 from mnistkit.training.optim import WeightAverage, build_optimizer, build_scheduler, per_step_schedule, set_bn_momentum
@@ -26,8 +26,9 @@ from mnistkit.recipe import DataOptions, Recipe
 __all__ = ["Session", "Diverged"]
 
 
-class Diverged(Exception):
-    """The numbers stopped being finite; the trainer says what the run folder kept."""
+class Diverged(MnistkitError):
+    """The numbers stopped being finite; the trainer says what the run folder kept. A
+    MnistkitError, so that a model of the user's own diverging is not taken for its code failing."""
 
 
 @dataclass
