@@ -270,8 +270,9 @@ def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, 
     else:
         source = from_record(state.get("model_source"), str(run_dir), state.get("model_text"), model_code,
                              fallback_name=config.model, run_dir=run_dir)
-    if state["model"] != config.model:
-        raise RunError(f"{last} holds model {state['model']!r}, the run is {config.model!r}; the run folder is damaged")
+    if state["model"] != config.model or state.get("teacher") != config.teacher:
+        what = "model" if state["model"] != config.model else "teacher"
+        raise RunError(f"{last} and config.yaml name another {what}; the run folder is damaged")
     try:
         teacher = TeacherRef.recorded(config.teacher, run_dir) if config.teacher else None
         s = Session.build(source, config.recipe, config.data, device, teacher=teacher)
