@@ -5,6 +5,8 @@ library's module-level imports form no cycle."""
 import ast
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parent.parent / "mnistkit"
 
 
@@ -109,6 +111,7 @@ def _all_imports(path: Path) -> set[str]:
     return out
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_a_training_run_imports_neither_torchvision_nor_dynamo(tmp_path):
     """torchvision costs a process about a second to import, torch._dynamo 1.3 s (torch's
     optimizer wrappers import it); training needs neither (torchvision only to download)."""
@@ -123,6 +126,7 @@ def test_a_training_run_imports_neither_torchvision_nor_dynamo(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "False False"
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_mnistkits_sgd_calls_torchs_update_once_even_after_a_torch_sgd_was_made():
     # a torch.optim.SGD made first wraps SGD.step in its profiling hook; ours must still reach
     # the update itself (no double hooks, no dynamo wrapper)

@@ -520,6 +520,7 @@ def test_disk_full_mid_run_leaves_a_consistent_resumable_folder(runner, tmp_path
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_memory_of_the_bombs_is_bounded(tmp_path):
     """Peak RSS of the alias-bomb and gzip-bomb commands, against the same command on a small
     valid input: at most 300 MB more."""
@@ -739,6 +740,7 @@ def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pat
     assert not runs.exists() or not list(runs.iterdir())
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_ctrl_c_while_a_picture_is_drawn_lets_it_finish_then_stops_in_one_line(runner, tmp_path, good_run,
                                                                                  monkeypatch):
     """Ctrl-C inside matplotlib could leave it half-drawn (a ValueError traceback about 1 time in 40):
@@ -811,6 +813,7 @@ def test_a_named_pipe_in_a_run_folder_is_a_damaged_folder_and_the_rest_is_listed
         assert "│ ok " in proc.stdout and "finished" in proc.stdout
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_a_named_pipe_is_never_read(fifo_runs, tmp_path):
     """plot of the run, a change-log, a checkpoint and a sweep spec that are named pipes: one line each."""
     _one_error(_cli(["plot", str(fifo_runs / "bad"), "-o", str(tmp_path / "c.png")], tmp_path),

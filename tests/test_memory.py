@@ -21,6 +21,7 @@ STATUS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 @glibc
 def test_the_users_own_allocator_settings_are_left_alone():
     for name, value in (("MALLOC_TRIM_THRESHOLD_", "1000000"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")):

@@ -37,6 +37,7 @@ def project(tmp_path_factory):
     return exp, runs, run
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_the_report_folder_has_every_part_computed(runner, project, tmp_path):
     exp, runs, run = project
     out = tmp_path / "report"
@@ -70,6 +71,7 @@ def test_the_report_folder_has_every_part_computed(runner, project, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.")]  # no staging folder left
 
 
+@pytest.mark.slow   # starts processes or builds a whole report: not the quick loop's
 def test_the_html_report_is_one_self_contained_file(runner, project, tmp_path):
     exp, runs, _ = project
     out = tmp_path / "r.html"
