@@ -70,6 +70,7 @@ def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted
     if final.epoch != planned:
         why_not.append(f"{final.epoch} of {planned} epochs")
     why_not += _recipe_differences(recipe, wanted.to_dict())
+    passes, consistent = at_target(metrics, threshold)
     last = metrics[-CONSISTENT_EPOCHS:]
     return {
         "run": str(run),
@@ -85,6 +86,7 @@ def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted
         "scheduler": recipe.get("scheduler"),
         "precision": recipe.get("precision"),
         "comparable": not why_not,
+        "model_changed": model_changed is not None,   # trained an earlier version of the model
         "why_not": why_not,
         "train_acc": final.train_acc,
         "test_acc": final.test_acc,
@@ -93,8 +95,8 @@ def run_record(run: Path, config: RunConfig, metrics: list[EpochMetrics], wanted
         "best_epoch": best.epoch,
         "best_test_acc": best.test_acc,
         "last_epochs_test_acc": [r.test_acc for r in last],
-        "consistent": at_target(metrics, threshold)[1],
-        "passes": at_target(metrics, threshold)[0],
+        "consistent": consistent,
+        "passes": passes,
         "first_epoch_at_target": next((r.epoch for r in metrics if threshold is not None and r.test_acc >= threshold),
                                       None),
         "gap": final.train_acc - final.test_acc,

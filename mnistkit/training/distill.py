@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnistkit.errors import MnistkitError, RunError, UsageError
+from mnistkit.usermodels.usercode import user_code
 
 __all__ = ["distillation_loss", "Teacher", "TeacherRef", "find_teacher", "load_teacher"]
 
@@ -56,8 +57,6 @@ class Teacher:
     users_code: bool = False       # a model of the user's own: its errors are one line naming their file
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        from mnistkit.usermodels.usercode import user_code
-
         guard = user_code(None, f"running the teacher {self.record['model']}") if self.users_code else \
             contextlib.nullcontext()
         with guard, torch.no_grad():
@@ -121,11 +120,10 @@ def find_teacher(spec: str, runs_dir: str | os.PathLike, experiments: Any = None
         found, what = [r["run"] for r in records if r["comparable"]], "comparable run"
         how = f"train one first (mnistkit train {it.id})"
     else:
-        configs = {str(run): (config, metrics) for run, config, metrics in runs}
-        key = (data.dataset, data.limit, data.val, data.val_seed)
-        found = [r["run"] for r in records if not any("changed since" in w for w in r["why_not"])
-                 and r["epochs"] == r["planned_epochs"]
-                 and (lambda d: (d.dataset, d.limit, d.val, d.val_seed))(configs[r["run"]][0].data) == key]
+        data_of = {str(run): config.data for run, config, _ in runs}
+        same = lambda d: (d.dataset, d.limit, d.val, d.val_seed) == (data.dataset, data.limit, data.val, data.val_seed)
+        found = [r["run"] for r in records if not r["model_changed"] and r["epochs"] == r["planned_epochs"]
+                 and same(data_of[r["run"]])]
         what = f"finished run on the data this run trains on ({data.dataset}, limit {data.limit}, val {data.val})"
         how = f"train one first with the same data options (mnistkit train {it.id} ...)"
     if not found:
@@ -185,7 +183,7 @@ def load_teacher(ref: TeacherRef, recipe: Any, data: Any, device: torch.device, 
                          key="teacher", detail="trained on the validation images")
     _check_cycle(where, config, student, run_dir)
     path = where / "last.pt"
-    digest = _sha256(path)
+    digest = sha256 if sha256 is not None else _sha256(path)   # a resumed run's: matched above
     try:
         ckpt = load_checkpoint(path)
         own = checkpoint_recipe(ckpt, str(path))
