@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     recipe = Recipe()
     cpu = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, cpu) == "bf16"
-    backend = backends.resolve(recipe.backend, cpu, recipe.channels_last)[0]
+    backend = backends.resolve(recipe.backend, cpu)[0]
     train = load_mnist("train", args.data_dir, download=False)
     batches = TrainBatches(train, args.batch_size, cpu, recipe.augment, torch.Generator().manual_seed(0))
     torch.manual_seed(0)

@@ -2,7 +2,8 @@
 layer (ops grouped by input shape, which names the layer), the step's wall time, and the floor
 its convolutions and BatchNorm put under it.
 
-    .venv/bin/python bench/profile_step.py --data-dir ../shared/mnist --models I1,I3 [--steps 20] [--backend auto|torch|fused]
+    .venv/bin/python bench/profile_step.py --data-dir ../shared/mnist --models I1,I3,bench/models/dropout_blocks.py:Net
+        [--steps 20] [--backend auto|torch|fused]
 
 Runs the default mode (the precision, memory format and backend of ``Recipe()``, resolved as
 training resolves them, with freed memory kept for reuse as the CLI keeps it) on real batches
@@ -41,7 +42,7 @@ from mnistkit.data.batches import TrainBatches
 from mnistkit.data import load_mnist
 from mnistkit.training.device import resolve_precision
 from mnistkit.errors import UsageError
-from mnistkit.models import get_model
+from mnistkit.usermodels.modelref import build, resolve
 from mnistkit.training.optim import build_optimizer
 from mnistkit.recipe import Recipe
 from mnistkit.training.loop import train_step
@@ -117,7 +118,8 @@ def print_ops(rows: list, total: float, steps: int, label: Callable) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--models", default="I1,I3")
+    ap.add_argument("--models", default="I1,I3", help="comma-separated model references (a registered name, "
+                                                       "FILE.py:Name, ...)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=15)
     ap.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (256)")
@@ -130,15 +132,17 @@ def main() -> None:
     device = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, device) == "bf16"
     try:
-        backends.resolve(recipe.backend, device, recipe.channels_last)
+        backends.resolve(recipe.backend, device)
     except UsageError as exc:
         raise SystemExit(str(exc)) from None
     train = load_mnist("train", args.data_dir, download=False)
     for name in [m for m in args.models.split(",") if m]:
-        model = get_model(name, dropout=recipe.dropout)   # prepared as the trainer prepares it
-        if recipe.channels_last:
+        model = build(resolve(name), recipe.model_kwargs())[0]   # prepared as the trainer prepares it
+        layout = backends.choose_layout(model, device, recipe.channels_last, bf16).channels_last
+        recipe = recipe.replace(channels_last=layout)
+        if layout:
             model = model.to(memory_format=torch.channels_last)
-        prepared = backends.prepare(model, recipe.backend, device, recipe.channels_last)
+        prepared = backends.prepare(model, recipe.backend, device, layout)
         model = prepared.model
         opt = build_optimizer(model, recipe)
         batches = TrainBatches(train, recipe.batch_size, device, recipe.augment, torch.Generator().manual_seed(0))

@@ -7,12 +7,13 @@ torch and torchvision, builds ``datasets.MNIST`` + ``DataLoader(batch_size=256, 
 num_workers=2)`` with ``RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02))``, trains
 with SGD (momentum 0.9) + OneCycleLR (max 0.2) reading ``loss.item()`` every step, then
 evaluates the test set (batch 1024) and prints its accuracy. Only the model comes from
-mnistkit's registry (``mnistkit.models`` imports torch alone), so the two pipelines train the
-same network. ``bench/throughput.py --whole-process`` times this script against
+mnistkit's registry (``mnistkit.models`` imports torch alone), or, for ``FILE.py:Name``, from the
+file as a notebook's own cell would define it, so the two pipelines train the same network. ``bench/throughput.py --whole-process`` times this script against
 ``mnistkit train MODEL --epochs 1`` from process start to exit.
 """
 
 import argparse
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,14 @@ if args.limit:
     train_set = torch.utils.data.Subset(train_set, range(min(args.limit, len(train_set))))
 train_loader = DataLoader(train_set, batch_size=256, shuffle=True, num_workers=args.workers)
 test_loader = DataLoader(test_set, batch_size=1024, num_workers=args.workers)
-model = get_model(args.model)
+if ".py:" in args.model:   # a model of the user's own: the class from its file
+    path, name = args.model.rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location("user_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = getattr(module, name)()
+else:
+    model = get_model(args.model)
 opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
 sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, epochs=args.epochs, steps_per_epoch=len(train_loader),
                                             pct_start=0.2, div_factor=10, final_div_factor=100)

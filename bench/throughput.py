@@ -1,7 +1,11 @@
 """Training throughput: mnistkit's pipeline against the usual PyTorch one, alternating.
 
-    .venv/bin/python bench/throughput.py --data-dir ../shared/mnist [--models I1,I3] [--steps 60] [--repeats 5]
-        [--baseline DIR]   # also an older mnistkit's default step (a source tree, e.g. `git archive v0.8`)
+    .venv/bin/python bench/throughput.py --data-dir ../shared/mnist [--models I1,I3,bench/models/relu_before_bn.py:Net]
+        [--steps 60] [--repeats 5] [--whole-process I1,bench/models/dropout_blocks.py:Net]
+        [--baseline DIR]   # also an older mnistkit (a source tree, e.g. `git archive v0.12`)
+
+Models are any model reference `mnistkit train` takes: a registered name, FILE.py:Name,
+package.module:Name, FILE.yaml (``bench/models/`` holds two student-style shapes).
 
 reference: torchvision.datasets.MNIST + DataLoader(batch_size=256, shuffle=True, num_workers=2)
            + Compose([RandomAffine(10, translate=(0.05, 0.05), scale=(0.98, 1.02)), ToTensor(),
@@ -9,7 +13,8 @@ reference: torchvision.datasets.MNIST + DataLoader(batch_size=256, shuffle=True,
 mnistkit:  the dataset held as one tensor, batched augmentation, mnistkit.training.loop.train_step with
            the default backend (and the other one beside it, where the fused kernel runs).
 baseline:  with --baseline DIR, the default step of the mnistkit in DIR, timed by its own
-           bench/throughput.py in a process of its own (so "before" and "after" share one run).
+           bench/throughput.py in a process of its own (so "before" and "after" share one run;
+           registered models only), and its `mnistkit train MODEL --epochs 1` as a whole process.
 
 The two are timed alternately (same model, same steps, same batch size, same augmentation),
 and the figure for each is the median images/s over the repeats. mnistkit's pipelines run in
@@ -45,13 +50,18 @@ from mnistkit.data.batches import EvalBatches, TrainBatches
 from mnistkit.data import Augment, load_mnist
 from mnistkit.training.device import resolve_precision
 from mnistkit.training.evaluation import evaluate
-from mnistkit.models import get_model
+from mnistkit.usermodels.modelref import build, resolve
 from mnistkit.training.optim import build_optimizer
 from mnistkit.recipe import Recipe
 from mnistkit.introspect.summary import summarize
 from mnistkit.training.loop import train_step
 
 IDX = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def make_model(reference: str) -> torch.nn.Module:
+    """A fresh model of ``reference`` (a registered name or any model reference), as ``train`` builds it."""
+    return build(resolve(reference))[0]
 
 
 def torchvision_root(data_dir: Path, work: Path) -> Path:
@@ -116,7 +126,7 @@ def reference_worker(root: str, batch_size: int, workers: int, limit: int | None
     for line in sys.stdin:
         name, steps = line.split()
         torch.manual_seed(0)
-        print(time_reference(get_model(name), loader, int(steps)), flush=True)
+        print(time_reference(make_model(name), loader, int(steps)), flush=True)
 
 
 def make_opt(model, steps: int):
@@ -165,7 +175,9 @@ def time_reference(model, loader, steps: int) -> float:
 
 def time_mnistkit(model, batches: TrainBatches, steps: int, bf16: bool, channels_last: bool,
                   backend: str = "torch") -> float:
-    """Images/s of mnistkit's training step with ``backend`` (prepared as the trainer does)."""
+    """Images/s of mnistkit's training step with ``backend`` (prepared as the trainer does: in
+    channels_last where the model runs in it)."""
+    channels_last = backends.choose_layout(model, torch.device("cpu"), channels_last, bf16).channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = backends.prepare(model, backend, torch.device("cpu"), channels_last).model
@@ -195,7 +207,7 @@ def default_rate(name: str, batches: TrainBatches, steps: int) -> float:
     backend): what a baseline worker calls on this version (see baseline_worker.py)."""
     recipe, cpu = Recipe(), torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, cpu) == "bf16"
-    return time_mnistkit(get_model(name), batches, steps, bf16, recipe.channels_last, recipe.backend)
+    return time_mnistkit(make_model(name), batches, steps, bf16, recipe.channels_last, recipe.backend)
 
 
 def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, experiments: str) -> dict:
@@ -208,7 +220,7 @@ def full_reference_run(name: str, root: Path, data_dir: Path, workers: int, expe
     recipe = resolve_recipe(name, experiments)
     torch.manual_seed(recipe.seed)
     loader = reference_loader(root, recipe.batch_size, workers, None)
-    model = get_model(name, dropout=recipe.dropout)
+    model = build(resolve(name), recipe.model_kwargs())[0]
     opt = build_optimizer(model, recipe)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=recipe.epochs,
                                                 steps_per_epoch=len(loader), pct_start=recipe.pct_start,
@@ -297,6 +309,10 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
         commands["baseline"] = (train, {**os.environ, "PYTHONPATH": str(Path(baseline).resolve())})
     times: dict[str, list[float]] = {k: [] for k in commands}
     try:
+        for key, (cmd, env) in commands.items():   # untimed: each version's kernel built into its cache
+            if key != "reference":
+                subprocess.run([*cmd, "--limit", "256"] if not limit else cmd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=True, env=env)
         for _ in range(repeats):
             for key, (cmd, env) in commands.items():
                 t0 = time.perf_counter()
@@ -358,8 +374,8 @@ def print_report(results: dict) -> None:
         for n, r in based.items():
             print(f"| {n} | {r['baseline_images_per_s']:,.0f} | {r['baseline_speedup']:.2f}x | "
                   f"{r['mnistkit_images_per_s']:,.0f} | {r['speedup']:.2f}x | {r['vs_baseline']:.2f}x |")
-    w = results.get("whole_process")
-    if w:
+    whole = results.get("whole_process") or []
+    for w in [whole] if isinstance(whole, dict) else whole:
         print(f"\nWhole process, one epoch of {w['model']} with its test evaluation (median of "
               f"{len(w['mnistkit_runs'])} alternating): `mnistkit train {w['model']} --epochs 1` "
               f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
@@ -377,7 +393,8 @@ def print_report(results: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", help="folder with the MNIST IDX files (required unless --from-json)")
-    ap.add_argument("--models", default="I1,I3")
+    ap.add_argument("--models", default="I1,I3", help="comma-separated model references (a registered name, "
+                                                       "FILE.py:Name, ...)")
     ap.add_argument("--steps", type=int, default=60, help="timed steps per repeat and pipeline")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256)
@@ -388,9 +405,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--full-run", default="", help="also train these models (comma-separated) for their whole "
                                                    "recipe with the reference pipeline and report test accuracy")
     ap.add_argument("--experiments", default="experiments.yaml")
-    ap.add_argument("--whole-process", default="", metavar="MODEL",
-                    help="also time one epoch of MODEL as whole processes: `mnistkit train MODEL --epochs 1` "
-                         "against bench/reference_epoch.py")
+    ap.add_argument("--whole-process", default="", metavar="MODELS",
+                    help="also time one epoch of each of MODELS (comma-separated) as whole processes: `mnistkit "
+                         "train MODEL --epochs 1` against bench/reference_epoch.py")
     ap.add_argument("--whole-repeats", type=int, default=3)
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="also time the default step (and --whole-process epoch) of the mnistkit source tree in DIR")
@@ -436,33 +453,35 @@ def main(argv: list[str] | None = None) -> dict:
                 "--batch-size", str(args.batch_size), *(["--limit", str(args.limit)] if args.limit else [])])
         ceilings = Ceilings()
         for name in [m for m in args.models.split(",") if m]:
-            macs = summarize(get_model(name)).mult_adds
+            macs = summarize(make_model(name)).mult_adds
+            registered = resolve(name).kind == "registered"   # what a baseline tree's worker can build
             ref, mk, mk32, mk_other, base = [], [], [], [], []
             gen = torch.Generator().manual_seed(0)
             batches = TrainBatches(train, args.batch_size, device, Augment(), gen)
             default = Recipe()
             bf16 = resolve_precision(default.precision, device) == "bf16"
-            backend = backends.resolve(default.backend, device, default.channels_last)[0]
-            # the other backend beside the default, where the fused kernel runs here
-            other = ("torch" if backend == "fused" else "fused"
-                     if backends.resolve("auto", device, default.channels_last)[0] == "fused" else None)
+            backend = backends.resolve(default.backend, device)[0]
+            # the other backend beside the default, where the kernels run here
+            other = ("torch" if backend == "fused" else "fused" if backends.resolve("auto", device)[0] == "fused"
+                     else None)
             for _ in range(args.repeats):  # alternate, so drift hits all alike
                 ceilings.sample()
                 ref.append(reference.time(name, args.steps))
                 torch.manual_seed(0)
-                mk.append(time_mnistkit(get_model(name), batches, args.steps, bf16, default.channels_last, backend))
+                mk.append(time_mnistkit(make_model(name), batches, args.steps, bf16, default.channels_last, backend))
                 if other:  # the same step with the other BatchNorm + ReLU: what the kernel gains
                     torch.manual_seed(0)
-                    mk_other.append(time_mnistkit(get_model(name), batches, args.steps, bf16,
+                    mk_other.append(time_mnistkit(make_model(name), batches, args.steps, bf16,
                                                   default.channels_last, other))
-                if baseline:
+                if baseline and registered:
                     base.append(baseline.time(name, args.steps))
                 torch.manual_seed(0)
-                mk32.append(time_mnistkit(get_model(name), batches, args.steps, False, False))
-            model = get_model(name)
-            if default.channels_last:
+                mk32.append(time_mnistkit(make_model(name), batches, args.steps, False, False))
+            model = make_model(name)
+            layout = backends.choose_layout(model, device, default.channels_last, bf16).channels_last
+            if layout:
                 model = model.to(memory_format=torch.channels_last)
-            eval_batches = EvalBatches(test, default.test_batch_size, device, channels_last=default.channels_last)
+            eval_batches = EvalBatches(test, default.test_batch_size, device, channels_last=layout)
             evaluate(model, eval_batches)
             ev = []
             for _ in range(3):
@@ -496,9 +515,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["matmul_gflops"] = {k: round(v, 1) if v else None for k in ("fp32", "bf16")
                                     for v in [ceilings.rate(k)]}
         results["matmul_samples"] = {k: [round(v, 1) for v in vs] for k, vs in ceilings.samples.items()}
-        if args.whole_process:
-            results["whole_process"] = whole_process(args.whole_process, root, data_dir, args.workers,
-                                                     args.whole_repeats, args.limit, args.baseline)
+        results["whole_process"] = [whole_process(name, root, data_dir, args.workers, args.whole_repeats, args.limit,
+                                                  args.baseline) for name in args.whole_process.split(",") if name]
         for name in [m for m in args.full_run.split(",") if m]:
             results.setdefault("reference_full_runs", {})[name] = full_reference_run(
                 name, root, data_dir, args.workers, args.experiments)

@@ -1,5 +1,6 @@
-"""The backend seam: plain models in, the fused kernel only where it can train a BatchNorm exactly,
-the same statistics and state_dict whichever backend trains; the kernel against the formula.
+"""The backend seam: plain models in, mnistkit's kernels layer by layer wherever they can train a
+BatchNorm exactly or draw a Dropout mask, the same statistics and state_dict whichever backend
+trains; the kernels against the formula.
 
 Kernel tests run wherever a C compiler is, and fail there (never skip) when the kernel does not
 build or pass its self-test. (conftest.py turns the kernel off for every other test.)
@@ -9,6 +10,7 @@ import shutil
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,30 +101,40 @@ def test_plain_batchnorm_trains_on_the_whole_batch_through_every_backend(backend
         assert torch.allclose(bn.running_mean.double(), 0.1 * mean, rtol=1e-4, atol=1e-6), name
         assert torch.allclose(bn.running_var.double(), 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6), name
         assert int(bn.num_batches_tracked) == 1, name
-    fused_here = {n for n, m in bns.items() if isinstance(m, fused.FusedBatchNormReLU)}
-    assert fused_here == ({"block.1"} if backend == "fused" else set())
+    fused_here = {n for n, m in bns.items() if isinstance(m, fused.FusedBatchNorm)}
+    with_relu = {n for n, m in bns.items() if isinstance(m, fused.FusedBatchNormReLU)}
+    assert fused_here == ({"block.1", "mid.1", "bn3"} if backend == "fused" else set())
+    assert with_relu == ({"block.1"} if backend == "fused" else set())
 
 
-def test_the_fused_backend_touches_only_what_it_can_fuse(kernel_on):
+def test_the_fused_backend_takes_each_layer_it_can(kernel_on):
+    # layer by layer: the BatchNorm before an nn.ReLU in a Sequential with its ReLU, the one before a
+    # Dropout and the one used with F.relu in forward alone, the 16-channel one left to PyTorch
     model = PlainNet()
     prepared = backends.prepare(model, "fused", CPU, channels_last=True)
-    assert prepared.note.startswith("backend fused: 1 of 4 BatchNorm layers train with the fused BN+ReLU kernel; "
-                                    "3 keep PyTorch's (")
-    for name in ("mid.1", "bn3", "wide.1"):
-        assert name in prepared.note
-    assert type(model.mid[1]) is nn.BatchNorm2d and type(model.bn3) is nn.BatchNorm2d
+    assert prepared.note == ("backend fused: mnistkit's kernels train 3 of 4 BatchNorm layers (1 with the ReLU after "
+                             "them) and 1 Dropout layer (their own masks); 1 BatchNorm keeps PyTorch's (a multiple of "
+                             "16 channels, where PyTorch's own kernel is faster: wide.1)")
+    assert type(model.mid[1]) is fused.FusedBatchNorm and type(model.bn3) is fused.FusedBatchNorm
     assert type(model.wide[1]) is nn.BatchNorm2d and isinstance(model.wide[2], nn.ReLU)
     assert isinstance(model.block[1], fused.FusedBatchNormReLU) and isinstance(model.block[2], nn.Identity)
     assert fused.why_not(nn.BatchNorm2d(10, affine=False)) and fused.why_not(nn.BatchNorm2d(65))
     assert fused.why_not(nn.BatchNorm2d(10, momentum=None)) and fused.why_not(nn.SyncBatchNorm(10))
     assert fused.why_not(nn.BatchNorm2d(10)) is None
-    # a Sequential subclass may have its own forward: never touched
+
+    # a Sequential subclass may have its own forward: its BatchNorm is fused without the ReLU
     class Mine(nn.Sequential):
         def forward(self, x):
             return super().forward(x) * 2
     m = Mine(nn.BatchNorm2d(6), nn.ReLU())
-    assert backends.prepare(m, "fused", CPU, True).note.endswith("not in a plain nn.Sequential followed by an nn.ReLU: 0)")
-    assert type(m[0]) is nn.BatchNorm2d
+    assert backends.prepare(m, "fused", CPU, True).note.startswith("backend fused: mnistkit's kernels train 1 of 1 "
+                                                                   "BatchNorm layers")
+    assert type(m[0]) is fused.FusedBatchNorm and type(m[1]) is nn.ReLU
+    # one BatchNorm registered twice is one layer, swapped in both places
+    bn = nn.BatchNorm2d(6)
+    twice = nn.Sequential(nn.Sequential(bn, nn.ReLU()), nn.Sequential(bn))
+    backends.prepare(twice, "fused", CPU, True)
+    assert twice[0][0] is twice[1][0] and isinstance(twice[0][0], fused.FusedBatchNormReLU)
 
 
 def test_the_registered_models_are_plain_pytorch():
@@ -142,7 +154,7 @@ def test_fusing_a_model_keeps_its_parameters_keys_and_evaluation(kernel_on, name
     model = copy.deepcopy(plain).train()
     params = [id(p) for p in model.parameters()]
     note = backends.prepare(model, "fused", CPU, True).note
-    assert note.startswith(f"backend fused: {fused_layers} of ")
+    assert note.startswith(f"backend fused: mnistkit's kernels train {fused_layers} of ")
     assert [id(p) for p in model.parameters()] == params   # the same tensors: the optimizer sees them
     assert list(model.state_dict()) == list(plain.state_dict())
     model.eval()
@@ -156,22 +168,29 @@ def test_fusing_a_model_keeps_its_parameters_keys_and_evaluation(kernel_on, name
 def test_auto_the_off_switch_and_fused_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("MNISTKIT_FUSED", "0")
     assert not kernel.available() and "MNISTKIT_FUSED=0" in kernel.status()
-    assert backends.resolve("auto", CPU, True) == ("torch", "turned off by MNISTKIT_FUSED=0")
-    assert backends.resolve("torch", CPU, True) == ("torch", None)
+    assert backends.resolve("auto", CPU) == ("torch", "turned off by MNISTKIT_FUSED=0")
+    assert backends.resolve("torch", CPU) == ("torch", None)
     with pytest.raises(UsageError, match="backend 'fused' cannot be used here: turned off by MNISTKIT_FUSED=0"):
-        backends.resolve("fused", CPU, True)
+        backends.resolve("fused", CPU)
     model = get_model("I3")
     note = backends.prepare(model, "auto", CPU, True).note
-    assert note == "backend torch: PyTorch's own ops (the fused kernel: turned off by MNISTKIT_FUSED=0)"
-    assert all(type(m) is nn.BatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert note == "backend torch: PyTorch's own ops (mnistkit's kernels: turned off by MNISTKIT_FUSED=0)"
+    assert all(type(m) in (nn.BatchNorm2d, nn.Dropout) for m in model.modules()
+               if isinstance(m, (nn.BatchNorm2d, nn.Dropout)))
 
 
-def test_auto_takes_the_kernel_on_the_cpu_with_channels_last(kernel_on):
-    assert backends.resolve("auto", CPU, True) == ("fused", None)
-    assert backends.resolve("auto", CPU, False) == ("torch", "it needs channels_last")
-    assert backends.resolve("auto", torch.device("meta"), True) == ("torch", "it runs on the CPU only")
-    with pytest.raises(UsageError, match="needs channels_last"):
-        backends.resolve("fused", CPU, False)
+def test_auto_takes_the_kernels_on_the_cpu(kernel_on):
+    assert backends.resolve("auto", CPU) == ("fused", None)
+    assert backends.resolve("auto", torch.device("meta")) == ("torch", "they run on the CPU only")
+    with pytest.raises(UsageError, match="CPU only"):
+        backends.resolve("fused", torch.device("meta"))
+    # in PyTorch's default layout (a `view` head): the Dropout kernel, BatchNorm left to PyTorch
+    model = get_model("I3")
+    prepared = backends.prepare(model, "auto", CPU, channels_last=False)
+    assert prepared.backend == "fused" and prepared.note.endswith(
+        "6 BatchNorm keep PyTorch's (the model trains in PyTorch's default layout, not channels_last: net.c1.bn, "
+        "net.c2.bn, net.c3.bn, net.c4.bn, net.c5.bn, net.c6.bn)")
+    assert "train 0 of 6 BatchNorm layers and 2 Dropout layers" in prepared.note
 
 
 def test_the_kernel_is_built_wherever_a_c_compiler_is(kernel_on):
@@ -180,12 +199,14 @@ def test_the_kernel_is_built_wherever_a_c_compiler_is(kernel_on):
 
 @pytest.mark.parametrize("channels", [1, 6, 10, 17, 26, 64])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 4e-3)])
-def test_kernel_matches_the_float64_formula(kernel_on, channels, dtype, tol):
+@pytest.mark.parametrize("relu", [True, False])
+def test_kernel_matches_the_float64_formula(kernel_on, channels, dtype, tol, relu):
     # 5*9*11 = 495 rows: for most channel counts the flat array ends with a partial period
     gen = torch.Generator().manual_seed(channels)
     x = cl((torch.randn(5, channels, 9, 11, generator=gen) * 3 + 2).to(dtype))
     g = cl(torch.randn(5, channels, 9, 11, generator=gen).to(dtype))
-    errors = fused.check(x, g, torch.rand(channels, generator=gen) + 0.5, torch.rand(channels, generator=gen) - 0.5)
+    errors = fused.check(x, g, torch.rand(channels, generator=gen) + 0.5, torch.rand(channels, generator=gen) - 0.5,
+                         relu)
     # bf16 output and input grad carry one bf16 rounding (2^-8); sums and statistics stay fp32-exact
     assert errors["output"] <= tol and errors["input grad"] <= tol, errors
     for name in ("weight grad", "bias grad", "running mean", "running var"):
@@ -311,7 +332,7 @@ def test_no_compiler_means_pytorch_and_the_run_says_why(fresh_loader, monkeypatc
     result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256), device="cpu",
                    runs_dir=tmp_path / "runs", callback=seen)
     assert read_config(result.run_dir).recipe.backend == "torch"
-    assert "backend torch: PyTorch's own ops (the fused kernel: no C compiler (cc, gcc or clang) found)" in seen.notes
+    assert "backend torch: PyTorch's own ops (mnistkit's kernels: no C compiler (cc, gcc or clang) found)" in seen.notes
 
 
 @pytest.mark.slow
@@ -320,7 +341,8 @@ def test_a_run_records_its_backend_and_runs_of_0_8_are_one_line(kernel_on, tmp_p
     result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256), device="cpu",
                    runs_dir=tmp_path, callback=seen)
     assert read_config(result.run_dir).recipe.backend == "fused"   # what auto meant here
-    assert seen.notes[0].startswith("backend fused: 5 of 5 BatchNorm layers train with the fused BN+ReLU kernel")
+    assert seen.notes[0].startswith("backend fused: mnistkit's kernels train 5 of 5 BatchNorm layers (5 with the ReLU "
+                                    "after them) and 2 Dropout layers")
     # a run of 0.8 or older recorded no backend (bn_relu, shards): one line naming the version that reads it
     path = result.run_dir / "config.yaml"
     data = yaml.safe_load(path.read_text())
@@ -345,13 +367,13 @@ def test_no_compiler_found_skips_only_the_kernel_tests():
         assert COMPILER is not None
 
 
-def test_auto_records_torch_where_the_kernel_would_train_nothing(kernel_on):
-    # I0 has no BatchNorm; a model of 16-channel layers has none the kernel takes: recorded as torch,
-    # so that resuming it never needs the kernel
-    for model, why in ((get_model("I0"), "no BatchNorm layer"),
-                       (nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU()), "no BatchNorm layer it can")):
+def test_auto_records_torch_where_the_kernels_would_train_nothing(kernel_on):
+    # I0 has no BatchNorm and no Dropout; a model of 16-channel layers has none the kernel takes:
+    # recorded as torch, so that resuming it never needs the kernels
+    for model, why in ((get_model("I0"), "no BatchNorm or Dropout layer mnistkit's kernels train)"),
+                       (nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU()), "kernels train; a multiple")):
         prepared = backends.prepare(model, "auto", CPU, True)
-        assert prepared.backend == "torch" and why in prepared.note
+        assert prepared.backend == "torch" and why in prepared.note, prepared.note
 
 
 def test_a_fused_block_wider_than_the_kernel_uses_pytorch(kernel_on):
@@ -362,12 +384,114 @@ def test_a_fused_block_wider_than_the_kernel_uses_pytorch(kernel_on):
 
 
 def test_the_kernel_source_is_packaged():
-    from pathlib import Path
-
     tomllib = pytest.importorskip("tomllib")   # Python 3.11+
 
     root = Path(__file__).resolve().parent.parent
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mnistkit"]
-    assert "backends/_bnrelu.c" in data and "templates/project/*" in data
+    assert "backends/_kernels.c" in data and "templates/project/*" in data
     assert all(any(f.is_file() for f in (root / "mnistkit").glob(p)) for p in data)
     assert (root / "mnistkit" / "templates" / "project" / "experiments.yaml").is_file()
+
+
+# --------------------------------------------------------------------------- Dropout's mask kernel
+
+
+def test_the_dropout_kernel_masks_scales_and_reproduces(kernel_on):
+    from mnistkit.backends.dropout import KernelDropout
+
+    drop = KernelDropout(0.1).train()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = cl(torch.randn(64, 10, 28, 28).to(dtype)).requires_grad_(True)
+        torch.manual_seed(3)
+        y = drop(x)
+        kept = y != 0
+        n = kept.numel()
+        # about 1 - p kept (within 5 standard deviations), kept values scaled by 1 / (1 - p)
+        assert abs(kept.float().mean().item() - 0.9) < 5 * (0.09 / n) ** 0.5
+        scale = torch.tensor(1 / 0.9, dtype=torch.float32)
+        assert torch.equal(y[kept], (x[kept].float() * scale).to(dtype))
+        assert y.is_contiguous(memory_format=torch.channels_last)   # the layout it came in
+        # neighbours drop independently: both of a pair of elements dropped about p^2 of the time
+        flat = kept.permute(0, 2, 3, 1).reshape(-1, 2)
+        both = (~flat[:, 0] & ~flat[:, 1]).float().mean().item()
+        assert abs(both - 0.01) < 5 * (0.01 * 0.99 / flat.shape[0]) ** 0.5
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        assert torch.equal(x.grad, (grad.float() * scale * kept).to(dtype))
+        # the same seed, the same mask; the next call, another
+        torch.manual_seed(3)
+        again = drop(x.detach())
+        assert torch.equal(again, y.detach()) and not torch.equal(drop(x.detach()) != 0, kept)
+    # evaluation, p = 0 and p = 1, a tensor that is not dense: as PyTorch's nn.Dropout
+    x = torch.randn(8, 10, 6, 6)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(KernelDropout(0.0).train()(x), x) and not KernelDropout(1.0).train()(x).any()
+    strided = x[:, ::2]
+    out = KernelDropout(0.5).train()(strided)
+    assert set(torch.unique(out[out != 0] / strided[out != 0]).round(decimals=4).tolist()) == {2.0}
+
+
+def test_a_runs_dropout_masks_follow_its_seed(kernel_on):
+    # two models trained the same way from the same seed are bit-identical; another seed differs
+    def one(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
+                              nn.Linear(6 * 26 * 26, 10))
+        model = backends.prepare(model.to(memory_format=torch.channels_last), "fused", CPU, True).model
+        opt = SGD(model.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            train_step(model, torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen),
+                       opt, channels_last=True, bf16=True)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(one(1), one(1)) and not torch.equal(one(1), one(2))
+
+
+STUDENTS = Path(__file__).resolve().parent.parent / "bench" / "models"
+
+
+def _student(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"student_{name}", STUDENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Net()
+
+
+@pytest.mark.parametrize("name,note", [
+    ("dropout_blocks", "train 5 of 6 BatchNorm layers (4 with the ReLU after them) and 5 Dropout layers (their own "
+                       "masks); 1 BatchNorm keeps PyTorch's (a multiple of 16 channels"),
+    ("relu_before_bn", "train 3 of 5 BatchNorm layers and 1 Dropout layer (their own masks); 2 BatchNorm keep "
+                       "PyTorch's (a multiple of 16 channels"),
+])
+def test_student_models_take_the_kernels_layer_by_layer(kernel_on, name, note):
+    # the benchmark's two student shapes: Conv-BN-ReLU-Dropout blocks with one BatchNorm not followed
+    # by a ReLU; ReLU before BatchNorm with F.relu in forward and one Dropout after every layer
+    torch.manual_seed(0)
+    plain = _student(name).eval()
+    model = copy.deepcopy(plain)
+    params = [id(p) for p in model.parameters()]
+    prepared = backends.prepare(model.to(memory_format=torch.channels_last).train(), "auto", CPU, True)
+    assert prepared.backend == "fused" and note in prepared.note, prepared.note
+    assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == list(plain.state_dict())
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.allclose(model.eval()(cl(x)), plain(x), atol=1e-5)
+    # one fp32 step without dropout against float64 with PyTorch's ops
+    for m in (plain, model):
+        for d in m.modules():
+            if isinstance(d, nn.Dropout):
+                d.p = 0.0
+    y = torch.randint(0, 10, (8,))
+
+    def grads(net, dtype, layout):
+        net = copy.deepcopy(net).to(dtype).train()
+        F.nll_loss(net(x.to(dtype).contiguous(memory_format=layout)), y).backward()
+        return {k: p.grad.double() for k, p in net.named_parameters()}
+
+    g64, g32 = grads(plain, torch.float64, torch.contiguous_format), grads(model, torch.float32, torch.channels_last)
+    top = max(g.abs().max() for g in g64.values())
+    for k, g in g64.items():
+        if g.abs().max() > 1e-6 * top and not k.endswith(".bias"):   # conv biases before BN: true gradient 0
+            assert (g32[k] - g).abs().max() <= 1e-4 * g.abs().max(), k

@@ -4,15 +4,17 @@ The trainer calls ``prepare(model, backend, device, channels_last)`` once, befor
 optimizer; the rest of mnistkit never imports a backend's module. Backends:
 
 - ``torch``: the model as it is: canonical PyTorch.
-- ``fused``: BatchNorm2d -> ReLU pairs in ``nn.Sequential``s train with mnistkit's C kernel
-  (CPU, channels_last; ``backends/fused.py``). Parameters, buffers and state_dict keys are
-  unchanged, so checkpoints load into the plain model.
-- ``auto``: ``fused`` on the CPU with channels_last where the kernel builds and passes its
-  self-test, else ``torch``. (0.8's benchmark, unsharded, against the usual PyTorch loop: I1
-  2.95x with the kernel, 2.41x without; I3 2.87x and 1.78x; on the validation split the
-  kernel's accuracy did not differ from PyTorch's beyond noise.)
+- ``fused``: mnistkit's C kernels (CPU; ``_kernels.c``), layer by layer wherever a layer can
+  take them: every ``nn.BatchNorm2d`` the kernel trains (channels_last; with the ReLU built in
+  where an ``nn.ReLU`` follows it in an ``nn.Sequential``: ``fused.py``) and every
+  ``nn.Dropout``, whose mask it draws (``dropout.py``). Parameters, buffers and state_dict keys
+  are unchanged, so checkpoints load into the plain model.
+- ``auto``: ``fused`` on the CPU where the kernels build and pass their self-test and the model
+  has a layer they train, else ``torch``.
 
-A run records the resolved backend, and its start says in one line what the backend did.
+A run records the resolved backend, and its start says in one line what the backend did (which
+layers, and why the others not). The kernels' Dropout masks are another random stream than
+PyTorch's: a run trained with ``fused`` reproduces with ``fused``, and resumes with it.
 
 ``choose_layout`` (``backends/layout.py``) decides, before that, whether the model trains
 channels_last: where the recipe asks for it and the model runs in it (a ``view`` head does not);
@@ -39,24 +41,19 @@ class Prepared:
     note: str      # one line for the run's start: what was done and why
 
 
-def _why_no_kernel(device: torch.device, channels_last: bool) -> str | None:
-    if device.type != "cpu":
-        return "it runs on the CPU only"
-    if not channels_last:
-        return "it needs channels_last"
-    from mnistkit.backends import kernel
-
-    return None if kernel.available() else kernel.status()
-
-
-def resolve(backend: str, device: torch.device, channels_last: bool) -> tuple[str, str | None]:
-    """(``torch`` or ``fused``, why ``auto`` did not pick the kernel). ``fused`` where the kernel
-    cannot run is an error naming why."""
+def resolve(backend: str, device: torch.device) -> tuple[str, str | None]:
+    """(``torch`` or ``fused``, why ``auto`` could not pick the kernels). ``fused`` where the
+    kernels cannot run is an error naming why."""
     from mnistkit.errors import UsageError
 
     if backend == "torch":
         return "torch", None
-    why = _why_no_kernel(device, channels_last)
+    if device.type != "cpu":
+        why = "they run on the CPU only"
+    else:
+        from mnistkit.backends import kernel
+
+        why = None if kernel.available() else kernel.status()
     if why is None:
         return "fused", None
     if backend == "fused":
@@ -64,36 +61,40 @@ def resolve(backend: str, device: torch.device, channels_last: bool) -> tuple[st
     return "torch", why
 
 
-def prepare(model: nn.Module, backend: str, device: torch.device, channels_last: bool,
-            all_or_none: bool = False) -> Prepared:
+def _listed(reasons: dict[str, str]) -> str:
+    """``reason: layer, layer; reason: layer`` for the layers left to PyTorch."""
+    by_reason: dict[str, list[str]] = {}
+    for layer, why in reasons.items():
+        by_reason.setdefault(why, []).append(layer)
+    return "; ".join(f"{why}: {', '.join(sorted(layers))}" for why, layers in sorted(by_reason.items()))
+
+
+def prepare(model: nn.Module, backend: str, device: torch.device, channels_last: bool) -> Prepared:
     """Make ``model`` ready to train with ``backend`` (in place; call before building the
-    optimizer); the model's parameters and state_dict keys stay as they are. ``all_or_none``
-    (a model of the user's own): the kernel only where every BatchNorm of the model can take it."""
-    resolved, why = resolve(backend, device, channels_last)
+    optimizer); the model's parameters and state_dict keys stay as they are."""
+    resolved, why = resolve(backend, device)
     if resolved == "torch":
-        return Prepared(model, "torch", "backend torch: PyTorch's own ops" + (f" (the fused kernel: {why})" if why else ""))
+        return Prepared(model, "torch", "backend torch: PyTorch's own ops" + (f" (mnistkit's kernels: {why})" if why else ""))
+    from mnistkit.backends import dropout
     from mnistkit.backends.fused import fuse
 
-    if all_or_none:
-        _, left = fuse(model, apply=False)
-        if left:
-            reasons = f"{len(left)} cannot ({'; '.join(sorted(set(left.values())))}: {', '.join(sorted(left))})"
-            if backend == "fused":
-                from mnistkit.errors import UsageError
-
-                raise UsageError(f"backend 'fused' trains a model of your own only when every BatchNorm can be "
-                                 f"fused; {reasons}; use auto or torch", key="backend", detail=reasons)
-            return Prepared(model, "torch", "backend torch: PyTorch's own ops (the fused kernel takes a model of "
-                                            f"your own only when every BatchNorm can be fused; {reasons})")
-    fused, left = fuse(model)
-    total = fused + len(left)
-    if fused == 0 and backend == "auto":   # the kernel would train nothing: record the plain backend
-        why_none = "the model has no BatchNorm layer" if total == 0 else "no BatchNorm layer it can fuse"
-        return Prepared(model, "torch", f"backend torch: PyTorch's own ops ({why_none} for the fused kernel)")
-    if total == 0:
-        return Prepared(model, "fused", "backend fused: the model has no BatchNorm layer, nothing to fuse")
-    note = f"backend fused: {fused} of {total} BatchNorm layers train with the fused BN+ReLU kernel"
+    if channels_last:
+        bns, left = fuse(model)
+    else:
+        bns, left = {}, {path: "the model trains in PyTorch's default layout, not channels_last"
+                         for path, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    drops = dropout.swap(model)
+    if not bns and not drops and backend == "auto":   # the kernels would train nothing: record the plain backend
+        return Prepared(model, "torch", "backend torch: PyTorch's own ops (no BatchNorm or Dropout layer mnistkit's "
+                                        "kernels train" + (f"; {_listed(left)}" if left else "") + ")")
+    parts = []
+    if bns or left:
+        with_relu = sum(bns.values())
+        parts.append(f"{len(bns)} of {len(bns) + len(left)} BatchNorm layers"
+                     + (f" ({with_relu} with the ReLU after them)" if with_relu else ""))
+    if drops:
+        parts.append(f"{len(drops)} Dropout layer{'s' if len(drops) > 1 else ''} (their own masks)")
+    note = "backend fused: mnistkit's kernels train " + (" and ".join(parts) if parts else "no layer of this model")
     if left:
-        reasons = sorted(set(left.values()))
-        note += f"; {len(left)} keep PyTorch's ({'; '.join(reasons)}: {', '.join(sorted(left))})"
+        note += f"; {len(left)} BatchNorm keep{'s' if len(left) == 1 else ''} PyTorch's ({_listed(left)})"
     return Prepared(model, "fused", note)

@@ -1,15 +1,17 @@
-"""The ``fused`` backend: every BatchNorm2d followed by a ReLU in an ``nn.Sequential`` trains
-with one C kernel pass forward and one backward (``kernel.py``) instead of PyTorch's two ops.
+"""The ``fused`` backend's BatchNorm: every BatchNorm2d the kernel can train runs one C pass
+forward and one backward (``kernel.py``), with the ReLU after it built in where an ``nn.ReLU``
+directly follows it in an ``nn.Sequential``.
 
 PyTorch's CPU BatchNorm for channels-last tensors vectorises over channels in groups of 16, and
 tiny CNNs have 6 to 32 channels: BN and ReLU took a third of I3's training step. ``fuse`` swaps
-such a pair for ``FusedBatchNormReLU`` (a ``BatchNorm2d`` with the same parameters and buffers)
-and an ``nn.Identity`` in the ReLU's place, so the state_dict keys do not change and a
-checkpoint loads into the plain model. Nothing else is touched: a BatchNorm that is not followed
-by a ReLU in a plain ``nn.Sequential`` (a custom ``forward``, ``F.relu``), or that the kernel
-cannot train (not affine, no running statistics, more than 64 channels), keeps PyTorch's ops,
-and so does one with a multiple of 16 channels, where PyTorch's own kernel is vectorised and
-was faster (C=16: 4.6 vs 5.6 ms forward and backward of [256, 16, 28, 28]).
+each such BatchNorm, wherever it is in the model (a custom ``forward`` included), for a
+``FusedBatchNorm`` (a ``BatchNorm2d`` with the same parameters and buffers); a BatchNorm followed
+by an ``nn.ReLU`` in a plain ``nn.Sequential`` becomes a ``FusedBatchNormReLU`` and an
+``nn.Identity`` takes the ReLU's place, so the state_dict keys do not change and a checkpoint
+loads into the plain model. Layer by layer: a BatchNorm the kernel cannot train (not affine, no
+running statistics, more than 64 channels) keeps PyTorch's ops, and so does one with a multiple
+of 16 channels, where PyTorch's own kernel is vectorised and was faster (C=16: 4.6 vs 5.6 ms
+forward and backward of [256, 16, 28, 28]); the other layers of the model still take the kernel.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ from torch import nn
 
 from mnistkit.backends import kernel
 
-__all__ = ["FusedBatchNormReLU", "fuse", "why_not", "check", "reference", "self_test"]
+__all__ = ["FusedBatchNorm", "FusedBatchNormReLU", "fuse", "why_not", "check", "reference", "self_test"]
 
 
 class _BNReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm2d,
+                relu: bool) -> torch.Tensor:
         n, c, h, w = x.shape
         count = n * h * w
         mean, var = torch.empty(c), torch.empty(c)
@@ -35,7 +38,7 @@ class _BNReLU(torch.autograd.Function):
         scale = weight32 * invstd
         shift = bias32 - mean * scale
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        kernel.forward(x, y, scale, shift)
+        kernel.forward(x, y, scale, shift, relu)
         with torch.no_grad():   # as nn.BatchNorm2d: unbiased variance into the running estimate
             momentum = bn.momentum
             bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
@@ -43,6 +46,7 @@ class _BNReLU(torch.autograd.Function):
                                                    alpha=momentum)
             bn.num_batches_tracked.add_(1)
         ctx.save_for_backward(x, scale, shift, mean, invstd, weight32)
+        ctx.relu = relu
         return y
 
     @staticmethod
@@ -52,8 +56,8 @@ class _BNReLU(torch.autograd.Function):
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         sum_g, sum_gx = torch.empty(c), torch.empty(c)
-        kernel.backward(x, dy, dx, scale, shift, mean, invstd, weight32, sum_g, sum_gx)
-        return dx, sum_gx, sum_g, None
+        kernel.backward(x, dy, dx, scale, shift, mean, invstd, weight32, sum_g, sum_gx, ctx.relu)
+        return dx, sum_gx, sum_g, None, None
 
 
 def _supported_input(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
@@ -63,26 +67,32 @@ def _supported_input(x: torch.Tensor, bn: nn.BatchNorm2d) -> bool:
             and x.is_contiguous(memory_format=torch.channels_last) and kernel.available())
 
 
-class FusedBatchNormReLU(nn.BatchNorm2d):
-    """``relu(batch_norm(x))``: the kernel's pass in training on a supported input, PyTorch's
-    two ops otherwise (evaluation, another device or layout). Evaluation folds it into the
-    convolution before it like any BatchNorm, and keeps its ReLU (``includes_relu``)."""
+class FusedBatchNorm(nn.BatchNorm2d):
+    """``batch_norm(x)`` (``FusedBatchNormReLU``: ``relu(batch_norm(x))``): the kernel's pass in
+    training on a supported input, PyTorch's ops otherwise (evaluation, another device or
+    layout). Evaluation folds it into the convolution before it like any BatchNorm, and keeps
+    its ReLU (``includes_relu``)."""
 
-    includes_relu = True
+    includes_relu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and _supported_input(x, self):
-            return _BNReLU.apply(x, self.weight, self.bias, self)
-        return torch.relu(super().forward(x))
+            return _BNReLU.apply(x, self.weight, self.bias, self, self.includes_relu)
+        y = super().forward(x)
+        return torch.relu(y) if self.includes_relu else y
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "FusedBatchNormReLU":
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "FusedBatchNorm":
         """The same parameters and buffers (the same tensors, not copies) in the fused module."""
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         new.weight, new.bias = bn.weight, bn.bias
         new.running_mean, new.running_var, new.num_batches_tracked = (bn.running_mean, bn.running_var,
                                                                        bn.num_batches_tracked)
         return new.train(bn.training)
+
+
+class FusedBatchNormReLU(FusedBatchNorm):
+    includes_relu = True
 
 
 def why_not(bn: nn.Module) -> str | None:
@@ -98,33 +108,39 @@ def why_not(bn: nn.Module) -> str | None:
     return None
 
 
-def fuse(model: nn.Module, apply: bool = True) -> tuple[int, dict[str, str]]:
-    """Swap every fusable BatchNorm2d -> ReLU pair of ``model``'s plain ``nn.Sequential``s, in
-    place. Returns how many were (``apply=False``: would be) fused, and for every other BatchNorm
-    (by its module path) why not."""
-    fused, left, seen = 0, {}, set()
-    for path, seq in list(model.named_modules()):
-        if type(seq) is not nn.Sequential:
-            continue
-        names = list(seq._modules)
+def fuse(model: nn.Module, apply: bool = True) -> tuple[dict[str, bool], dict[str, str]]:
+    """Swap every BatchNorm of ``model`` the kernel can train for a ``FusedBatchNorm`` (with its
+    ReLU, where an ``nn.ReLU`` directly follows it in a plain ``nn.Sequential``), in place.
+    Returns the swapped (``apply=False``: swappable) layers by module path, True where the ReLU
+    came in; and for every other BatchNorm why not."""
+    fused: dict[str, bool] = {}
+    left: dict[str, str] = {}
+    done: dict[int, nn.Module] = {}
+    for path, parent in list(model.named_modules(remove_duplicate=False)):
+        names = list(parent._modules)
         for i, name in enumerate(names):
-            bn = seq._modules[name]
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn = parent._modules[name]
+            where = f"{path}.{name}" if path else name
+            if id(bn) in done:          # the same BatchNorm registered twice: swapped alike
+                if apply:
+                    parent._modules[name] = done[id(bn)]
                 continue
-            after = seq._modules[names[i + 1]] if i + 1 < len(names) else None
-            why = why_not(bn) or (None if isinstance(after, nn.ReLU) else "not followed by an nn.ReLU")
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, FusedBatchNorm):
+                continue
+            why = why_not(bn)
             if why:
-                left[f"{path}.{name}" if path else name] = why
+                left[where] = why
+                done[id(bn)] = bn
                 continue
-            fused += 1
-            seen.add(id(bn))
+            after = parent._modules[names[i + 1]] if i + 1 < len(names) else None
+            relu = type(parent) is nn.Sequential and type(after) is nn.ReLU
+            fused[where] = relu
+            new = (FusedBatchNormReLU if relu else FusedBatchNorm).from_batchnorm(bn)
+            done[id(bn)] = new
             if apply:
-                seq._modules[name] = FusedBatchNormReLU.from_batchnorm(bn)
-                seq._modules[names[i + 1]] = nn.Identity()
-    seen |= {id(m) for m in model.modules() if isinstance(m, FusedBatchNormReLU)}
-    for path, m in model.named_modules():   # BatchNorms outside a plain nn.Sequential
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in seen and path not in left:
-            left[path] = "not in a plain nn.Sequential followed by an nn.ReLU"
+                parent._modules[name] = new
+                if relu:
+                    parent._modules[names[i + 1]] = nn.Identity()
     return fused, left
 
 
@@ -149,8 +165,10 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad: t
             pre.detach())
 
 
-def check(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, float]:
-    """Run the kernel on ``x`` (channels_last) with upstream gradient ``grad``; the largest error
+def check(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+          relu: bool = True) -> dict[str, float]:
+    """Run the kernel (``relu=False``: its pass without the ReLU) on ``x`` (channels_last) with
+    upstream gradient ``grad``; the largest error
     of each result against ``reference``, relative to that result's largest magnitude, and
     "mask flips": where the kernel's ReLU and the float64 one disagree on a pre-activation
     farther from 0 than fp32 rounding explains (1e-4 of its largest magnitude). Where they
@@ -161,13 +179,13 @@ def check(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias: torch
         bn.weight.copy_(weight)
         bn.bias.copy_(bias)
     xi = x.detach().clone().requires_grad_(True)
-    y = _BNReLU.apply(xi, bn.weight, bn.bias, bn)
+    y = _BNReLU.apply(xi, bn.weight, bn.bias, bn, relu)
     (y * grad).sum().backward()
     got = (y, xi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
     names = ("output", "input grad", "weight grad", "bias grad", "running mean", "running var")
-    mask = (y > 0).double()
+    mask = (y > 0).double() if relu else torch.ones(y.shape, dtype=torch.double)
     pre = reference(x, weight, bias, grad, bn.eps)[-1]
-    flips = (mask != (pre > 0).double()) & (pre.abs() > 1e-4 * pre.abs().max())
+    flips = (mask != (pre > 0).double()) & (pre.abs() > 1e-4 * pre.abs().max()) if relu else torch.zeros(())
     errors = {n: ((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-12)).nan_to_num(float("inf")).item()
               for n, g, r in zip(names, got, reference(x, weight, bias, grad, bn.eps, mask=mask))}
     return {**errors, "mask flips": float(flips.sum().item())}
@@ -175,14 +193,17 @@ def check(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, bias: torch
 
 def self_test() -> str | None:
     """The kernel against the float64 formula on small inputs of a few channel counts (with and
-    without a partial last period), both precisions; returns what differs, or None."""
+    without a partial last period), both precisions, with and without the ReLU; returns what
+    differs, or None."""
     gen = torch.Generator().manual_seed(0)
-    for c, dtype, tol in ((10, torch.float32, 1e-4), (7, torch.float32, 1e-4), (26, torch.bfloat16, 2e-2)):
+    for c, dtype, tol, relu in ((10, torch.float32, 1e-4, True), (7, torch.float32, 1e-4, True),
+                                (26, torch.bfloat16, 2e-2, True), (10, torch.float32, 1e-4, False),
+                                (26, torch.bfloat16, 2e-2, False)):
         shape = (3, c, 5, 7)
         x = (torch.randn(shape, generator=gen) * 2 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
         g = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
-        errors = check(x, g, torch.linspace(0.5, 1.5, c), torch.linspace(-0.2, 0.2, c))
+        errors = check(x, g, torch.linspace(0.5, 1.5, c), torch.linspace(-0.2, 0.2, c), relu)
         worst = max(errors, key=errors.get)
         if not errors[worst] <= (0 if worst == "mask flips" else tol):
-            return f"{worst} off by {errors[worst]:.1e} for {c} channels, {dtype}"
+            return f"{worst} off by {errors[worst]:.1e} for {c} channels, {dtype}{'' if relu else ', without ReLU'}"
     return None

@@ -1,5 +1,6 @@
-"""The C kernel behind the ``fused`` backend: BatchNorm (training mode) and the ReLU after it in
-one pass forward and one backward, for channels-last tensors on the CPU (see ``_bnrelu.c``).
+"""The C kernels behind the ``fused`` backend (``_kernels.c``): BatchNorm in training mode, alone
+or with the ReLU after it, in one pass forward and one backward for channels-last tensors on the
+CPU; and Dropout's mask from a counter-based generator, with its scaling.
 
 It is compiled once per machine with the system's C compiler into the user's cache folder and
 loaded with ctypes after a self-test against the float64 formula. Where there is no compiler,
@@ -23,9 +24,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "status", "library_path", "stats", "forward", "backward", "MAX_CHANNELS"]
+__all__ = ["available", "status", "library_path", "stats", "forward", "backward", "drop_forward", "drop_backward",
+           "MAX_CHANNELS"]
 
-_SOURCE = Path(__file__).with_name("_bnrelu.c")
+_SOURCE = Path(__file__).with_name("_kernels.c")
 _FLAGS = ["-O3", "-ffp-contract=off", "-fPIC", "-shared"]
 MAX_CHANNELS = 64        # the kernel's period lcm(C, 16) must fit its buffers
 _lib: Any = None
@@ -65,7 +67,7 @@ def library_path(source: bytes | None = None) -> Path:
     features, so that an edited kernel or another CPU gets its own build."""
     source = _SOURCE.read_bytes() if source is None else source
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-    return _cache_dir() / f"bnrelu-{key}.so"
+    return _cache_dir() / f"kernels-{key}.so"
 
 
 def _private(path: Path) -> bool:
@@ -80,7 +82,7 @@ def _build(cc: str, target: Path) -> None:
     if not target.parent.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(target.parent, 0o700)   # mkdir's mode is cut by the umask
-    fd, tmp = tempfile.mkstemp(prefix=".bnrelu-", suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         for arch in (["-march=native"], []):   # some compilers do not know -march=native
@@ -138,18 +140,20 @@ def _load_once() -> None:
             lib = ctypes.CDLL(str(target))
         vp, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.bnr_stats.argtypes = [vp, i32, i64, i32, vp, vp]
-        lib.bnr_forward.argtypes = [vp, vp, i32, i64, i32, vp, vp]
-        lib.bnr_backward.argtypes = [vp, vp, vp, i32, i64, i32, vp, vp, vp, vp, vp, vp, vp]
-        for fn in (lib.bnr_stats, lib.bnr_forward, lib.bnr_backward):
+        lib.bnr_forward.argtypes = [vp, vp, i32, i32, i64, i32, vp, vp]
+        lib.bnr_backward.argtypes = [vp, vp, vp, i32, i32, i64, i32, vp, vp, vp, vp, vp, vp, vp]
+        lib.drop_forward.argtypes = [vp, vp, vp, i32, i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+        lib.drop_backward.argtypes = [vp, vp, vp, i32, i64, ctypes.c_float]
+        for fn in (lib.bnr_stats, lib.bnr_forward, lib.bnr_backward, lib.drop_forward, lib.drop_backward):
             fn.restype = ctypes.c_int
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
         _reason = f"could not build the kernel: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}"
         return
-    from mnistkit.backends.fused import self_test   # the self-test runs the kernel through its autograd op
+    from mnistkit.backends import dropout, fused   # the self-tests run the kernels through their autograd ops
 
     _lib = lib
     try:
-        problem = self_test()
+        problem = fused.self_test() or dropout.self_test()
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the kernel is not used
         problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     if problem:
@@ -171,7 +175,7 @@ def status() -> str:
 def _call(fn: Any, *args: Any) -> None:
     rc = fn(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
     if rc:
-        raise RuntimeError(f"the fused BatchNorm kernel failed ({rc})")
+        raise RuntimeError(f"mnistkit's kernel {getattr(fn, '__name__', '')} failed ({rc})")
 
 
 def stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -180,17 +184,28 @@ def stats(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
     _call(_lib.bnr_stats, x, int(x.dtype == torch.bfloat16), n * h * w, c, mean, var)
 
 
-def forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    """``y = relu(x * scale + shift)`` per channel."""
+def forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool = True) -> None:
+    """``y = relu(x * scale + shift)`` per channel (``relu=False``: without the ReLU)."""
     n, c, h, w = x.shape
-    _call(_lib.bnr_forward, x, y, int(x.dtype == torch.bfloat16), n * h * w, c, scale, shift)
+    _call(_lib.bnr_forward, x, y, int(x.dtype == torch.bfloat16), int(relu), n * h * w, c, scale, shift)
 
 
 def backward(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
              mean: torch.Tensor, invstd: torch.Tensor, weight: torch.Tensor, sum_g: torch.Tensor,
-             sum_gx: torch.Tensor) -> None:
-    """``dx`` from ``dy`` through relu(batch_norm(x)); the sums that make the bias and weight
-    gradients into ``sum_g`` and ``sum_gx``."""
+             sum_gx: torch.Tensor, relu: bool = True) -> None:
+    """``dx`` from ``dy`` through relu(batch_norm(x)) (``relu=False``: batch_norm(x)); the sums
+    that make the bias and weight gradients into ``sum_g`` and ``sum_gx``."""
     n, c, h, w = x.shape
-    _call(_lib.bnr_backward, x, dy, dx, int(x.dtype == torch.bfloat16), n * h * w, c, scale, shift, mean, invstd,
-          weight, sum_g, sum_gx)
+    _call(_lib.bnr_backward, x, dy, dx, int(x.dtype == torch.bfloat16), int(relu), n * h * w, c, scale, shift, mean,
+          invstd, weight, sum_g, sum_gx)
+
+
+def drop_forward(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, seed: int, keep: int, scale: float) -> None:
+    """Dropout: ``mask`` (uint8) 1 where the element's draw from ``seed`` is below ``keep``
+    (of 2^32), ``y = x * mask * scale``; the three tensors dense, with the same strides."""
+    _call(_lib.drop_forward, x, y, mask, int(x.dtype == torch.bfloat16), x.numel(), seed, keep, scale)
+
+
+def drop_backward(dy: torch.Tensor, dx: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
+    """``dx = dy * mask * scale``."""
+    _call(_lib.drop_backward, dy, dx, mask, int(dy.dtype == torch.bfloat16), dy.numel(), scale)

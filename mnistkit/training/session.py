@@ -71,9 +71,7 @@ class Session:
         recipe = recipe.replace(channels_last=layout.channels_last)
         if recipe.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        # a model of the user's own gets the kernel only where every BatchNorm it has can be fused
-        prepared = backends.prepare(model, recipe.backend, dev, recipe.channels_last,
-                                    all_or_none=source.kind != "registered")
+        prepared = backends.prepare(model, recipe.backend, dev, recipe.channels_last)
         recipe = recipe.replace(backend=prepared.backend)   # the run records what "auto" meant here
         generator = torch.Generator(device=dev).manual_seed(recipe.seed)
         batches = TrainBatches(train_split, recipe.batch_size, dev, recipe.augment, generator, recipe.mean, recipe.std)
