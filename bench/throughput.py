@@ -293,30 +293,40 @@ def time_process(args: list[str], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _absolute(reference: str) -> str:
+    """A file reference with its file's absolute path (the baseline runs in its own folder)."""
+    target, sep, attr = reference.rpartition(":") if ".py:" in reference else (reference, "", "")
+    path = Path(target)
+    return f"{path.resolve()}{sep}{attr}" if target.endswith((".py", ".yaml", ".yml")) and path.exists() else reference
+
+
 def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats: int,
                   limit: int | None = None, baseline: str | None = None) -> dict:
     """Seconds from process start to exit for one epoch of ``model`` with its test evaluation:
     ``python -m mnistkit train MODEL --epochs 1`` against ``bench/reference_epoch.py`` (and the
-    mnistkit in ``baseline``, by PYTHONPATH), alternating, medians of ``repeats``."""
+    mnistkit in ``baseline``, run in that folder: ``python -m`` puts the current folder first on
+    the path, before PYTHONPATH), alternating, medians of ``repeats``."""
     runs = Path(tempfile.mkdtemp(prefix="mnistkit-bench-runs-"))
     extra = ["--limit", str(limit)] if limit else []
-    train = [sys.executable, "-m", "mnistkit", "train", model, "--epochs", "1", "--data-dir", str(data_dir),
-             "--runs-dir", str(runs), "--quiet", *extra]
-    commands = {"mnistkit": (train, None),
-                "reference": ([sys.executable, str(Path(__file__).with_name("reference_epoch.py")), str(root), model,
-                               "--workers", str(workers), *extra], None)}
+    model = _absolute(model)
+    train = [sys.executable, "-m", "mnistkit", "train", model, "--epochs", "1", "--data-dir",
+             str(Path(data_dir).resolve()), "--runs-dir", str(runs), "--quiet", *extra]
+    here = Path(__file__).resolve().parent.parent
+    commands = {"mnistkit": (train, here),
+                "reference": ([sys.executable, str(Path(__file__).resolve().with_name("reference_epoch.py")),
+                               str(Path(root).resolve()), model, "--workers", str(workers), *extra], here)}
     if baseline:
-        commands["baseline"] = (train, {**os.environ, "PYTHONPATH": str(Path(baseline).resolve())})
+        commands["baseline"] = (train, Path(baseline).resolve())
     times: dict[str, list[float]] = {k: [] for k in commands}
     try:
-        for key, (cmd, env) in commands.items():   # untimed: each version's kernel built into its cache
+        for key, (cmd, cwd) in commands.items():   # untimed: each version's kernel built into its cache
             if key != "reference":
                 subprocess.run([*cmd, "--limit", "256"] if not limit else cmd, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, check=True, env=env)
+                               stderr=subprocess.DEVNULL, check=True, cwd=cwd)
         for _ in range(repeats):
-            for key, (cmd, env) in commands.items():
+            for key, (cmd, cwd) in commands.items():
                 t0 = time.perf_counter()
-                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=env)
+                subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, cwd=cwd)
                 times[key].append(time.perf_counter() - t0)
     finally:
         shutil.rmtree(runs, ignore_errors=True)

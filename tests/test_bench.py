@@ -14,6 +14,7 @@ from mnistkit.backends import kernel
 
 
 ROOT = Path(__file__).resolve().parent.parent
+STUDENT = "bench/models/relu_before_bn.py:Net"   # a student-style model of the benchmark's own
 COMPILER = kernel._compiler() if sys.platform.startswith("linux") else None
 
 
@@ -39,8 +40,8 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     write_fake_mnist(tmp_path / "mnist", n_train=64, n_test=32)
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
-         "--models", "I3", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
-         "--limit", "64", "--cli-repeats", "1", "--whole-process", "I3", "--whole-repeats", "1", "--json",
+         "--models", f"I3,{STUDENT}", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
+         "--limit", "64", "--cli-repeats", "1", "--whole-process", STUDENT, "--whole-repeats", "1", "--json",
          "--baseline", str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
@@ -63,12 +64,17 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     # each step is set against the matmul ceiling of its own precision, measured in this run
     ceilings = data["matmul_gflops"]
     assert ceilings["fp32"] > 0 and r["ceiling"] == r["mnistkit_precision"] and ceilings[r["ceiling"]] > 0
-    assert len(data["matmul_samples"]["fp32"]) == 3  # one per repeat, and one after the last
+    assert len(data["matmul_samples"]["fp32"]) == 6  # per model: one per repeat, and one after the last
     for key, gflops, ceiling in (("fraction_of_matmul", r["train_gflops"], ceilings[r["ceiling"]]),
                                  ("fraction_of_matmul_fp32", r["train_gflops_fp32"], ceilings["fp32"])):
         assert r[key] is None or r[key] == pytest.approx(gflops / ceiling, abs=0.01) and 0 < r[key] <= 1
-    w = data["whole_process"]
-    assert w["model"] == "I3" and w["mnistkit_seconds"] > 0 and w["reference_seconds"] > 0
+    # a model of the user's own, by its reference (the baseline worker builds registered models only)
+    student = data["models"][STUDENT]
+    assert student["mult_adds"] == 1_279_296 and student["mnistkit_images_per_s"] > 0
+    assert "baseline_runs" not in student
+    [w] = data["whole_process"]
+    assert w["model"] == str(ROOT / STUDENT.split(":")[0]) + ":Net"
+    assert w["mnistkit_seconds"] > 0 and w["reference_seconds"] > 0 and w["baseline_seconds"] > 0
     assert w["speedup"] == pytest.approx(w["reference_seconds"] / w["mnistkit_seconds"], abs=0.02)
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
     # a baseline (here this very tree) timed in its own process, in the same repeats
