@@ -301,11 +301,12 @@ def _absolute(reference: str) -> str:
 
 
 def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats: int,
-                  limit: int | None = None, baseline: str | None = None) -> dict:
+                  limit: int | None = None, baseline: str | None = None, with_torch: bool = False) -> dict:
     """Seconds from process start to exit for one epoch of ``model`` with its test evaluation:
     ``python -m mnistkit train MODEL --epochs 1`` against ``bench/reference_epoch.py`` (and the
     mnistkit in ``baseline``, run in that folder: ``python -m`` puts the current folder first on
-    the path, before PYTHONPATH), alternating, medians of ``repeats``."""
+    the path, before PYTHONPATH; and, ``with_torch``, this version with ``--backend torch``),
+    alternating, medians of ``repeats``."""
     runs = Path(tempfile.mkdtemp(prefix="mnistkit-bench-runs-"))
     extra = ["--limit", str(limit)] if limit else []
     model = _absolute(model)
@@ -315,6 +316,8 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
     commands = {"mnistkit": (train, here),
                 "reference": ([sys.executable, str(Path(__file__).resolve().with_name("reference_epoch.py")),
                                str(Path(root).resolve()), model, "--workers", str(workers), *extra], here)}
+    if with_torch:
+        commands["torch"] = ([*train, "--backend", "torch"], here)
     if baseline:
         commands["baseline"] = (train, Path(baseline).resolve())
     times: dict[str, list[float]] = {k: [] for k in commands}
@@ -338,6 +341,9 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
     out["speedup"] = round(med["reference"] / med["mnistkit"], 2)
     if baseline:
         out["baseline_speedup"] = round(med["reference"] / med["baseline"], 2)
+    if with_torch:
+        out["torch_speedup"] = round(med["reference"] / med["torch"], 2)
+        out["fused_over_torch"] = round(med["torch"] / med["mnistkit"], 2)
     return out
 
 
@@ -391,6 +397,9 @@ def print_report(results: dict) -> None:
               f"{w['mnistkit_seconds']:.1f} s, reference {w['reference_seconds']:.1f} s ({w['speedup']:.2f}x)", end="")
         if w.get("baseline_seconds"):
             print(f"; baseline {w['baseline_seconds']:.1f} s ({w['baseline_speedup']:.2f}x)", end="")
+        if w.get("torch_seconds"):
+            print(f"; `--backend torch` {w['torch_seconds']:.1f} s ({w['torch_speedup']:.2f}x; the kernels "
+                  f"{w['fused_over_torch']:.2f}x)", end="")
     for name, r in results.get("reference_full_runs", {}).items():
         print(f"\nreference pipeline, full run of {name} ({r['epochs']} epochs): final test acc "
               f"{r['final_test_acc']:.2f}%, best {r['best_test_acc']:.2f}% (epoch {r['best_epoch']}), "
@@ -419,6 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time one epoch of each of MODELS (comma-separated) as whole processes: `mnistkit "
                          "train MODEL --epochs 1` against bench/reference_epoch.py")
     ap.add_argument("--whole-repeats", type=int, default=3)
+    ap.add_argument("--whole-torch", action="store_true",
+                    help="also time the whole process with --backend torch: what mnistkit's kernels give a whole run")
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="also time the default step (and --whole-process epoch) of the mnistkit source tree in DIR")
     ap.add_argument("--from-json", default=None, metavar="FILE",
@@ -526,7 +537,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     for v in [ceilings.rate(k)]}
         results["matmul_samples"] = {k: [round(v, 1) for v in vs] for k, vs in ceilings.samples.items()}
         results["whole_process"] = [whole_process(name, root, data_dir, args.workers, args.whole_repeats, args.limit,
-                                                  args.baseline) for name in args.whole_process.split(",") if name]
+                                                  args.baseline, args.whole_torch)
+                                    for name in args.whole_process.split(",") if name]
         for name in [m for m in args.full_run.split(",") if m]:
             results.setdefault("reference_full_runs", {})[name] = full_reference_run(
                 name, root, data_dir, args.workers, args.experiments)

@@ -41,7 +41,8 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--data-dir", str(tmp_path / "mnist"),
          "--models", f"I3,{STUDENT}", "--steps", "2", "--repeats", "2", "--batch-size", "16", "--workers", "0",
-         "--limit", "64", "--cli-repeats", "1", "--whole-process", STUDENT, "--whole-repeats", "1", "--json",
+         "--limit", "64", "--cli-repeats", "1", "--whole-process", STUDENT, "--whole-repeats", "1", "--whole-torch",
+         "--json",
          "--baseline", str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
@@ -75,6 +76,7 @@ def test_throughput_benchmark_runs_end_to_end(tmp_path):
     [w] = data["whole_process"]
     assert w["model"] == str(ROOT / STUDENT.split(":")[0]) + ":Net"
     assert w["mnistkit_seconds"] > 0 and w["reference_seconds"] > 0 and w["baseline_seconds"] > 0
+    assert w["fused_over_torch"] == pytest.approx(w["torch_seconds"] / w["mnistkit_seconds"], abs=0.02)
     assert w["speedup"] == pytest.approx(w["reference_seconds"] / w["mnistkit_seconds"], abs=0.02)
     assert set(data["cli_seconds"]) == {"mnistkit --help", "mnistkit summary I3"}
     # a baseline (here this very tree) timed in its own process, in the same repeats

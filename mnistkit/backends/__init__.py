@@ -22,7 +22,7 @@ the run records the layout it used.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ class Prepared:
     model: nn.Module
     backend: str   # resolved: torch or fused
     note: str      # one line for the run's start: what was done and why
+    # what each layer a kernel trains computes with (module path -> "batchnorm+relu", "batchnorm"
+    # or "dropout"): the run records it, as it records the resolved backend
+    kernels: dict[str, str] = field(default_factory=dict)
 
 
 def resolve(backend: str, device: torch.device) -> tuple[str, str | None]:
@@ -97,4 +100,6 @@ def prepare(model: nn.Module, backend: str, device: torch.device, channels_last:
     note = "backend fused: mnistkit's kernels train " + (" and ".join(parts) if parts else "no layer of this model")
     if left:
         note += f"; {len(left)} BatchNorm keep{'s' if len(left) == 1 else ''} PyTorch's ({_listed(left)})"
-    return Prepared(model, "fused", note)
+    kernels = {**{path: "batchnorm+relu" if relu else "batchnorm" for path, relu in bns.items()},
+               **{path: "dropout" for path in drops}}
+    return Prepared(model, "fused", note, dict(sorted(kernels.items())))

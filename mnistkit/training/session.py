@@ -49,6 +49,7 @@ class Session:
     average: WeightAverage | None = None
     notes: list[str] = field(default_factory=list)
     teacher: Any = None     # distill.Teacher: the run whose outputs the model also learns
+    kernels: dict[str, str] = field(default_factory=dict)   # the layers mnistkit's kernels train (backends)
 
     @classmethod
     def build(cls, source: ModelSource, recipe: Recipe, data: DataOptions, device: str,
@@ -101,7 +102,7 @@ class Session:
                       generator=generator, params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       measured_on=provenance(data, train_split, val_split, test_split),
                       average=WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, notes=notes,
-                      teacher=taught)
+                      teacher=taught, kernels=prepared.kernels)
         return session
 
     @property
@@ -123,8 +124,10 @@ class Session:
         """What config.yaml and every checkpoint record of the run."""
         text = {"model_text": self.source.text} if self.source.kind == "yaml" else {}   # data: rebuilt from here
         taught = {"teacher": self.teacher.record} if self.teacher else {}
+        kernels = {"kernels": self.kernels} if self.kernels else {}
         return {"model": self.model_name, "model_source": self.source.to_record(), **text, "params": self.params,
-                "recipe": self.recipe.to_dict(), **taught, "data": self.data.to_dict(), "measured_on": self.measured_on,
+                "recipe": self.recipe.to_dict(), **kernels, **taught, "data": self.data.to_dict(),
+                "measured_on": self.measured_on,
                 "versions": versions(), "threads": torch.get_num_threads()}   # results depend on it in the last digits
 
     def check_finite(self, epoch: int, test: Any, val: Any) -> None:
