@@ -128,7 +128,7 @@ def main() -> None:
                     help="what trains the model (default: auto, resolved as training resolves it)")
     args = ap.parse_args()
     print(f"Freed memory kept for reuse, as the CLI does: {keep_freed_memory()}")
-    recipe = Recipe(backend=args.backend, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    recipe = base = Recipe(backend=args.backend, **({"batch_size": args.batch_size} if args.batch_size else {}))
     device = torch.device("cpu")
     bf16 = resolve_precision(recipe.precision, device) == "bf16"
     try:
@@ -138,8 +138,8 @@ def main() -> None:
     train = load_mnist("train", args.data_dir, download=False)
     for name in [m for m in args.models.split(",") if m]:
         model = build(resolve(name), recipe.model_kwargs())[0]   # prepared as the trainer prepares it
-        layout = backends.choose_layout(model, device, recipe.channels_last, bf16).channels_last
-        recipe = recipe.replace(channels_last=layout)
+        layout = backends.choose_layout(model, device, base.channels_last, bf16).channels_last
+        recipe = base.replace(channels_last=layout)   # this model's layout, not the one before's
         if layout:
             model = model.to(memory_format=torch.channels_last)
         prepared = backends.prepare(model, recipe.backend, device, layout)

@@ -318,14 +318,26 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
                                str(Path(root).resolve()), model, "--workers", str(workers), *extra], here)}
     if with_torch:
         commands["torch"] = ([*train, "--backend", "torch"], here)
+    skipped = None
     if baseline:
-        commands["baseline"] = (train, Path(baseline).resolve())
-    times: dict[str, list[float]] = {k: [] for k in commands}
+        tree = Path(baseline).resolve()
+        found = subprocess.run([sys.executable, "-c", "import mnistkit; print(mnistkit.__file__)"], cwd=tree,
+                               capture_output=True, text=True).stdout.strip()
+        if not found or not Path(found).resolve().is_relative_to(tree):   # else the installed one would be timed
+            raise SystemExit(f"--baseline {baseline}: python -m mnistkit there imports {found or 'nothing'}, "
+                             "not a mnistkit of that folder")
+        commands["baseline"] = (train, tree)
     try:
-        for key, (cmd, cwd) in commands.items():   # untimed: each version's kernel built into its cache
+        for key, (cmd, cwd) in list(commands.items()):   # untimed: each version's kernel built into its cache
             if key != "reference":
-                subprocess.run([*cmd, "--limit", "256"] if not limit else cmd, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, check=True, cwd=cwd)
+                done = subprocess.run([*cmd, "--limit", "256"] if not limit else cmd, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, cwd=cwd)
+                if done.returncode and key == "baseline":   # e.g. an older mnistkit that cannot build this model
+                    skipped = (done.stderr.strip().splitlines() or ["failed"])[-1][:200]
+                    del commands[key]
+                elif done.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed: {done.stderr.strip()[-400:]}")
+        times: dict[str, list[float]] = {k: [] for k in commands}
         for _ in range(repeats):
             for key, (cmd, cwd) in commands.items():
                 t0 = time.perf_counter()
@@ -339,8 +351,10 @@ def whole_process(model: str, root: Path, data_dir: Path, workers: int, repeats:
         out[f"{key}_seconds"] = round(med[key], 2)
         out[f"{key}_runs"] = [round(v, 2) for v in times[key]]
     out["speedup"] = round(med["reference"] / med["mnistkit"], 2)
-    if baseline:
+    if "baseline" in med:
         out["baseline_speedup"] = round(med["reference"] / med["baseline"], 2)
+    if skipped:
+        out["baseline_skipped"] = skipped
     if with_torch:
         out["torch_speedup"] = round(med["reference"] / med["torch"], 2)
         out["fused_over_torch"] = round(med["torch"] / med["mnistkit"], 2)
@@ -425,8 +439,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "recipe with the reference pipeline and report test accuracy")
     ap.add_argument("--experiments", default="experiments.yaml")
     ap.add_argument("--whole-process", default="", metavar="MODELS",
-                    help="also time one epoch of each of MODELS (comma-separated) as whole processes: `mnistkit "
-                         "train MODEL --epochs 1` against bench/reference_epoch.py")
+                    help="also time one epoch of each of MODELS (comma-separated registered names or FILE.py:Name, "
+                         "what bench/reference_epoch.py builds) as whole processes: `mnistkit train MODEL --epochs 1` "
+                         "against bench/reference_epoch.py")
     ap.add_argument("--whole-repeats", type=int, default=3)
     ap.add_argument("--whole-torch", action="store_true",
                     help="also time the whole process with --backend torch: what mnistkit's kernels give a whole run")

@@ -20,7 +20,7 @@ from torch import nn
 
 from mnistkit import backends, get_model
 from mnistkit.backends import fused, kernel
-from mnistkit.errors import RunError, UsageError
+from mnistkit.errors import RunError, TrainingInterrupted, UsageError
 from mnistkit.training.evaluation import fold_batchnorm
 from mnistkit.training.optim import SGD
 from mnistkit.recipe import DataOptions, Recipe
@@ -130,11 +130,44 @@ def test_the_fused_backend_takes_each_layer_it_can(kernel_on):
     assert backends.prepare(m, "fused", CPU, True).note.startswith("backend fused: mnistkit's kernels train 1 of 1 "
                                                                    "BatchNorm layers")
     assert type(m[0]) is fused.FusedBatchNorm and type(m[1]) is nn.ReLU
-    # one BatchNorm registered twice is one layer, swapped in both places
-    bn = nn.BatchNorm2d(6)
+    # one BatchNorm registered twice is one layer, swapped in both places; a ReLU follows it in one
+    # place only, so it keeps no ReLU of its own (the other place must still pass negative values)
+    bn = nn.BatchNorm2d(1)
     twice = nn.Sequential(nn.Sequential(bn, nn.ReLU()), nn.Sequential(bn))
     backends.prepare(twice, "fused", CPU, True)
-    assert twice[0][0] is twice[1][0] and isinstance(twice[0][0], fused.FusedBatchNormReLU)
+    assert twice[0][0] is twice[1][0] and type(twice[0][0]) is fused.FusedBatchNorm
+    assert isinstance(twice[0][1], nn.ReLU) and (twice[1](cl(torch.randn(4, 1, 28, 28))) < 0).any()
+
+
+class WalksItsBlock(nn.Module):
+    """A forward that walks a Sequential's children itself, adding a skip between them: the
+    Sequential's own forward never runs, so its ReLU must stay where it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        skip = x
+        for i, layer in enumerate(self.block):
+            x = layer(x)
+            if i == 1:
+                x = x + skip
+        return self.head(x)
+
+
+def test_a_relu_moves_into_a_batchnorm_only_where_its_sequential_runs_whole(kernel_on):
+    torch.manual_seed(0)
+    model = WalksItsBlock().to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model)
+    prepared = backends.prepare(model, "fused", CPU, True)
+    assert type(model.block[1]) is fused.FusedBatchNorm and isinstance(model.block[2], nn.ReLU)
+    assert prepared.kernels == {"block.1": "batchnorm"}
+    x = cl(torch.randn(8, 1, 28, 28))
+    assert torch.allclose(model.train()(x), plain.train()(x), atol=1e-5)
 
 
 def test_the_registered_models_are_plain_pytorch():
@@ -428,26 +461,66 @@ def test_the_dropout_kernel_masks_scales_and_reproduces(kernel_on):
     x = torch.randn(8, 10, 6, 6)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(KernelDropout(0.0).train()(x), x) and not KernelDropout(1.0).train()(x).any()
+    # the gradient of a sum comes in expanded (every stride 0): the backward pass takes it too
+    xs = cl(torch.randn(8, 10, 6, 6)).requires_grad_(True)
+    kept = KernelDropout(0.5).train()(xs) != 0
+    torch.manual_seed(5)
+    KernelDropout(0.5).train()(xs).sum().backward()
+    torch.manual_seed(5)
+    kept = KernelDropout(0.5).train()(xs.detach()) != 0
+    assert torch.equal(xs.grad, kept * 2.0)
     strided = x[:, ::2]
     out = KernelDropout(0.5).train()(strided)
     assert set(torch.unique(out[out != 0] / strided[out != 0]).round(decimals=4).tolist()) == {2.0}
 
 
 def test_a_runs_dropout_masks_follow_its_seed(kernel_on):
-    # two models trained the same way from the same seed are bit-identical; another seed differs
+    # the same weights and batches: the same seed gives bit-identical steps, another seed other
+    # masks (the only random draws of these steps are the masks)
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
+                          nn.Linear(6 * 26 * 26, 10))
+
     def one(seed):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(),
-                              nn.Linear(6 * 26 * 26, 10))
-        model = backends.prepare(model.to(memory_format=torch.channels_last), "fused", CPU, True).model
+        model = copy.deepcopy(start).to(memory_format=torch.channels_last)
+        prepared = backends.prepare(model, "fused", CPU, True)
+        assert prepared.kernels == {"1": "batchnorm+relu", "3": "dropout"}
         opt = SGD(model.parameters(), lr=0.1)
         gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(seed)
         for _ in range(3):
             train_step(model, torch.randn(16, 1, 28, 28, generator=gen), torch.randint(0, 10, (16,), generator=gen),
                        opt, channels_last=True, bf16=True)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(one(1), one(1)) and not torch.equal(one(1), one(2))
+
+
+@pytest.mark.slow
+def test_a_resumed_run_of_a_model_of_ones_own_continues_its_kernels_masks(kernel_on, tmp_path):
+    # a user's file, with Dropout and BatchNorm the kernels train: a run interrupted after epoch 1
+    # resumes (its layers were swapped only after its architecture was recorded) and ends
+    # bit-identical to an uninterrupted one, its masks continuing from the saved generator
+    class StopAfterOne:
+        def on_start(self, start): pass
+        def on_step(self, step): pass
+        def on_epoch(self, row, best): raise KeyboardInterrupt
+
+    ref = f"{STUDENTS / 'relu_before_bn.py'}:Net"
+    recipe, data = Recipe(epochs=2, batch_size=64, lr=0.05), DataOptions("synthetic", limit=256)
+    full = train(ref, recipe, data, device="cpu", runs_dir=tmp_path / "full")
+    assert yaml.safe_load((full.run_dir / "config.yaml").read_text())["kernels"]["drop"] == "dropout"
+    with pytest.raises(TrainingInterrupted):
+        train(ref, recipe, data, device="cpu", runs_dir=tmp_path / "cut", callback=StopAfterOne())
+    resumed = resume(next((tmp_path / "cut").iterdir()), device="cpu")
+    def rows(result):
+        return [{k: v for k, v in r.to_dict().items() if k not in ("seconds", "train_images_per_s")}
+                for r in result.metrics]
+
+    assert rows(resumed) == rows(full)
+    a = torch.load(full.run_dir / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed.run_dir / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 STUDENTS = Path(__file__).resolve().parent.parent / "bench" / "models"
@@ -478,6 +551,7 @@ def test_student_models_take_the_kernels_layer_by_layer(kernel_on, name, note):
     prepared = backends.prepare(model.to(memory_format=torch.channels_last).train(), "auto", CPU, True)
     assert prepared.backend == "fused" and note in prepared.note, prepared.note
     assert [id(p) for p in model.parameters()] == params and list(model.state_dict()) == list(plain.state_dict())
+    assert "dropout" in prepared.kernels.values()
     x = torch.randn(8, 1, 28, 28)
     assert torch.allclose(model.eval()(cl(x)), plain(x), atol=1e-5)
     # one fp32 step without dropout against float64 with PyTorch's ops
@@ -495,5 +569,5 @@ def test_student_models_take_the_kernels_layer_by_layer(kernel_on, name, note):
     g64, g32 = grads(plain, torch.float64, torch.contiguous_format), grads(model, torch.float32, torch.channels_last)
     top = max(g.abs().max() for g in g64.values())
     for k, g in g64.items():
-        if g.abs().max() > 1e-6 * top and not k.endswith(".bias"):   # conv biases before BN: true gradient 0
+        if g.abs().max() > 1e-6 * top:
             assert (g32[k] - g).abs().max() <= 1e-4 * g.abs().max(), k

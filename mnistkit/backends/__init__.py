@@ -80,9 +80,10 @@ def prepare(model: nn.Module, backend: str, device: torch.device, channels_last:
         return Prepared(model, "torch", "backend torch: PyTorch's own ops" + (f" (mnistkit's kernels: {why})" if why else ""))
     from mnistkit.backends import dropout
     from mnistkit.backends.fused import fuse
+    from mnistkit.backends.layout import called_sequentials
 
     if channels_last:
-        bns, left = fuse(model)
+        bns, left = fuse(model, called_sequentials(model, device, channels_last))
     else:
         bns, left = {}, {path: "the model trains in PyTorch's default layout, not channels_last"
                          for path, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}

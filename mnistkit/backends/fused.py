@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from mnistkit.backends import kernel
 
@@ -50,6 +51,7 @@ class _BNReLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
         x, scale, shift, mean, invstd, weight32 = ctx.saved_tensors
         c = x.shape[1]
@@ -108,39 +110,44 @@ def why_not(bn: nn.Module) -> str | None:
     return None
 
 
-def fuse(model: nn.Module, apply: bool = True) -> tuple[dict[str, bool], dict[str, str]]:
-    """Swap every BatchNorm of ``model`` the kernel can train for a ``FusedBatchNorm`` (with its
-    ReLU, where an ``nn.ReLU`` directly follows it in a plain ``nn.Sequential``), in place.
-    Returns the swapped (``apply=False``: swappable) layers by module path, True where the ReLU
-    came in; and for every other BatchNorm why not."""
+def fuse(model: nn.Module, called: set[str] | None = None, apply: bool = True) -> tuple[dict[str, bool], dict[str, str]]:
+    """Swap every BatchNorm of ``model`` the kernel can train for a ``FusedBatchNorm``, in place:
+    a ``FusedBatchNormReLU`` (and an ``nn.Identity`` for the ReLU) where, at every place the
+    BatchNorm is registered, an ``nn.ReLU`` directly follows it in a plain ``nn.Sequential`` whose
+    own forward runs (``called``: those Sequentials' module paths; None: every one). Returns the
+    swapped (``apply=False``: swappable) layers by module path, True where the ReLU came in; and
+    for every other BatchNorm why not."""
+    places: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, parent in model.named_modules(remove_duplicate=False):
+        for name, child in parent._modules.items():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, FusedBatchNorm):
+                places.setdefault(id(child), []).append((path, parent, name))
+
+    def relu_follows(path: str, parent: nn.Module, name: str) -> bool:
+        names = list(parent._modules)
+        i = names.index(name)
+        return (type(parent) is nn.Sequential and (called is None or path in called) and i + 1 < len(names)
+                and type(parent._modules[names[i + 1]]) is nn.ReLU)
+
     fused: dict[str, bool] = {}
     left: dict[str, str] = {}
-    done: dict[int, nn.Module] = {}
-    for path, parent in list(model.named_modules(remove_duplicate=False)):
-        names = list(parent._modules)
-        for i, name in enumerate(names):
-            bn = parent._modules[name]
-            where = f"{path}.{name}" if path else name
-            if id(bn) in done:          # the same BatchNorm registered twice: swapped alike
-                if apply:
-                    parent._modules[name] = done[id(bn)]
-                continue
-            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, FusedBatchNorm):
-                continue
-            why = why_not(bn)
-            if why:
-                left[where] = why
-                done[id(bn)] = bn
-                continue
-            after = parent._modules[names[i + 1]] if i + 1 < len(names) else None
-            relu = type(parent) is nn.Sequential and type(after) is nn.ReLU
-            fused[where] = relu
+    for where in places.values():
+        path, parent, name = where[0]
+        bn = parent._modules[name]
+        first = f"{path}.{name}" if path else name
+        why = why_not(bn)
+        if why:
+            left[first] = why
+            continue
+        relu = all(relu_follows(*place) for place in where)
+        fused[first] = relu
+        if apply:
             new = (FusedBatchNormReLU if relu else FusedBatchNorm).from_batchnorm(bn)
-            done[id(bn)] = new
-            if apply:
+            for _, parent, name in where:
                 parent._modules[name] = new
                 if relu:
-                    parent._modules[names[i + 1]] = nn.Identity()
+                    names = list(parent._modules)
+                    parent._modules[names[names.index(name) + 1]] = nn.Identity()
     return fused, left
 
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["Layout", "choose"]
+__all__ = ["Layout", "choose", "called_sequentials"]
 
 PROBE_SHAPE = (2, 1, 28, 28)   # two images: BatchNorm in train mode needs more than one value per channel
 
@@ -102,3 +102,26 @@ def choose(model: nn.Module, device: torch.device, channels_last: bool, bf16: bo
             if "view size is not compatible" in str(failed) else "")
     return Layout(False, f"layout: PyTorch's default, not channels_last: the model fails in channels_last "
                          f"({_reason(failed, path)}){hint}")
+
+
+def called_sequentials(model: nn.Module, device: torch.device, channels_last: bool) -> set[str]:
+    """The module paths of the plain ``nn.Sequential``s whose own ``forward`` runs when the model
+    does (one forward pass of a batch of two, on a copy, every random generator kept): a
+    ``forward`` that walks or indexes a Sequential's children itself (a skip connection between
+    them) does not call it, and the backend must not move a ReLU into the BatchNorm before it
+    there. Empty where the pass fails."""
+    net = copy.deepcopy(model).train()
+    seen: set[str] = set()
+    for path, m in net.named_modules():
+        if type(m) is nn.Sequential:
+            m.register_forward_pre_hook(lambda mod, args, path=path: seen.add(path))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.linspace(-1, 1, PROBE_SHAPE[0] * PROBE_SHAPE[2] * PROBE_SHAPE[3], device=device)
+    try:
+        with _rng_kept(device), torch.no_grad():
+            net.to(memory_format=fmt)(x.view(PROBE_SHAPE).contiguous(memory_format=fmt))
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: BLE001 - the model's own error: no Sequential is known to run whole
+        return set()
+    return seen

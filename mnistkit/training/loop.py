@@ -281,7 +281,9 @@ def _resume(run_dir: Path, config: Any, device: str, callback: Callback | None, 
             raise
         raise UsageError(f"{run_dir} trained with backend {config.recipe.backend}, and resumes only with it: "
                          f"{exc.detail}; resume it where it runs, or start a new run", key="backend") from None
-    check_identity(source, s.model, str(run_dir))   # the code found computes the model the run trained
+    # the code found computes the model the run trained (its architecture as built, before the
+    # backend swapped layers for its kernels)
+    check_identity(source, s.source, str(run_dir))
     metrics = [EpochMetrics.from_dict(r, where=f"{last} metrics") for r in state["metrics"]]
     s.restore(state)
     with threads(config.threads):   # the run's own thread count: the same sums, the same run

@@ -89,12 +89,13 @@ def from_record(record: Any, where: str, text: str | None = None, model_code: st
 
 def check_identity(source: ModelSource, model: Any, where: str) -> None:
     """The model rebuilt is the one the run trained (its recorded architecture), or one line
-    naming the first layer that differs."""
+    naming the first layer that differs. ``model``: the model, or the source of the rebuilt model
+    with its architecture (a session's: taken before a backend swapped its layers)."""
     if not source.fingerprint:   # recorded before 0.12
         return
     from mnistkit.usermodels.identity import first_difference
 
-    now = source.with_architecture(model)
+    now = model if isinstance(model, ModelSource) else source.with_architecture(model)
     if now.fingerprint != source.fingerprint:
         raise RunError(f"{where}: the model rebuilt from {source.path or source.reference} is not the one the run "
                        f"trained: {first_difference(list(source.layers), list(now.layers))}")
