@@ -21,3 +21,22 @@ def runner():
     from typer.testing import CliRunner
 
     return CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_neither_train_nor_start_processes(request, monkeypatch):
+    """A test not marked slow (the quick loop, ``make quick``) may not train a model or start a
+    process: it fails here naming what it did, so that it gets the mark and the loop stays quick."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import subprocess
+
+    from mnistkit.training import loop
+
+    def refuse(what):
+        def call(*args, **kwargs):
+            pytest.fail(f"a test not marked slow {what}: mark it @pytest.mark.slow", pytrace=False)
+        return call
+
+    monkeypatch.setattr(loop, "train_step", refuse("trains a model (a training step)"))   # train, resume, lr-find
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("starts a process"))

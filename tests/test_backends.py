@@ -293,6 +293,7 @@ def test_a_training_step_with_the_kernel_is_as_exact_as_float64_allows(kernel_on
         assert torch.allclose(state32[k].double(), state64[k].double(), rtol=1e-5, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_library_is_rebuilt(fresh_loader):
     if COMPILER is None:
         pytest.skip("no C compiler here")
@@ -322,6 +323,7 @@ def test_a_library_others_could_have_planted_is_never_loaded(fresh_loader):
     assert not built.exists()
 
 
+@pytest.mark.slow
 def test_threads_asking_at_once_all_get_the_self_tested_kernel(fresh_loader, monkeypatch):
     if COMPILER is None:
         pytest.skip("no C compiler here")

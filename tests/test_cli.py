@@ -79,6 +79,7 @@ def test_version(runner):
     assert result.exit_code == 0 and __version__ in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["summary", "--help"]])
 def test_help_and_version_do_not_import_torch(args):
     code = (
@@ -124,6 +125,7 @@ def test_train_and_evaluate_through_the_cli(runner, tmp_path):
     assert table.exit_code == 0 and "Confusion matrix" in table.stdout and "Precision" in table.stdout
 
 
+@pytest.mark.slow
 def test_train_plain_output_has_one_row_per_epoch(runner, tmp_path):
     result = runner.invoke(app, ["train", "I0", "--dataset", "synthetic", "--epochs", "2", "--limit", "300",
                                  "--runs-dir", str(tmp_path), "--device", "cpu"])
@@ -132,6 +134,7 @@ def test_train_plain_output_has_one_row_per_epoch(runner, tmp_path):
     assert len(rows) == 2 and "Done:" in result.stdout
 
 
+@pytest.mark.slow
 def test_train_defaults_to_the_final_iteration(runner, tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "synthetic", "--epochs", "1", "--limit", "256",
                                  "--runs-dir", str(tmp_path), "--device", "cpu", "--quiet", "--json"])
@@ -171,6 +174,7 @@ def test_bad_input_is_one_line_without_traceback(runner, tmp_path, args, needle)
     assert lines[0].startswith("error: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--precision", "BF16"], ["--precision", "Fp32"], ["--dataset", "SYNTHETIC"]])
 def test_choices_accept_any_case(runner, tmp_path, args):
     result = runner.invoke(app, ["train", "I3", "--dataset", "synthetic", "--epochs", "1", "--limit", "256",
@@ -181,6 +185,7 @@ def test_choices_accept_any_case(runner, tmp_path, args):
         assert f"precision: {args[1].lower()}" in config
 
 
+@pytest.mark.slow
 def test_data_dir_with_a_tilde_is_the_home_folder(runner, tmp_path, monkeypatch):
     # "~/mnist" once became <cwd>/~/mnist, and a folder literally named "~" appeared
     from helpers import write_fake_mnist

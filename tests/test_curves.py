@@ -98,6 +98,7 @@ def test_step_losses_are_window_means_at_a_bounded_rate():
     assert small.every == 1
 
 
+@pytest.mark.slow
 def test_a_trained_run_records_its_step_losses_and_readers_take_rows_with_or_without(tmp_path):
     run = train("I0", Recipe(epochs=2, batch_size=32, scheduler="step", momentum=0.0), DataOptions("synthetic", limit=320),
                 device="cpu", runs_dir=tmp_path).run_dir

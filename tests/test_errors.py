@@ -352,6 +352,7 @@ def test_user_text_is_never_read_as_markup(runner, name, code):
     assert repr(name) in line
 
 
+@pytest.mark.slow
 def test_interrupt_message_prints_a_resume_command_that_works_in_a_shell(runner, tmp_path, monkeypatch):
     import shlex
 

@@ -386,7 +386,12 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# the cases that train (or start a process) run in the whole suite, not the quick loop
+TRAINING_CASES = {"disk-full-at-epoch-2", "disk-full-at-epoch-1", "sigterm-during-training", "ctrl-c-during-training"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.id in TRAINING_CASES else c
+                                  for c in CASES], ids=[c.id for c in CASES])
 def test_hostile_input_ends_in_one_clear_line(case, runner, tmp_path, good_run, monkeypatch):
     args = case.setup(tmp_path, good_run, monkeypatch)
     before = snapshot(tmp_path)
@@ -500,11 +505,16 @@ HANDLED = [h_symlink_followed, h_dangling_symlink_creates_target, h_character_de
            h_closed_stdout_is_not_a_traceback]
 
 
-@pytest.mark.parametrize("case", HANDLED, ids=[h.__name__[2:] for h in HANDLED])
+TRAINING_HANDLED = {"dev_stdout_is_written", "run_files_follow_umask", "closed_stdout_is_not_a_traceback"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(h, marks=pytest.mark.slow) if h.__name__[2:] in TRAINING_HANDLED else h
+                                  for h in HANDLED], ids=[h.__name__[2:] for h in HANDLED])
 def test_hostile_input_is_handled(case, runner, tmp_path, good_run):
     case(runner, tmp_path, good_run)
 
 
+@pytest.mark.slow
 def test_disk_full_mid_run_leaves_a_consistent_resumable_folder(runner, tmp_path, good_run, monkeypatch):
     args = fault_during_training("enospc-epoch")(tmp_path, good_run, monkeypatch)
     result = runner.invoke(app, args)
@@ -593,6 +603,7 @@ def test_a_checkpoint_swapped_for_another_models_is_refused(runner, tmp_path):
     assert not (tmp_path / "x.st").exists()
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_folder(runner, tmp_path):
     # issue 29, item 1: a resume that loaded its state while another process finished the run rolled
     # it back; two resumes at once were both accepted; runs listed a training run as resumable
@@ -631,6 +642,7 @@ def test_one_writer_per_run_folder(runner, tmp_path):
     assert resume(run, device="cpu").epochs == 2 and holder(run) is None
 
 
+@pytest.mark.slow
 def test_two_sweeps_of_one_folder_at_once_are_refused(tmp_path):
     # issue 29, item 7
     from mnistkit.errors import RunError

@@ -119,6 +119,7 @@ def test_no_suggestion_where_the_loss_never_falls_and_a_note_where_it_still_fall
 # --------------------------------------------------------------------------- the test itself
 
 
+@pytest.mark.slow
 def test_lr_find_trains_a_copy_of_a_model_object_never_the_object(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -131,6 +132,7 @@ def test_lr_find_trains_a_copy_of_a_model_object_never_the_object(tmp_path, monk
     assert net.training and len(result.points) >= 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_cli_leaves_the_model_file_and_every_folder_as_they_were(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "net.py").write_text(STUDENT)
@@ -148,6 +150,7 @@ def test_the_cli_leaves_the_model_file_and_every_folder_as_they_were(runner, tmp
     assert data["picture"] == "lr.png"
 
 
+@pytest.mark.slow
 def test_the_json_curve_rises_in_lr_and_stops_where_the_loss_diverges(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["lr-find", "I3", *SYN, "--steps", "40", "--start-lr", "0.01", "--end-lr", "1e5",
@@ -169,6 +172,7 @@ def test_the_json_curve_rises_in_lr_and_stops_where_the_loss_diverges(runner, tm
     assert list(tmp_path.iterdir()) == []   # --no-plot: nothing written
 
 
+@pytest.mark.slow
 def test_the_text_names_the_rule_and_the_change_log_line(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["lr-find", "I3", *SYN, "--steps", "30", "--no-plot", "--set", "batch_size=32"])

@@ -51,6 +51,7 @@ def test_the_library_changes_neither_the_allocator_nor_the_threads(tmp_path):
     assert out.stdout.split()[-2:] == ["None", "1"]   # never asked for kept memory; threads as the caller set them
 
 
+@pytest.mark.slow
 def test_the_cli_asks_for_kept_memory_and_gives_it_back(runner, tmp_path, monkeypatch):
     from mnistkit.cli import app
 

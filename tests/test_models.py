@@ -189,6 +189,7 @@ def test_dropout_at_rejects_unknown_places():
         get_model("I1", dropout_at="everywhere")
 
 
+@pytest.mark.slow
 def test_i5_trains_step_for_step_as_the_searched_yaml(tmp_path):
     """With the change-log's recipe (backend torch, as the sweep trained the YAML model), the
     registered I5 and examples/i5/c-sep16.yaml reach the same weights from one seed: the

@@ -152,6 +152,7 @@ def test_the_diagram_follows_the_data_flow_of_a_residual_model():
     assert [n.layer for n in g.nodes[1:]] == list(range(len(summarize(untraceable).layers)))  # the rows in order
 
 
+@pytest.mark.slow
 def test_plot_draws_any_runs_and_labels_them(runner, tmp_path):
     runs = tmp_path / "runs"
     a = train("I4", Recipe(epochs=2), DataOptions("synthetic", limit=128), device="cpu", runs_dir=runs).run_dir

@@ -78,6 +78,7 @@ def test_train_refuses_a_bad_setting_in_one_line_before_anything_trains(runner, 
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_a_setting_and_the_thread_count_reach_the_recorded_recipe(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["train", "I1", *TRAIN, "--set", "weight_decay=1e-4", "--set", "augment.degrees=7",
@@ -102,6 +103,7 @@ data: {dataset: synthetic, limit: 128}
 """
 
 
+@pytest.mark.slow
 def test_sweep_takes_settings_and_threads_for_every_trial(runner, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "spec.yaml").write_text(SPEC)

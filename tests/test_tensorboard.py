@@ -9,6 +9,7 @@ from mnistkit.cli import app
 from mnistkit.runs import read_metrics
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_runs_figures(runner, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
