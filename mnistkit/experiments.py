@@ -15,7 +15,7 @@ from typing import Any
 
 from mnistkit.errors import ExperimentsError, UsageError
 from mnistkit.recipe import Recipe
-from mnistkit.runs.safeio import load_yaml_bounded, yaml_line
+from mnistkit.files.safeio import load_yaml_bounded, yaml_line
 
 DEFAULT_PATH = Path("experiments.yaml")  # looked for in the current folder
 PACKAGED_PATH = Path(__file__).with_name("experiments.yaml")  # the change-log shipped with mnistkit

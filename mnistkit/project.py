@@ -19,7 +19,7 @@ FILES = {"experiments.yaml": "experiments.yaml", "models.py": "models.py", "s2.y
 
 def init_project(folder: str | os.PathLike = ".") -> list[Path]:
     """Write the starting project into ``folder`` (made when missing); returns the files written."""
-    from mnistkit.runs.outputs import atomic_write_all, check_output_path
+    from mnistkit.files.outputs import atomic_write_all, check_output_path
 
     if os.fspath(folder) == "":   # Path("") is the current folder: an unset variable must not write there
         raise UsageError("the project's folder is an empty path; name a folder (mnistkit init my-project), "

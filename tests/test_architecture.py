@@ -163,10 +163,12 @@ LIBRARY = {"models", "usermodels", "introspect", "data", "training", "runs", "re
 # which packages a package may not import (lower layers never reach up): data flows
 # cli -> library -> render, and inside the library runs/models/... -> training -> results/inference -> sweeps
 NEVER = {
+    "files": {"runs", "models", "introspect", "usermodels", "data", "backends", "training", "results", "inference",
+              "sweeps"},
     "runs": {"training", "results", "inference", "sweeps", "data", "introspect"},
     "models": {"training", "results", "inference", "sweeps", "data", "usermodels"},
     "introspect": {"training", "results", "inference", "sweeps", "data", "runs"},
-    "usermodels": {"training", "results", "inference", "sweeps", "data"},
+    "usermodels": {"training", "results", "inference", "sweeps", "data", "runs"},
     "data": {"training", "results", "inference", "sweeps", "usermodels", "introspect"},
     "training": {"results", "inference", "sweeps"},
     "inference": {"results", "sweeps"},

@@ -13,7 +13,7 @@ from mnistkit import render
 
 from mnistkit.results import compare
 
-from mnistkit.runs import strictjson
+from mnistkit.files import strictjson
 from mnistkit.cli import app
 from mnistkit.errors import ExperimentsError
 from mnistkit.experiments import find_experiments, load_experiments

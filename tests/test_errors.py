@@ -286,7 +286,7 @@ def test_every_json_output_parses_strictly(runner, tmp_path, run_dir):
     # a never-predicted class has no precision: null, where Python's json would write NaN
     report = strict(outputs[2].stdout)
     assert all(row["precision"] is None or 0 <= row["precision"] <= 100 for row in report["per_class"])
-    from mnistkit.runs import strictjson
+    from mnistkit.files import strictjson
 
     assert strictjson.dumps({"a": float("nan"), "b": [float("inf")]}) == '{"a": null, "b": [null]}'
 

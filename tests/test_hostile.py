@@ -185,7 +185,7 @@ def fault_during_training(fault: str, at_epoch: int = 2):
     """A fault in the middle of a real training run: a full disk at a chosen write, SIGTERM,
     or Ctrl-C, injected where the operating system would deliver it."""
     def setup(tmp, good, mp):
-        import mnistkit.runs.outputs as runs
+        import mnistkit.files.outputs as runs
         import mnistkit.training.loop as training
 
         if fault == "enospc-epoch":

@@ -116,7 +116,7 @@ def test_ctrl_c_while_an_epoch_is_being_saved_leaves_consistent_files(tmp_path, 
     # and last.pt): the epoch's files must still be written whole and agree with each other.
     import os
 
-    import mnistkit.runs.outputs as runs
+    import mnistkit.files.outputs as runs
 
     real_stage = runs._stage
     staged = []

@@ -140,7 +140,7 @@ def augment_cmd(
     from mnistkit.training.augpreview import augment_preview
     from mnistkit.experiments import find_experiments, resolve_recipe
     from mnistkit.usermodels.modelref import resolve
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
     from mnistkit.recipe import DataOptions, check_choice, Dataset
     from mnistkit.render.augment import augment_png
 

@@ -36,7 +36,7 @@ def evaluate_cmd(
     from mnistkit import render
     from mnistkit.training.evaluation import evaluate_checkpoint
     from mnistkit.runs.checkpoint import resolve_checkpoint
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
 
     check_outputs([errors, confusion], inputs=(resolve_checkpoint(target),))
     report = evaluate_checkpoint(target, dataset=dataset.value if dataset else None, data_dir=data_dir, device=device,
@@ -108,7 +108,7 @@ def explain_cmd(
     from mnistkit import render
     from mnistkit.runs.checkpoint import resolve_checkpoint
     from mnistkit.inference.explain import explain
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
     from mnistkit.inference.predict import image_files
     from mnistkit.render.explain import explain_paths, explain_png, explain_text
 
@@ -212,7 +212,7 @@ def compare_cmd(
     from mnistkit import render
     from mnistkit.results import compare
     from mnistkit.experiments import find_experiments
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
 
     fmt = choose_format(fmt, as_json, ("table", "markdown", "json", "csv"))
     exp = find_experiments(experiments)
@@ -264,7 +264,7 @@ def check_cmd(
     from mnistkit.results.check import run_checks
     from mnistkit.errors import MnistkitError, UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
 
     try:   # 1 means a check failed: anything else that goes wrong, before or after the checks, is 2
         fmt = choose_format(fmt, as_json, ("text", "junit", "json"))
@@ -307,7 +307,7 @@ def plot_cmd(
     """Draw accuracy and loss (train, test, validation on shared axes), the step losses and the LR of any runs, overlaid and labelled by what differs."""
     from mnistkit import render
     from mnistkit.results.curves import run_curves, shared_facts
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
 
     curves = run_curves(runs)
     check_outputs([output], inputs=tuple(c.run for c in curves))
@@ -333,7 +333,7 @@ def report_cmd(
     from mnistkit import render
     from mnistkit.errors import UsageError
     from mnistkit.experiments import find_experiments
-    from mnistkit.runs.outputs import check_folder, check_outputs, write_folder, write_output
+    from mnistkit.files.outputs import check_folder, check_outputs, write_folder, write_output
     from mnistkit.render.report import blocks, report_html, report_markdown
     from mnistkit.results.report import build_write_up
 

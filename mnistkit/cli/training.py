@@ -183,7 +183,7 @@ def lr_find_cmd(
     from mnistkit.experiments import find_experiments, resolve_recipe
     from mnistkit.training.lrfind import check_options, lr_find
     from mnistkit.usermodels.modelref import parse_model_args
-    from mnistkit.runs.outputs import check_outputs, write_output
+    from mnistkit.files.outputs import check_outputs, write_output
     from mnistkit.training.plan import make_plan
     from mnistkit.recipe import DataOptions
     from mnistkit.render.lrfind import LRFindDisplay, lr_find_png, lr_find_text

@@ -23,7 +23,7 @@ import torch
 from mnistkit.errors import DataError, MnistkitError, UsageError
 from mnistkit.data.augment import affine_theta, augment_batch
 from mnistkit.recipe import Augment, DataOptions, Dataset, choices, expand_path
-from mnistkit.runs.safeio import open_regular
+from mnistkit.files.safeio import open_regular
 
 __all__ = [
     "DataError", "Split", "Augment", "DATASETS", "default_data_dir", "resolve_data_dir", "read_idx",

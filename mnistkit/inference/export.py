@@ -110,7 +110,7 @@ def export(target: str | os.PathLike, fmt: str, output: str | os.PathLike | None
     (default: beside the checkpoint, ``model.onnx`` / ``model.safetensors``). An ONNX file is
     checked on the run's own test set unless ``check`` is off."""
     from mnistkit.training.evaluation import guarded
-    from mnistkit.runs.outputs import check_output_path, write_output
+    from mnistkit.files.outputs import check_output_path, write_output
 
     if fmt not in FORMATS:
         from mnistkit.errors import UsageError

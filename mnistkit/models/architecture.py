@@ -59,7 +59,7 @@ import yaml
 from torch import nn
 
 from mnistkit.errors import UsageError
-from mnistkit.runs.safeio import parse_yaml_bounded, read_bytes_bounded, yaml_line
+from mnistkit.files.safeio import parse_yaml_bounded, read_bytes_bounded, yaml_line
 
 __all__ = ["Architecture", "YamlNet", "load_architecture", "parse_architecture", "LAYER_TYPES"]
 

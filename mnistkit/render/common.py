@@ -12,7 +12,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from mnistkit.runs import strictjson
+from mnistkit.files import strictjson
 
 if TYPE_CHECKING:  # pragma: no cover
     from mnistkit.introspect.summary import LayerInfo

@@ -1,6 +1,6 @@
 """Run folders: the config reader, metrics.jsonl, the one writer that commits an epoch and owns
 "best", listing runs and their state. (The checkpoint format is ``checkpoint.py``; safe writes
-``outputs.py``.)
+``mnistkit.files.outputs``.)
 
 A run folder ``runs/<model>-<timestamp>/`` holds everything needed to reproduce and audit a
 run: ``config.yaml`` (model, resolved recipe, data), ``metrics.jsonl`` (one line per epoch),
@@ -23,14 +23,14 @@ from typing import Any, Iterator
 
 import yaml
 
-from mnistkit.runs import strictjson
+from mnistkit.files import strictjson
 from mnistkit.errors import RunError, UsageError
 from mnistkit.recipe import DataOptions, Recipe, recorded_recipe
 from mnistkit.runs.checkpoint import checkpoint_bytes, save_checkpoint
 from mnistkit.runs.lock import LOCK_NAME, FolderLock, holder
 from mnistkit.runs.metrics import EpochMetrics, best_row, check_epochs, metrics_text, selected_on
-from mnistkit.runs.outputs import atomic_write, atomic_write_all
-from mnistkit.runs.safeio import load_yaml_bounded, read_text_bounded
+from mnistkit.files.outputs import atomic_write, atomic_write_all
+from mnistkit.files.safeio import load_yaml_bounded, read_text_bounded
 
 def new_run_dir(runs_dir: str | os.PathLike, model: str, name: str | None = None) -> Path:
     """A new, empty run folder: ``<model>-<timestamp>``, or exactly ``name`` (a sweep's trial),

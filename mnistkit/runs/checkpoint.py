@@ -13,7 +13,7 @@ from typing import Any
 
 from mnistkit.errors import RunError
 from mnistkit.runs.metrics import EpochMetrics, check_epochs
-from mnistkit.runs.outputs import atomic_write
+from mnistkit.files.outputs import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "checkpoint_bytes", "save_checkpoint", "resolve_checkpoint",
            "load_checkpoint", "check_resumable"]
@@ -44,7 +44,7 @@ def resolve_checkpoint(target: str | os.PathLike) -> Path:
         raise RunError(f"{path} has no checkpoint (best.pt or last.pt); is it a run folder?")
     if not path.exists():
         raise RunError(f"{path} does not exist; pass a run folder (e.g. runs/I3-...) or a .pt checkpoint")
-    from mnistkit.runs.safeio import open_regular
+    from mnistkit.files.safeio import open_regular
 
     open_regular(path, RunError, "a checkpoint").close()   # a named pipe would block torch.load forever
     return path

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mnistkit.runs import strictjson
+from mnistkit.files import strictjson
 from mnistkit.errors import RunError
 
 __all__ = ["EpochMetrics", "StepLosses", "metrics_text", "check_epochs", "selected_on", "best_row"]

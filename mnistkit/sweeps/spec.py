@@ -13,7 +13,7 @@ from typing import Any
 
 from mnistkit.errors import MnistkitError, SweepError, UsageError
 from mnistkit.recipe import REPLACED, Augment, DataOptions, Recipe
-from mnistkit.runs.safeio import load_yaml_bounded
+from mnistkit.files.safeio import load_yaml_bounded
 
 MAX_SPEC_BYTES = 1 << 16
 MAX_TRIALS = 1000

@@ -222,7 +222,7 @@ def _connect_ray(address: str) -> Any:
 
 
 def _run_ray(payloads: list[dict[str, Any]], address: str, root: Path, threads: int, finished: Callable) -> None:
-    from mnistkit.runs.outputs import atomic_write
+    from mnistkit.files.outputs import atomic_write
 
     ray = _connect_ray(address)
     remote = ray.remote(num_cpus=threads, max_retries=0)(_ray_trial)

@@ -87,7 +87,7 @@ def remember(path: str | os.PathLike, sha256: str, build: str | None = None) -> 
     rebuilding it then needs the file named again."""
     import fcntl
 
-    from mnistkit.runs.outputs import atomic_write
+    from mnistkit.files.outputs import atomic_write
 
     where = str(Path(path).resolve())
     entry = _read().get(sha256) or {"paths": [], "builds": []}

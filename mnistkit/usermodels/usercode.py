@@ -118,7 +118,7 @@ _LOADED: dict[tuple[str, str, str | None, bool], types.ModuleType] = {}
 
 def read_source(path: Path, what: str) -> tuple[str, str]:
     """(text, sha256) of a model file, read once and bounded."""
-    from mnistkit.runs.safeio import read_bytes_bounded
+    from mnistkit.files.safeio import read_bytes_bounded
 
     raw = read_bytes_bounded(path, MAX_SOURCE_BYTES, UsageError, what)
     try:

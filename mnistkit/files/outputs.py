@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from mnistkit.errors import RunError
-from mnistkit.runs.safeio import read_text_bounded
+from mnistkit.files.safeio import read_text_bounded
 
 __all__ = ["atomic_write", "atomic_write_all", "check_output_path", "write_output", "write_folder", "check_folder"]
 
