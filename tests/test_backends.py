@@ -376,8 +376,9 @@ def test_a_run_records_its_backend_and_runs_of_0_8_are_one_line(kernel_on, tmp_p
     result = train("I4", Recipe(epochs=1, batch_size=128, lr=0.05), DataOptions("synthetic", limit=256), device="cpu",
                    runs_dir=tmp_path, callback=seen)
     assert read_config(result.run_dir).recipe.backend == "fused"   # what auto meant here
-    kernels = yaml.safe_load((result.run_dir / "config.yaml").read_text())["kernels"]   # and what it did, by layer
-    assert sorted(kernels.values()) == ["batchnorm+relu"] * 5 + ["dropout"] * 2, kernels
+    config = yaml.safe_load((result.run_dir / "config.yaml").read_text())   # and what it did, by layer
+    assert sorted(config["kernels"].values()) == ["batchnorm+relu"] * 5 + ["dropout"] * 2, config["kernels"]
+    assert config["kernels_source"] == kernel.source_digest() and len(config["kernels_source"]) == 23
     assert seen.notes[0].startswith("backend fused: mnistkit's kernels train 5 of 5 BatchNorm layers (5 with the ReLU "
                                     "after them) and 2 Dropout layers")
     # a run of 0.8 or older recorded no backend (bn_relu, shards): one line naming the version that reads it

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["available", "status", "library_path", "stats", "forward", "backward", "drop_forward", "drop_backward",
+__all__ = ["available", "status", "library_path", "source_digest", "stats", "forward", "backward", "drop_forward", "drop_backward",
            "MAX_CHANNELS"]
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
@@ -60,6 +60,11 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return name
     return None
+
+
+def source_digest() -> str:
+    """The kernels' source, as a run records it: which code drew its masks and normalised its batches."""
+    return "sha256:" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
 
 
 def library_path(source: bytes | None = None) -> Path:

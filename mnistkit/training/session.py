@@ -124,7 +124,11 @@ class Session:
         """What config.yaml and every checkpoint record of the run."""
         text = {"model_text": self.source.text} if self.source.kind == "yaml" else {}   # data: rebuilt from here
         taught = {"teacher": self.teacher.record} if self.teacher else {}
-        kernels = {"kernels": self.kernels} if self.kernels else {}
+        kernels = {}
+        if self.kernels:   # which layers mnistkit's kernels trained, and which source they were built from
+            from mnistkit.backends.kernel import source_digest
+
+            kernels = {"kernels": self.kernels, "kernels_source": source_digest()}
         return {"model": self.model_name, "model_source": self.source.to_record(), **text, "params": self.params,
                 "recipe": self.recipe.to_dict(), **kernels, **taught, "data": self.data.to_dict(),
                 "measured_on": self.measured_on,
