@@ -84,10 +84,7 @@ def train_cmd(
         callbacks = Callbacks(TensorBoard() if tensorboard else None,
                               render.TrainDisplay(console, quiet=quiet, preamble=list(pending)))
         pending.clear()
-        try:
-            result = call(*args, callback=callbacks, **kwargs).to_dict()
-        finally:
-            callbacks.close()
+        result = call(*args, callback=callbacks, **kwargs).to_dict()   # the fit closes its callbacks, however it ends
         if not quiet:
             console.print(render.train_result(result), highlight=False)
         return result

@@ -88,10 +88,9 @@ class TrainDisplay:
     def on_epoch(self, row: "EpochMetrics", best: bool) -> None:
         if not self.quiet:
             self.console.print(Text(self.row(row, best)))
-        if row.epoch == self.epochs:
-            self.close()
 
     def close(self) -> None:
+        """Called by the fit when it ends, however it ends (``training.loop``)."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
