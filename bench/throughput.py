@@ -377,10 +377,11 @@ def print_report(results: dict) -> None:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.0f}%"
 
-    print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default step img/s "
-          "(speed-up) | train GFLOP/s fp32 / default precision | of fp32 ceiling (fp32 step) | of its precision's "
-          "ceiling | eval img/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    if results["models"]:   # none where only whole processes were timed
+        print("| model | reference img/s | mnistkit fp32 img/s (speed-up) | mnistkit default step img/s "
+              "(speed-up) | train GFLOP/s fp32 / default precision | of fp32 ceiling (fp32 step) | of its precision's "
+              "ceiling | eval img/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results["models"].items():
         mode = r["mnistkit_precision"] + (" + channels_last" if r["mnistkit_channels_last"] else "")
         mode += f" + backend {r['mnistkit_backend']}"
