@@ -549,6 +549,9 @@ def main(argv: list[str] | None = None) -> dict:
                 results["models"][name].update({
                     "baseline_images_per_s": round(base_ips, 1), "baseline_speedup": round(base_ips / ref_ips, 2),
                     "baseline_runs": [round(v, 1) for v in base], "vs_baseline": round(mk_ips / base_ips, 2)})
+        for r in results["models"].values():   # against the ceilings of the whole run, as reported
+            r["fraction_of_matmul"] = fraction(r["train_gflops"], ceilings.rate(r["ceiling"]))
+            r["fraction_of_matmul_fp32"] = fraction(r["train_gflops_fp32"], ceilings.rate("fp32"))
         results["matmul_gflops"] = {k: round(v, 1) if v else None for k in ("fp32", "bf16")
                                     for v in [ceilings.rate(k)]}
         results["matmul_samples"] = {k: [round(v, 1) for v in vs] for k, vs in ceilings.samples.items()}

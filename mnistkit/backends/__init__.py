@@ -42,6 +42,7 @@ class Prepared:
     # what each layer a kernel trains computes with (module path -> "batchnorm+relu", "batchnorm"
     # or "dropout"): the run records it, as it records the resolved backend
     kernels: dict[str, str] = field(default_factory=dict)
+    kernels_source: str | None = None   # the SHA-256 of the kernels' C source, where they train a layer
 
 
 def resolve(backend: str, device: torch.device) -> tuple[str, str | None]:
@@ -103,4 +104,6 @@ def prepare(model: nn.Module, backend: str, device: torch.device, channels_last:
         note += f"; {len(left)} BatchNorm keep{'s' if len(left) == 1 else ''} PyTorch's ({_listed(left)})"
     kernels = {**{path: "batchnorm+relu" if relu else "batchnorm" for path, relu in bns.items()},
                **{path: "dropout" for path in drops}}
-    return Prepared(model, "fused", note, dict(sorted(kernels.items())))
+    from mnistkit.backends.kernel import source_digest
+
+    return Prepared(model, "fused", note, dict(sorted(kernels.items())), source_digest() if kernels else None)

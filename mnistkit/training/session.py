@@ -50,6 +50,7 @@ class Session:
     notes: list[str] = field(default_factory=list)
     teacher: Any = None     # distill.Teacher: the run whose outputs the model also learns
     kernels: dict[str, str] = field(default_factory=dict)   # the layers mnistkit's kernels train (backends)
+    kernels_source: str | None = None   # and the digest of the source they were built from
 
     @classmethod
     def build(cls, source: ModelSource, recipe: Recipe, data: DataOptions, device: str,
@@ -102,7 +103,7 @@ class Session:
                       generator=generator, params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       measured_on=provenance(data, train_split, val_split, test_split),
                       average=WeightAverage(model, recipe.ema) if recipe.ema > 0 else None, notes=notes,
-                      teacher=taught, kernels=prepared.kernels)
+                      teacher=taught, kernels=prepared.kernels, kernels_source=prepared.kernels_source)
         return session
 
     @property
@@ -124,11 +125,8 @@ class Session:
         """What config.yaml and every checkpoint record of the run."""
         text = {"model_text": self.source.text} if self.source.kind == "yaml" else {}   # data: rebuilt from here
         taught = {"teacher": self.teacher.record} if self.teacher else {}
-        kernels = {}
-        if self.kernels:   # which layers mnistkit's kernels trained, and which source they were built from
-            from mnistkit.backends.kernel import source_digest
-
-            kernels = {"kernels": self.kernels, "kernels_source": source_digest()}
+        # which layers mnistkit's kernels trained, and which source they were built from
+        kernels = {"kernels": self.kernels, "kernels_source": self.kernels_source} if self.kernels else {}
         return {"model": self.model_name, "model_source": self.source.to_record(), **text, "params": self.params,
                 "recipe": self.recipe.to_dict(), **kernels, **taught, "data": self.data.to_dict(),
                 "measured_on": self.measured_on,
