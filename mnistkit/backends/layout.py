@@ -52,14 +52,19 @@ def _rng_kept(device: torch.device) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def _probe_input(device: torch.device, fmt: torch.memory_format) -> torch.Tensor:
+    """The probes' batch: two fixed images of PROBE_SHAPE in ``fmt``."""
+    x = torch.linspace(-1, 1, PROBE_SHAPE[0] * PROBE_SHAPE[2] * PROBE_SHAPE[3], device=device)
+    return x.view(PROBE_SHAPE).contiguous(memory_format=fmt)
+
+
 def _step(model: nn.Module, device: torch.device, channels_last: bool, bf16: bool) -> None:
     """One forward and backward pass of a copy of ``model`` as ``train_step`` runs it; raises
     what the model raises."""
     net = copy.deepcopy(model).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
-    x = torch.linspace(-1, 1, PROBE_SHAPE[0] * PROBE_SHAPE[2] * PROBE_SHAPE[3], device=device)
-    x = x.view(PROBE_SHAPE).contiguous(memory_format=fmt)
+    x = _probe_input(device, fmt)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         out = net(x)
     if not isinstance(out, torch.Tensor):
@@ -116,10 +121,9 @@ def called_sequentials(model: nn.Module, device: torch.device, channels_last: bo
         if type(m) is nn.Sequential:
             m.register_forward_pre_hook(lambda mod, args, path=path: seen.add(path))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.linspace(-1, 1, PROBE_SHAPE[0] * PROBE_SHAPE[2] * PROBE_SHAPE[3], device=device)
     try:
         with _rng_kept(device), torch.no_grad():
-            net.to(memory_format=fmt)(x.view(PROBE_SHAPE).contiguous(memory_format=fmt))
+            net.to(memory_format=fmt)(_probe_input(device, fmt))
     except KeyboardInterrupt:
         raise
     except BaseException:  # noqa: BLE001 - the model's own error: no Sequential is known to run whole
